@@ -1,0 +1,70 @@
+"""The one place where failures become exit codes and one line on stderr (httpie-style).
+
+Commands raise `LmctlError` subclasses carrying their exit code; click usage errors are
+bad input (2); Ctrl-C is 130; anything else is a bug (1). `--traceback` shows the stack.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from lmctl.errors import ExitCode, LmctlError
+
+
+def _environment() -> None:
+    # MLflow's telemetry is switched off: nothing leaves the machine unasked.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if not sys.stderr.isatty():
+        # Progress bars of the libraries stay quiet when stderr is a log file or a pipe.
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _fail(message: str, code: int, show_traceback: bool) -> int:
+    if show_traceback:
+        traceback.print_exc(file=sys.stderr)
+    first, *rest = message.splitlines() or [""]
+    sys.stderr.write(f"lmctl: error: {first}\n")
+    for line in rest:  # config problems: one per line, all at once
+        sys.stderr.write(f"  {line.strip()}\n")
+    sys.stderr.flush()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run lmctl with `argv` (default sys.argv[1:]) and return the exit code."""
+    import typer
+
+    # typer may vendor click: take the exception classes from the module it really uses.
+    click_errors = sys.modules[typer.BadParameter.__module__]
+
+    from lmctl.cli.app import app
+    from lmctl.cli.output import setup_logging
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    show_tb = "--traceback" in args
+    _environment()
+    setup_logging()
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="lmctl", standalone_mode=False)
+        return result if isinstance(result, int) else ExitCode.OK
+    except LmctlError as exc:
+        return _fail(str(exc), exc.exit_code, show_tb)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except click_errors.ClickException as exc:
+        exc.show(file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    except (KeyboardInterrupt, typer.Abort):
+        sys.stderr.write("lmctl: interrupted\n")
+        return ExitCode.INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the boundary: anything unexpected is a bug
+        return _fail(f"internal error (a bug): {type(exc).__name__}: {exc} - rerun with --traceback", ExitCode.INTERNAL, show_tb)

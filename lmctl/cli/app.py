@@ -1,0 +1,26 @@
+"""The typer application: one module per command, each a thin layer over a library call."""
+
+from __future__ import annotations
+
+import typer
+
+from lmctl.cli import config, doctor, eval, models, promote, registry, serve, train
+
+app = typer.Typer(
+    name="lmctl",
+    help="Lifecycle of a causal language model: train (LoRA) -> eval -> register -> promote -> serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("train")(train.train)
+app.command("eval")(eval.eval_)
+app.command("register")(registry.register)
+app.command("promote")(promote.promote)
+app.command("rollback")(promote.rollback)
+app.command("serve")(serve.serve)
+app.command("doctor")(doctor.doctor)
+app.add_typer(registry.app, name="registry", help="Inspect and verify registered model versions.")
+app.add_typer(config.app, name="config", help="Validate and show configs.")
+app.add_typer(models.app, name="models", help="Base models known by name (pull, list).")

@@ -1,0 +1,33 @@
+"""`lmctl eval MODEL_REF --data FILE`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmctl.cli.output import JsonOpt, TracebackOpt, emit
+from lmctl.errors import BadInputError
+
+
+def eval_(
+    model_ref: Annotated[str, typer.Argument(metavar="MODEL_REF", help="Checkpoint dir, model dir, models:/NAME/VERSION or models:/NAME@ALIAS.")],
+    data: Annotated[Path, typer.Option("--data", help="Text data: .txt, .jsonl, .csv, .parquet.")],
+    method: Annotated[str, typer.Option(help="strided (overlapping windows) or rolling (disjoint, lm-eval-harness style).")] = "strided",
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per window (default 1024, capped by the model).")] = None,
+    stride: Annotated[int | None, typer.Option(help="Tokens scored per window with strided (default max-length/2).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 8,
+    text_field: Annotated[str, typer.Option("--text-field", help="Column with the text in jsonl/csv/parquet.")] = "text",
+    report: Annotated[Path | None, typer.Option(help="Also write the JSON report to this file (atomically).")] = None,
+    json_out: JsonOpt = False,
+    traceback: TracebackOpt = False,
+) -> None:
+    """Perplexity (token, word, byte; bits per byte) of a model on a data file."""
+    from lmctl.evaluate import evaluate
+
+    if method not in ("strided", "rolling"):
+        raise BadInputError(f"--method {method!r}: expected strided or rolling")
+    result = evaluate(model_ref, data, method=method, max_length=max_length, stride=stride,  # type: ignore[arg-type]
+                      batch_size=batch_size, text_field=text_field, report=report)
+    emit(result, json_out)

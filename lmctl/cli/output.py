@@ -1,0 +1,60 @@
+"""How commands print: one JSON object on stdout with --json, else a readable summary.
+
+Logs and progress go to stderr so stdout stays machine-readable in CI pipelines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (the result) on stdout.")]
+TracebackOpt = Annotated[bool, typer.Option("--traceback", help="Show the Python traceback of a failure.")]
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Send lmctl's log lines to stderr; keep chatty libraries at warning level."""
+    root = logging.getLogger("lmctl")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("lmctl: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+    for name in ("transformers", "mlflow", "alembic", "peft", "datasets", "httpx", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _plain(result: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    return result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+
+
+def _human_lines(data: Any, indent: str = "") -> list[str]:
+    lines: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key}:")
+            lines.extend(_human_lines(value, indent + "  "))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            lines.append(f"{indent}{key}:")
+            for item in value:
+                lines.extend(_human_lines(item, indent + "  - "[: len(indent) + 4]))
+        else:
+            shown = f"{value:.6g}" if isinstance(value, float) else value
+            lines.append(f"{indent}{key}: {shown}")
+    return lines
+
+
+def emit(result: BaseModel | dict[str, Any], as_json: bool) -> None:
+    """Write the command's result to stdout, as JSON or as indented key: value lines."""
+    data = _plain(result)
+    if as_json:
+        sys.stdout.write(json.dumps(data, sort_keys=False) + "\n")
+    else:
+        sys.stdout.write("\n".join(_human_lines(data)) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,104 @@
+"""`lmctl register` and `lmctl registry list|show|verify|history`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmctl.cli.output import JsonOpt, TracebackOpt, emit
+from lmctl.errors import BadInputError
+
+app = typer.Typer(no_args_is_help=True)
+_SPEC_RE = re.compile(r"^(?:models:/)?(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))?$")
+
+
+def _parse_spec(spec: str) -> tuple[str, str | None]:
+    """NAME, NAME/VERSION or NAME@ALIAS (with or without models:/) -> (name, version or None)."""
+    from lmctl import registry
+
+    m = _SPEC_RE.match(spec)
+    if not m:
+        raise BadInputError(f"{spec!r}: expected NAME, NAME/VERSION or NAME@ALIAS")
+    version = m["version"] or (registry.version_for_alias(m["name"], m["alias"]) if m["alias"] else None)
+    return m["name"], version
+
+
+def register(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (holds lmctl.json).")],
+    name: Annotated[str, typer.Option("--name", help="Registered model name.")],
+    alias: Annotated[str | None, typer.Option(help="Alias to point at the new version, e.g. candidate.")] = None,
+    eval_report: Annotated[Path | None, typer.Option("--eval", help="Eval report JSON whose metrics become tags.")] = None,
+    json_out: JsonOpt = False,
+    traceback: TracebackOpt = False,
+) -> None:
+    """Create a new model version from a verified checkpoint."""
+    from lmctl.register import register as do_register
+
+    emit(do_register(checkpoint, name, alias=alias, eval_report=eval_report), json_out)
+
+
+@app.command("list")
+def list_(
+    name: Annotated[str | None, typer.Argument(help="Only this model.")] = None,
+    json_out: JsonOpt = False,
+    traceback: TracebackOpt = False,
+) -> None:
+    """List registered model versions with their aliases."""
+    from lmctl import registry
+
+    versions = registry.list_versions(name)
+    emit({"versions": [v.model_dump(exclude={"tags"}) for v in versions]}, json_out)
+
+
+@app.command("show")
+def show(
+    spec: Annotated[str, typer.Argument(metavar="NAME[@ALIAS|/VERSION]")],
+    json_out: JsonOpt = False,
+    traceback: TracebackOpt = False,
+) -> None:
+    """Show one version (default: the newest) with its tags."""
+    from lmctl import registry
+
+    name, version = _parse_spec(spec)
+    if version is None:
+        versions = registry.list_versions(name)
+        if not versions:
+            raise BadInputError(f"registry has no model {name!r}")
+        version = versions[-1].version
+    emit(registry.get_version(name, version), json_out)
+
+
+@app.command("verify")
+def verify(
+    model_ref: Annotated[str, typer.Argument(metavar="MODEL_REF")],
+    json_out: JsonOpt = False,
+    traceback: TracebackOpt = False,
+) -> None:
+    """Re-hash every artifact against lmctl.json (and the registry's lock tags); exit 4 on mismatch."""
+    from pathlib import Path as _Path
+
+    from lmctl import checkpoint
+    from lmctl.modelref import resolve
+
+    resolved = resolve(model_ref)
+    if resolved.kind != "checkpoint":
+        raise BadInputError(f"{model_ref}: not an lmctl checkpoint; nothing to verify")
+    manifest = checkpoint.verify(_Path(resolved.path))
+    emit({"ref": model_ref, "verified": True, "files": len(manifest.files),
+          "tokenizer_fingerprint": manifest.tokenizer.fingerprint}, json_out)
+
+
+@app.command("history")
+def history(
+    name: Annotated[str, typer.Argument()],
+    alias: Annotated[str | None, typer.Option(help="Only moves of this alias.")] = None,
+    json_out: JsonOpt = False,
+    traceback: TracebackOpt = False,
+) -> None:
+    """Every alias move of a model: when, who, from, to, why."""
+    from lmctl import registry
+
+    emit({"moves": [m.model_dump() for m in registry.alias_history(name, alias)]}, json_out)

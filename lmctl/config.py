@@ -1,0 +1,226 @@
+"""Typed configuration: YAML file + `--set section.key=value` overrides, validated at once.
+
+Every field has a default or a clear error, and every problem in a file is reported in
+one go with its location (`file:line: section.key: message`). Relative paths in a config
+are resolved against the directory of the config file, so a cron job started elsewhere
+reads the same data.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lmctl.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    base: str = Field(
+        "smollm2-135m",
+        description="Base model: a local model directory, a name pulled with `lmctl models "
+        "pull` (e.g. smollm2-135m), or a hub id (needs hub access).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    trust_remote_code: bool = Field(
+        False, description="Allow the base model's own Python code to run. Refused unless true."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype for training and inference; auto = float32 on CPU, bfloat16 on CUDA."
+    )
+
+
+class DataConfig(Section):
+    train: Path | None = Field(None, description="Training data: .txt, .jsonl, .json, .csv or .parquet.")
+    validation: Path | None = Field(None, description="Held-out data in the same formats, for eval loss.")
+    text_field: str = Field("text", description="Column holding the text in jsonl/csv/parquet files.")
+    max_length: int = Field(512, ge=8, le=131072, description="Tokens per training sequence (longer text is chunked).")
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "auto",
+        description="Modules to adapt: 'auto' (attention and MLP projections of the architecture), "
+        "'all-linear', or a list of module names.",
+    )
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    epochs: float = Field(1, gt=0, description="Passes over the training data when max_steps is null.")
+    batch_size: int = Field(8, ge=1, description="Sequences per device per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Forward passes accumulated per optimizer step.")
+    lr: float = Field(2.0e-4, gt=0, lt=1, description="Peak learning rate (linear warmup, then cosine decay).")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up the LR.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
+    eval_every: int = Field(50, ge=1, description="Steps between validation-loss evaluations.")
+    save_every: int = Field(50, ge=1, description="Steps between checkpoints.")
+    log_every: int = Field(5, ge=1, description="Steps between metric logs (MLflow, progress bar).")
+
+
+class OutputConfig(Section):
+    dir: Path = Field(Path("runs"), description="Directory that holds one sub-directory per run.")
+    run_name: str | None = Field(None, description="Run directory name; default: the config file's stem.")
+
+
+class RegistryConfig(Section):
+    name: str | None = Field(None, description="Registered model name used by register/promote.")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite under LMCTL_HOME.",
+    )
+
+
+class LmctlConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model to adapt.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training and validation data.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter shape.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where runs are written.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow registry.")
+
+    @field_validator("model")
+    @classmethod
+    def _base_not_empty(cls, v: ModelConfig) -> ModelConfig:
+        if not v.base.strip():
+            raise ValueError("model.base must not be empty")
+        return v
+
+
+_SET_RE = re.compile(r"^([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)+)=(.*)$", re.S)
+_SECRET_KEY_RE = re.compile(r"(password|secret|token|api_key|apikey)", re.I)
+_URI_PASSWORD_RE = re.compile(r"(//[^:/@]+:)([^@]+)(@)")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value parsed as a YAML scalar)."""
+    m = _SET_RE.match(item)
+    if not m:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(m.group(2)) if m.group(2) != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+    return m.group(1).split("."), value
+
+
+def _apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = raw
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _line_index(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in the YAML document to its 1-based line number."""
+    index: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key_path = path + (str(key_node.value),)
+                index[key_path] = key_node.start_mark.line + 1
+                walk(value_node, key_path)
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}", hint="check the path")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+        lines = _line_index(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: malformed YAML: {exc.problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw, lines
+
+
+def _format_problems(exc: ValidationError, path: Path | None, lines: dict[tuple[str, ...], int]) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+        where = f"{path}:{line}: " if path and line else (f"{path}: " if path else "")
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        problems.append(f"{where}{'.'.join(loc)}: {msg}")
+    return problems
+
+
+def _resolve_paths(cfg: LmctlConfig, base_dir: Path) -> LmctlConfig:
+    def absolute(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base_dir / p)).resolve()
+
+    cfg.data.train = absolute(cfg.data.train)
+    cfg.data.validation = absolute(cfg.data.validation)
+    cfg.output.dir = absolute(cfg.output.dir)  # type: ignore[assignment]
+    candidate = Path(cfg.model.base).expanduser()
+    if not candidate.is_absolute() and (base_dir / candidate).exists():
+        cfg.model.base = str((base_dir / candidate).resolve())
+    return cfg
+
+
+def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] = ()) -> LmctlConfig:
+    """Read, override and validate a config; raise ConfigError listing every problem."""
+    raw: dict[str, Any] = {}
+    lines: dict[tuple[str, ...], int] = {}
+    cfg_path = Path(path).expanduser().resolve() if path is not None else None
+    if cfg_path is not None:
+        raw, lines = _read_yaml(cfg_path)
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply_override(raw, keys, value)
+    try:
+        cfg = LmctlConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = _format_problems(exc, cfg_path, lines)
+        raise ConfigError(f"invalid config ({len(problems)} problem(s))", problems) from None
+    if cfg.output.run_name is None:
+        cfg.output.run_name = cfg_path.stem if cfg_path else "run"
+    return _resolve_paths(cfg, cfg_path.parent if cfg_path else Path.cwd())
+
+
+def redacted(value: Any, key: str = "") -> Any:
+    """A JSON-able copy of a config dump with secrets and URI passwords masked."""
+    if isinstance(value, dict):
+        return {k: redacted(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v, key) for v in value]
+    if isinstance(value, str):
+        if _SECRET_KEY_RE.search(key):
+            return "***"
+        return _URI_PASSWORD_RE.sub(r"\1***\3", value)
+    return value
+
+
+def config_dump(cfg: LmctlConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON types, secrets redacted."""
+    return redacted(cfg.model_dump(mode="json"))

@@ -1,0 +1,75 @@
+"""The one error hierarchy of lmctl.
+
+Every expected failure is an `LmctlError` carrying the exit code of DESIGN.md; the CLI
+turns it into one line on stderr (`lmctl.cli.app.run`). Anything else that escapes is a
+bug and exits 1.
+"""
+
+from __future__ import annotations
+
+
+class ExitCode:
+    """Exit codes shared by every command (DESIGN.md, "Command contract")."""
+
+    OK = 0
+    INTERNAL = 1
+    BAD_INPUT = 2
+    POLICY = 3
+    INTEGRITY = 4
+    BUSY = 5
+    INTERRUPTED = 130
+
+
+class LmctlError(Exception):
+    """An expected failure: a message for a person and the exit code for a machine."""
+
+    exit_code: int = ExitCode.INTERNAL
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class BadInputError(LmctlError):
+    """Usage, config, data or a reference the user gave is wrong (exit 2)."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+class ConfigError(BadInputError):
+    """A config file cannot be read or does not validate; lists every problem at once."""
+
+    def __init__(self, message: str, problems: list[str] | None = None, **kw: str) -> None:
+        self.problems = problems or []
+        full = message if not self.problems else message + ":\n  " + "\n  ".join(self.problems)
+        super().__init__(full, **kw)
+
+
+class DataError(BadInputError):
+    """A data file is missing, empty or has the wrong shape."""
+
+
+class ModelRefError(BadInputError):
+    """A MODEL_REF names nothing that exists (path, registry version or alias)."""
+
+
+class PolicyError(LmctlError):
+    """A policy said no: gate failed, drift detected, candidate not promoted (exit 3)."""
+
+    exit_code = ExitCode.POLICY
+
+
+class IntegrityError(LmctlError):
+    """A hash, tokenizer lock or checkpoint does not match what was recorded (exit 4)."""
+
+    exit_code = ExitCode.INTEGRITY
+
+
+class BusyError(LmctlError):
+    """Another process holds the lock this command needs (exit 5)."""
+
+    exit_code = ExitCode.BUSY

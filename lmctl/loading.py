@@ -1,0 +1,113 @@
+"""Load tokenizers and models for training, eval and serving, the same way everywhere.
+
+Safety rules from DESIGN.md live here: weights load from safetensors only, remote code is
+refused unless the config allows it, and a checkpoint is verified against its lock before
+any of its files are used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmctl import checkpoint
+from lmctl.errors import BadInputError, IntegrityError, ModelRefError
+from lmctl.modelref import ResolvedRef, resolve_base
+
+log = logging.getLogger("lmctl.loading")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    ref: ResolvedRef
+    manifest: checkpoint.Manifest | None
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def _refuse_remote_code(path: str, trust_remote_code: bool) -> None:
+    config = Path(path) / "config.json"
+    if config.is_file() and not trust_remote_code and "auto_map" in json.loads(config.read_text()):
+        raise BadInputError(
+            f"{path} ships its own Python code (auto_map in config.json); refusing to run it",
+            hint="set model.trust_remote_code: true if you trust it",
+        )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    _refuse_remote_code(path, trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelRefError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        # Padding is masked everywhere lmctl computes a loss, so reusing EOS as pad is safe here.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def base_config_sha256(path: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+    """Hash of the base model's architecture config, without fields that vary by library version."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code).to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype", "architectures"):
+        config.pop(volatile, None)
+    return checkpoint.sha256_json(config)
+
+
+def load_base_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    _refuse_remote_code(path, trust_remote_code)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, revision=revision, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise ModelRefError(f"cannot load model weights from {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _load_checkpoint(ref: ResolvedRef, dtype: str) -> LoadedModel:
+    from peft import PeftModel
+
+    ckpt = Path(ref.path)
+    manifest = checkpoint.verify(ckpt)
+    if not (ckpt / "adapter_model.safetensors").is_file():
+        raise IntegrityError(f"{ckpt}: adapter_model.safetensors missing (only safetensors are loaded)")
+    trust = bool(manifest.config.get("model", {}).get("trust_remote_code", False))
+    base_path = resolve_base(manifest.base_model.id)
+    actual = base_config_sha256(base_path, manifest.base_model.revision, trust)
+    if actual != manifest.base_model.config_sha256:
+        raise IntegrityError(
+            f"base model {manifest.base_model.id} has config hash {actual[:16]}…, "
+            f"the checkpoint was trained on {manifest.base_model.config_sha256[:16]}…"
+        )
+    tokenizer = load_tokenizer(str(ckpt))
+    base = load_base_model(base_path, dtype, trust, manifest.base_model.revision)
+    model = PeftModel.from_pretrained(base, str(ckpt), is_trainable=False)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, ref=ref, manifest=manifest)
+
+
+def load_for_inference(ref: ResolvedRef, dtype: str = "auto") -> LoadedModel:
+    """Load a resolved MODEL_REF in eval mode; checkpoints are verified first (IntegrityError)."""
+    if ref.kind == "checkpoint":
+        return _load_checkpoint(ref, dtype)
+    tokenizer = load_tokenizer(ref.path)
+    model = load_base_model(ref.path, dtype)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, ref=ref, manifest=None)

@@ -1,0 +1,227 @@
+"""The model registry: MLflow, embedded (sqlite under LMCTL_HOME) or a team server.
+
+A registered version's artifacts are the whole checkpoint directory (adapter, tokenizer
+files, lmctl.json); its tags carry the lock (manifest hash, tokenizer and data
+fingerprints, base model) so `models:/` references are verified after download.
+MLflow alias moves are last-writer-wins and a fresh sqlite database races on creation,
+so lmctl serializes its own registry writes with a file lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from lmctl import checkpoint
+from lmctl.errors import BadInputError, BusyError, IntegrityError, ModelRefError
+from lmctl.home import cache_dir, lmctl_home
+
+log = logging.getLogger("lmctl.registry")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+HISTORY_TAG = "lmctl.alias_history"
+HISTORY_KEEP = 30
+LOCK_TIMEOUT_S = 120.0
+
+
+class RegisteredVersion(BaseModel):
+    name: str
+    version: str
+    aliases: list[str]
+    source: str
+    run_id: str | None
+    status: str
+    created_at: str
+    tags: dict[str, str]
+
+
+class AliasMove(BaseModel):
+    name: str
+    alias: str
+    version: str
+    previous_version: str | None
+    at: str
+    user: str
+    reason: str | None = None
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """Config, then MLFLOW_TRACKING_URI, then sqlite under LMCTL_HOME, always absolute."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+        return uri
+    return "sqlite:///" + str(lmctl_home() / "mlflow.db")
+
+
+def _embedded() -> bool:
+    return tracking_uri().startswith("sqlite:")
+
+
+def registry_lock():  # type: ignore[no-untyped-def]
+    from filelock import FileLock
+
+    return FileLock(str(lmctl_home() / "registry.lock"), timeout=LOCK_TIMEOUT_S)
+
+
+def client(configured_uri: str | None = None):  # type: ignore[no-untyped-def]
+    """An MlflowClient on the resolved URI; the sqlite schema is created once, under a lock."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from filelock import Timeout
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(configured_uri)
+    try:
+        with registry_lock():
+            mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            mlflow_client.search_experiments(max_results=1)  # forces schema creation/migration now
+    except Timeout:
+        raise BusyError("the registry is locked by another lmctl process; try again") from None
+    return mlflow_client
+
+
+def experiment_id(mlflow_client, name: str) -> str:  # type: ignore[no-untyped-def]
+    """Get or create an experiment; embedded stores keep artifacts under LMCTL_HOME."""
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (lmctl_home() / "mlartifacts").as_uri() if _embedded() else None
+    with registry_lock():
+        exp = mlflow_client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.match(name) or ".." in name:
+        raise BadInputError(f"invalid model name {name!r}", hint="use letters, digits, '_', '-', '.'; at most 100 characters")
+    return name
+
+
+def validate_alias(alias: str) -> str:
+    if not ALIAS_RE.match(alias) or re.fullmatch(r"v\d+", alias):
+        raise BadInputError(f"invalid alias {alias!r}", hint="start with a letter; letters, digits, '_', '-'; not v<digits>")
+    return alias
+
+
+def _to_version(mv: Any) -> RegisteredVersion:
+    created = datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc).isoformat()
+    return RegisteredVersion(
+        name=mv.name, version=str(mv.version), aliases=list(mv.aliases or []), source=mv.source,
+        run_id=mv.run_id, status=str(mv.status), created_at=created, tags=dict(mv.tags or {}),
+    )
+
+
+def get_version(name: str, version: str) -> RegisteredVersion:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _to_version(client().get_model_version(validate_name(name), str(version)))
+    except MlflowException:
+        raise ModelRefError(f"registry has no version {version} of model {name!r}") from None
+
+
+def version_for_alias(name: str, alias: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client().get_model_version_by_alias(validate_name(name), alias).version)
+    except MlflowException:
+        raise ModelRefError(f"registry has no alias {alias!r} on model {name!r}") from None
+
+
+def list_versions(name: str | None = None) -> list[RegisteredVersion]:
+    mlflow_client = client()
+    query = f"name='{validate_name(name)}'" if name else None
+    versions = [_to_version(mv) for mv in mlflow_client.search_model_versions(query)]
+    # search_model_versions leaves aliases out; the registered model carries them.
+    aliases: dict[tuple[str, str], list[str]] = {}
+    for model in mlflow_client.search_registered_models(query):
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault((model.name, str(version)), []).append(alias)
+    for v in versions:
+        v.aliases = sorted(aliases.get((v.name, v.version), []))
+    return sorted(versions, key=lambda v: (v.name, int(v.version)))
+
+
+def download_version(name: str, version: str) -> Path:
+    """Materialize a version's checkpoint in the local cache and verify it against its lock."""
+    from mlflow.artifacts import download_artifacts
+
+    info = get_version(name, version)
+    target = cache_dir() / "registry" / name / str(version)
+    if not checkpoint.is_checkpoint(target):
+        with checkpoint.staging_dir(target) as stage:
+            download_artifacts(artifact_uri=info.source, dst_path=str(stage), tracking_uri=tracking_uri())
+            inner = next((p.parent for p in stage.rglob(checkpoint.MANIFEST)), None)
+            if inner is None:
+                raise IntegrityError(f"models:/{name}/{version}: artifacts hold no {checkpoint.MANIFEST}")
+            if inner != stage:
+                for item in inner.iterdir():
+                    shutil.move(str(item), stage / item.name)
+                shutil.rmtree(inner)
+    checkpoint.verify(target)
+    expected = info.tags.get("lmctl.manifest_sha256")
+    actual = checkpoint.sha256_file(target / checkpoint.MANIFEST)
+    if expected and expected != actual:
+        raise IntegrityError(f"models:/{name}/{version}: lmctl.json sha256 {actual[:16]}… differs from the registry's {expected[:16]}…")
+    return target
+
+
+def _history(mlflow_client, name: str) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    raw = mlflow_client.get_registered_model(name).tags.get(HISTORY_TAG)
+    return json.loads(raw) if raw else []
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _user() -> str:
+    return os.environ.get("LMCTL_USER") or os.environ.get("USER") or "unknown"
+
+
+def move_alias(name: str, alias: str, version: str, reason: str | None = None) -> AliasMove:
+    """Point `alias` at `version` and append the move to the model's audit history."""
+    from mlflow.exceptions import MlflowException
+
+    validate_alias(alias)
+    get_version(name, version)
+    mlflow_client = client()
+    with registry_lock():
+        try:
+            previous = str(mlflow_client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            previous = None
+        move = AliasMove(name=name, alias=alias, version=str(version), previous_version=previous,
+                         at=_now(), user=_user(), reason=reason)
+        history = (_history(mlflow_client, name) + [move.model_dump()])[-HISTORY_KEEP:]
+        mlflow_client.set_registered_model_alias(name, alias, str(version))
+        mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    return move
+
+
+def alias_history(name: str, alias: str | None = None) -> list[AliasMove]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        entries = _history(client(), validate_name(name))
+    except MlflowException:
+        raise ModelRefError(f"registry has no model {name!r}") from None
+    return [AliasMove(**e) for e in entries if alias is None or e["alias"] == alias]
+
+
+def rollback(name: str, alias: str = "production") -> AliasMove:
+    """Return `alias` to the version it pointed at before its latest move."""
+    moves = alias_history(name, alias)
+    if not moves or moves[-1].previous_version is None:
+        raise BadInputError(f"alias {alias!r} of {name!r} has no earlier version to roll back to")
+    return move_alias(name, alias, moves[-1].previous_version, reason=f"rollback from v{moves[-1].version}")

@@ -1,0 +1,269 @@
+"""`lmctl train`: LoRA fine-tuning with transformers' Trainer and peft.
+
+The run directory `output.dir/run_name` holds the Trainer's own resumable state under
+`trainer/` and sealed lmctl checkpoints under `checkpoints/step-NNNNNN`. A file lock on the
+run stops two processes from training into the same directory (exit 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from lmctl import __version__, checkpoint, data
+from lmctl.config import LmctlConfig, config_dump
+from lmctl.errors import BadInputError, BusyError, DataError
+
+log = logging.getLogger("lmctl.train")
+EXPERIMENT = "lmctl-train"
+
+
+class TrainPlan(BaseModel):
+    """What a run will do; `--dry-run` stops here, after every input was validated."""
+
+    run_dir: str
+    base_model: str
+    train_rows: int
+    validation_rows: int
+    train_blocks: int
+    max_steps: int
+    tokens_per_step: int
+    resume_from: str | None
+
+
+class TrainResult(BaseModel):
+    run_dir: str
+    checkpoint: str
+    checkpoints: list[str]
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    mlflow_run_id: str
+    resumed_from: str | None
+
+
+def _resume_point(trainer_dir: Path, resume: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    path = Path(resume).expanduser().resolve()
+    if not (path / "trainer_state.json").is_file():
+        raise BadInputError(f"--resume {resume}: not a Trainer checkpoint (no trainer_state.json)")
+    return str(path)
+
+
+def _archive_previous(run_dir: Path) -> None:
+    """`--resume never` on a used run directory: keep the old run, start in a clean one."""
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        archived = run_dir.with_name(f"{run_dir.name}.{stamp}")
+        run_dir.rename(archived)
+        log.info("previous run moved to %s", archived)
+
+
+def _libraries() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version(), "lmctl": __version__}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "datasets", "mlflow-skinny"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _lora_config(cfg: LmctlConfig) -> Any:
+    from peft import LoraConfig, TaskType
+
+    # "auto" adapts every linear layer inside the transformer blocks (attention and MLP
+    # projections) and never the output head: peft's "all-linear" does exactly that for
+    # any architecture, which beats a per-architecture name table that goes stale.
+    targets = cfg.lora.target_modules
+    if targets in ("auto", "all-linear"):
+        targets = "all-linear"
+    return LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=targets, task_type=TaskType.CAUSAL_LM,
+    )
+
+
+def _load_blocks(path: Path | None, cfg: LmctlConfig, tokenizer: Any) -> tuple[list[list[int]], dict[str, Any] | None, int]:
+    if path is None:
+        return [], None, 0
+    texts = data.load_texts(path, cfg.data.text_field)
+    blocks = data.tokenize_documents(texts, tokenizer, cfg.data.max_length)
+    return blocks, data.fingerprint(path, cfg.data.text_field, len(texts)).model_dump(), len(texts)
+
+
+class _Run:
+    """Everything one training run needs, prepared and validated before anything is written."""
+
+    def __init__(self, cfg: LmctlConfig, resume: str) -> None:
+        from lmctl.loading import base_config_sha256, load_tokenizer
+        from lmctl.modelref import resolve_base
+
+        if cfg.data.train is None:
+            raise DataError("data.train is not set", hint="set it in the config or with --set data.train=PATH")
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output.dir) / str(cfg.output.run_name)
+        self.base_path = resolve_base(cfg.model.base)
+        self.tokenizer = load_tokenizer(self.base_path, cfg.model.trust_remote_code, cfg.model.revision)
+        self.train_blocks, train_fp, train_rows = _load_blocks(cfg.data.train, cfg, self.tokenizer)
+        self.val_blocks, val_fp, val_rows = _load_blocks(cfg.data.validation, cfg, self.tokenizer)
+        if not self.train_blocks:
+            raise DataError(f"{cfg.data.train}: no training sequence of at least 2 tokens")
+        self.data_info = {"train": train_fp, "validation": val_fp}
+        self.base_info = checkpoint.BaseModelInfo(
+            id=cfg.model.base, revision=cfg.model.revision,
+            config_sha256=base_config_sha256(self.base_path, cfg.model.revision, cfg.model.trust_remote_code),
+        )
+        self.resume_from = _resume_point(self.run_dir / "trainer", resume) if resume != "never" else None
+        per_step = cfg.train.batch_size * cfg.train.grad_accum
+        steps = cfg.train.max_steps or max(1, int(len(self.train_blocks) * cfg.train.epochs / per_step))
+        self.plan = TrainPlan(
+            run_dir=str(self.run_dir), base_model=self.base_path, train_rows=train_rows, validation_rows=val_rows,
+            train_blocks=len(self.train_blocks), max_steps=steps,
+            tokens_per_step=per_step * cfg.data.max_length, resume_from=self.resume_from,
+        )
+
+    def export(self, model: Any, step: int, metrics: dict[str, Any], run_id: str) -> Path:
+        final = self.run_dir / "checkpoints" / f"step-{step:06d}"
+        with checkpoint.staging_dir(final) as stage:
+            model.save_pretrained(stage, safe_serialization=True)
+            self.tokenizer.save_pretrained(stage)
+            checkpoint.seal(stage, {
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "lmctl_version": __version__,
+                "tokenizer": checkpoint.tokenizer_fingerprint(self.tokenizer, stage),
+                "base_model": self.base_info,
+                "data": self.data_info,
+                "config": config_dump(self.cfg),
+                "training": {"step": step, "mlflow_run_id": run_id, **metrics},
+                "libraries": _libraries(),
+            })
+        log.info("checkpoint written: %s", final)
+        return final
+
+
+def _training_args(cfg: LmctlConfig, run: _Run) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    has_val = bool(run.val_blocks)
+    return TrainingArguments(
+        output_dir=str(run.run_dir / "trainer"),
+        max_steps=run.plan.max_steps,
+        per_device_train_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.train.warmup_ratio,
+        weight_decay=cfg.train.weight_decay,
+        seed=cfg.train.seed,
+        data_seed=cfg.train.seed,
+        logging_steps=cfg.train.log_every,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=cfg.train.eval_every if has_val else None,
+        save_strategy="steps",
+        save_steps=cfg.train.save_every,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available() and cfg.model.dtype in ("auto", "bfloat16"),
+        dataloader_num_workers=0,
+    )
+
+
+def _last_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
+    train = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    return {"train_loss": train[-1] if train else None, "eval_loss": evals[-1] if evals else None}
+
+
+def train(cfg: LmctlConfig, resume: str = "auto", dry_run: bool = False) -> TrainResult | TrainPlan:
+    """Validate everything, then fine-tune; returns the plan on --dry-run, else the result."""
+    from filelock import FileLock, Timeout
+
+    run = _Run(cfg, resume)
+    if dry_run:
+        return run.plan
+    run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run.run_dir.parent / f".{run.run_dir.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise BusyError(f"run {run.run_dir} is being trained by another process") from None
+    try:
+        if resume == "never":
+            _archive_previous(run.run_dir)
+        return _fit(cfg, run)
+    finally:
+        lock.release()
+
+
+def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
+    import datasets
+    from peft import get_peft_model
+    from transformers import PrinterCallback, Trainer, set_seed
+
+    from lmctl import registry
+    from lmctl.loading import load_base_model
+    from lmctl.train_callbacks import ExportCheckpoints, MlflowMetrics, Progress
+
+    set_seed(cfg.train.seed)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    base = load_base_model(run.base_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.revision)
+    model = get_peft_model(base, _lora_config(cfg))
+    client = registry.client(cfg.registry.tracking_uri)
+    mlrun = client.create_run(registry.experiment_id(client, EXPERIMENT), run_name=str(cfg.output.run_name))
+    run_id = mlrun.info.run_id
+    for section, values in config_dump(cfg).items():
+        for key, value in values.items():
+            client.log_param(run_id, f"{section}.{key}", str(value)[:500])
+    exporter = ExportCheckpoints(lambda m, state: run.export(m, state.global_step, _last_metrics(state.log_history), run_id))
+    trainer = Trainer(
+        model=model,
+        args=_training_args(cfg, run),
+        train_dataset=datasets.Dataset.from_dict({"input_ids": run.train_blocks}),
+        eval_dataset=datasets.Dataset.from_dict({"input_ids": run.val_blocks}) if run.val_blocks else None,
+        data_collator=lambda rows: data.collate(rows, run.tokenizer.pad_token_id),
+        callbacks=[MlflowMetrics(client, run_id), Progress(), exporter],
+    )
+    trainer.remove_callback(PrinterCallback)  # it print()s log dicts to stdout, which --json owns
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=run.resume_from)
+    except BaseException:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    history = trainer.state.log_history
+    seconds = time.perf_counter() - started
+    step = trainer.state.global_step
+    final = run.run_dir / "checkpoints" / f"step-{step:06d}"
+    if not checkpoint.is_checkpoint(final):
+        exporter.exported.append(run.export(model, step, _last_metrics(history), run_id))
+    client.set_terminated(run_id, "FINISHED")
+    metrics = _last_metrics(history)
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    return TrainResult(
+        run_dir=str(run.run_dir), checkpoint=str(final), checkpoints=[str(p) for p in exporter.exported],
+        steps=step, train_loss=metrics["train_loss"], eval_loss=metrics["eval_loss"], tokens=tokens,
+        seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
+        mlflow_run_id=run_id, resumed_from=run.resume_from,
+    )

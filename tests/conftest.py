@@ -1,0 +1,120 @@
+"""Shared fixtures: a tiny Llama and tokenizer built from config, an isolated LMCTL_HOME.
+
+Nothing here downloads: the tokenizer is trained with `tokenizers` on tests/assets and the
+model is built from a LlamaConfig, then saved exactly like a hub model directory, so the
+loading code under test is the one users run against real models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+ASSETS = Path(__file__).parent / "assets"
+REPO = Path(__file__).parent.parent
+
+
+def build_tiny_model(out: Path) -> Path:
+    """A 2-layer Llama with a 200-token BPE vocabulary, saved as safetensors + tokenizer files."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["text"] for line in (ASSETS / "tiny_train.jsonl").read_text().splitlines()]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture(autouse=True)
+def lmctl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own LMCTL_HOME and embedded MLflow store under tmp_path."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("LMCTL_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("LMCTL_API_KEYS", raising=False)
+    return home
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tiny_base: Path) -> Path:
+    cfg = {
+        "model": {"base": str(tiny_base)},
+        "data": {"train": str(ASSETS / "tiny_train.jsonl"), "validation": str(ASSETS / "tiny_validation.jsonl"),
+                 "max_length": 64},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "eval_every": 3, "save_every": 3, "log_every": 1},
+        "output": {"dir": str(tmp_path / "runs"), "run_name": "tiny"},
+        "registry": {"name": "tiny"},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    """Run lmctl in-process (same boundary as the console script) and capture its output."""
+    from lmctl.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run
+
+
+def run_subprocess(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real console entry point in a child process."""
+    return subprocess.run([sys.executable, "-m", "lmctl", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def trained_checkpoint(cli, tiny_config: Path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+    result = cli("train", tiny_config, "--json")
+    assert result.code == 0, result.err
+    yield Path(result.json["checkpoint"])

@@ -1,0 +1,75 @@
+"""The command contract: exit codes, one-line errors without tracebacks, --json, fast --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import run_subprocess
+
+
+def test_help_imports_no_heavy_library() -> None:
+    code = (
+        "import sys\n"
+        "from lmctl.cli import main\n"
+        "rc = main(['--help'])\n"
+        "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'datasets', 'peft') if m in sys.modules]\n"
+        "print(rc, heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 []"
+
+
+def test_missing_config_is_bad_input(cli, tmp_path: Path) -> None:
+    result = cli("train", tmp_path / "nope.yaml")
+    assert result.code == 2
+    assert "config file not found" in result.err and "Traceback" not in result.err
+
+
+def test_malformed_yaml_names_the_line(cli, tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  base: x\ndata: [unclosed\n")
+    result = cli("config", "validate", path)
+    assert result.code == 2
+    assert f"{path}:" in result.err and "malformed YAML" in result.err
+
+
+def test_unknown_key_is_named(cli, tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("lora:\n  rank: 8\n")
+    result = cli("config", "validate", path, "--json")
+    assert result.code == 2
+    assert "lora.rank: unknown key" in result.err
+    assert result.out == ""
+
+
+def test_missing_model_ref_is_bad_input(cli, tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    for ref in (str(tmp_path / "no-such-dir"), "models:/nothing/1", "models:/nothing@production", "models:bad"):
+        result = cli("eval", ref, "--data", data)
+        assert result.code == 2, (ref, result.err)
+        assert "Traceback" not in result.err
+
+
+def test_usage_error_is_exit_2(cli) -> None:
+    assert cli("train").code == 2
+    assert cli("no-such-command").code == 2
+
+
+def test_config_show_json_is_one_object(cli, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.001\n")
+    result = cli("config", "show", path, "--json")
+    assert result.code == 0
+    assert json.loads(result.out)["train"]["lr"] == 0.001
+
+
+def test_subprocess_errors_have_no_traceback_unless_asked(tmp_path: Path) -> None:
+    plain = run_subprocess("train", str(tmp_path / "nope.yaml"))
+    assert plain.returncode == 2
+    assert plain.stderr.strip().count("\n") == 0 and plain.stderr.startswith("lmctl: error:")
+    traced = run_subprocess("train", str(tmp_path / "nope.yaml"), "--traceback")
+    assert traced.returncode == 2 and "Traceback" in traced.stderr

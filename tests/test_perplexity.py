@@ -1,0 +1,53 @@
+"""Perplexity windows score every token exactly once and agree with a plain full-sequence loss."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from lmctl.evaluate.perplexity import make_windows, perplexity
+
+
+@pytest.mark.parametrize(("n", "max_length", "stride"), [(1, 4, 2), (10, 4, 2), (10, 4, 4), (9, 8, 3), (100, 16, 1)])
+def test_windows_score_each_token_once_with_bounded_context(n: int, max_length: int, stride: int) -> None:
+    ids = list(range(100, 100 + n))
+    scored: list[int] = []
+    for w in make_windows(0, ids, prefix=1, max_length=max_length, stride=stride):
+        assert 1 <= len(w.input_ids) <= max_length
+        # the window's inputs are exactly the tokens before each target
+        assert w.input_ids[w.score_from :] == ([1] + ids)[len(scored) : len(scored) + len(w.targets)]
+        scored.extend(w.targets)
+    assert scored == ids
+
+
+def _reference_nll(model, ids: list[int], prefix: int) -> float:  # type: ignore[no-untyped-def]
+    import torch
+
+    x = torch.tensor([[prefix] + ids])
+    with torch.inference_mode():
+        logits = model(input_ids=x).logits[0, :-1].float()
+    return -float(torch.log_softmax(logits, -1).gather(1, torch.tensor(ids)[:, None]).sum())
+
+
+def test_matches_full_sequence_loss_and_ignores_padding(tiny_base: Path) -> None:
+    from lmctl.loading import load_base_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_base))
+    model = load_base_model(str(tiny_base)).eval()
+    texts = ["The model reads the adapter quickly.", "A tokenizer hashes each token twice. The server serves one request."]
+    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    expected = sum(_reference_nll(model, ids, tok.bos_token_id) for ids in encoded)
+    # Window covers each document whole; batching two different lengths pads the shorter one.
+    sums, per_doc = perplexity(model, tok, texts, max_length=128, stride=128, batch_size=2)
+    assert sums.tokens == sum(map(len, encoded))
+    assert math.isclose(sums.nll_sum, expected, rel_tol=1e-5)
+    assert math.isclose(sums.metrics["perplexity"], math.exp(expected / sums.tokens), rel_tol=1e-5)
+    assert math.isclose(sums.metrics["bits_per_byte"], expected / (sums.bytes * math.log(2)), rel_tol=1e-9)
+    # batch size must not change the result (padding is never scored)
+    single, _ = perplexity(model, tok, texts, max_length=128, stride=128, batch_size=1)
+    assert math.isclose(single.nll_sum, sums.nll_sum, rel_tol=1e-5)
+    # short windows give each token less context: a different, still finite number
+    short, _ = perplexity(model, tok, texts, max_length=4, stride=2, batch_size=3)
+    assert short.tokens == sums.tokens and math.isfinite(short.nll_sum)
