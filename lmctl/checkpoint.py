@@ -192,6 +192,9 @@ def verify(directory: Path) -> Manifest:
                 f"{path}: sha256 mismatch, expected {entry.sha256[:16]}… got {actual[:16]}…",
                 hint="the file was changed after the checkpoint was written; restore it or retrain",
             )
+    for name in TOKENIZER_FILES:
+        if (directory / name).is_file() and name not in manifest.files:
+            raise IntegrityError(f"{directory / name}: tokenizer file not in {MANIFEST}; it was added after sealing")
     for name, digest in manifest.tokenizer.files.items():
         if manifest.files.get(name) is None or manifest.files[name].sha256 != digest:
             raise IntegrityError(f"{directory / name}: tokenizer lock disagrees with the file list")

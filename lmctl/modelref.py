@@ -48,6 +48,14 @@ def resolve_base(base: str) -> str:
     raise ModelRefError(f"model {base!r} does not exist", hint="give a model directory, a pulled name or a hub id")
 
 
+def portable_base_id(base: str, resolved: str) -> str:
+    """How a checkpoint names its base: catalog names and hub ids as given (they resolve on
+    any machine), local directories as absolute paths (they resolve from any working dir)."""
+    from lmctl.models import CATALOG
+
+    return base if base in CATALOG or not Path(resolved).is_dir() else resolved
+
+
 def resolve(ref: str) -> ResolvedRef:
     """Resolve a MODEL_REF; raise ModelRefError (exit 2) when it names nothing."""
     match = _REGISTRY_RE.match(ref)

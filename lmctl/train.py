@@ -113,7 +113,7 @@ class _Run:
 
     def __init__(self, cfg: LmctlConfig, resume: str) -> None:
         from lmctl.loading import base_config_sha256, load_tokenizer
-        from lmctl.modelref import resolve_base
+        from lmctl.modelref import portable_base_id, resolve_base
 
         if cfg.data.train is None:
             raise DataError("data.train is not set", hint="set it in the config or with --set data.train=PATH")
@@ -127,10 +127,10 @@ class _Run:
             raise DataError(f"{cfg.data.train}: no training sequence of at least 2 tokens")
         self.data_info = {"train": train_fp, "validation": val_fp}
         self.base_info = checkpoint.BaseModelInfo(
-            id=cfg.model.base, revision=cfg.model.revision,
+            id=portable_base_id(cfg.model.base, self.base_path), revision=cfg.model.revision,
             config_sha256=base_config_sha256(self.base_path, cfg.model.revision, cfg.model.trust_remote_code),
         )
-        self.resume_from = _resume_point(self.run_dir / "trainer", resume) if resume != "never" else None
+        self.resume_from = _resume_point(self.run_dir / "trainer", resume)
         per_step = cfg.train.batch_size * cfg.train.grad_accum
         steps = cfg.train.max_steps or max(1, int(len(self.train_blocks) * cfg.train.epochs / per_step))
         self.plan = TrainPlan(

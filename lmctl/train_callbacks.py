@@ -61,11 +61,16 @@ class Progress(TrainerCallback):
         self.loss = float(logs.get("loss", self.loss))
         if "eval_loss" in logs:
             log.info("step %d: eval_loss %.4f", state.global_step, logs["eval_loss"])
+        elif "loss" in logs and self.bar is None:  # no terminal: a log line instead of a bar
+            log.info("step %d/%d: loss %.4f, %.0f tok/s", state.global_step, state.max_steps, self.loss, self._rate(state))
+
+    def _rate(self, state) -> float:  # type: ignore[no-untyped-def]
+        return state.num_input_tokens_seen / max(time.perf_counter() - self.t0, 1e-9)
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if self.bar is not None:
-            rate = state.num_input_tokens_seen / max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.update(self.task, completed=state.global_step, info=f"loss {self.loss:.3f}  {rate:,.0f} tok/s")
+            info = f"loss {self.loss:.3f}  {self._rate(state):,.0f} tok/s"
+            self.bar.update(self.task, completed=state.global_step, info=info)
 
     def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if self.bar is not None:

@@ -43,6 +43,11 @@ def test_register_refuses_a_tampered_checkpoint(cli, trained_checkpoint: Path) -
 
 def test_missing_and_unlisted_files(trained_checkpoint: Path) -> None:
     checkpoint.verify(trained_checkpoint)
+    added = trained_checkpoint / "added_tokens.json"
+    added.write_text('{"<new>": 999}')
+    with pytest.raises(IntegrityError, match="added after sealing"):
+        checkpoint.verify(trained_checkpoint)
+    added.unlink()
     (trained_checkpoint / "adapter_config.json").unlink()
     with pytest.raises(IntegrityError, match="missing from checkpoint"):
         checkpoint.verify(trained_checkpoint)

@@ -1,0 +1,52 @@
+"""Registry rules that need no trained model: names, aliases, rollback bookkeeping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmctl import registry
+from lmctl.errors import BadInputError, ModelRefError
+
+
+@pytest.mark.parametrize("name", ["", "../etc", "a/b", "a" * 101, "..", "-x"])
+def test_bad_model_names_are_refused(name: str) -> None:
+    with pytest.raises(BadInputError):
+        registry.validate_name(name)
+
+
+@pytest.mark.parametrize("alias", ["", "v3", "1abc", "has space", "a/b"])
+def test_bad_aliases_are_refused(alias: str) -> None:
+    with pytest.raises(BadInputError):
+        registry.validate_alias(alias)
+
+
+def test_tracking_uri_is_absolute_under_home(lmctl_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert registry.tracking_uri() == f"sqlite:///{lmctl_home.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel.db")
+    assert registry.tracking_uri() == f"sqlite:///{Path('rel.db').resolve()}"
+
+
+def test_unknown_versions_and_aliases_are_bad_refs() -> None:
+    with pytest.raises(ModelRefError):
+        registry.get_version("nothing", "1")
+    with pytest.raises(ModelRefError):
+        registry.version_for_alias("nothing", "production")
+    with pytest.raises(ModelRefError):
+        registry.alias_history("nothing")
+
+
+def test_promote_and_rollback_are_recorded(cli, trained_checkpoint: Path) -> None:
+    for _ in range(2):
+        assert cli("register", trained_checkpoint, "--name", "m", "--json").code == 0
+    assert cli("rollback", "m").code == 2  # nothing to roll back to yet
+    assert cli("promote", "m", "1", "--reason", "first").code == 0
+    assert cli("promote", "m", "2", "--reason", "better").code == 0
+    back = cli("rollback", "m", "--json")
+    assert back.code == 0 and back.json["version"] == "1" and back.json["previous_version"] == "2"
+    moves = cli("registry", "history", "m", "--json").json["moves"]
+    assert [(m["previous_version"], m["version"]) for m in moves] == [(None, "1"), ("1", "2"), ("2", "1")]
+    assert moves[1]["reason"] == "better" and moves[2]["reason"].startswith("rollback")
+    assert cli("promote", "m", "9").code == 2
+    assert cli("registry", "show", "m@production", "--json").json["version"] == "1"
