@@ -43,6 +43,11 @@ class DataConfig(Section):
     train: Path | None = Field(None, description="Training data: .txt, .jsonl, .json, .csv or .parquet.")
     validation: Path | None = Field(None, description="Held-out data in the same formats, for eval loss.")
     text_field: str = Field("text", description="Column holding the text in jsonl/csv/parquet files.")
+    format: Literal["auto", "text", "completion", "chat"] = Field(
+        "auto",
+        description="Record shape: text (text_field), completion (prompt + completion; loss on the completion), "
+        "chat (messages; loss on assistant turns), or auto-detect from the columns.",
+    )
     max_length: int = Field(512, ge=8, le=131072, description="Tokens per training sequence (longer text is chunked).")
 
 

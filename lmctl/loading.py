@@ -69,6 +69,15 @@ def base_config_sha256(path: str, revision: str | None = None, trust_remote_code
     return checkpoint.sha256_json(config)
 
 
+def model_vocab_size(path: str, revision: str | None = None, trust_remote_code: bool = False) -> int:
+    """Rows in the base model's input embedding, read from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.vocab_size)
+
+
 def load_base_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 

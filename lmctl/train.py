@@ -16,8 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmctl import __version__, checkpoint, data
+from lmctl import __version__, checkpoint, data, preflight
 from lmctl.config import LmctlConfig, config_dump
+from lmctl.data.examples import ExampleSet, build_examples, collate
 from lmctl.errors import BadInputError, BusyError, DataError
 
 log = logging.getLogger("lmctl.train")
@@ -29,12 +30,14 @@ class TrainPlan(BaseModel):
 
     run_dir: str
     base_model: str
+    data_format: str
     train_rows: int
     validation_rows: int
-    train_blocks: int
+    train_examples: int
     max_steps: int
     tokens_per_step: int
     resume_from: str | None
+    lint: preflight.LintReport
 
 
 class TrainResult(BaseModel):
@@ -100,19 +103,23 @@ def _lora_config(cfg: LmctlConfig) -> Any:
     )
 
 
-def _load_blocks(path: Path | None, cfg: LmctlConfig, tokenizer: Any) -> tuple[list[list[int]], dict[str, Any] | None, int]:
+def _load_examples(path: Path | None, cfg: LmctlConfig, tokenizer: Any) -> tuple[ExampleSet, dict[str, Any] | None]:
+    """Read, check and tokenize one data file; (empty set, None) when the path is unset."""
     if path is None:
-        return [], None, 0
-    texts = data.load_texts(path, cfg.data.text_field)
-    blocks = data.tokenize_documents(texts, tokenizer, cfg.data.max_length)
-    return blocks, data.fingerprint(path, cfg.data.text_field, len(texts)).model_dump(), len(texts)
+        return ExampleSet(), None
+    records = data.load_records(path)
+    text_field = "text" if path.suffix.lower() == ".txt" else cfg.data.text_field
+    fmt = data.detect_format(path, records, text_field, cfg.data.format)
+    data.check_rows(path, records, fmt, text_field)
+    examples = build_examples(path, records, fmt, text_field, tokenizer, cfg.data.max_length)
+    return examples, data.fingerprint(path, text_field, len(records), fmt).model_dump()
 
 
 class _Run:
     """Everything one training run needs, prepared and validated before anything is written."""
 
     def __init__(self, cfg: LmctlConfig, resume: str) -> None:
-        from lmctl.loading import base_config_sha256, load_tokenizer
+        from lmctl.loading import base_config_sha256, load_tokenizer, model_vocab_size
         from lmctl.modelref import portable_base_id, resolve_base
 
         if cfg.data.train is None:
@@ -121,22 +128,25 @@ class _Run:
         self.run_dir = Path(cfg.output.dir) / str(cfg.output.run_name)
         self.base_path = resolve_base(cfg.model.base)
         self.tokenizer = load_tokenizer(self.base_path, cfg.model.trust_remote_code, cfg.model.revision)
-        self.train_blocks, train_fp, train_rows = _load_blocks(cfg.data.train, cfg, self.tokenizer)
-        self.val_blocks, val_fp, val_rows = _load_blocks(cfg.data.validation, cfg, self.tokenizer)
-        if not self.train_blocks:
+        self.train_set, train_fp = _load_examples(cfg.data.train, cfg, self.tokenizer)
+        self.val_set, val_fp = _load_examples(cfg.data.validation, cfg, self.tokenizer)
+        if not self.train_set.examples:
             raise DataError(f"{cfg.data.train}: no training sequence of at least 2 tokens")
         self.data_info = {"train": train_fp, "validation": val_fp}
+        vocab_size = model_vocab_size(self.base_path, cfg.model.revision, cfg.model.trust_remote_code)
+        self.lint = preflight.lint(self.train_set, self.tokenizer, vocab_size)
         self.base_info = checkpoint.BaseModelInfo(
             id=portable_base_id(cfg.model.base, self.base_path), revision=cfg.model.revision,
             config_sha256=base_config_sha256(self.base_path, cfg.model.revision, cfg.model.trust_remote_code),
         )
         self.resume_from = _resume_point(self.run_dir / "trainer", resume)
         per_step = cfg.train.batch_size * cfg.train.grad_accum
-        steps = cfg.train.max_steps or max(1, int(len(self.train_blocks) * cfg.train.epochs / per_step))
+        steps = cfg.train.max_steps or max(1, int(len(self.train_set.examples) * cfg.train.epochs / per_step))
         self.plan = TrainPlan(
-            run_dir=str(self.run_dir), base_model=self.base_path, train_rows=train_rows, validation_rows=val_rows,
-            train_blocks=len(self.train_blocks), max_steps=steps,
-            tokens_per_step=per_step * cfg.data.max_length, resume_from=self.resume_from,
+            run_dir=str(self.run_dir), base_model=self.base_path, data_format=str(train_fp["format"]),
+            train_rows=int(train_fp["rows"]), validation_rows=int(val_fp["rows"]) if val_fp else 0,
+            train_examples=len(self.train_set.examples), max_steps=steps,
+            tokens_per_step=per_step * cfg.data.max_length, resume_from=self.resume_from, lint=self.lint,
         )
 
     def export(self, model: Any, step: int, metrics: dict[str, Any], run_id: str) -> Path:
@@ -162,7 +172,7 @@ def _training_args(cfg: LmctlConfig, run: _Run) -> Any:
     import torch
     from transformers import TrainingArguments
 
-    has_val = bool(run.val_blocks)
+    has_val = bool(run.val_set.examples)
     return TrainingArguments(
         output_dir=str(run.run_dir / "trainer"),
         max_steps=run.plan.max_steps,
@@ -240,9 +250,9 @@ def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
     trainer = Trainer(
         model=model,
         args=_training_args(cfg, run),
-        train_dataset=datasets.Dataset.from_dict({"input_ids": run.train_blocks}),
-        eval_dataset=datasets.Dataset.from_dict({"input_ids": run.val_blocks}) if run.val_blocks else None,
-        data_collator=lambda rows: data.collate(rows, run.tokenizer.pad_token_id),
+        train_dataset=datasets.Dataset.from_list(run.train_set.examples),
+        eval_dataset=datasets.Dataset.from_list(run.val_set.examples) if run.val_set.examples else None,
+        data_collator=lambda rows: collate(rows, run.tokenizer.pad_token_id),
         callbacks=[MlflowMetrics(client, run_id), Progress(), exporter],
     )
     trainer.remove_callback(PrinterCallback)  # it print()s log dicts to stdout, which --json owns
