@@ -74,6 +74,15 @@ class TrainConfig(Section):
     eval_every: int = Field(50, ge=1, description="Steps between validation-loss evaluations.")
     save_every: int = Field(50, ge=1, description="Steps between checkpoints.")
     log_every: int = Field(5, ge=1, description="Steps between metric logs (MLflow, progress bar).")
+    keep_last: int | None = Field(
+        None, ge=1, description="Checkpoints to keep besides the best by validation loss; null keeps all."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a lower validation loss; null never stops early."
+    )
+    early_stopping_threshold: float = Field(
+        0.0, ge=0, description="Smallest validation-loss decrease that counts as an improvement."
+    )
 
 
 class OutputConfig(Section):

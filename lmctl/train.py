@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +45,9 @@ class TrainResult(BaseModel):
     run_dir: str
     checkpoint: str
     checkpoints: list[str]
+    best_checkpoint: str | None
+    best_eval_loss: float | None
+    stopped_early: bool
     steps: int
     train_loss: float | None
     eval_loss: float | None
@@ -54,13 +58,28 @@ class TrainResult(BaseModel):
     resumed_from: str | None
 
 
-def _resume_point(trainer_dir: Path, resume: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def _complete_trainer_checkpoints(run_dir: Path) -> list[Path]:
+    """Trainer checkpoints whose save finished, newest first.
 
+    The Trainer writes `trainer/checkpoint-N` in place (a kill mid-save leaves a partial
+    directory); lmctl seals `checkpoints/step-N` only after that save returned. So a
+    Trainer checkpoint counts as complete exactly when its sealed twin exists.
+    """
+    found = []
+    for path in (run_dir / "trainer").glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        sealed = run_dir / "checkpoints" / f"step-{int(step):06d}" if step.isdigit() else None
+        if sealed and (path / "trainer_state.json").is_file() and checkpoint.is_checkpoint(sealed):
+            found.append((int(step), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def _resume_point(run_dir: Path, resume: str) -> str | None:
     if resume == "never":
         return None
     if resume == "auto":
-        return get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+        complete = _complete_trainer_checkpoints(run_dir)
+        return str(complete[0]) if complete else None
     path = Path(resume).expanduser().resolve()
     if not (path / "trainer_state.json").is_file():
         raise BadInputError(f"--resume {resume}: not a Trainer checkpoint (no trainer_state.json)")
@@ -132,6 +151,8 @@ class _Run:
         self.val_set, val_fp = _load_examples(cfg.data.validation, cfg, self.tokenizer)
         if not self.train_set.examples:
             raise DataError(f"{cfg.data.train}: no training sequence of at least 2 tokens")
+        if cfg.train.early_stopping_patience and not self.val_set.examples:
+            raise BadInputError("train.early_stopping_patience needs validation data (data.validation)")
         self.data_info = {"train": train_fp, "validation": val_fp}
         vocab_size = model_vocab_size(self.base_path, cfg.model.revision, cfg.model.trust_remote_code)
         self.lint = preflight.lint(self.train_set, self.tokenizer, vocab_size)
@@ -139,7 +160,7 @@ class _Run:
             id=portable_base_id(cfg.model.base, self.base_path), revision=cfg.model.revision,
             config_sha256=base_config_sha256(self.base_path, cfg.model.revision, cfg.model.trust_remote_code),
         )
-        self.resume_from = _resume_point(self.run_dir / "trainer", resume)
+        self.resume_from = _resume_point(self.run_dir, resume)
         per_step = cfg.train.batch_size * cfg.train.grad_accum
         steps = cfg.train.max_steps or max(1, int(len(self.train_set.examples) * cfg.train.epochs / per_step))
         self.plan = TrainPlan(
@@ -167,6 +188,16 @@ class _Run:
         log.info("checkpoint written: %s", final)
         return final
 
+    def prune(self, best_step: int | None) -> None:
+        """Keep the newest `keep_last` sealed checkpoints plus the best one, as the Trainer does."""
+        keep = self.cfg.train.keep_last
+        if keep is None:
+            return
+        steps = sorted(int(p.name.removeprefix("step-")) for p in (self.run_dir / "checkpoints").glob("step-*"))
+        for step in steps[:-keep]:
+            if step != best_step:
+                shutil.rmtree(self.run_dir / "checkpoints" / f"step-{step:06d}")
+
 
 def _training_args(cfg: LmctlConfig, run: _Run) -> Any:
     import torch
@@ -190,6 +221,9 @@ def _training_args(cfg: LmctlConfig, run: _Run) -> Any:
         eval_steps=cfg.train.eval_every if has_val else None,
         save_strategy="steps",
         save_steps=cfg.train.save_every,
+        save_total_limit=cfg.train.keep_last,
+        metric_for_best_model="eval_loss" if has_val else None,
+        greater_is_better=False if has_val else None,
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
@@ -230,11 +264,13 @@ def train(cfg: LmctlConfig, resume: str = "auto", dry_run: bool = False) -> Trai
 def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
     import datasets
     from peft import get_peft_model
-    from transformers import PrinterCallback, Trainer, set_seed
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
 
     from lmctl import registry
     from lmctl.loading import load_base_model
-    from lmctl.train_callbacks import ExportCheckpoints, MlflowMetrics, Progress
+    from mlflow.entities import Param
+
+    from lmctl.train_callbacks import ExportCheckpoints, MlflowMetrics, Progress, log_data_inputs, save_loss_curve
 
     set_seed(cfg.train.seed)
     run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -243,17 +279,26 @@ def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
     client = registry.client(cfg.registry.tracking_uri)
     mlrun = client.create_run(registry.experiment_id(client, EXPERIMENT), run_name=str(cfg.output.run_name))
     run_id = mlrun.info.run_id
-    for section, values in config_dump(cfg).items():
-        for key, value in values.items():
-            client.log_param(run_id, f"{section}.{key}", str(value)[:500])
-    exporter = ExportCheckpoints(lambda m, state: run.export(m, state.global_step, _last_metrics(state.log_history), run_id))
+    params = [Param(f"{section}.{key}", str(value)[:500])
+              for section, values in config_dump(cfg).items() for key, value in values.items()]
+    client.log_batch(run_id, params=params)
+    log_data_inputs(client, run_id, run.data_info)
+    def export(model: Any, state: Any) -> Path:
+        path = run.export(model, state.global_step, _last_metrics(state.log_history), run_id)
+        run.prune(state.best_global_step)
+        return path
+
+    exporter = ExportCheckpoints(export)
+    callbacks = [MlflowMetrics(client, run_id), Progress(), exporter]
+    if cfg.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
     trainer = Trainer(
         model=model,
         args=_training_args(cfg, run),
         train_dataset=datasets.Dataset.from_list(run.train_set.examples),
         eval_dataset=datasets.Dataset.from_list(run.val_set.examples) if run.val_set.examples else None,
         data_collator=lambda rows: collate(rows, run.tokenizer.pad_token_id),
-        callbacks=[MlflowMetrics(client, run_id), Progress(), exporter],
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # it print()s log dicts to stdout, which --json owns
     started = time.perf_counter()
@@ -268,11 +313,19 @@ def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
     final = run.run_dir / "checkpoints" / f"step-{step:06d}"
     if not checkpoint.is_checkpoint(final):
         exporter.exported.append(run.export(model, step, _last_metrics(history), run_id))
+    curve = save_loss_curve(history, run.run_dir / "loss_curve.png")
+    if curve is not None:
+        client.log_artifact(run_id, str(curve))
     client.set_terminated(run_id, "FINISHED")
     metrics = _last_metrics(history)
     tokens = int(trainer.state.num_input_tokens_seen or 0)
+    best = trainer.state.best_global_step
+    best_dir = run.run_dir / "checkpoints" / f"step-{best:06d}" if best else None
     return TrainResult(
-        run_dir=str(run.run_dir), checkpoint=str(final), checkpoints=[str(p) for p in exporter.exported],
+        run_dir=str(run.run_dir), checkpoint=str(final),
+        checkpoints=[str(p) for p in exporter.exported if checkpoint.is_checkpoint(p)],
+        best_checkpoint=str(best_dir) if best_dir and checkpoint.is_checkpoint(best_dir) else None,
+        best_eval_loss=trainer.state.best_metric, stopped_early=step < run.plan.max_steps,
         steps=step, train_loss=metrics["train_loss"], eval_loss=metrics["eval_loss"], tokens=tokens,
         seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
         mlflow_run_id=run_id, resumed_from=run.resume_from,

@@ -86,3 +86,48 @@ class ExportCheckpoints(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
         self.exported.append(self.export(model, state))
+
+
+def log_data_inputs(client: Any, run_id: str, data_info: dict[str, Any]) -> None:
+    """Record the training and validation files on the MLflow run, with their fingerprints."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for context, fp in data_info.items():
+        if not fp:
+            continue
+        dataset = Dataset(
+            name=Path(fp["path"]).name, digest=fp["sha256"][:32], source_type="local",
+            source=json.dumps({"uri": fp["path"]}),
+            profile=json.dumps({"num_rows": fp["rows"], "format": fp["format"], "sha256": fp["sha256"]}),
+        )
+        inputs.append(DatasetInput(dataset=dataset, tags=[InputTag(key="mlflow.data.context", value=context)]))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+def save_loss_curve(history: list[dict[str, Any]], out: Path) -> Path | None:
+    """Training and validation loss against step, as a PNG (None when nothing was logged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to a file only
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for points, label in ((train, "train loss"), (evals, "validation loss")):
+        if points:
+            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -64,3 +64,97 @@ def test_resume_auto_continues_from_the_trainer_checkpoint(cli, tiny_config: Pat
     assert fresh.code == 0 and fresh.json["resumed_from"] is None
     archived = [p for p in Path(fresh.json["run_dir"]).parent.iterdir() if p.name.startswith("tiny.")]
     assert len(archived) == 1 and (archived[0] / "checkpoints" / "step-000006" / "lmctl.json").is_file()
+
+
+def _log_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss, from the Trainer state of the newest Trainer checkpoint."""
+    newest = max((run_dir / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    history = json.loads((newest / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(cli, tiny_config: Path, tmp_path: Path) -> None:
+    """Kill a real training process after its first checkpoint; resuming must finish the run
+    with the same losses as a run that was never interrupted (CPU: equal to 1e-5 relative)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = ["--set", "train.max_steps=60", "--set", "train.save_every=2", "--set", "train.eval_every=1000",
+              "--set", "train.log_every=2", "--set", "data.validation=null"]
+    straight = cli("train", tiny_config, *common, "--set", "output.run_name=straight", "--json")
+    assert straight.code == 0, straight.err
+
+    run_dir = tmp_path / "runs" / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "lmctl", "train", str(tiny_config), *common,
+                             "--set", "output.run_name=killed"], stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "step-000002" / "lmctl.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
+    assert killed_at < 60, "the process finished before it was killed"
+
+    resumed = cli("train", tiny_config, *common, "--set", "output.run_name=killed", "--json")
+    assert resumed.code == 0, resumed.err
+    assert resumed.json["steps"] == 60 and resumed.json["resumed_from"] is not None
+    expected, actual = _log_losses(Path(straight.json["run_dir"])), _log_losses(run_dir)
+    assert sorted(actual) == sorted(expected)
+    for step, loss in expected.items():
+        assert abs(actual[step] - loss) <= 1e-5 * abs(loss), (step, actual[step], loss)
+
+
+def test_resume_auto_skips_a_checkpoint_killed_mid_save(cli, tiny_config: Path) -> None:
+    first = cli("train", tiny_config, "--set", "train.max_steps=3", "--json")
+    assert first.code == 0
+    run_dir = Path(first.json["run_dir"])
+    partial = run_dir / "trainer" / "checkpoint-5"  # what a kill during the Trainer's save leaves
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"half")
+    second = cli("train", tiny_config, "--set", "train.max_steps=6", "--json")
+    assert second.code == 0, second.err
+    assert second.json["resumed_from"].endswith("checkpoint-3")
+
+
+def test_training_is_tracked_in_mlflow(cli, tiny_config: Path) -> None:
+    from lmctl import registry
+
+    result = cli("train", tiny_config, "--json")
+    assert result.code == 0, result.err
+    client = registry.client()
+    run = client.get_run(result.json["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lora.r"] == "4" and run.data.params["train.max_steps"] == "6"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4, 5, 6]
+    assert {"grad_norm", "learning_rate", "eval_loss", "tokens_per_s"} <= set(run.data.metrics)
+    inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}
+    manifest = json.loads((Path(result.json["checkpoint"]) / "lmctl.json").read_text())
+    assert inputs["train"].digest == manifest["data"]["train"]["sha256"][:32]
+    assert "validation" in inputs
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["loss_curve.png"]
+    assert (Path(result.json["run_dir"]) / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_retention_keeps_last_n_plus_best_and_early_stopping_stops(cli, tiny_config: Path) -> None:
+    # A threshold of 10 nats: no evaluation counts as an improvement, so patience 3 runs out.
+    result = cli("train", tiny_config, "--set", "train.max_steps=40", "--set", "train.eval_every=2",
+                 "--set", "train.save_every=2", "--set", "train.keep_last=2",
+                 "--set", "train.early_stopping_patience=3", "--set", "train.early_stopping_threshold=10", "--json")
+    assert result.code == 0, result.err
+    out = result.json
+    assert out["stopped_early"] and out["steps"] <= 8
+    best = int(Path(out["best_checkpoint"]).name.removeprefix("step-"))
+    kept = sorted(int(p.name.removeprefix("step-")) for p in (Path(out["run_dir"]) / "checkpoints").glob("step-*"))
+    assert kept == sorted({best, out["steps"] - 2, out["steps"]})
+    trainer_kept = sorted(int(p.name.split("-")[1]) for p in (Path(out["run_dir"]) / "trainer").glob("checkpoint-*"))
+    assert trainer_kept == kept
+
+
+def test_early_stopping_without_validation_is_bad_input(cli, tiny_config: Path) -> None:
+    result = cli("train", tiny_config, "--set", "data.validation=null", "--set", "train.early_stopping_patience=2")
+    assert result.code == 2 and "needs validation data" in result.err

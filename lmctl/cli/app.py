@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lmctl.cli import config, doctor, eval, models, promote, registry, serve, train
+from lmctl.cli import config, data, doctor, eval, models, promote, registry, serve, train
 
 app = typer.Typer(
     name="lmctl",
@@ -24,3 +24,4 @@ app.command("doctor")(doctor.doctor)
 app.add_typer(registry.app, name="registry", help="Inspect and verify registered model versions.")
 app.add_typer(config.app, name="config", help="Validate and show configs.")
 app.add_typer(models.app, name="models", help="Base models known by name (pull, list).")
+app.add_typer(data.app, name="data", help="Check and clean data (validate, prepare).")

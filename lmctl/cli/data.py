@@ -1,0 +1,61 @@
+"""`lmctl data validate|prepare`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmctl.cli.output import JsonOpt, TracebackOpt, emit
+
+app = typer.Typer(no_args_is_help=True)
+FormatOpt = Annotated[str, typer.Option("--format", help="auto, text, completion or chat.")]
+TextFieldOpt = Annotated[str, typer.Option("--text-field", help="Column with the text (text format).")]
+
+
+@app.command("validate")
+def validate(
+    source: Annotated[Path, typer.Argument(metavar="FILE|CONFIG", help="A data file, or a config (checks data.train and data.validation with the base model's tokenizer).")],
+    validation: Annotated[Path | None, typer.Option(help="Held-out file, checked for overlap with FILE.")] = None,
+    model: Annotated[str | None, typer.Option(help="Tokenizer for token-length stats (model dir or pulled name).")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Truncation length for the truncation rate.")] = 512,
+    text_field: TextFieldOpt = "text",
+    fmt: FormatOpt = "auto",
+    json_out: JsonOpt = False,
+    traceback: TracebackOpt = False,
+) -> None:
+    """Rows, empty/duplicate rows, token lengths, truncation, overlap and PII of a data set."""
+    from lmctl.config import load_config
+    from lmctl.data.quality import validate as run_validate
+    from lmctl.errors import BadInputError
+    from lmctl.loading import load_tokenizer
+    from lmctl.modelref import resolve_base
+
+    if source.suffix.lower() in (".yaml", ".yml"):
+        cfg = load_config(source)
+        if cfg.data.train is None:
+            raise BadInputError(f"{source}: data.train is not set")
+        source, validation, model = cfg.data.train, cfg.data.validation, model or cfg.model.base
+        max_length, text_field, fmt = cfg.data.max_length, cfg.data.text_field, cfg.data.format
+    tokenizer = load_tokenizer(resolve_base(model)) if model else None
+    emit(run_validate(source, validation, text_field, fmt, tokenizer, max_length), json_out)
+
+
+@app.command("prepare")
+def prepare(
+    source: Annotated[Path, typer.Argument(metavar="FILE", help="Raw data file.")],
+    out: Annotated[Path, typer.Option(help="Output directory for train.jsonl, validation.jsonl, prepare.json.")],
+    validation_share: Annotated[float, typer.Option("--validation-share", help="Share of rows held out (by content hash).")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the hash split.")] = 0,
+    no_redact: Annotated[bool, typer.Option("--no-redact", help="Keep PII (not recommended).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
+    text_field: TextFieldOpt = "text",
+    fmt: FormatOpt = "auto",
+    json_out: JsonOpt = False,
+    traceback: TracebackOpt = False,
+) -> None:
+    """Redact PII, remove exact duplicates, split deterministically, fingerprint the result."""
+    from lmctl.data.prepare import prepare as run_prepare
+
+    emit(run_prepare(source, out, text_field, fmt, validation_share, seed, not no_redact, force), json_out)
