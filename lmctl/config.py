@@ -62,6 +62,16 @@ class LoraConfig(Section):
     )
 
 
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): better quality, ~2x slower steps.")
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale alpha/sqrt(r) instead of alpha/r.")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head)."
+    )
+    quantization: Literal["none", "4bit"] = Field(
+        "none", description="4bit = QLoRA: the frozen base in NF4 via bitsandbytes (CUDA only)."
+    )
+
+
 class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     epochs: float = Field(1, gt=0, description="Passes over the training data when max_steps is null.")
@@ -74,6 +84,7 @@ class TrainConfig(Section):
     eval_every: int = Field(50, ge=1, description="Steps between validation-loss evaluations.")
     save_every: int = Field(50, ge=1, description="Steps between checkpoints.")
     log_every: int = Field(5, ge=1, description="Steps between metric logs (MLflow, progress bar).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     keep_last: int | None = Field(
         None, ge=1, description="Checkpoints to keep besides the best by validation loss; null keeps all."
     )

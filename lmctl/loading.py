@@ -78,13 +78,23 @@ def model_vocab_size(path: str, revision: str | None = None, trust_remote_code: 
     return int(text_config.vocab_size)
 
 
-def load_base_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None) -> Any:
+def load_base_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, revision: str | None = None,
+                    quantize_4bit: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
 
     _refuse_remote_code(path, trust_remote_code)
+    extra: dict[str, Any] = {}
+    if quantize_4bit:  # QLoRA: NF4 weights, double quantization, compute in the training dtype
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype(dtype),
+        )
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, revision=revision, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+            path, revision=revision, dtype=torch_dtype(dtype), use_safetensors=True,
+            trust_remote_code=trust_remote_code, **extra,
         )
     except OSError as exc:
         raise ModelRefError(f"cannot load model weights from {path}: {str(exc).splitlines()[0]}") from None

@@ -118,8 +118,26 @@ def _lora_config(cfg: LmctlConfig) -> Any:
         targets = "all-linear"
     return LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=targets, task_type=TaskType.CAUSAL_LM,
+        target_modules=targets, task_type=TaskType.CAUSAL_LM, use_dora=cfg.lora.use_dora,
+        use_rslora=cfg.lora.use_rslora, modules_to_save=cfg.lora.modules_to_save or None,
     )
+
+
+def check_hardware(cfg: LmctlConfig) -> None:
+    """Refuse (exit 2) precision and quantization settings this machine cannot run."""
+    import importlib.util
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.lora.quantization == "4bit":
+        if not cuda:
+            raise BadInputError("lora.quantization=4bit (QLoRA) needs a CUDA GPU; this machine has none",
+                                hint="set lora.quantization=none to train in full precision on CPU")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise BadInputError("lora.quantization=4bit needs the bitsandbytes package", hint="pip install bitsandbytes")
+    if cfg.model.dtype == "float16" and not cuda:
+        raise BadInputError("model.dtype=float16 needs a CUDA GPU; use float32 or bfloat16 on CPU")
 
 
 def _load_examples(path: Path | None, cfg: LmctlConfig, tokenizer: Any) -> tuple[ExampleSet, dict[str, Any] | None]:
@@ -143,6 +161,7 @@ class _Run:
 
         if cfg.data.train is None:
             raise DataError("data.train is not set", hint="set it in the config or with --set data.train=PATH")
+        check_hardware(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.output.dir) / str(cfg.output.run_name)
         self.base_path = resolve_base(cfg.model.base)
@@ -230,6 +249,8 @@ def _training_args(cfg: LmctlConfig, run: _Run) -> Any:
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
         bf16=torch.cuda.is_available() and cfg.model.dtype in ("auto", "bfloat16"),
+        fp16=torch.cuda.is_available() and cfg.model.dtype == "float16",
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
         dataloader_num_workers=0,
     )
 
@@ -274,7 +295,12 @@ def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
 
     set_seed(cfg.train.seed)
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    base = load_base_model(run.base_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.revision)
+    base = load_base_model(run.base_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.revision,
+                           quantize_4bit=cfg.lora.quantization == "4bit")
+    if cfg.lora.quantization == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     model = get_peft_model(base, _lora_config(cfg))
     client = registry.client(cfg.registry.tracking_uri)
     mlrun = client.create_run(registry.experiment_id(client, EXPERIMENT), run_name=str(cfg.output.run_name))

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from filelock import FileLock
 
 
@@ -158,3 +159,26 @@ def test_retention_keeps_last_n_plus_best_and_early_stopping_stops(cli, tiny_con
 def test_early_stopping_without_validation_is_bad_input(cli, tiny_config: Path) -> None:
     result = cli("train", tiny_config, "--set", "data.validation=null", "--set", "train.early_stopping_patience=2")
     assert result.code == 2 and "needs validation data" in result.err
+
+
+def test_dora_rslora_and_checkpointing_train(cli, tiny_config: Path) -> None:
+    result = cli("train", tiny_config, "--set", "lora.use_dora=true", "--set", "lora.use_rslora=true",
+                 "--set", "train.gradient_checkpointing=true", "--set", "lora.target_modules=[q_proj,v_proj]",
+                 "--set", "train.max_steps=2", "--set", "train.save_every=2", "--json")
+    assert result.code == 0, result.err
+    adapter = json.loads((Path(result.json["checkpoint"]) / "adapter_config.json").read_text())
+    assert adapter["use_dora"] and adapter["use_rslora"] and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_has_cuda(), reason="the refusal is for CPU-only machines; CUDA hosts run QLoRA")
+def test_qlora_on_cpu_is_a_clear_bad_input(cli, tiny_config: Path) -> None:
+    result = cli("train", tiny_config, "--set", "lora.quantization=4bit", "--dry-run")
+    assert result.code == 2 and "needs a CUDA GPU" in result.err
+    result = cli("train", tiny_config, "--set", "model.dtype=float16", "--dry-run")
+    assert result.code == 2 and "float16 needs a CUDA GPU" in result.err
