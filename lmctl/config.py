@@ -49,6 +49,11 @@ class DataConfig(Section):
         "chat (messages; loss on assistant turns), or auto-detect from the columns.",
     )
     max_length: int = Field(512, ge=8, le=131072, description="Tokens per training sequence (longer text is chunked).")
+    packing: bool = Field(
+        True,
+        description="Pack short examples into rows of max_length without cross-example attention "
+        "(checked on the model at start; falls back to padding where the architecture cannot isolate them).",
+    )
 
 
 class LoraConfig(Section):

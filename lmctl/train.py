@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from lmctl import __version__, checkpoint, data, preflight
 from lmctl.config import LmctlConfig, config_dump
 from lmctl.data.examples import ExampleSet, build_examples, collate
+from lmctl.data.packing import collate_packed, pack, packing_is_isolated
 from lmctl.errors import BadInputError, BusyError, DataError
 
 log = logging.getLogger("lmctl.train")
@@ -35,6 +36,8 @@ class TrainPlan(BaseModel):
     train_rows: int
     validation_rows: int
     train_examples: int
+    train_sequences: int
+    packing: bool
     max_steps: int
     tokens_per_step: int
     resume_from: str | None
@@ -180,12 +183,14 @@ class _Run:
             config_sha256=base_config_sha256(self.base_path, cfg.model.revision, cfg.model.trust_remote_code),
         )
         self.resume_from = _resume_point(self.run_dir, resume)
+        self.train_rows = pack(self.train_set.examples, cfg.data.max_length) if cfg.data.packing else self.train_set.examples
         per_step = cfg.train.batch_size * cfg.train.grad_accum
-        steps = cfg.train.max_steps or max(1, int(len(self.train_set.examples) * cfg.train.epochs / per_step))
+        steps = _max_steps(cfg, len(self.train_rows))
         self.plan = TrainPlan(
             run_dir=str(self.run_dir), base_model=self.base_path, data_format=str(train_fp["format"]),
             train_rows=int(train_fp["rows"]), validation_rows=int(val_fp["rows"]) if val_fp else 0,
-            train_examples=len(self.train_set.examples), max_steps=steps,
+            train_examples=len(self.train_set.examples), train_sequences=len(self.train_rows),
+            packing=cfg.data.packing, max_steps=steps,
             tokens_per_step=per_step * cfg.data.max_length, resume_from=self.resume_from, lint=self.lint,
         )
 
@@ -218,14 +223,19 @@ class _Run:
                 shutil.rmtree(self.run_dir / "checkpoints" / f"step-{step:06d}")
 
 
-def _training_args(cfg: LmctlConfig, run: _Run) -> Any:
+def _max_steps(cfg: LmctlConfig, sequences: int) -> int:
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    return cfg.train.max_steps or max(1, int(sequences * cfg.train.epochs / per_step))
+
+
+def _training_args(cfg: LmctlConfig, run: _Run, sequences: int) -> Any:
     import torch
     from transformers import TrainingArguments
 
     has_val = bool(run.val_set.examples)
     return TrainingArguments(
         output_dir=str(run.run_dir / "trainer"),
-        max_steps=run.plan.max_steps,
+        max_steps=_max_steps(cfg, sequences),
         per_device_train_batch_size=cfg.train.batch_size,
         per_device_eval_batch_size=cfg.train.batch_size,
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -259,6 +269,21 @@ def _last_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
     train = [h["loss"] for h in history if "loss" in h]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     return {"train_loss": train[-1] if train else None, "eval_loss": evals[-1] if evals else None}
+
+
+def _packing_works(model: Any, run: _Run) -> bool:
+    """Probe the real model once: packed examples must not see each other."""
+    model.eval()
+    isolated = packing_is_isolated(model, len(run.tokenizer))
+    model.train()
+    if not isolated:
+        log.warning("warning: this architecture leaks attention across packed examples; training with padding")
+    return isolated
+
+
+def _eval_rows(run: _Run, packing: bool) -> list[dict[str, list[int]]]:
+    examples = run.val_set.examples
+    return pack(examples, run.cfg.data.max_length) if packing and examples else examples
 
 
 def train(cfg: LmctlConfig, resume: str = "auto", dry_run: bool = False) -> TrainResult | TrainPlan:
@@ -302,6 +327,9 @@ def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     model = get_peft_model(base, _lora_config(cfg))
+    model.config.use_cache = False  # a KV cache is useless in training and disables packed attention masks
+    packing = cfg.data.packing and _packing_works(model, run)
+    train_rows = run.train_rows if packing else run.train_set.examples
     client = registry.client(cfg.registry.tracking_uri)
     mlrun = client.create_run(registry.experiment_id(client, EXPERIMENT), run_name=str(cfg.output.run_name))
     run_id = mlrun.info.run_id
@@ -320,10 +348,10 @@ def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
         callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
     trainer = Trainer(
         model=model,
-        args=_training_args(cfg, run),
-        train_dataset=datasets.Dataset.from_list(run.train_set.examples),
-        eval_dataset=datasets.Dataset.from_list(run.val_set.examples) if run.val_set.examples else None,
-        data_collator=lambda rows: collate(rows, run.tokenizer.pad_token_id),
+        args=_training_args(cfg, run, len(train_rows)),
+        train_dataset=datasets.Dataset.from_list(train_rows),
+        eval_dataset=datasets.Dataset.from_list(val_rows) if (val_rows := _eval_rows(run, packing)) else None,
+        data_collator=lambda rows: (collate_packed if packing else collate)(rows, run.tokenizer.pad_token_id),
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # it print()s log dicts to stdout, which --json owns
@@ -351,7 +379,7 @@ def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
         run_dir=str(run.run_dir), checkpoint=str(final),
         checkpoints=[str(p) for p in exporter.exported if checkpoint.is_checkpoint(p)],
         best_checkpoint=str(best_dir) if best_dir and checkpoint.is_checkpoint(best_dir) else None,
-        best_eval_loss=trainer.state.best_metric, stopped_early=step < run.plan.max_steps,
+        best_eval_loss=trainer.state.best_metric, stopped_early=step < trainer.state.max_steps,
         steps=step, train_loss=metrics["train_loss"], eval_loss=metrics["eval_loss"], tokens=tokens,
         seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
         mlflow_run_id=run_id, resumed_from=run.resume_from,
