@@ -8,6 +8,7 @@ run stops two processes from training into the same directory (exit 5).
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import shutil
 import time
@@ -24,7 +25,6 @@ from lmctl.data.packing import collate_packed, pack, packing_is_isolated
 from lmctl.errors import BadInputError, BusyError, DataError
 
 log = logging.getLogger("lmctl.train")
-EXPERIMENT = "lmctl-train"
 
 
 class TrainPlan(BaseModel):
@@ -228,7 +228,7 @@ def _max_steps(cfg: LmctlConfig, sequences: int) -> int:
     return cfg.train.max_steps or max(1, int(sequences * cfg.train.epochs / per_step))
 
 
-def _training_args(cfg: LmctlConfig, run: _Run, sequences: int) -> Any:
+def _training_args(cfg: LmctlConfig, run: _Run, sequences: int, packing: bool) -> Any:
     import torch
     from transformers import TrainingArguments
 
@@ -255,13 +255,15 @@ def _training_args(cfg: LmctlConfig, run: _Run, sequences: int) -> Any:
         greater_is_better=False if has_val else None,
         report_to="none",
         disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
+        # packed rows carry no attention mask; their only padding is the short tail of each row
+        include_num_input_tokens_seen="all" if packing else "non_padding",
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
         bf16=torch.cuda.is_available() and cfg.model.dtype in ("auto", "bfloat16"),
         fp16=torch.cuda.is_available() and cfg.model.dtype == "float16",
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA parameter takes part in each forward
     )
 
 
@@ -293,6 +295,8 @@ def train(cfg: LmctlConfig, resume: str = "auto", dry_run: bool = False) -> Trai
     run = _Run(cfg, resume)
     if dry_run:
         return run.plan
+    if not is_primary():  # torchrun: rank 0 holds the run lock and archives for all ranks
+        return _fit(cfg, run)
     run.run_dir.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(run.run_dir.parent / f".{run.run_dir.name}.lock"))
     try:
@@ -307,19 +311,16 @@ def train(cfg: LmctlConfig, resume: str = "auto", dry_run: bool = False) -> Trai
         lock.release()
 
 
-def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
-    import datasets
+def is_primary() -> bool:
+    """True on the one process that writes: rank 0 under torchrun, the only process otherwise."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _build_model(cfg: LmctlConfig, run: _Run) -> Any:
     from peft import get_peft_model
-    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
 
-    from lmctl import registry
     from lmctl.loading import load_base_model
-    from mlflow.entities import Param
 
-    from lmctl.train_callbacks import ExportCheckpoints, MlflowMetrics, Progress, log_data_inputs, save_loss_curve
-
-    set_seed(cfg.train.seed)
-    run.run_dir.mkdir(parents=True, exist_ok=True)
     base = load_base_model(run.base_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.revision,
                            quantize_4bit=cfg.lora.quantization == "4bit")
     if cfg.lora.quantization == "4bit":
@@ -328,27 +329,34 @@ def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     model = get_peft_model(base, _lora_config(cfg))
     model.config.use_cache = False  # a KV cache is useless in training and disables packed attention masks
+    return model
+
+
+def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
+    import datasets
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
+
+    from lmctl.train_callbacks import ExportCheckpoints, Progress, Tracking
+
+    set_seed(cfg.train.seed)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    model = _build_model(cfg, run)
     packing = cfg.data.packing and _packing_works(model, run)
     train_rows = run.train_rows if packing else run.train_set.examples
-    client = registry.client(cfg.registry.tracking_uri)
-    mlrun = client.create_run(registry.experiment_id(client, EXPERIMENT), run_name=str(cfg.output.run_name))
-    run_id = mlrun.info.run_id
-    params = [Param(f"{section}.{key}", str(value)[:500])
-              for section, values in config_dump(cfg).items() for key, value in values.items()]
-    client.log_batch(run_id, params=params)
-    log_data_inputs(client, run_id, run.data_info)
+    tracking = Tracking(cfg, run.data_info, primary=is_primary())
+
     def export(model: Any, state: Any) -> Path:
-        path = run.export(model, state.global_step, _last_metrics(state.log_history), run_id)
+        path = run.export(model, state.global_step, _last_metrics(state.log_history), tracking.run_id)
         run.prune(state.best_global_step)
         return path
 
     exporter = ExportCheckpoints(export)
-    callbacks = [MlflowMetrics(client, run_id), Progress(), exporter]
+    callbacks = [*tracking.callbacks(), Progress(), exporter]
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
     trainer = Trainer(
         model=model,
-        args=_training_args(cfg, run, len(train_rows)),
+        args=_training_args(cfg, run, len(train_rows), packing),
         train_dataset=datasets.Dataset.from_list(train_rows),
         eval_dataset=datasets.Dataset.from_list(val_rows) if (val_rows := _eval_rows(run, packing)) else None,
         data_collator=lambda rows: (collate_packed if packing else collate)(rows, run.tokenizer.pad_token_id),
@@ -359,28 +367,28 @@ def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
     try:
         trainer.train(resume_from_checkpoint=run.resume_from)
     except BaseException:
-        client.set_terminated(run_id, "KILLED")
+        tracking.finish("KILLED")
         raise
-    history = trainer.state.log_history
     seconds = time.perf_counter() - started
-    step = trainer.state.global_step
+    history, step = trainer.state.log_history, trainer.state.global_step
     final = run.run_dir / "checkpoints" / f"step-{step:06d}"
-    if not checkpoint.is_checkpoint(final):
-        exporter.exported.append(run.export(model, step, _last_metrics(history), run_id))
-    curve = save_loss_curve(history, run.run_dir / "loss_curve.png")
-    if curve is not None:
-        client.log_artifact(run_id, str(curve))
-    client.set_terminated(run_id, "FINISHED")
-    metrics = _last_metrics(history)
-    tokens = int(trainer.state.num_input_tokens_seen or 0)
-    best = trainer.state.best_global_step
+    if is_primary() and not checkpoint.is_checkpoint(final):
+        exporter.exported.append(run.export(model, step, _last_metrics(history), tracking.run_id))
+    tracking.finish("FINISHED", history, run.run_dir)
+    return _result(run, trainer.state, final, exporter.exported, seconds, tracking.run_id)
+
+
+def _result(run: _Run, state: Any, final: Path, exported: list[Path], seconds: float, run_id: str) -> TrainResult:
+    metrics = _last_metrics(state.log_history)
+    tokens = int(state.num_input_tokens_seen or 0)
+    best = state.best_global_step
     best_dir = run.run_dir / "checkpoints" / f"step-{best:06d}" if best else None
     return TrainResult(
         run_dir=str(run.run_dir), checkpoint=str(final),
-        checkpoints=[str(p) for p in exporter.exported if checkpoint.is_checkpoint(p)],
+        checkpoints=[str(p) for p in exported if checkpoint.is_checkpoint(p)],
         best_checkpoint=str(best_dir) if best_dir and checkpoint.is_checkpoint(best_dir) else None,
-        best_eval_loss=trainer.state.best_metric, stopped_early=step < trainer.state.max_steps,
-        steps=step, train_loss=metrics["train_loss"], eval_loss=metrics["eval_loss"], tokens=tokens,
+        best_eval_loss=state.best_metric, stopped_early=state.global_step < state.max_steps,
+        steps=state.global_step, train_loss=metrics["train_loss"], eval_loss=metrics["eval_loss"], tokens=tokens,
         seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
         mlflow_run_id=run_id, resumed_from=run.resume_from,
     )

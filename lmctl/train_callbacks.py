@@ -1,4 +1,4 @@
-"""Trainer callbacks: MLflow metrics, a rich progress bar, and lmctl checkpoint export."""
+"""Training-time side channels: MLflow tracking, a rich progress bar, checkpoint export."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from lmctl.config import LmctlConfig, config_dump
+
 log = logging.getLogger("lmctl.train")
+EXPERIMENT = "lmctl-train"
 
 
 class MlflowMetrics(TrainerCallback):
@@ -59,6 +62,8 @@ class Progress(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
         logs = logs or {}
         self.loss = float(logs.get("loss", self.loss))
+        if not state.is_world_process_zero:  # under DDP one process reports
+            return
         if "eval_loss" in logs:
             log.info("step %d: eval_loss %.4f", state.global_step, logs["eval_loss"])
         elif "loss" in logs and self.bar is None:  # no terminal: a log line instead of a bar
@@ -85,7 +90,8 @@ class ExportCheckpoints(TrainerCallback):
         self.exported: list[Path] = []
 
     def on_save(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
-        self.exported.append(self.export(model, state))
+        if state.is_world_process_zero:  # under DDP one process writes the one checkpoint
+            self.exported.append(self.export(model, state))
 
 
 def log_data_inputs(client: Any, run_id: str, data_info: dict[str, Any]) -> None:
@@ -131,3 +137,36 @@ def save_loss_curve(history: list[dict[str, Any]], out: Path) -> Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+class Tracking:
+    """The MLflow run of a training run: params, data inputs, metrics, loss curve. Only the
+    primary process tracks; under torchrun the other ranks get a no-op."""
+
+    def __init__(self, cfg: LmctlConfig, data_info: dict[str, Any], primary: bool) -> None:
+        self.client: Any = None
+        self.run_id = ""
+        if not primary:
+            return
+        from mlflow.entities import Param
+
+        from lmctl import registry
+
+        self.client = registry.client(cfg.registry.tracking_uri)
+        experiment = registry.experiment_id(self.client, EXPERIMENT)
+        self.run_id = self.client.create_run(experiment, run_name=str(cfg.output.run_name)).info.run_id
+        params = [Param(f"{section}.{key}", str(value)[:500])
+                  for section, values in config_dump(cfg).items() for key, value in values.items()]
+        self.client.log_batch(self.run_id, params=params)
+        log_data_inputs(self.client, self.run_id, data_info)
+
+    def callbacks(self) -> list[Any]:
+        return [MlflowMetrics(self.client, self.run_id)] if self.client else []
+
+    def finish(self, status: str, history: list[dict[str, Any]] | None = None, run_dir: Path | None = None) -> None:
+        if not self.client:
+            return
+        curve = save_loss_curve(history, run_dir / "loss_curve.png") if history and run_dir else None
+        if curve is not None:
+            self.client.log_artifact(self.run_id, str(curve))
+        self.client.set_terminated(self.run_id, status)

@@ -25,5 +25,9 @@ def train(
 
     if resume not in ("auto", "never") and not Path(resume).exists():
         raise BadInputError(f"--resume {resume!r}: expected auto, never or an existing path")
+    from lmctl.train import is_primary
+
     cfg = load_config(config, set_ or [])
-    emit(run_training(cfg, resume=resume, dry_run=dry_run), json_out)
+    result = run_training(cfg, resume=resume, dry_run=dry_run)
+    if is_primary():  # under torchrun only rank 0 speaks: stdout holds one JSON object
+        emit(result, json_out)
