@@ -34,6 +34,11 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Allow the base model's own Python code to run. Refused unless true."
     )
+    add_special_tokens: list[str] = Field(
+        default_factory=list,
+        description="Special tokens to add to the tokenizer; their embedding rows are trained and saved with the "
+        "adapter (peft trainable tokens), so the checkpoint loads with its larger vocabulary.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype for training and inference; auto = float32 on CPU, bfloat16 on CUDA."
     )

@@ -59,6 +59,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     return tok
 
 
+def add_tokens(tokenizer: Any, tokens: list[str]) -> list[int]:
+    """Add special tokens the tokenizer lacks; return the ids of the ones it gained."""
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(missing)
+
+
 def base_config_sha256(path: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
     """Hash of the base model's architecture config, without fields that vary by library version."""
     from transformers import AutoConfig
@@ -117,6 +125,9 @@ def _load_checkpoint(ref: ResolvedRef, dtype: str) -> LoadedModel:
         )
     tokenizer = load_tokenizer(str(ckpt))
     base = load_base_model(base_path, dtype, trust, manifest.base_model.revision)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        # the adapter carries the rows of the tokens training added; make room for them first
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model = PeftModel.from_pretrained(base, str(ckpt), is_trainable=False)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, ref=ref, manifest=manifest)

@@ -23,6 +23,8 @@ from lmctl.config import LmctlConfig, config_dump
 from lmctl.data.examples import ExampleSet, build_examples, collate
 from lmctl.data.packing import collate_packed, pack, packing_is_isolated
 from lmctl.errors import BadInputError, BusyError, DataError
+from lmctl.memory import MemoryEstimate
+from lmctl.memory import estimate as estimate_memory
 
 log = logging.getLogger("lmctl.train")
 
@@ -42,6 +44,7 @@ class TrainPlan(BaseModel):
     tokens_per_step: int
     resume_from: str | None
     lint: preflight.LintReport
+    memory: MemoryEstimate
 
 
 class TrainResult(BaseModel):
@@ -110,7 +113,7 @@ def _libraries() -> dict[str, str]:
     return versions
 
 
-def _lora_config(cfg: LmctlConfig) -> Any:
+def _lora_config(cfg: LmctlConfig, new_token_ids: list[int] | None = None) -> Any:
     from peft import LoraConfig, TaskType
 
     # "auto" adapts every linear layer inside the transformer blocks (attention and MLP
@@ -123,6 +126,8 @@ def _lora_config(cfg: LmctlConfig) -> Any:
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=targets, task_type=TaskType.CAUSAL_LM, use_dora=cfg.lora.use_dora,
         use_rslora=cfg.lora.use_rslora, modules_to_save=cfg.lora.modules_to_save or None,
+        # rows of added tokens are trained and saved with the adapter (tied output rows follow)
+        trainable_token_indices=new_token_ids or None,
     )
 
 
@@ -159,7 +164,7 @@ class _Run:
     """Everything one training run needs, prepared and validated before anything is written."""
 
     def __init__(self, cfg: LmctlConfig, resume: str) -> None:
-        from lmctl.loading import base_config_sha256, load_tokenizer, model_vocab_size
+        from lmctl.loading import add_tokens, base_config_sha256, load_tokenizer, model_vocab_size
         from lmctl.modelref import portable_base_id, resolve_base
 
         if cfg.data.train is None:
@@ -169,6 +174,7 @@ class _Run:
         self.run_dir = Path(cfg.output.dir) / str(cfg.output.run_name)
         self.base_path = resolve_base(cfg.model.base)
         self.tokenizer = load_tokenizer(self.base_path, cfg.model.trust_remote_code, cfg.model.revision)
+        self.new_token_ids = add_tokens(self.tokenizer, cfg.model.add_special_tokens)
         self.train_set, train_fp = _load_examples(cfg.data.train, cfg, self.tokenizer)
         self.val_set, val_fp = _load_examples(cfg.data.validation, cfg, self.tokenizer)
         if not self.train_set.examples:
@@ -177,7 +183,9 @@ class _Run:
             raise BadInputError("train.early_stopping_patience needs validation data (data.validation)")
         self.data_info = {"train": train_fp, "validation": val_fp}
         vocab_size = model_vocab_size(self.base_path, cfg.model.revision, cfg.model.trust_remote_code)
-        self.lint = preflight.lint(self.train_set, self.tokenizer, vocab_size)
+        # added tokens grow the embedding to the tokenizer's size before training
+        self.lint = preflight.lint(self.train_set, self.tokenizer, max(vocab_size, len(self.tokenizer))
+                                   if self.new_token_ids else vocab_size)
         self.base_info = checkpoint.BaseModelInfo(
             id=portable_base_id(cfg.model.base, self.base_path), revision=cfg.model.revision,
             config_sha256=base_config_sha256(self.base_path, cfg.model.revision, cfg.model.trust_remote_code),
@@ -192,12 +200,17 @@ class _Run:
             train_examples=len(self.train_set.examples), train_sequences=len(self.train_rows),
             packing=cfg.data.packing, max_steps=steps,
             tokens_per_step=per_step * cfg.data.max_length, resume_from=self.resume_from, lint=self.lint,
+            memory=estimate_memory(
+                self.base_path, _lora_config(cfg, self.new_token_ids), 4 if cfg.model.dtype in ("auto", "float32") else 2,
+                cfg.train.batch_size, cfg.data.max_length, cfg.train.gradient_checkpointing, cfg.model.trust_remote_code,
+            ),
         )
 
     def export(self, model: Any, step: int, metrics: dict[str, Any], run_id: str) -> Path:
         final = self.run_dir / "checkpoints" / f"step-{step:06d}"
         with checkpoint.staging_dir(final) as stage:
-            model.save_pretrained(stage, safe_serialization=True)
+            # added tokens' rows are in the trainable-tokens delta; the full matrices need not be saved
+            model.save_pretrained(stage, safe_serialization=True, save_embedding_layers=False)
             self.tokenizer.save_pretrained(stage)
             checkpoint.seal(stage, {
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -327,7 +340,9 @@ def _build_model(cfg: LmctlConfig, run: _Run) -> Any:
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    model = get_peft_model(base, _lora_config(cfg))
+    if len(run.tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(run.tokenizer), mean_resizing=False)
+    model = get_peft_model(base, _lora_config(cfg, run.new_token_ids))
     model.config.use_cache = False  # a KV cache is useless in training and disables packed attention masks
     return model
 

@@ -113,6 +113,8 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--packed-batch", type=int, default=None,
+                        help="rows per packed step (default: the count whose tokens per step are nearest the padded run's)")
     args = parser.parse_args()
     os.environ.setdefault("LMCTL_HOME", str(Path(tempfile.mkdtemp()) / "home"))
     base_path = resolve_base(args.model)
@@ -131,9 +133,12 @@ def main() -> int:
 
     with PeakRss() as rss_base:
         base_s, base_loss, _ = baseline(base_path, tokenizer, examples, args)
+    # Same tokens per optimizer step: a packed row holds ~max_length tokens, a padded batch
+    # of `batch_size` examples holds batch_size x mean length real tokens.
+    packed_batch = args.packed_batch or max(1, round(args.batch_size * tokens / len(examples) / args.max_length))
     cfg = load_config(None, [f"model.base={base_path}", f"data.train={work / 'train.jsonl'}",
                              f"data.max_length={args.max_length}", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
-                             f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "train.epochs=1",
+                             f"train.batch_size={packed_batch}", f"train.lr={args.lr}", "train.epochs=1",
                              "train.save_every=100000", "train.eval_every=100000", f"output.dir={work / 'runs'}"])
     from lmctl.train import train
 
@@ -145,7 +150,8 @@ def main() -> int:
     rows = [("plain Trainer + peft, padded", tokens / base_s, rss_base.peak, base_loss),
             ("lmctl train (packed)", tokens / result.seconds, rss_lmctl.peak, lm_loss)]
     print(f"\nmodel {args.model}: {params / 1e6:.1f}M params; peak fp32 matmul {peak / 1e9:.1f} GFLOP/s; "
-          f"{tokens} training tokens each")
+          f"{tokens} training tokens each; padded batch {args.batch_size} examples, packed batch {packed_batch} rows "
+          f"of <= {args.max_length} tokens; {result.steps} packed steps")
     print(f"{'run':32} {'tokens/s':>9} {'peak RSS':>9} {'val loss':>9} {'MFU':>6}")
     for name, tps, rss, loss in rows:
         print(f"{name:32} {tps:9.1f} {rss / 2**30:8.2f}G {loss:9.4f} {6 * params * tps / peak:6.1%}")

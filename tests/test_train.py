@@ -182,3 +182,46 @@ def test_qlora_on_cpu_is_a_clear_bad_input(cli, tiny_config: Path) -> None:
     assert result.code == 2 and "needs a CUDA GPU" in result.err
     result = cli("train", tiny_config, "--set", "model.dtype=float16", "--dry-run")
     assert result.code == 2 and "float16 needs a CUDA GPU" in result.err
+
+
+def test_dry_run_estimates_memory_from_shapes(cli, tiny_config: Path) -> None:
+    plan = cli("train", tiny_config, "--dry-run", "--json").json
+    memory = plan["memory"]
+    # tiny Llama, 2 blocks; LoRA r=4 adds r x (in + out) to each of the 7 linear layers per block:
+    # q 32->32, k 32->16, v 32->16, o 32->32, gate 32->64, up 32->64, down 64->32
+    per_block = 4 * sum(i + o for i, o in [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)])
+    assert memory["trainable_params"] == 2 * per_block == 4096
+    parts = memory["weights_gb"] + memory["optimizer_gb"] + memory["activations_gb"] + memory["logits_gb"]
+    assert abs(memory["estimated_peak_gb"] - parts - memory["runtime_gb"]) < 0.01
+    with_ckpt = cli("train", tiny_config, "--set", "train.gradient_checkpointing=true", "--dry-run", "--json").json
+    assert with_ckpt["memory"]["activations_gb"] < memory["activations_gb"]
+
+
+def test_added_special_tokens_are_trained_saved_and_loaded(cli, tiny_config: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from lmctl.loading import load_for_inference, load_tokenizer
+    from lmctl.modelref import resolve
+
+    result = cli("train", tiny_config, "--set", "model.add_special_tokens=['<tool>', '</tool>']",
+                 "--set", "train.max_steps=2", "--set", "train.save_every=2", "--json")
+    assert result.code == 0, result.err
+    ckpt = Path(result.json["checkpoint"])
+    tok = load_tokenizer(str(ckpt))
+    tool_id = tok.convert_tokens_to_ids("<tool>")
+    assert tok.tokenize("<tool>") == ["<tool>"] and tool_id >= 200
+    with safe_open(str(ckpt / "adapter_model.safetensors"), "pt") as f:
+        token_keys = [k for k in f.keys() if "token_adapter" in k or "trainable_tokens" in k]
+    assert token_keys, "the rows of the added tokens must be saved with the adapter"
+    loaded = load_for_inference(resolve(str(ckpt)))
+    assert loaded.model.config.vocab_size >= len(tok)
+    # rows of added tokens come from the adapter, not from a random resize: two loads agree
+    import torch
+
+    ids = torch.tensor([tok("<tool> reads </tool>")["input_ids"]])
+    again = load_for_inference(resolve(str(ckpt)))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(input_ids=ids).logits, again.model(input_ids=ids).logits)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "<tool> The model reads the adapter. </tool>"}\n')
+    assert cli("eval", ckpt, "--data", data, "--json").code == 0
