@@ -23,7 +23,7 @@ REPO = Path(__file__).parent.parent
 
 
 def build_tiny_model(out: Path) -> Path:
-    """A 2-layer Llama with a 200-token BPE vocabulary, saved as safetensors + tokenizer files."""
+    """A 2-layer Llama with a 400-token byte-level BPE vocabulary (about 140 merges), saved as safetensors + tokenizer files."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -32,7 +32,7 @@ def build_tiny_model(out: Path) -> Path:
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(texts, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")

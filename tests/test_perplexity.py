@@ -51,3 +51,15 @@ def test_matches_full_sequence_loss_and_ignores_padding(tiny_base: Path) -> None
     # short windows give each token less context: a different, still finite number
     short, _ = perplexity(model, tok, texts, max_length=4, stride=2, batch_size=3)
     assert short.tokens == sums.tokens and math.isfinite(short.nll_sum)
+
+
+def test_per_document_sums_add_up(cli, tiny_base: Path) -> None:
+    data = Path(__file__).parent / "assets" / "tiny_validation.jsonl"
+    result = cli("eval", tiny_base, "--data", data, "--max-length", "32", "--per-document", "--json")
+    assert result.code == 0, result.err
+    report = result.json
+    docs = report["documents"]
+    assert [d["index"] for d in docs] == list(range(8))
+    assert sum(d["tokens"] for d in docs) == report["sums"]["tokens"]
+    assert math.isclose(sum(d["nll_sum"] for d in docs), report["sums"]["nll_sum"], rel_tol=1e-9)
+    assert report["method"]["stride"] == 16  # strided default: half the window

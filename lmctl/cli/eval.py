@@ -20,6 +20,7 @@ def eval_(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 8,
     text_field: Annotated[str, typer.Option("--text-field", help="Column with the text in jsonl/csv/parquet.")] = "text",
     report: Annotated[Path | None, typer.Option(help="Also write the JSON report to this file (atomically).")] = None,
+    per_document: Annotated[bool, typer.Option("--per-document", help="Add each document's sums and perplexity.")] = False,
     json_out: JsonOpt = False,
     traceback: TracebackOpt = False,
 ) -> None:
@@ -29,5 +30,5 @@ def eval_(
     if method not in ("strided", "rolling"):
         raise BadInputError(f"--method {method!r}: expected strided or rolling")
     result = evaluate(model_ref, data, method=method, max_length=max_length, stride=stride,  # type: ignore[arg-type]
-                      batch_size=batch_size, text_field=text_field, report=report)
+                      batch_size=batch_size, text_field=text_field, report=report, per_document=per_document)
     emit(result, json_out)

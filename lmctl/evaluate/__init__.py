@@ -31,6 +31,7 @@ class EvalReport(BaseModel):
     sums: dict[str, float | int]
     seconds: float
     created_at: str
+    documents: list[dict[str, float | int]] | None = None
 
 
 def _model_max_length(model: object) -> int:
@@ -38,9 +39,23 @@ def _model_max_length(model: object) -> int:
     return int(getattr(config, "max_position_embeddings", 0) or 2048)
 
 
+def _per_document(texts: list[str], doc_nll: list[float], tokenizer: object) -> list[dict[str, float | int]]:
+    """Sums and perplexity of each document, in file order, so results can be paired or re-aggregated."""
+    import math
+
+    counts = tokenizer(texts, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    rows = []
+    for i, (text, nll, ids) in enumerate(zip(texts, doc_nll, counts)):
+        n = max(len(ids), 1)
+        rows.append({"index": i, "tokens": len(ids), "bytes": len(text.encode("utf-8")), "nll_sum": nll,
+                     "perplexity": math.exp(nll / n)})
+    return rows
+
+
 def evaluate(
     ref: str, data_path: Path, method: Method = "strided", max_length: int | None = None,
     stride: int | None = None, batch_size: int = 8, text_field: str = "text", report: Path | None = None,
+    per_document: bool = False,
 ) -> EvalReport:
     """Perplexity of `ref` on `data_path`; the report is also written to `report` when given."""
     from lmctl.evaluate.perplexity import perplexity
@@ -57,7 +72,7 @@ def evaluate(
     if method == "rolling" and stride not in (None, length):
         raise BadInputError("--stride cannot be set with --method rolling (its stride is --max-length)")
     started = time.perf_counter()
-    sums, _ = perplexity(loaded.model, loaded.tokenizer, texts, length, step, batch_size)
+    sums, doc_nll = perplexity(loaded.model, loaded.tokenizer, texts, length, step, batch_size)
     seconds = time.perf_counter() - started
     metrics = sums.metrics
     result = EvalReport(
@@ -67,6 +82,7 @@ def evaluate(
         method={"name": method, "max_length": length, "stride": step, "prefix_token": "bos, else eos", "batch_size": batch_size},
         perplexity=metrics["perplexity"], metrics=metrics, sums=sums.model_dump(), seconds=round(seconds, 3),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        documents=_per_document(texts, doc_nll, loaded.tokenizer) if per_document else None,
     )
     log.info("perplexity %.4f over %d tokens (%.1f s)", result.perplexity, sums.tokens, seconds)
     if report is not None:
