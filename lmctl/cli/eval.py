@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from lmctl.cli.output import JsonOpt, TracebackOpt, emit
-from lmctl.errors import BadInputError
+from lmctl.errors import BadInputError, PolicyError
 
 
 def eval_(
@@ -21,14 +22,22 @@ def eval_(
     text_field: Annotated[str, typer.Option("--text-field", help="Column with the text in jsonl/csv/parquet.")] = "text",
     report: Annotated[Path | None, typer.Option(help="Also write the JSON report to this file (atomically).")] = None,
     per_document: Annotated[bool, typer.Option("--per-document", help="Add each document's sums and perplexity.")] = False,
+    baseline: Annotated[str | None, typer.Option(help="MODEL_REF to compare against on the same data (paired bootstrap).")] = None,
+    max_ppl_regression: Annotated[float | None, typer.Option("--max-ppl-regression", metavar="PCT", help="Gate: fail (exit 3) when perplexity is more than PCT% above the baseline's.")] = None,
     json_out: JsonOpt = False,
     traceback: TracebackOpt = False,
 ) -> None:
     """Perplexity (token, word, byte; bits per byte) of a model on a data file."""
-    from lmctl.evaluate import evaluate
+    from lmctl.evaluate import evaluate, failed_gates
+    from lmctl.evaluate.compare import gate_table
 
     if method not in ("strided", "rolling"):
         raise BadInputError(f"--method {method!r}: expected strided or rolling")
     result = evaluate(model_ref, data, method=method, max_length=max_length, stride=stride,  # type: ignore[arg-type]
-                      batch_size=batch_size, text_field=text_field, report=report, per_document=per_document)
+                      batch_size=batch_size, text_field=text_field, report=report, per_document=per_document,
+                      baseline=baseline, max_ppl_regression=max_ppl_regression)
     emit(result, json_out)
+    failed = failed_gates(result)
+    if failed:
+        sys.stderr.write(gate_table(result.gates) + "\n")
+        raise PolicyError(f"{len(failed)} gate(s) failed: " + "; ".join(f"{g.name} {g.value:.4g} > {g.threshold:.4g}" for g in failed))

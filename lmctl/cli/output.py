@@ -17,11 +17,23 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON ob
 TracebackOpt = Annotated[bool, typer.Option("--traceback", help="Show the Python traceback of a failure.")]
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at emit time (it may be swapped after setup, e.g. by capture)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # type: ignore[no-untyped-def]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Send lmctl's log lines to stderr; keep chatty libraries at warning level."""
     root = logging.getLogger("lmctl")
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("lmctl: %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

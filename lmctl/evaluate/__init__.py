@@ -13,6 +13,8 @@ from pydantic import BaseModel
 from lmctl import data
 from lmctl.checkpoint import write_json_atomic
 from lmctl.errors import BadInputError
+from lmctl.evaluate.compare import Comparison, Gate, check_gates, compare
+from lmctl.evaluate.perplexity import PerplexitySums
 
 log = logging.getLogger("lmctl.eval")
 REPORT_SCHEMA = "lmctl.eval/1"
@@ -32,6 +34,9 @@ class EvalReport(BaseModel):
     seconds: float
     created_at: str
     documents: list[dict[str, float | int]] | None = None
+    baseline: dict[str, object] | None = None
+    comparison: Comparison | None = None
+    gates: list[Gate] = []
 
 
 def _model_max_length(model: object) -> int:
@@ -39,53 +44,93 @@ def _model_max_length(model: object) -> int:
     return int(getattr(config, "max_position_embeddings", 0) or 2048)
 
 
-def _per_document(texts: list[str], doc_nll: list[float], tokenizer: object) -> list[dict[str, float | int]]:
+def _per_document(texts: list[str], doc_nll: list[float], doc_tokens: list[int]) -> list[dict[str, float | int]]:
     """Sums and perplexity of each document, in file order, so results can be paired or re-aggregated."""
     import math
 
-    counts = tokenizer(texts, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-    rows = []
-    for i, (text, nll, ids) in enumerate(zip(texts, doc_nll, counts)):
-        n = max(len(ids), 1)
-        rows.append({"index": i, "tokens": len(ids), "bytes": len(text.encode("utf-8")), "nll_sum": nll,
-                     "perplexity": math.exp(nll / n)})
-    return rows
+    return [{"index": i, "tokens": n, "bytes": len(text.encode("utf-8")), "nll_sum": nll,
+             "perplexity": math.exp(nll / max(n, 1))}
+            for i, (text, nll, n) in enumerate(zip(texts, doc_nll, doc_tokens))]
+
+
+class _Measured(BaseModel):
+    resolved: dict[str, object]
+    sums: PerplexitySums
+    doc_nll: list[float]
+    doc_tokens: list[int]
+    seconds: float
+
+
+def _measure(ref: str, texts: list[str], length: int | None, method: Method, stride: int | None,
+             batch_size: int) -> tuple[_Measured, int, int]:
+    """Load `ref` (verified), score `texts`; returns the measurement and the window/stride used."""
+    import gc
+
+    from lmctl.evaluate.perplexity import perplexity
+    from lmctl.loading import load_for_inference
+    from lmctl.modelref import resolve
+
+    resolved = resolve(ref)
+    loaded = load_for_inference(resolved)
+    length = min(length or 1024, _model_max_length(loaded.model))
+    step = length if method == "rolling" else (stride or length // 2)
+    started = time.perf_counter()
+    sums, doc_nll = perplexity(loaded.model, loaded.tokenizer, texts, length, step, batch_size)
+    seconds = time.perf_counter() - started
+    doc_tokens = [len(ids) for ids in loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    del loaded
+    gc.collect()  # the next model (a baseline) should not have to share memory with this one
+    return _Measured(resolved=resolved.model_dump(), sums=sums, doc_nll=doc_nll, doc_tokens=doc_tokens,
+                     seconds=seconds), length, step
+
+
+def _comparison(cand: _Measured, base: _Measured, texts: list[str]) -> Comparison:
+    if cand.doc_tokens == base.doc_tokens:
+        return compare(cand.doc_nll, cand.doc_tokens, base.doc_nll, base.doc_tokens, "perplexity")
+    doc_bytes = [len(t.encode("utf-8")) for t in texts]
+    return compare(cand.doc_nll, doc_bytes, base.doc_nll, doc_bytes, "byte_perplexity")
 
 
 def evaluate(
     ref: str, data_path: Path, method: Method = "strided", max_length: int | None = None,
     stride: int | None = None, batch_size: int = 8, text_field: str = "text", report: Path | None = None,
-    per_document: bool = False,
+    per_document: bool = False, baseline: str | None = None, max_ppl_regression: float | None = None,
 ) -> EvalReport:
-    """Perplexity of `ref` on `data_path`; the report is also written to `report` when given."""
-    from lmctl.evaluate.perplexity import perplexity
-    from lmctl.loading import load_for_inference
-    from lmctl.modelref import resolve
-
+    """Perplexity of `ref` on `data_path` (and of a baseline, compared); the report is also
+    written to `report` when given. Gates are evaluated but not enforced here: see `failed_gates`."""
     if max_length is not None and max_length < 2:
         raise BadInputError("--max-length must be at least 2")
-    resolved = resolve(ref)
-    texts = data.load_texts(data_path, text_field)
-    loaded = load_for_inference(resolved)
-    length = min(max_length or 1024, _model_max_length(loaded.model))
-    step = length if method == "rolling" else (stride or length // 2)
-    if method == "rolling" and stride not in (None, length):
+    if method == "rolling" and stride is not None and stride != max_length:
         raise BadInputError("--stride cannot be set with --method rolling (its stride is --max-length)")
-    started = time.perf_counter()
-    sums, doc_nll = perplexity(loaded.model, loaded.tokenizer, texts, length, step, batch_size)
-    seconds = time.perf_counter() - started
-    metrics = sums.metrics
+    if max_ppl_regression is not None and baseline is None:
+        raise BadInputError("--max-ppl-regression needs --baseline MODEL_REF")
+    texts = data.load_texts(data_path, text_field)
+    cand, length, step = _measure(ref, texts, max_length, method, stride, batch_size)
+    comparison = None
+    base_summary = None
+    if baseline is not None:
+        base, _, _ = _measure(baseline, texts, length, method, step, batch_size)
+        comparison = _comparison(cand, base, texts)
+        base_summary = {"model": baseline, "perplexity": base.sums.metrics["perplexity"], **base.sums.metrics}
+    metrics = cand.sums.metrics
+    resolved = cand.resolved
     result = EvalReport(
-        model=ref, model_kind=resolved.kind,
-        registry={"name": resolved.registry_name, "version": resolved.registry_version} if resolved.registry_name else None,
+        model=ref, model_kind=str(resolved["kind"]),
+        registry={"name": str(resolved["registry_name"]), "version": str(resolved["registry_version"])}
+        if resolved["registry_name"] else None,
         data=data.fingerprint(data_path, text_field, len(texts)).model_dump(),
         method={"name": method, "max_length": length, "stride": step, "prefix_token": "bos, else eos", "batch_size": batch_size},
-        perplexity=metrics["perplexity"], metrics=metrics, sums=sums.model_dump(), seconds=round(seconds, 3),
+        perplexity=metrics["perplexity"], metrics=metrics, sums=cand.sums.model_dump(), seconds=round(cand.seconds, 3),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        documents=_per_document(texts, doc_nll, loaded.tokenizer) if per_document else None,
+        documents=_per_document(texts, cand.doc_nll, cand.doc_tokens) if per_document else None,
+        baseline=base_summary, comparison=comparison, gates=check_gates(comparison, max_ppl_regression),
     )
-    log.info("perplexity %.4f over %d tokens (%.1f s)", result.perplexity, sums.tokens, seconds)
+    log.info("perplexity %.4f over %d tokens (%.1f s)", result.perplexity, cand.sums.tokens, cand.seconds)
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(report, result.model_dump(mode="json"))
     return result
+
+
+def failed_gates(result: EvalReport) -> list[Gate]:
+    return [g for g in result.gates if not g.passed]

@@ -1,0 +1,71 @@
+"""Candidate vs. baseline on the same documents: a paired bootstrap interval and gates.
+
+Documents are resampled with replacement (the same indices for both models, hence
+"paired"), and perplexity is recomputed from the resampled sums each time, so the
+interval reflects how much the difference depends on which documents were drawn.
+When the two tokenizers split the data differently, token perplexities are not
+comparable and byte perplexity (tokenizer-independent) is compared instead.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from pydantic import BaseModel
+
+BOOTSTRAP_SAMPLES = 1000
+
+
+class Comparison(BaseModel):
+    metric: str  # "perplexity" or "byte_perplexity"
+    candidate: float
+    baseline: float
+    difference: float  # candidate - baseline (negative = candidate better)
+    ci95: tuple[float, float]
+    regression_pct: float  # 100 x (candidate / baseline - 1)
+    documents: int
+    bootstrap_samples: int
+
+
+class Gate(BaseModel):
+    name: str
+    threshold: float
+    value: float
+    passed: bool
+
+
+def _ppl(nll: list[float], units: list[int], idx: list[int]) -> float:
+    return math.exp(sum(nll[i] for i in idx) / max(1, sum(units[i] for i in idx)))
+
+
+def compare(cand_nll: list[float], cand_units: list[int], base_nll: list[float], base_units: list[int],
+            metric: str, seed: int = 0) -> Comparison:
+    """Per-document NLL sums and units (tokens or bytes) of both models -> difference with a 95% interval."""
+    n = len(cand_nll)
+    everything = list(range(n))
+    cand, base = _ppl(cand_nll, cand_units, everything), _ppl(base_nll, base_units, everything)
+    rng = random.Random(seed)
+    diffs = []
+    for _ in range(BOOTSTRAP_SAMPLES):
+        idx = [rng.randrange(n) for _ in range(n)]
+        diffs.append(_ppl(cand_nll, cand_units, idx) - _ppl(base_nll, base_units, idx))
+    diffs.sort()
+    low, high = diffs[int(0.025 * len(diffs))], diffs[int(0.975 * len(diffs)) - 1]
+    return Comparison(metric=metric, candidate=cand, baseline=base, difference=cand - base, ci95=(low, high),
+                      regression_pct=100 * (cand / base - 1), documents=n, bootstrap_samples=BOOTSTRAP_SAMPLES)
+
+
+def check_gates(comparison: Comparison | None, max_ppl_regression: float | None) -> list[Gate]:
+    gates = []
+    if max_ppl_regression is not None and comparison is not None:
+        gates.append(Gate(name=f"max {comparison.metric} regression %", threshold=max_ppl_regression,
+                          value=round(comparison.regression_pct, 4),
+                          passed=comparison.regression_pct <= max_ppl_regression))
+    return gates
+
+
+def gate_table(gates: list[Gate]) -> str:
+    lines = [f"{'gate':34} {'threshold':>10} {'measured':>10}  result"]
+    lines += [f"{g.name:34} {g.threshold:10.4g} {g.value:10.4g}  {'pass' if g.passed else 'FAIL'}" for g in gates]
+    return "\n".join(lines)
