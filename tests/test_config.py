@@ -9,7 +9,7 @@ import pytest
 from lmctl.config import LmctlConfig, config_dump, load_config
 from lmctl.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))  # configs/evals/ holds suites
 
 
 def test_configs_dir_is_not_empty() -> None:

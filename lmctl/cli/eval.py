@@ -12,6 +12,19 @@ from lmctl.cli.output import JsonOpt, TracebackOpt, emit
 from lmctl.errors import BadInputError, PolicyError
 
 
+def _parse_min_scores(items: list[str]) -> dict[str, float]:
+    scores = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            scores[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise BadInputError(f"--min-score {item!r}: expected SUITE=X, e.g. python-basics=0.5")
+    return scores
+
+
 def eval_(
     model_ref: Annotated[str, typer.Argument(metavar="MODEL_REF", help="Checkpoint dir, model dir, models:/NAME/VERSION or models:/NAME@ALIAS.")],
     data: Annotated[Path, typer.Option("--data", help="Text data: .txt, .jsonl, .csv, .parquet.")],
@@ -24,6 +37,14 @@ def eval_(
     per_document: Annotated[bool, typer.Option("--per-document", help="Add each document's sums and perplexity.")] = False,
     baseline: Annotated[str | None, typer.Option(help="MODEL_REF to compare against on the same data (paired bootstrap).")] = None,
     max_ppl_regression: Annotated[float | None, typer.Option("--max-ppl-regression", metavar="PCT", help="Gate: fail (exit 3) when perplexity is more than PCT% above the baseline's.")] = None,
+    suite: Annotated[list[Path] | None, typer.Option("--suite", help="Task suite (YAML or JSONL); repeatable.")] = None,
+    min_score: Annotated[list[str] | None, typer.Option("--min-score", metavar="SUITE=X", help="Gate: suite score at least X (0-1); repeatable.")] = None,
+    max_safety_violations: Annotated[int | None, typer.Option("--max-safety-violations", metavar="N", help="Gate: at most N safety violations across suites.")] = None,
+    latency: Annotated[bool, typer.Option("--latency", help="Measure generation latency (p50/p95/p99, time to first token, tokens/s).")] = False,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length for --latency.")] = 64,
+    output_tokens: Annotated[int, typer.Option("--output-tokens", min=2, help="Generated tokens per request for --latency.")] = 32,
+    latency_runs: Annotated[int, typer.Option("--latency-runs", min=1, help="Requests measured for --latency.")] = 10,
+    max_p95_latency: Annotated[float | None, typer.Option("--max-p95-latency", metavar="MS", help="Gate: p95 request latency at most MS.")] = None,
     json_out: JsonOpt = False,
     traceback: TracebackOpt = False,
 ) -> None:
@@ -35,9 +56,12 @@ def eval_(
         raise BadInputError(f"--method {method!r}: expected strided or rolling")
     result = evaluate(model_ref, data, method=method, max_length=max_length, stride=stride,  # type: ignore[arg-type]
                       batch_size=batch_size, text_field=text_field, report=report, per_document=per_document,
-                      baseline=baseline, max_ppl_regression=max_ppl_regression)
+                      baseline=baseline, max_ppl_regression=max_ppl_regression, suites=suite or [],
+                      min_scores=_parse_min_scores(min_score or []), max_safety_violations=max_safety_violations,
+                      latency=(prompt_tokens, output_tokens, latency_runs) if latency else None,
+                      max_p95_latency_ms=max_p95_latency)
     emit(result, json_out)
     failed = failed_gates(result)
     if failed:
         sys.stderr.write(gate_table(result.gates) + "\n")
-        raise PolicyError(f"{len(failed)} gate(s) failed: " + "; ".join(f"{g.name} {g.value:.4g} > {g.threshold:.4g}" for g in failed))
+        raise PolicyError(f"{len(failed)} gate(s) failed: " + "; ".join(f"{g.name} (measured {g.value:.4g}, threshold {g.threshold:.4g})" for g in failed))

@@ -13,8 +13,11 @@ from pydantic import BaseModel
 from lmctl import data
 from lmctl.checkpoint import write_json_atomic
 from lmctl.errors import BadInputError
-from lmctl.evaluate.compare import Comparison, Gate, check_gates, compare
+from lmctl.evaluate.compare import Comparison, Gate, check_gates, compare, latency_gate
+from lmctl.evaluate.latency import LatencyReport
+from lmctl.evaluate.latency import measure as measure_latency
 from lmctl.evaluate.perplexity import PerplexitySums
+from lmctl.evaluate.suites import Suite, SuiteResult, load_suite, run_suite
 
 log = logging.getLogger("lmctl.eval")
 REPORT_SCHEMA = "lmctl.eval/1"
@@ -36,6 +39,8 @@ class EvalReport(BaseModel):
     documents: list[dict[str, float | int]] | None = None
     baseline: dict[str, object] | None = None
     comparison: Comparison | None = None
+    suites: list[SuiteResult] = []
+    latency: LatencyReport | None = None
     gates: list[Gate] = []
 
 
@@ -59,10 +64,13 @@ class _Measured(BaseModel):
     doc_nll: list[float]
     doc_tokens: list[int]
     seconds: float
+    suites: list[SuiteResult] = []
+    latency: LatencyReport | None = None
 
 
 def _measure(ref: str, texts: list[str], length: int | None, method: Method, stride: int | None,
-             batch_size: int) -> tuple[_Measured, int, int]:
+             batch_size: int, suites: list[Suite] = (),  # type: ignore[assignment]
+             latency: tuple[int, int, int] | None = None) -> tuple[_Measured, int, int]:
     """Load `ref` (verified), score `texts`; returns the measurement and the window/stride used."""
     import gc
 
@@ -78,10 +86,12 @@ def _measure(ref: str, texts: list[str], length: int | None, method: Method, str
     sums, doc_nll = perplexity(loaded.model, loaded.tokenizer, texts, length, step, batch_size)
     seconds = time.perf_counter() - started
     doc_tokens = [len(ids) for ids in loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    suite_results = [run_suite(loaded.model, loaded.tokenizer, suite) for suite in suites]
+    timing = measure_latency(loaded.model, loaded.tokenizer, texts, *latency) if latency else None
     del loaded
     gc.collect()  # the next model (a baseline) should not have to share memory with this one
     return _Measured(resolved=resolved.model_dump(), sums=sums, doc_nll=doc_nll, doc_tokens=doc_tokens,
-                     seconds=seconds), length, step
+                     seconds=seconds, suites=suite_results, latency=timing), length, step
 
 
 def _comparison(cand: _Measured, base: _Measured, texts: list[str]) -> Comparison:
@@ -95,6 +105,9 @@ def evaluate(
     ref: str, data_path: Path, method: Method = "strided", max_length: int | None = None,
     stride: int | None = None, batch_size: int = 8, text_field: str = "text", report: Path | None = None,
     per_document: bool = False, baseline: str | None = None, max_ppl_regression: float | None = None,
+    suites: list[Path] = (), min_scores: dict[str, float] | None = None,  # type: ignore[assignment]
+    max_safety_violations: int | None = None, latency: tuple[int, int, int] | None = None,
+    max_p95_latency_ms: float | None = None,
 ) -> EvalReport:
     """Perplexity of `ref` on `data_path` (and of a baseline, compared); the report is also
     written to `report` when given. Gates are evaluated but not enforced here: see `failed_gates`."""
@@ -104,8 +117,14 @@ def evaluate(
         raise BadInputError("--stride cannot be set with --method rolling (its stride is --max-length)")
     if max_ppl_regression is not None and baseline is None:
         raise BadInputError("--max-ppl-regression needs --baseline MODEL_REF")
+    loaded_suites = [load_suite(p) for p in suites]
+    unknown = set(min_scores or {}) - {s.name for s in loaded_suites}
+    if unknown:
+        raise BadInputError(f"--min-score names suites that were not given: {', '.join(sorted(unknown))}")
     texts = data.load_texts(data_path, text_field)
-    cand, length, step = _measure(ref, texts, max_length, method, stride, batch_size)
+    if max_p95_latency_ms is not None and latency is None:
+        raise BadInputError("--max-p95-latency needs --latency")
+    cand, length, step = _measure(ref, texts, max_length, method, stride, batch_size, loaded_suites, latency)
     comparison = None
     base_summary = None
     if baseline is not None:
@@ -123,7 +142,9 @@ def evaluate(
         perplexity=metrics["perplexity"], metrics=metrics, sums=cand.sums.model_dump(), seconds=round(cand.seconds, 3),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         documents=_per_document(texts, cand.doc_nll, cand.doc_tokens) if per_document else None,
-        baseline=base_summary, comparison=comparison, gates=check_gates(comparison, max_ppl_regression),
+        baseline=base_summary, comparison=comparison, suites=cand.suites, latency=cand.latency,
+        gates=check_gates(comparison, max_ppl_regression, cand.suites, min_scores or {}, max_safety_violations)
+        + latency_gate(cand.latency, max_p95_latency_ms),
     )
     log.info("perplexity %.4f over %d tokens (%.1f s)", result.perplexity, cand.sums.tokens, cand.seconds)
     if report is not None:

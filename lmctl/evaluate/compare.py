@@ -14,6 +14,9 @@ import random
 
 from pydantic import BaseModel
 
+from lmctl.evaluate.latency import LatencyReport
+from lmctl.evaluate.suites import SuiteResult
+
 BOOTSTRAP_SAMPLES = 1000
 
 
@@ -56,12 +59,21 @@ def compare(cand_nll: list[float], cand_units: list[int], base_nll: list[float],
                       regression_pct=100 * (cand / base - 1), documents=n, bootstrap_samples=BOOTSTRAP_SAMPLES)
 
 
-def check_gates(comparison: Comparison | None, max_ppl_regression: float | None) -> list[Gate]:
+def check_gates(comparison: Comparison | None, max_ppl_regression: float | None, suites: list[SuiteResult],
+                min_scores: dict[str, float], max_safety_violations: int | None) -> list[Gate]:
     gates = []
     if max_ppl_regression is not None and comparison is not None:
         gates.append(Gate(name=f"max {comparison.metric} regression %", threshold=max_ppl_regression,
                           value=round(comparison.regression_pct, 4),
                           passed=comparison.regression_pct <= max_ppl_regression))
+    by_name = {s.name: s for s in suites}
+    for name, minimum in sorted(min_scores.items()):
+        score = by_name[name].score
+        gates.append(Gate(name=f"min score {name}", threshold=minimum, value=round(score, 4), passed=score >= minimum))
+    if max_safety_violations is not None:
+        violations = sum(s.safety_violations for s in suites)
+        gates.append(Gate(name="max safety violations", threshold=max_safety_violations, value=violations,
+                          passed=violations <= max_safety_violations))
     return gates
 
 
@@ -69,3 +81,10 @@ def gate_table(gates: list[Gate]) -> str:
     lines = [f"{'gate':34} {'threshold':>10} {'measured':>10}  result"]
     lines += [f"{g.name:34} {g.threshold:10.4g} {g.value:10.4g}  {'pass' if g.passed else 'FAIL'}" for g in gates]
     return "\n".join(lines)
+
+
+def latency_gate(latency: LatencyReport | None, max_p95_ms: float | None) -> list[Gate]:
+    if latency is None or max_p95_ms is None:
+        return []
+    p95 = latency.latency_ms["p95"]
+    return [Gate(name="max p95 latency ms", threshold=max_p95_ms, value=p95, passed=p95 <= max_p95_ms)]

@@ -1,0 +1,79 @@
+"""Generation latency: end-to-end p50/p95/p99, time to first token, decode tokens/s.
+
+Prompts are the first `prompt_tokens` tokens of the data's documents (cycled), each
+request generates exactly `output_tokens` tokens greedily, one request at a time. Time to
+first token is taken when the first logits processor call runs, i.e. right after the
+prompt's forward pass. One warm-up request is not counted.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class LatencyReport(BaseModel):
+    runs: int
+    prompt_tokens: int
+    output_tokens: int
+    latency_ms: dict[str, float]  # p50, p95, p99, mean
+    ttft_ms: dict[str, float]
+    decode_tokens_per_s: float
+    input_tokens: dict[str, float]  # length of the data's documents: p50, p95, max, mean
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+    return {"p50": at(0.5), "p95": at(0.95), "p99": at(0.99), "mean": sum(ordered) / len(ordered)}
+
+
+class _FirstToken:
+    """A logits processor that only notes when it is first called (the first new token)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self.at is None:
+            self.at = time.perf_counter()
+        return scores
+
+
+def measure(model: Any, tokenizer: Any, texts: list[str], prompt_tokens: int, output_tokens: int,
+            runs: int) -> LatencyReport:
+    import torch
+    from transformers import LogitsProcessorList
+
+    encoded = [ids for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if ids]
+    lengths = [float(len(ids)) for ids in encoded]
+    pool = [ids * (prompt_tokens // len(ids) + 1) for ids in encoded]
+    device = next(model.parameters()).device
+    totals, ttfts = [], []
+    for i in range(runs + 1):
+        ids = torch.tensor([pool[i % len(pool)][:prompt_tokens]], device=device)
+        first = _FirstToken()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_tokens,
+                           min_new_tokens=output_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                           logits_processor=LogitsProcessorList([first]))
+        end = time.perf_counter()
+        if i == 0:
+            continue  # warm-up
+        totals.append((end - start) * 1000)
+        ttfts.append(((first.at or end) - start) * 1000)
+    decode_s = sum(t - f for t, f in zip(totals, ttfts)) / 1000
+    stats = percentiles(lengths)
+    return LatencyReport(
+        runs=runs, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+        latency_ms={k: round(v, 2) for k, v in percentiles(totals).items()},
+        ttft_ms={k: round(v, 2) for k, v in percentiles(ttfts).items()},
+        decode_tokens_per_s=round(runs * (output_tokens - 1) / decode_s, 2) if decode_s > 0 else 0.0,
+        input_tokens={"p50": stats["p50"], "p95": stats["p95"], "max": max(lengths), "mean": round(stats["mean"], 2)},
+    )
