@@ -225,3 +225,20 @@ def rollback(name: str, alias: str = "production") -> AliasMove:
     if not moves or moves[-1].previous_version is None:
         raise BadInputError(f"alias {alias!r} of {name!r} has no earlier version to roll back to")
     return move_alias(name, alias, moves[-1].previous_version, reason=f"rollback from v{moves[-1].version}")
+
+
+def attach_eval(name: str, version: str, directory: Path, metrics: dict[str, float]) -> str:
+    """Attach an eval report to the version's MLflow run and its metrics to the version's tags."""
+    import shutil
+
+    info = get_version(name, version)
+    if not info.run_id:
+        raise BadInputError(f"models:/{name}/{version} has no MLflow run to attach the report to")
+    mlflow_client = client()
+    artifact_path = f"eval/{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
+    mlflow_client.log_artifacts(info.run_id, str(directory), artifact_path)
+    with registry_lock():
+        for key, value in metrics.items():
+            mlflow_client.set_model_version_tag(name, version, f"eval.{key}", f"{value:.6g}")
+    shutil.rmtree(directory, ignore_errors=True)
+    return artifact_path

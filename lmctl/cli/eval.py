@@ -45,6 +45,9 @@ def eval_(
     output_tokens: Annotated[int, typer.Option("--output-tokens", min=2, help="Generated tokens per request for --latency.")] = 32,
     latency_runs: Annotated[int, typer.Option("--latency-runs", min=1, help="Requests measured for --latency.")] = 10,
     max_p95_latency: Annotated[float | None, typer.Option("--max-p95-latency", metavar="MS", help="Gate: p95 request latency at most MS.")] = None,
+    markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write a Markdown summary to this file.")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report with plots.")] = None,
+    log_to_registry: Annotated[bool, typer.Option("--log-to-registry", help="Attach the reports to the models:/ version's MLflow run and its metrics as tags.")] = False,
     json_out: JsonOpt = False,
     traceback: TracebackOpt = False,
 ) -> None:
@@ -59,7 +62,8 @@ def eval_(
                       baseline=baseline, max_ppl_regression=max_ppl_regression, suites=suite or [],
                       min_scores=_parse_min_scores(min_score or []), max_safety_violations=max_safety_violations,
                       latency=(prompt_tokens, output_tokens, latency_runs) if latency else None,
-                      max_p95_latency_ms=max_p95_latency)
+                      max_p95_latency_ms=max_p95_latency, markdown_path=markdown, html_path=html,
+                      log_to_registry=log_to_registry)
     emit(result, json_out)
     failed = failed_gates(result)
     if failed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from datetime import datetime, timezone
@@ -11,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from lmctl import data
-from lmctl.checkpoint import write_json_atomic
+from lmctl.checkpoint import write_text_atomic
 from lmctl.errors import BadInputError
 from lmctl.evaluate.compare import Comparison, Gate, check_gates, compare, latency_gate
 from lmctl.evaluate.latency import LatencyReport
@@ -107,7 +108,8 @@ def evaluate(
     per_document: bool = False, baseline: str | None = None, max_ppl_regression: float | None = None,
     suites: list[Path] = (), min_scores: dict[str, float] | None = None,  # type: ignore[assignment]
     max_safety_violations: int | None = None, latency: tuple[int, int, int] | None = None,
-    max_p95_latency_ms: float | None = None,
+    max_p95_latency_ms: float | None = None, markdown_path: Path | None = None, html_path: Path | None = None,
+    log_to_registry: bool = False,
 ) -> EvalReport:
     """Perplexity of `ref` on `data_path` (and of a baseline, compared); the report is also
     written to `report` when given. Gates are evaluated but not enforced here: see `failed_gates`."""
@@ -122,6 +124,8 @@ def evaluate(
     if unknown:
         raise BadInputError(f"--min-score names suites that were not given: {', '.join(sorted(unknown))}")
     texts = data.load_texts(data_path, text_field)
+    if log_to_registry and not ref.startswith("models:/"):
+        raise BadInputError("--log-to-registry needs a models:/NAME/VERSION or models:/NAME@ALIAS reference")
     if max_p95_latency_ms is not None and latency is None:
         raise BadInputError("--max-p95-latency needs --latency")
     cand, length, step = _measure(ref, texts, max_length, method, stride, batch_size, loaded_suites, latency)
@@ -147,10 +151,33 @@ def evaluate(
         + latency_gate(cand.latency, max_p95_latency_ms),
     )
     log.info("perplexity %.4f over %d tokens (%.1f s)", result.perplexity, cand.sums.tokens, cand.seconds)
-    if report is not None:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(report, result.model_dump(mode="json"))
+    _write_reports(result, report, markdown_path, html_path, log_to_registry)
     return result
+
+
+def _write_reports(result: EvalReport, json_path: Path | None, markdown_path: Path | None, html_path: Path | None,
+                   log_to_registry: bool) -> None:
+    """Write the requested report files (each atomically) and attach them to the registry version."""
+    import tempfile
+
+    from lmctl.evaluate.report import html_page, markdown
+
+    outputs = {"report.json": (json_path, lambda: json.dumps(result.model_dump(mode="json"), indent=2) + "\n"),
+               "report.md": (markdown_path, lambda: markdown(result)),
+               "report.html": (html_path, lambda: html_page(result))}
+    staging = Path(tempfile.mkdtemp(prefix="lmctl-eval-")) if log_to_registry else None
+    for name, (path, render) in outputs.items():
+        if path is None and staging is None:
+            continue
+        text = render()
+        if path is not None:
+            write_text_atomic(path, text)
+        if staging is not None:
+            (staging / name).write_text(text, encoding="utf-8")
+    if staging is not None and result.registry:
+        from lmctl import registry
+
+        registry.attach_eval(result.registry["name"], result.registry["version"], staging, result.metrics)
 
 
 def failed_gates(result: EvalReport) -> list[Gate]:

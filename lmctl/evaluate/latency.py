@@ -22,6 +22,7 @@ class LatencyReport(BaseModel):
     ttft_ms: dict[str, float]
     decode_tokens_per_s: float
     input_tokens: dict[str, float]  # length of the data's documents: p50, p95, max, mean
+    samples_ms: list[float]  # every measured request, for distributions
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -76,4 +77,5 @@ def measure(model: Any, tokenizer: Any, texts: list[str], prompt_tokens: int, ou
         ttft_ms={k: round(v, 2) for k, v in percentiles(ttfts).items()},
         decode_tokens_per_s=round(runs * (output_tokens - 1) / decode_s, 2) if decode_s > 0 else 0.0,
         input_tokens={"p50": stats["p50"], "p95": stats["p95"], "max": max(lengths), "mean": round(stats["mean"], 2)},
+        samples_ms=[round(t, 2) for t in totals],
     )
