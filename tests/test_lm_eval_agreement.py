@@ -56,3 +56,21 @@ def test_rolling_matches_lm_eval_harness(tiny_base: Path, tmp_path: Path, monkey
     assert ours["byte_perplexity"] == pytest.approx(theirs["byte_perplexity,none"], rel=1e-3)
     assert ours["bits_per_byte"] == pytest.approx(theirs["bits_per_byte,none"], rel=1e-3)
     print(f"lmctl {ours}\nlm-eval {theirs}")
+
+
+def test_lm_eval_bridge_on_an_adapter_checkpoint(cli, trained_checkpoint: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = ASSETS / "tiny_validation.jsonl"
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    (task_dir / "lmctl_local_ppl.yaml").write_text(TASK_YAML.format(data=data))
+    result = cli("eval", trained_checkpoint, "--data", data, "--method", "rolling", "--max-length", "256",
+                 "--lm-eval", "lmctl_local_ppl", "--lm-eval-include", task_dir, "--json")
+    assert result.code == 0, result.err
+    theirs = result.json["lm_eval"]["lmctl_local_ppl"]
+    # lm-eval loaded base + adapter itself (peft=); it must score what lmctl scores
+    assert theirs["word_perplexity"] == pytest.approx(result.json["metrics"]["word_perplexity"], rel=1e-3)
+    bad = cli("eval", trained_checkpoint, "--data", data, "--lm-eval", "no_such_task", "--lm-eval-include", task_dir)
+    assert bad.code == 2 and "unknown lm-eval task" in bad.err

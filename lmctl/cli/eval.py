@@ -48,6 +48,8 @@ def eval_(
     markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write a Markdown summary to this file.")] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report with plots.")] = None,
     log_to_registry: Annotated[bool, typer.Option("--log-to-registry", help="Attach the reports to the models:/ version's MLflow run and its metrics as tags.")] = False,
+    lm_eval: Annotated[str | None, typer.Option("--lm-eval", metavar="TASKS", help="Comma-separated lm-eval-harness tasks (local data) folded into the report.")] = None,
+    lm_eval_include: Annotated[Path | None, typer.Option("--lm-eval-include", help="Directory of lm-eval task YAMLs.")] = None,
     json_out: JsonOpt = False,
     traceback: TracebackOpt = False,
 ) -> None:
@@ -63,7 +65,9 @@ def eval_(
                       min_scores=_parse_min_scores(min_score or []), max_safety_violations=max_safety_violations,
                       latency=(prompt_tokens, output_tokens, latency_runs) if latency else None,
                       max_p95_latency_ms=max_p95_latency, markdown_path=markdown, html_path=html,
-                      log_to_registry=log_to_registry)
+                      log_to_registry=log_to_registry,
+                      lm_eval_tasks=[t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else [],
+                      lm_eval_include=lm_eval_include)
     emit(result, json_out)
     failed = failed_gates(result)
     if failed:

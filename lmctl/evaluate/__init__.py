@@ -42,6 +42,7 @@ class EvalReport(BaseModel):
     comparison: Comparison | None = None
     suites: list[SuiteResult] = []
     latency: LatencyReport | None = None
+    lm_eval: dict[str, dict[str, object]] | None = None
     gates: list[Gate] = []
 
 
@@ -109,7 +110,8 @@ def evaluate(
     suites: list[Path] = (), min_scores: dict[str, float] | None = None,  # type: ignore[assignment]
     max_safety_violations: int | None = None, latency: tuple[int, int, int] | None = None,
     max_p95_latency_ms: float | None = None, markdown_path: Path | None = None, html_path: Path | None = None,
-    log_to_registry: bool = False,
+    log_to_registry: bool = False, lm_eval_tasks: list[str] = (),  # type: ignore[assignment]
+    lm_eval_include: Path | None = None,
 ) -> EvalReport:
     """Perplexity of `ref` on `data_path` (and of a baseline, compared); the report is also
     written to `report` when given. Gates are evaluated but not enforced here: see `failed_gates`."""
@@ -135,6 +137,12 @@ def evaluate(
         base, _, _ = _measure(baseline, texts, length, method, step, batch_size)
         comparison = _comparison(cand, base, texts)
         base_summary = {"model": baseline, "perplexity": base.sums.metrics["perplexity"], **base.sums.metrics}
+    lm_eval_results = None
+    if lm_eval_tasks:
+        from lmctl.evaluate.lm_eval_bridge import run_tasks
+        from lmctl.modelref import ResolvedRef
+
+        lm_eval_results = run_tasks(ResolvedRef(**cand.resolved), list(lm_eval_tasks), lm_eval_include)  # type: ignore[arg-type]
     metrics = cand.sums.metrics
     resolved = cand.resolved
     result = EvalReport(
@@ -146,7 +154,7 @@ def evaluate(
         perplexity=metrics["perplexity"], metrics=metrics, sums=cand.sums.model_dump(), seconds=round(cand.seconds, 3),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         documents=_per_document(texts, cand.doc_nll, cand.doc_tokens) if per_document else None,
-        baseline=base_summary, comparison=comparison, suites=cand.suites, latency=cand.latency,
+        baseline=base_summary, comparison=comparison, suites=cand.suites, latency=cand.latency, lm_eval=lm_eval_results,
         gates=check_gates(comparison, max_ppl_regression, cand.suites, min_scores or {}, max_safety_violations)
         + latency_gate(cand.latency, max_p95_latency_ms),
     )

@@ -32,6 +32,10 @@ def markdown(report: Any) -> str:
                   f"{lat.runs} requests, {lat.prompt_tokens} prompt + {lat.output_tokens} output tokens: "
                   f"p50 {lat.latency_ms['p50']:.1f} ms, p95 {lat.latency_ms['p95']:.1f} ms, p99 {lat.latency_ms['p99']:.1f} ms; "
                   f"time to first token p50 {lat.ttft_ms['p50']:.1f} ms; {lat.decode_tokens_per_s:.1f} tokens/s"]
+    if report.lm_eval:
+        lines += ["", "## lm-eval-harness", "", "| task | metric | value |", "|---|---|---|"]
+        lines += [f"| {task} | {k} | {v:.6g} |" for task, values in report.lm_eval.items() for k, v in values.items()
+                  if isinstance(v, (int, float))]
     if report.gates:
         lines += ["", "## Gates", "", "| gate | threshold | measured | result |", "|---|---|---|---|"]
         lines += [f"| {g.name} | {g.threshold:.4g} | {g.value:.4g} | {'pass' if g.passed else '**FAIL**'} |" for g in report.gates]
