@@ -44,3 +44,40 @@ def test_log_to_registry_attaches_report_and_tags(cli, trained_checkpoint: Path)
     names = sorted(Path(a.path).name for a in client.list_artifacts(version.run_id, runs[0]))
     assert names == ["report.html", "report.json", "report.md"]
     assert cli("eval", trained_checkpoint, "--data", DATA, "--log-to-registry").code == 2
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_html_report_renders_in_headless_chromium(cli, trained_checkpoint: Path, tiny_base: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    import pytest
+    from PIL import Image
+
+    browser = _chromium()
+    if browser is None:
+        assert not os.environ.get("CI"), "CI installs chromium (.ci/run); it must be there"
+        pytest.skip("no chromium on this machine (make test installs it where apt-get and root are available)")
+    suite = tmp_path / "s.yaml"
+    suite.write_text(yaml.safe_dump({"name": "s", "items": [{"kind": "generation", "prompt": "The", "expected": ".*",
+                                                             "scorer": "regex"}]}))
+    page = tmp_path / "r.html"
+    result = cli("eval", trained_checkpoint, "--data", DATA, "--max-length", "32", "--baseline", tiny_base,
+                 "--suite", suite, "--latency", "--latency-runs", "3", "--output-tokens", "4", "--html", page)
+    assert result.code == 0, result.err
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,2400", f"--screenshot={shot}",
+                    page.as_uri()], capture_output=True, timeout=120, check=True)
+    pixels = Image.open(shot).convert("RGB").getdata()
+    colours = {p for p in pixels}
+    # the three charts' bar colours (candidate, suite score, latency histogram) were painted
+    for rgb in ((0x3B, 0x6E, 0xA5), (0x4F, 0x8F, 0x5B), (0xA5, 0x67, 0x3B)):
+        assert rgb in colours, f"chart colour {rgb} not rendered"
+    assert sum(1 for p in pixels if p != (255, 255, 255)) > 0.02 * len(pixels)
