@@ -4,6 +4,7 @@
   (the classic pad == eos bug masks every EOS and the model never learns to stop).
 - Truncation that drops more than 5% of tokens is a warning (raise data.max_length).
 - The tokenizer must fit the base model: every token id needs an embedding row.
+- The machine must be able to run the precision and quantization asked for.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from lmctl.config import LmctlConfig
 from lmctl.data.examples import ExampleSet
 from lmctl.errors import BadInputError
 
@@ -56,3 +58,20 @@ def lint(train: ExampleSet, tokenizer: Any, model_vocab_size: int) -> LintReport
         log.warning("warning: %s", warning)
     return LintReport(eos_labels=eos_labels, truncation_rate=round(train.truncation_rate, 6),
                       rows_dropped=train.rows_dropped, warnings=warnings)
+
+
+def check_hardware(cfg: LmctlConfig) -> None:
+    """Refuse (exit 2) precision and quantization settings this machine cannot run."""
+    import importlib.util
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.lora.quantization == "4bit":
+        if not cuda:
+            raise BadInputError("lora.quantization=4bit (QLoRA) needs a CUDA GPU; this machine has none",
+                                hint="set lora.quantization=none to train in full precision on CPU")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise BadInputError("lora.quantization=4bit needs the bitsandbytes package", hint="pip install bitsandbytes")
+    if cfg.model.dtype == "float16" and not cuda:
+        raise BadInputError("model.dtype=float16 needs a CUDA GPU; use float32 or bfloat16 on CPU")

@@ -131,23 +131,6 @@ def _lora_config(cfg: LmctlConfig, new_token_ids: list[int] | None = None) -> An
     )
 
 
-def check_hardware(cfg: LmctlConfig) -> None:
-    """Refuse (exit 2) precision and quantization settings this machine cannot run."""
-    import importlib.util
-
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if cfg.lora.quantization == "4bit":
-        if not cuda:
-            raise BadInputError("lora.quantization=4bit (QLoRA) needs a CUDA GPU; this machine has none",
-                                hint="set lora.quantization=none to train in full precision on CPU")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise BadInputError("lora.quantization=4bit needs the bitsandbytes package", hint="pip install bitsandbytes")
-    if cfg.model.dtype == "float16" and not cuda:
-        raise BadInputError("model.dtype=float16 needs a CUDA GPU; use float32 or bfloat16 on CPU")
-
-
 def _load_examples(path: Path | None, cfg: LmctlConfig, tokenizer: Any) -> tuple[ExampleSet, dict[str, Any] | None]:
     """Read, check and tokenize one data file; (empty set, None) when the path is unset."""
     if path is None:
@@ -169,7 +152,7 @@ class _Run:
 
         if cfg.data.train is None:
             raise DataError("data.train is not set", hint="set it in the config or with --set data.train=PATH")
-        check_hardware(cfg)
+        preflight.check_hardware(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.output.dir) / str(cfg.output.run_name)
         self.base_path = resolve_base(cfg.model.base)
