@@ -51,6 +51,7 @@ class AliasMove(BaseModel):
     at: str
     user: str
     reason: str | None = None
+    action: str = "promote"  # promote | rollback
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -189,7 +190,7 @@ def _user() -> str:
     return os.environ.get("LMCTL_USER") or os.environ.get("USER") or "unknown"
 
 
-def move_alias(name: str, alias: str, version: str, reason: str | None = None) -> AliasMove:
+def move_alias(name: str, alias: str, version: str, reason: str | None = None, action: str = "promote") -> AliasMove:
     """Point `alias` at `version` and append the move to the model's audit history."""
     from mlflow.exceptions import MlflowException
 
@@ -202,7 +203,7 @@ def move_alias(name: str, alias: str, version: str, reason: str | None = None) -
         except MlflowException:
             previous = None
         move = AliasMove(name=name, alias=alias, version=str(version), previous_version=previous,
-                         at=_now(), user=_user(), reason=reason)
+                         at=_now(), user=_user(), reason=reason, action=action)
         history = (_history(mlflow_client, name) + [move.model_dump()])[-HISTORY_KEEP:]
         mlflow_client.set_registered_model_alias(name, alias, str(version))
         mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
@@ -220,11 +221,17 @@ def alias_history(name: str, alias: str | None = None) -> list[AliasMove]:
 
 
 def rollback(name: str, alias: str = "production") -> AliasMove:
-    """Return `alias` to the version it pointed at before its latest move."""
-    moves = alias_history(name, alias)
-    if not moves or moves[-1].previous_version is None:
+    """Undo the latest promotion still in effect: promotions push, rollbacks pop, so repeated
+    rollbacks walk back through the history instead of toggling between two versions."""
+    stack: list[str] = []
+    for move in alias_history(name, alias):
+        if move.action == "rollback":
+            stack.pop()
+        else:
+            stack.append(move.version)
+    if len(stack) < 2:
         raise BadInputError(f"alias {alias!r} of {name!r} has no earlier version to roll back to")
-    return move_alias(name, alias, moves[-1].previous_version, reason=f"rollback from v{moves[-1].version}")
+    return move_alias(name, alias, stack[-2], reason=f"rollback from v{stack[-1]}", action="rollback")
 
 
 def attach_eval(name: str, version: str, directory: Path, metrics: dict[str, float]) -> str:

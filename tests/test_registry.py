@@ -50,3 +50,15 @@ def test_promote_and_rollback_are_recorded(cli, trained_checkpoint: Path) -> Non
     assert moves[1]["reason"] == "better" and moves[2]["reason"].startswith("rollback")
     assert cli("promote", "m", "9").code == 2
     assert cli("registry", "show", "m@production", "--json").json["version"] == "1"
+    assert cli("rollback", "m").code == 2  # back at the first promotion: nothing earlier
+
+
+def test_repeated_rollbacks_walk_back_instead_of_toggling(cli, trained_checkpoint: Path) -> None:
+    for _ in range(3):
+        assert cli("register", trained_checkpoint, "--name", "w").code == 0
+    for version in ("1", "2", "3"):
+        assert cli("promote", "w", version).code == 0
+    assert cli("rollback", "w", "--json").json["version"] == "2"
+    assert cli("rollback", "w", "--json").json["version"] == "1"
+    assert cli("promote", "w", "3").code == 0
+    assert cli("rollback", "w", "--json").json["version"] == "1"
