@@ -62,3 +62,21 @@ def test_repeated_rollbacks_walk_back_instead_of_toggling(cli, trained_checkpoin
     assert cli("rollback", "w", "--json").json["version"] == "1"
     assert cli("promote", "w", "3").code == 0
     assert cli("rollback", "w", "--json").json["version"] == "1"
+
+
+def test_registry_diff_names_what_changed(cli, tiny_config: Path, tmp_path: Path) -> None:
+    first = cli("train", tiny_config, "--set", "train.max_steps=2", "--set", "train.save_every=2", "--json")
+    second = cli("train", tiny_config, "--set", "train.max_steps=2", "--set", "train.save_every=2",
+                 "--set", "lora.r=8", "--set", "output.run_name=other", "--json")
+    a, b = first.json["checkpoint"], second.json["checkpoint"]
+    same = cli("registry", "diff", a, a, "--json").json
+    assert same["identical"] is True
+    result = cli("registry", "diff", a, b, "--json").json
+    keys = {c["key"]: (c["a"], c["b"]) for c in result["config"]}
+    assert keys["lora.r"] == (4, 8) and keys["output.run_name"] == ("tiny", "other")
+    assert result["tokenizer"] == [] and result["base_model"] == [] and result["identical"] is False
+    assert cli("register", a, "--name", "d").code == 0
+    data = Path(__file__).parent / "assets" / "tiny_validation.jsonl"
+    assert cli("eval", "models:/d/1", "--data", data, "--max-length", "32", "--log-to-registry").code == 0
+    with_metrics = cli("registry", "diff", "models:/d/1", b, "--json").json
+    assert {c["key"] for c in with_metrics["metrics"]} >= {"perplexity", "bits_per_byte"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lmctl.cli import config, data, doctor, eval, models, promote, registry, serve, train
+from lmctl.cli import config, data, doctor, eval, export, models, promote, registry, serve, train
 
 app = typer.Typer(
     name="lmctl",
@@ -20,6 +20,7 @@ app.command("register")(registry.register)
 app.command("promote")(promote.promote)
 app.command("rollback")(promote.rollback)
 app.command("serve")(serve.serve)
+app.command("export")(export.export)
 app.command("doctor")(doctor.doctor)
 app.add_typer(registry.app, name="registry", help="Inspect and verify registered model versions.")
 app.add_typer(config.app, name="config", help="Validate and show configs.")

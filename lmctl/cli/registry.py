@@ -102,3 +102,16 @@ def history(
     from lmctl import registry
 
     emit({"moves": [m.model_dump() for m in registry.alias_history(name, alias)]}, json_out)
+
+
+@app.command("diff")
+def diff(
+    ref_a: Annotated[str, typer.Argument(metavar="REF_A")],
+    ref_b: Annotated[str, typer.Argument(metavar="REF_B")],
+    json_out: JsonOpt = False,
+    traceback: TracebackOpt = False,
+) -> None:
+    """Config, base model, data, tokenizer and metric differences between two checkpoints or versions."""
+    from lmctl.diff import diff as run_diff
+
+    emit(run_diff(ref_a, ref_b), json_out)
