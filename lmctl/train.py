@@ -135,10 +135,7 @@ def _load_examples(path: Path | None, cfg: LmctlConfig, tokenizer: Any) -> tuple
     """Read, check and tokenize one data file; (empty set, None) when the path is unset."""
     if path is None:
         return ExampleSet(), None
-    records = data.load_records(path)
-    text_field = "text" if path.suffix.lower() == ".txt" else cfg.data.text_field
-    fmt = data.detect_format(path, records, text_field, cfg.data.format)
-    data.check_rows(path, records, fmt, text_field)
+    records, fmt, text_field = data.load_checked(path, cfg.data.text_field, cfg.data.format)
     examples = build_examples(path, records, fmt, text_field, tokenizer, cfg.data.max_length)
     return examples, data.fingerprint(path, text_field, len(records), fmt).model_dump()
 

@@ -97,10 +97,24 @@ def check_rows(path: Path, records: list[dict[str, Any]], fmt: str, text_field: 
             raise DataError(f"{path}: row {row}: field 'completion' is empty")
 
 
+def field_for(path: Path, text_field: str) -> str:
+    """The text column of `path`: a .txt file's paragraphs are always in "text"."""
+    return "text" if path.suffix.lower() == ".txt" else text_field
+
+
+def load_checked(path: Path, text_field: str, declared: Format = "auto") -> tuple[list[dict[str, Any]], str, str]:
+    """Read `path`, settle its record shape and check every row: (records, format, text field)."""
+    records = load_records(path)
+    field = field_for(path, text_field)
+    fmt = detect_format(path, records, field, declared)
+    check_rows(path, records, fmt, field)
+    return records, fmt, field
+
+
 def load_texts(path: Path, text_field: str = "text") -> list[str]:
     """The non-empty documents of a text-shaped file (for perplexity and drift)."""
     records = load_records(path)
-    field = "text" if path.suffix.lower() == ".txt" else text_field
+    field = field_for(path, text_field)
     if field not in records[0]:
         raise DataError(f"{path}: no field {field!r}", hint=f"columns are {sorted(records[0])}; set --text-field")
     check_rows(path, records, "text", field)

@@ -67,10 +67,7 @@ def prepare(source: Path, out: Path, text_field: str = "text", fmt: str = "auto"
         raise BadInputError(f"--validation-share {validation_share} must be in [0, 1)")
     if out.exists() and any(out.iterdir()) and not force:
         raise BadInputError(f"{out} exists and is not empty", hint="choose another --out or pass --force")
-    records = data.load_records(source)
-    field = "text" if source.suffix.lower() == ".txt" else text_field
-    fmt = data.detect_format(source, records, field, fmt)  # type: ignore[arg-type]
-    data.check_rows(source, records, fmt, field)
+    records, fmt, field = data.load_checked(source, text_field, fmt)  # type: ignore[arg-type]
     counts: Counter[str] = Counter()
     cleaned = [_redact_record(r, fmt, field, counts) if redact else r for r in records]
     seen: set[str] = set()

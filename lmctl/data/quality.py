@@ -79,10 +79,7 @@ def _token_stats(texts: list[str], tokenizer: Any, max_length: int) -> TokenStat
 
 
 def describe(path: Path, text_field: str, fmt: str, tokenizer: Any | None, max_length: int) -> tuple[FileReport, set[str]]:
-    records = data.load_records(path)
-    field = "text" if path.suffix.lower() == ".txt" else text_field
-    fmt = data.detect_format(path, records, field, fmt)  # type: ignore[arg-type]
-    data.check_rows(path, records, fmt, field)
+    records, fmt, field = data.load_checked(path, text_field, fmt)  # type: ignore[arg-type]
     texts = [record_text(r, fmt, field) for r in records]
     keys = [record_key(r, fmt, field) for r in records]
     findings = Counter(f.kind for t in texts for f in pii.find_pii(t))
