@@ -30,6 +30,7 @@ ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 HISTORY_TAG = "lmctl.alias_history"
 HISTORY_KEEP = 30
 LOCK_TIMEOUT_S = 120.0
+_SCHEMA_READY: set[str] = set()  # tracking URIs whose schema this process already created or checked
 
 
 class RegisteredVersion(BaseModel):
@@ -81,12 +82,15 @@ def client(configured_uri: str | None = None):  # type: ignore[no-untyped-def]
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(configured_uri)
+    if uri in _SCHEMA_READY:  # one command calls client() several times; the schema check is once
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         with registry_lock():
             mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             mlflow_client.search_experiments(max_results=1)  # forces schema creation/migration now
     except Timeout:
         raise BusyError("the registry is locked by another lmctl process; try again") from None
+    _SCHEMA_READY.add(uri)
     return mlflow_client
 
 
