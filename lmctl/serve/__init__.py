@@ -1,0 +1,94 @@
+"""`lmctl serve`: an OpenAI-compatible server over verified registry versions.
+
+Modules: `settings` (every option, typed), `slots` (a loaded version + its batching
+`engine`), `canary` (traffic split and automatic rollback), `reload` (following a
+models:/NAME@ALIAS), `handlers` (one request: limits, generation, bookkeeping), `app`
+(routes, auth, request ids), `metrics` (Prometheus), `sampling` (the PII-redacted request
+sample that `lmctl drift` reads).
+
+Models are resolved, verified and loaded before the port is bound, so a tampered checkpoint
+never serves a request: `lmctl serve` exits 4 instead. This package's __init__ imports
+nothing heavy; FastAPI, torch and transformers load only when a server starts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from lmctl.errors import BadInputError
+from lmctl.serve.settings import ServeSettings
+
+log = logging.getLogger("lmctl.serve")
+
+
+def load_api_keys(keys_file: Path | None) -> list[str]:
+    """API keys from --api-keys-file (one per line, # comments) or LMCTL_API_KEYS (comma-separated)."""
+    if keys_file is not None:
+        if not keys_file.is_file():
+            raise BadInputError(f"API keys file not found: {keys_file}")
+        raw = keys_file.read_text(encoding="utf-8").splitlines()
+    else:
+        raw = os.environ.get("LMCTL_API_KEYS", "").split(",")
+    return [k.strip() for k in raw if k.strip() and not k.strip().startswith("#")]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_app(ref: str, settings: ServeSettings, api_keys: list[str]) -> Any:
+    """Load the primary (and canary) version, then assemble the app; nothing is bound yet."""
+    from lmctl.serve.app import create_app
+    from lmctl.serve.canary import Router
+    from lmctl.serve.handlers import Context
+    from lmctl.serve.metrics import ServeMetrics
+    from lmctl.serve.reload import AliasFollower
+    from lmctl.serve.sampling import SampleLog
+    from lmctl.serve.slots import load_slot
+
+    sample_log = SampleLog(settings.sample_log, settings.sample_rate) if settings.sample_log else None
+    primary = load_slot(ref, "primary", settings, model_name=settings.served_model_name)
+    canary = None
+    if settings.canary:
+        try:
+            canary = load_slot(settings.canary, "canary", settings, model_name=primary.model_name)
+        except BaseException:
+            primary.engine.stop(drain=False)
+            raise
+    holder: dict[str, Router] = {}
+    metrics = ServeMetrics(lambda: holder["router"].slots() if holder else [])
+
+    def rolled_back(event: dict[str, Any]) -> None:
+        metrics.canary_rollbacks.labels(event["model"], event["canary_version"]).inc()
+        router = holder["router"]
+        if router.canary is not None:
+            router.canary.retire()
+
+    router = Router(primary, canary, settings.canary_weight, settings.canary_policy, on_rollback=rolled_back)
+    holder["router"] = router
+    refs = {"primary": ref, **({"canary": settings.canary} if settings.canary else {})}
+    follower = AliasFollower(router, settings, refs, metrics)
+    return create_app(Context(router, settings, metrics, sample_log), api_keys, follower)
+
+
+def serve(ref: str, settings: ServeSettings) -> None:
+    """Check options, verify and load `ref`, then serve until interrupted (SIGINT/SIGTERM drain)."""
+    import uvicorn
+
+    keys = load_api_keys(settings.api_keys_file)
+    if not keys and not is_loopback(settings.host) and not settings.insecure:
+        raise BadInputError(f"refusing to serve on {settings.host} without API keys",
+                            hint="set LMCTL_API_KEYS or --api-keys-file, or pass --insecure")
+    app = build_app(ref, settings, keys)
+    log.info("serving %s on http://%s:%d", ref, settings.host, settings.port)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
+                timeout_graceful_shutdown=int(settings.request_timeout_s))

@@ -1,0 +1,186 @@
+"""One completion request from validated body to text: limits, routing, generation, bookkeeping.
+
+`prepare` does everything that can refuse a request (unknown model, too long a prompt, a
+full queue) before any response byte is sent, so those failures get proper status codes even
+for streaming requests. `Generation` then turns the engine's tokens into text deltas under a
+deadline and, whatever happens, records metrics, the canary window and the privacy-safe
+sample exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import HTTPException
+
+from lmctl.serve.canary import Router
+from lmctl.serve.metrics import ServeMetrics
+from lmctl.serve.sampling import SampleLog
+from lmctl.serve.schemas import ChatRequest, CompletionRequest
+from lmctl.serve.settings import ServeSettings
+from lmctl.serve.slots import Slot
+from lmctl.serve.textstream import TextStream
+
+
+class GenerationTimeout(Exception):
+    pass
+
+
+@dataclass
+class Context:
+    router: Router
+    settings: ServeSettings
+    metrics: ServeMetrics
+    sample_log: SampleLog | None
+
+
+@dataclass
+class Prepared:
+    request_id: str
+    endpoint: str
+    slot: Slot
+    job: Any
+    prompt: str
+    messages: list[dict[str, str]] | None
+    stops: list[str] | None
+    started: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _render(slot: Slot, body: CompletionRequest | ChatRequest) -> tuple[str, list[int], list[dict[str, str]] | None]:
+    tok = slot.tokenizer
+    if isinstance(body, CompletionRequest):
+        return body.prompt, list(tok(body.prompt)["input_ids"]), None
+    if not getattr(tok, "chat_template", None):
+        raise HTTPException(400, f"model {slot.model_name} has no chat template; use /v1/completions")
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # the template already writes BOS and turn markers; adding special tokens again would double BOS
+    return text, list(tok(text, add_special_tokens=False)["input_ids"]), messages
+
+
+def _check_limits(ctx: Context, slot: Slot, n_prompt: int, max_tokens: int) -> None:
+    s = ctx.settings
+    if max_tokens > s.max_tokens_cap:
+        raise HTTPException(400, f"max_tokens {max_tokens} exceeds this server's cap of {s.max_tokens_cap}")
+    limit = s.max_input_tokens or slot.context_length - 1
+    if n_prompt > limit:
+        raise HTTPException(400, f"prompt has {n_prompt} tokens; this server accepts at most {limit}")
+    if n_prompt + max_tokens > slot.context_length:
+        raise HTTPException(400, f"prompt ({n_prompt}) + max_tokens ({max_tokens}) exceeds the model context "
+                                 f"of {slot.context_length} tokens")
+
+
+def prepare(ctx: Context, body: CompletionRequest | ChatRequest, endpoint: str, request_id: str,
+            sticky_key: str | None) -> Prepared:
+    """Validate, route and enqueue; raise HTTPException (4xx/503) for anything that refuses the request."""
+    from lmctl.serve.engine import EngineStoppedError, QueueFullError, SamplingParams
+
+    started = time.perf_counter()
+    names = {slot.model_name for slot in ctx.router.slots()}
+    if body.model is not None and body.model not in names:
+        raise HTTPException(404, f"model {body.model!r} is not served here (serving {sorted(names)})")
+    for _attempt in range(2):  # a hot reload may retire the picked version between pick and submit
+        slot = ctx.router.pick(sticky_key or body.user)
+        prompt, ids, messages = _render(slot, body)
+        _check_limits(ctx, slot, len(ids), body.max_tokens)
+        params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                seed=body.seed, stop_token_ids=slot.stop_ids)
+        try:
+            job = slot.engine.submit(ids, params)
+        except QueueFullError:
+            ctx.metrics.finished(slot.model_name, slot.version, endpoint, 429, time.perf_counter() - started)
+            raise HTTPException(429, "server busy: request queue is full; retry later",
+                                headers={"Retry-After": "1"}) from None
+        except EngineStoppedError:
+            continue
+        except ValueError as exc:  # e.g. a token id the model cannot embed
+            raise HTTPException(400, str(exc)) from None
+        ctx.metrics.in_flight.labels(slot.model_name, slot.version).inc()
+        ctx.metrics.tokens_in.labels(slot.model_name, slot.version).inc(len(ids))
+        return Prepared(request_id, endpoint, slot, job, prompt, messages, body.stop, started)
+    raise HTTPException(503, "model is being replaced; retry")
+
+
+class Generation:
+    def __init__(self, ctx: Context, prep: Prepared) -> None:
+        self.ctx, self.prep = ctx, prep
+        self.stream = TextStream(prep.slot.tokenizer, prep.stops)
+        self.completion_tokens = 0
+        self.finish_reason = "length"
+        self.status = 500
+        self._done = False
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """Text deltas until the job ends, a stop string appears or the deadline passes."""
+        job, loop = self.prep.job, asyncio.get_running_loop()
+        deadline = loop.time() + self.ctx.settings.request_timeout_s
+        tokens = job.stream().__aiter__()
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise GenerationTimeout()
+                try:
+                    token = await asyncio.wait_for(tokens.__anext__(), remaining)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise GenerationTimeout() from None
+                self._count_token()
+                delta = self.stream.push(token)
+                if delta:
+                    yield delta
+                if self.stream.stopped:
+                    job.cancel()
+                    break
+            tail = self.stream.finish()
+            if tail:
+                yield tail
+            result = await job.result()
+            self.finish_reason = "stop" if self.stream.stopped or result.finish_reason == "stop" else "length"
+            self.status = 200
+        except GenerationTimeout:
+            self.status = 504
+            raise
+        except asyncio.CancelledError:  # client went away mid-stream
+            self.status = 499
+            raise
+        finally:
+            if self.status != 200:
+                job.cancel()
+            self.close()
+
+    def _count_token(self) -> None:
+        slot = self.prep.slot
+        if self.completion_tokens == 0:
+            self.ctx.metrics.ttft.labels(slot.model_name, slot.version).observe(time.perf_counter() - self.prep.started)
+        self.completion_tokens += 1
+        self.ctx.metrics.tokens_out.labels(slot.model_name, slot.version).inc()
+
+    def close(self) -> None:
+        """Metrics, canary window and sample log, exactly once per request."""
+        if self._done:
+            return
+        self._done = True
+        ctx, prep, slot = self.ctx, self.prep, self.prep.slot
+        seconds = time.perf_counter() - prep.started
+        ctx.metrics.in_flight.labels(slot.model_name, slot.version).dec()
+        ctx.metrics.finished(slot.model_name, slot.version, prep.endpoint, self.status, seconds)
+        ctx.router.record(slot, ok=self.status < 500, latency_s=seconds)
+        log = ctx.sample_log
+        if log is not None and log.wants():
+            log.write(request_id=prep.request_id, model=slot.model_name, version=slot.version, endpoint=prep.endpoint,
+                      prompt=prep.prompt, messages=prep.messages, completion=self.stream.text,
+                      prompt_tokens=prep.job.prompt_tokens, completion_tokens=self.completion_tokens,
+                      status=self.status, latency_ms=seconds * 1000)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        n_in = self.prep.job.prompt_tokens
+        return {"prompt_tokens": n_in, "completion_tokens": self.completion_tokens,
+                "total_tokens": n_in + self.completion_tokens}

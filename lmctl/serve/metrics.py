@@ -1,0 +1,60 @@
+"""Prometheus metrics of one server, each labeled with the model name and version.
+
+A private CollectorRegistry per app (not the process-global one) so two apps in one
+process, as in tests, never collide. Queue depth and running batch size are read from the
+engines at scrape time by a custom collector, so they can never go stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+# Buckets span a tiny test model's milliseconds up to a big model's minute-long completion.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _EngineCollector:
+    """Queue depth and running requests of every live slot, sampled at scrape time."""
+
+    def __init__(self, slots: Callable[[], Iterable[Any]]) -> None:
+        self._slots = slots
+
+    def collect(self) -> Iterator[Metric]:
+        queue = GaugeMetricFamily("lmctl_queue_depth", "Requests waiting for a batch slot.", labels=["model", "version"])
+        running = GaugeMetricFamily("lmctl_batch_running", "Requests in the current generation batch.",
+                                    labels=["model", "version"])
+        for slot in self._slots():
+            queue.add_metric([slot.model_name, slot.version], slot.engine.queue_depth)
+            running.add_metric([slot.model_name, slot.version], slot.engine.running)
+        yield queue
+        yield running
+
+
+class ServeMetrics:
+    def __init__(self, slots: Callable[[], Iterable[Any]]) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model", "version"]
+        r = self.registry
+        self.latency = Histogram("lmctl_request_latency_seconds", "Request latency, arrival to last byte.",
+                                 labels + ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("lmctl_time_to_first_token_seconds", "Arrival to first generated token.",
+                              labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens_in = Counter("lmctl_tokens_in", "Prompt tokens received.", labels, registry=r)
+        self.tokens_out = Counter("lmctl_tokens_out", "Completion tokens generated.", labels, registry=r)
+        self.requests = Counter("lmctl_requests", "Finished requests by HTTP status.", labels + ["status"], registry=r)
+        self.errors = Counter("lmctl_request_errors", "Failed requests (4xx/5xx) by HTTP status.",
+                              labels + ["status"], registry=r)
+        self.in_flight = Gauge("lmctl_requests_in_flight", "Requests being handled.", labels, registry=r)
+        self.canary_rollbacks = Counter("lmctl_canary_rollbacks", "Automatic canary rollbacks.", labels, registry=r)
+        self.reloads = Counter("lmctl_model_reloads", "Alias moves followed, by outcome.", ["model", "outcome"], registry=r)
+        r.register(_EngineCollector(slots))  # type: ignore[arg-type]
+
+    def finished(self, model: str, version: str, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(model, version, str(status)).inc()
+        if status >= 400:
+            self.errors.labels(model, version, str(status)).inc()
+        self.latency.labels(model, version, endpoint).observe(seconds)

@@ -1,0 +1,87 @@
+"""Hot reload: a server started on models:/NAME@ALIAS follows the alias as it moves.
+
+A poller thread re-resolves the alias every `reload_interval_s`. A new version is loaded
+and verified *beside* the serving one; only a fully loaded engine is swapped in, and the
+old one is retired after its in-flight requests finish, so no request is dropped. A version
+that fails verification or loading is remembered and refused (it is not retried until the
+alias moves again); the old version keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from typing import Any
+
+from lmctl.serve.canary import Router
+from lmctl.serve.settings import ServeSettings
+from lmctl.serve.slots import load_slot
+
+log = logging.getLogger("lmctl.serve")
+_ALIAS_REF = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[\w.-]+)$")
+
+
+def alias_of(ref: str | None) -> tuple[str, str] | None:
+    match = _ALIAS_REF.match(ref or "")
+    return (match["name"], match["alias"]) if match else None
+
+
+class AliasFollower:
+    def __init__(self, router: Router, settings: ServeSettings, refs: dict[str, str], metrics: Any) -> None:
+        self.router = router
+        self.settings = settings
+        self.targets = {role: alias_of(ref) for role, ref in refs.items() if alias_of(ref)}
+        self.metrics = metrics
+        self.refused: dict[str, set[str]] = {role: set() for role in self.targets}
+        self.events: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="alias-follower")
+
+    def start(self) -> None:
+        if self.targets:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.reload_interval_s):
+            self.check_once()
+
+    def check_once(self) -> None:
+        from lmctl import registry
+
+        for role, (name, alias) in self.targets.items():
+            current = self.router.primary if role == "primary" else self.router.canary
+            try:
+                version = registry.version_for_alias(name, alias)
+            except Exception as exc:  # registry down or alias deleted: keep serving what we have
+                log.warning("cannot re-resolve models:/%s@%s: %s", name, alias, exc)
+                continue
+            if current is not None and version == current.version or version in self.refused[role]:
+                continue
+            self._swap(role, name, version, current.model_name if current else name)
+
+    def _swap(self, role: str, name: str, version: str, model_name: str) -> None:
+        ref = f"models:/{name}/{version}"
+        try:
+            slot = load_slot(ref, role, self.settings, model_name=model_name)
+        except Exception as exc:  # integrity or load failure: refuse it, keep the old version
+            self.refused[role].add(version)
+            self._event("reload_refused", role, name, version, f"{type(exc).__name__}: {exc}")
+            self.metrics.reloads.labels(model_name, "refused").inc()
+            return
+        old = self.router.swap(role, slot)
+        if old is not None:
+            old.retire()
+        self._event("reload", role, name, version, f"from version {old.version if old else None}")
+        self.metrics.reloads.labels(model_name, "swapped").inc()
+
+    def _event(self, kind: str, role: str, name: str, version: str, detail: str) -> None:
+        event = {"event": kind, "role": role, "model": name, "version": version, "detail": detail}
+        self.events.append(event)
+        (log.warning if kind.endswith("refused") else log.info)(json.dumps(event))

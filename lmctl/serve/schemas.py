@@ -1,0 +1,53 @@
+"""Request bodies of the OpenAI-style endpoints and the error body every failure uses."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Sampling(BaseModel):
+    # Unknown OpenAI fields (logit_bias, presence_penalty, ...) are rejected rather than silently
+    # ignored: a client that relies on one should learn it has no effect here.
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Must name a served model when given.")
+    max_tokens: int = Field(16, ge=1, description="Tokens to generate at most (capped by the server).")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, bool] | None = Field(None, description="{include_usage: true} adds a usage chunk at the end of a stream.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the completion.")
+    user: str | None = Field(None, max_length=256, description="End-user id; also the sticky key for canary routing.")
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str] | None:
+        stops = [value] if isinstance(value, str) else value
+        if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return stops
+
+
+class CompletionRequest(_Sampling):
+    prompt: str = Field(..., min_length=1)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+
+
+def error_body(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape, so clients' error handling works unchanged."""
+    return {"error": {"message": message, "type": kind, "code": code}}

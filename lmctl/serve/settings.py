@@ -1,0 +1,55 @@
+"""Everything `lmctl serve` can be told, as one typed object with help on every field.
+
+The CLI builds it from flags; tests build it directly. Validation happens here, before any
+model is loaded or port bound, so a bad flag costs nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class CanaryPolicy(BaseModel):
+    """When the canary is judged broken. Margins are over the baseline's value in the same window."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_s: float = Field(60.0, gt=0, description="Sliding window (seconds) over which error rate and p95 are compared.")
+    min_requests: int = Field(20, ge=1, description="Canary requests needed in the window before it can be judged.")
+    max_error_rate_margin: float = Field(
+        0.05, ge=0, le=1, description="Roll back when canary error rate exceeds the baseline's by more than this (0-1).")
+    max_p95_margin_pct: float = Field(
+        50.0, ge=0, description="Roll back when canary p95 latency exceeds the baseline's by more than this percent.")
+
+
+class ServeSettings(BaseModel):
+    """Options of one `lmctl serve` process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to bind; non-loopback needs API keys or --insecure.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
+    served_model_name: str | None = Field(None, description="Model id clients see; default: the registry name or directory name.")
+    insecure: bool = Field(False, description="Allow a non-loopback address with no API key configured.")
+    api_keys_file: Path | None = Field(None, description="File with one API key per line; else LMCTL_API_KEYS.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most requests generated together in one batch.")
+    max_queue: int = Field(64, ge=1, description="Requests that may wait for a batch slot; more get 429.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits for more requests to fill a batch.")
+    max_input_tokens: int | None = Field(None, ge=1, description="Longest prompt accepted (tokens); default: the model context; prompt + max_tokens must fit it too.")
+    max_tokens_cap: int = Field(512, ge=1, description="Upper bound on a request's max_tokens.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted (413 above).")
+    request_timeout_s: float = Field(120.0, gt=0, description="A request still generating after this gets 504 and is cancelled.")
+    sample_log: Path | None = Field(None, description="JSONL file for the privacy-safe request sample (PII redacted); input to `lmctl drift`.")
+    sample_rate: float = Field(0.0, ge=0, le=1, description="Share of requests written to the sample log.")
+    canary: str | None = Field(None, description="MODEL_REF served to a share of traffic.")
+    canary_weight: float = Field(0.1, ge=0, le=1, description="Share of traffic routed to the canary (0-1).")
+    canary_policy: CanaryPolicy = Field(default_factory=CanaryPolicy, description="Automatic canary rollback margins.")
+    reload_interval_s: float = Field(30.0, gt=0, description="How often a models:/NAME@ALIAS reference is re-resolved.")
+
+    @model_validator(mode="after")
+    def _sample_log_needs_rate(self) -> "ServeSettings":
+        if self.sample_rate > 0 and self.sample_log is None:
+            raise ValueError("sample_rate > 0 needs sample_log")
+        return self
