@@ -1,0 +1,232 @@
+"""`--target kubernetes`: manifests that run `lmctl serve` on a registry version.
+
+    OUT/deployment.yaml, OUT/service.yaml                  the stable track
+    OUT/deployment-canary.yaml, OUT/service-canary.yaml    with --canary
+    OUT/httproute.yaml   Gateway API HTTPRoute splitting traffic by weight (with --canary)
+    OUT/kustomization.yaml, OUT/deploy.json
+
+Pods pull the checkpoint from the MLflow registry (a `models:/` reference is required:
+a local path does not exist inside a pod) and `lmctl serve` verifies its lock before it
+binds the port. API keys come from a Secret through LMCTL_API_KEYS. Readiness is
+`/readyz`, liveness `/healthz`; a startup probe covers model download and load so that
+liveness does not kill a pod that is still loading. Canary traffic is split with weighted
+backendRefs of a Gateway API HTTPRoute, the vendor-neutral way to do it.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmctl.deploy import DeployOptions, Rendered, Source, load_source
+from lmctl.errors import BadInputError
+
+CONTAINER_PORT_NAME = "http"
+SERVICE_PORT = 80
+HOME_MOUNT = "/var/lib/lmctl"
+SECRET_KEY = "api-keys"
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Kubernetes resource.Quantity, e.g. 500m, 2, 1.5, 4Gi, 512M
+_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[mkMGTPE]|[eE][+-]?[0-9]+)?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+CANARY_SUFFIX = "-canary"
+
+
+def dns_label(raw: str) -> str:
+    """A DNS-1123 label from a registry name: lowercase, other characters -> '-', at most 63
+    characters less room for the canary suffix."""
+    label = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
+    label = re.sub(r"-{2,}", "-", label)[: 63 - len(CANARY_SUFFIX)].rstrip("-")
+    if not _DNS1123_LABEL.match(label):
+        raise BadInputError(f"cannot derive a Kubernetes name from {raw!r}", hint="pass --name (a DNS-1123 label)")
+    return label
+
+
+def _quantity(flag: str, value: str) -> str:
+    if not _QUANTITY.match(value):
+        raise BadInputError(f"--{flag} {value!r} is not a Kubernetes quantity", hint="e.g. 500m, 2, 4Gi")
+    return value
+
+
+def _require_registry_ref(ref: str, flag: str) -> None:
+    if not ref.startswith("models:/"):
+        raise BadInputError(f"{flag} {ref!r}: pods load models from the registry; give models:/NAME/VERSION or "
+                            "models:/NAME@ALIAS", hint="register the checkpoint first (lmctl register)")
+
+
+def _labels(app: str, track: str, source: Source) -> dict[str, str]:
+    labels = {"app.kubernetes.io/name": app, "app.kubernetes.io/managed-by": "lmctl", "lmctl.dev/track": track}
+    version = source.registry_version or ""
+    if _LABEL_VALUE.match(version) and version:
+        labels["app.kubernetes.io/version"] = version
+    return labels
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Shared dicts (labels, probes) are written out in full, not as YAML anchors/aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump(doc: dict[str, Any]) -> str:
+    return yaml.dump(doc, Dumper=_NoAliasDumper, sort_keys=False)
+
+
+def _base_warnings(source: Source) -> list[str]:
+    """The pod loads the base model named in the lock; say when that cannot work as is."""
+    from lmctl.models import CATALOG
+
+    base = source.manifest.base_model.id
+    if base in CATALOG:
+        return [f"{source.ref}: base model {base!r} is a catalog model; the image must have it pulled "
+                f"(lmctl models pull {base}) under LMCTL_HOME or the pod cannot load it"]
+    if base.startswith("/"):
+        return [f"{source.ref}: base model is the local path {base}; the image must provide it at that path"]
+    return []
+
+
+class Renderer:
+    def __init__(self, opts: DeployOptions, final: Path) -> None:
+        self.opts, self.final = opts, final
+        if opts.name is not None and dns_label(opts.name) != opts.name:
+            raise BadInputError(f"--name {opts.name!r} is not a DNS-1123 label", hint=f"e.g. {dns_label(opts.name)}")
+        if not _DNS1123_LABEL.match(opts.namespace):
+            raise BadInputError(f"--namespace {opts.namespace!r} is not a DNS-1123 label")
+        self.cpu, self.memory = _quantity("cpu", opts.cpu), _quantity("memory", opts.memory)
+        if not opts.image or any(c.isspace() for c in opts.image):
+            raise BadInputError(f"--image {opts.image!r} is not an image reference")
+        if opts.canary_weight is not None and opts.canary is None:
+            raise BadInputError("--canary-weight needs --canary MODEL_REF")
+        self.weight = 10 if opts.canary_weight is None else opts.canary_weight
+        if opts.canary is not None:
+            if not 1 <= self.weight <= 99:
+                raise BadInputError(f"--canary-weight {self.weight}: expected 1-99 (percent of traffic)")
+            _require_registry_ref(opts.canary, "--canary")
+
+    def prepare(self, source: Source) -> None:
+        _require_registry_ref(source.ref, "MODEL_REF")
+        self.stable = source
+        self.app = self.opts.name or dns_label(source.display_name)
+        self.canary = load_source(self.opts.canary) if self.opts.canary is not None else None
+        self.warnings = self._tracking_warnings() + _base_warnings(source)
+        if self.canary is not None and self.canary.manifest.base_model.id != source.manifest.base_model.id:
+            self.warnings += _base_warnings(self.canary)
+
+    def _tracking_uri(self) -> str | None:
+        from lmctl.registry import tracking_uri
+
+        return self.opts.tracking_uri or (None if tracking_uri().startswith("sqlite:") else tracking_uri())
+
+    def _tracking_warnings(self) -> list[str]:
+        if self._tracking_uri():
+            return []
+        return ["the registry is the embedded sqlite store of this machine, which pods cannot reach: "
+                "pass --tracking-uri (an MLflow server) or set MLFLOW_TRACKING_URI in the Deployment"]
+
+    def container(self, source: Source) -> dict[str, Any]:
+        env: list[dict[str, Any]] = [
+            {"name": "LMCTL_HOME", "value": HOME_MOUNT},
+            {"name": "LMCTL_API_KEYS", "valueFrom": {"secretKeyRef": {"name": f"{self.app}-api-keys",
+                                                                      "key": SECRET_KEY}}},
+        ]
+        if self._tracking_uri():
+            env.append({"name": "MLFLOW_TRACKING_URI", "value": self._tracking_uri()})
+        limits: dict[str, Any] = {"memory": self.memory}
+        requests: dict[str, Any] = {"cpu": self.cpu, "memory": self.memory}
+        if self.opts.gpus:
+            # extended resources must be set in limits; requests default to limits
+            limits["nvidia.com/gpu"] = requests["nvidia.com/gpu"] = self.opts.gpus
+        probe = {"httpGet": {"path": "/healthz", "port": CONTAINER_PORT_NAME}}
+        return {
+            "name": "lmctl-serve",
+            "image": self.opts.image,
+            "args": ["serve", source.ref, "--host", "0.0.0.0", "--port", str(self.opts.port)],
+            "ports": [{"name": CONTAINER_PORT_NAME, "containerPort": self.opts.port, "protocol": "TCP"}],
+            "env": env,
+            "resources": {"requests": requests, "limits": limits},
+            "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": 60},
+            "readinessProbe": {"httpGet": {"path": "/readyz", "port": CONTAINER_PORT_NAME}, "periodSeconds": 5,
+                               "failureThreshold": 3},
+            "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 3},
+            "volumeMounts": [{"name": "lmctl-home", "mountPath": HOME_MOUNT}],
+            "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+        }
+
+    def deployment(self, name: str, track: str, source: Source, replicas: int) -> dict[str, Any]:
+        labels = _labels(self.app, track, source)
+        selector = {"app.kubernetes.io/name": self.app, "lmctl.dev/track": track}
+        annotations = {"lmctl.dev/model-ref": source.ref, "lmctl.dev/manifest-sha256": source.manifest_sha256,
+                       "lmctl.dev/resolved-version": source.registry_version or ""}
+        return {
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": self.opts.namespace, "labels": labels, "annotations": annotations},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": selector},
+                "template": {
+                    "metadata": {"labels": labels, "annotations": annotations},
+                    "spec": {"containers": [self.container(source)],
+                             "volumes": [{"name": "lmctl-home", "emptyDir": {}}],
+                             "terminationGracePeriodSeconds": 30},
+                },
+            },
+        }
+
+    def service(self, name: str, track: str, source: Source) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": self.opts.namespace, "labels": _labels(self.app, track, source)},
+            "spec": {"selector": {"app.kubernetes.io/name": self.app, "lmctl.dev/track": track},
+                     "ports": [{"name": CONTAINER_PORT_NAME, "port": SERVICE_PORT,
+                                "targetPort": CONTAINER_PORT_NAME, "protocol": "TCP"}]},
+        }
+
+    def route(self) -> dict[str, Any]:
+        canary = self.app + CANARY_SUFFIX
+        return {
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": self.app, "namespace": self.opts.namespace,
+                         "labels": {"app.kubernetes.io/name": self.app, "app.kubernetes.io/managed-by": "lmctl"}},
+            "spec": {
+                "parentRefs": [{"name": self.opts.gateway}],
+                "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                           "backendRefs": [{"name": self.app, "port": SERVICE_PORT, "weight": 100 - self.weight},
+                                           {"name": canary, "port": SERVICE_PORT, "weight": self.weight}]}],
+            },
+        }
+
+    def documents(self) -> dict[str, dict[str, Any]]:
+        docs = {"deployment.yaml": self.deployment(self.app, "stable", self.stable, self.opts.replicas),
+                "service.yaml": self.service(self.app, "stable", self.stable)}
+        if self.canary is not None:
+            name = self.app + CANARY_SUFFIX
+            docs["deployment-canary.yaml"] = self.deployment(name, "canary", self.canary, self.opts.canary_replicas)
+            docs["service-canary.yaml"] = self.service(name, "canary", self.canary)
+            docs["httproute.yaml"] = self.route()
+        return docs
+
+    def render(self, stage: Path) -> Rendered:
+        docs = self.documents()
+        for filename, doc in docs.items():
+            (stage / filename).write_text(dump(doc), encoding="utf-8")
+        kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                         "namespace": self.opts.namespace, "resources": list(docs)}
+        (stage / "kustomization.yaml").write_text(dump(kustomization), encoding="utf-8")
+        out = shlex.quote(str(self.final))
+        commands = {
+            "secret": (f"kubectl -n {self.opts.namespace} create secret generic {self.app}-api-keys "
+                       f"--from-literal={SECRET_KEY}=KEY1,KEY2"),
+            "apply": f"kubectl apply -k {out}",
+            "status": f"kubectl -n {self.opts.namespace} rollout status deployment/{self.app}",
+        }
+        info: dict[str, Any] = {"app": self.app, "namespace": self.opts.namespace, "image": self.opts.image,
+                                "resources": list(docs)}
+        if self.canary is not None:
+            info["canary"] = {"model_ref": self.canary.ref, "registry_version": self.canary.registry_version,
+                              "weight": self.weight, "gateway": self.opts.gateway}
+        return Rendered(commands=commands, warnings=self.warnings, target_info={"kubernetes": info})

@@ -1,0 +1,333 @@
+"""`lmctl deploy`: local bundle (really served), vLLM arguments (checked against vLLM's documented
+flags), Kubernetes manifests (checked structurally), and refusals that leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from conftest import ASSETS, REPO, free_port
+
+DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def documented_vllm_flags() -> tuple[set[str], list[int]]:
+    """Flags and --max-lora-rank choices from the vLLM docs transcript (tests/assets)."""
+    flags, ranks = set(), []
+    for line in (ASSETS / "vllm_serve_flags.txt").read_text().splitlines():
+        if line.startswith("# choices --max-lora-rank:"):
+            ranks = [int(x) for x in line.split(":", 1)[1].split()]
+        elif line.startswith("--"):
+            flags.add(line.strip())
+    assert len(flags) > 40 and ranks, "asset unreadable"
+    return flags, ranks
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
+    """One adapter trained for real (2 steps) and shared by this module's tests, read-only."""
+    from lmctl.cli import main
+
+    root = tmp_path_factory.mktemp("deploy-train")
+    cfg = {
+        "model": {"base": str(tiny_base)},
+        "data": {"train": str(ASSETS / "tiny_train.jsonl"), "max_length": 64},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 2, "batch_size": 4, "lr": 5e-3, "eval_every": 2, "save_every": 2, "log_every": 1},
+        "output": {"dir": str(root / "runs"), "run_name": "tiny"},
+        "registry": {"name": "tiny"},
+    }
+    (root / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMCTL_HOME", str(root / "home"))
+        assert main(["train", str(root / "c.yaml")]) == 0
+    (ckpt,) = sorted((root / "runs" / "tiny" / "checkpoints").glob("step-*"))
+    return ckpt
+
+
+def resealed_copy(src: Path, dest: Path, **adapter_changes: Any) -> Path:
+    """A copy whose adapter_config.json is changed and whose lock is rewritten by lmctl's own seal."""
+    from lmctl import checkpoint as ck
+
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "adapter_config.json").read_text())
+    (dest / "adapter_config.json").write_text(json.dumps({**cfg, **adapter_changes}))
+    manifest = ck.read_manifest(dest)
+    (dest / ck.MANIFEST).unlink()
+    ck.seal(dest, manifest.model_dump(exclude={"files"}))
+    return dest
+
+
+# ---------------------------------------------------------------- local
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_local_bundle_starts_and_answers_healthz(cli, checkpoint: Path, tmp_path: Path, started) -> None:
+    from lmctl import checkpoint as ck
+
+    out = tmp_path / "bundle"
+    result = cli("deploy", checkpoint, "--target", "local", "--out", out, "--port", "9", "--json")
+    assert result.code == 0, result.err
+    data = result.json
+    assert {"deploy.json", "start.sh", "model/lmctl.json", "model/adapter_model.safetensors",
+            "model/tokenizer.json"} <= set(data["files"])
+    assert ck.verify(out / "model").tokenizer.fingerprint == ck.read_manifest(checkpoint).tokenizer.fingerprint
+    manifest = json.loads((out / "deploy.json").read_text())
+    assert manifest["manifest_sha256"] == ck.sha256_file(checkpoint / "lmctl.json") == data["manifest_sha256"]
+    assert manifest["base_model"]["copied"] is False and manifest["base_model"]["config_sha256"]
+    assert manifest["tokenizer_fingerprint"] and manifest["lmctl_version"] and manifest["created_at"]
+    assert manifest["serve"]["argv"][:3] == ["lmctl", "serve", str(out / "model")]
+    script = (out / "start.sh").read_text()
+    assert (out / "start.sh").stat().st_mode & stat.S_IXUSR
+    assert "set -euo pipefail" in script and re.search(r"^exec .* serve ", script, re.M)
+
+    # move the bundle: start.sh finds its model next to itself; host/port come from the env
+    moved = tmp_path / "elsewhere"
+    out.rename(moved)
+    port = free_port()
+    env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
+           "LMCTL_PORT": str(port), "LMCTL_HOST": "127.0.0.1"}
+    proc = subprocess.Popen([str(moved / "start.sh")], env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    started.append(proc)
+    deadline, body = time.monotonic() + 180, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            if response.status_code == 200:
+                body = response.text
+                break
+        except httpx.TransportError:
+            time.sleep(0.5)
+    assert body is not None, f"server never became healthy: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}"
+    assert manifest["tokenizer_fingerprint"] in body  # it serves the locked checkpoint, not something else
+
+
+def test_refusals_write_nothing(cli, checkpoint: Path, tiny_base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    refused = cli("deploy", checkpoint, "--target", "local", "--out", out)
+    assert refused.code == 2 and "not empty" in refused.err and (out / "keep").exists()
+    assert cli("deploy", checkpoint, "--target", "local", "--out", out, "--force").code == 0
+    assert not (out / "keep").exists() and (out / "start.sh").is_file()
+
+    assert cli("deploy", tiny_base, "--target", "local", "--out", tmp_path / "p").code == 2  # not a checkpoint
+    assert cli("deploy", checkpoint, "--target", "docker", "--out", tmp_path / "q").code == 2
+    bad = cli("deploy", checkpoint, "--target", "vllm", "--out", tmp_path / "r", "--canary", "models:/x/1")
+    assert bad.code == 2 and "kubernetes only" in bad.err
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(checkpoint, tampered)
+    weights = tampered / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    result = cli("deploy", tampered, "--target", "local", "--out", tmp_path / "t")
+    assert result.code == 4 and "sha256 mismatch" in result.err and "Traceback" not in result.err
+    assert not (tmp_path / "t").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # no staging left over
+
+
+# ---------------------------------------------------------------- vllm
+
+
+def _argv_through_bash(script: Path, tmp_path: Path, api_key: str | None) -> subprocess.CompletedProcess[str]:
+    """Run the generated vllm.sh with a `vllm` on PATH that records the argv bash hands it."""
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir(exist_ok=True)
+    fake = bindir / "vllm"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGV_OUT"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+    env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", ARGV_OUT=str(tmp_path / "argv.txt"))
+    if api_key is not None:
+        env["VLLM_API_KEY"] = api_key
+    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_vllm_arguments_are_documented_flags(cli, checkpoint: Path, tmp_path: Path) -> None:
+    flags, ranks = documented_vllm_flags()
+    out = tmp_path / "vllm"
+    result = cli("deploy", checkpoint, "--target", "vllm", "--out", out, "--port", "8011", "--json")
+    assert result.code == 0, result.err
+    refused = _argv_through_bash(out / "vllm.sh", tmp_path, api_key=None)
+    assert refused.returncode != 0 and "VLLM_API_KEY" in refused.stderr  # no key, no server
+    ran = _argv_through_bash(out / "vllm.sh", tmp_path, api_key="sekrit")
+    assert ran.returncode == 0, ran.stderr
+    argv = (tmp_path / "argv.txt").read_text().splitlines()
+    assert "sekrit" not in argv  # the key stays in the environment, out of `ps`
+
+    assert argv[0] == "serve" and not argv[1].startswith("--")
+    emitted = [a for a in argv[2:] if a.startswith("--")]
+    assert emitted and set(emitted) <= flags, set(emitted) - flags
+    opts = {a: argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
+            for i, a in enumerate(argv) if a.startswith("--")}
+    r = json.loads((checkpoint / "adapter_config.json").read_text())["r"]
+    assert int(opts["--max-lora-rank"]) in ranks and int(opts["--max-lora-rank"]) >= r
+    assert int(opts["--max-lora-rank"]) == min(x for x in ranks if x >= r)
+    assert opts["--enable-lora"] is True and opts["--port"] == "8011"
+    name, adapter = opts["--lora-modules"].split("=", 1)
+    assert name == "tiny" and Path(adapter) == out / "adapter"
+    assert (Path(adapter) / "adapter_config.json").is_file() and (Path(adapter) / "adapter_model.safetensors").is_file()
+    for tokenizer_file in ("tokenizer.json", "tokenizer_config.json"):  # the locked tokenizer, byte for byte
+        assert (Path(opts["--tokenizer"]) / tokenizer_file).read_bytes() == (checkpoint / tokenizer_file).read_bytes()
+    assert Path(opts["--chat-template"]).read_bytes() == (checkpoint / "chat_template.jinja").read_bytes()
+    assert opts["--served-model-name"] != name  # the base and the adapter are distinct model ids
+
+    config_text = (out / "vllm-config.yaml").read_text()
+    config = yaml.safe_load(config_text)
+    assert {f"--{key}" for key in config} <= flags
+    assert config["model"] == argv[1] and config["max-lora-rank"] == int(opts["--max-lora-rank"])
+    assert config["lora-modules"] == [f"tiny={out / 'adapter'}"] and config["enable-lora"] is True
+    assert "api-key" not in config and "sekrit" not in config_text
+    assert json.loads((out / "deploy.json").read_text())["vllm"]["max_lora_rank"] == int(opts["--max-lora-rank"])
+
+
+def test_vllm_refuses_what_it_cannot_serve(cli, checkpoint: Path, tmp_path: Path) -> None:
+    from lmctl.deploy.vllm import max_lora_rank, unsupported_features
+
+    dora = resealed_copy(checkpoint, tmp_path / "dora", use_dora=True)
+    assert cli("deploy", dora, "--target", "local", "--out", tmp_path / "dl").code == 0  # lmctl serves DoRA
+    result = cli("deploy", dora, "--target", "vllm", "--out", tmp_path / "dv")
+    assert result.code == 2 and "DoRA" in result.err and not (tmp_path / "dv").exists()
+    saved = resealed_copy(checkpoint, tmp_path / "mts", modules_to_save=["lm_head"])
+    assert cli("deploy", saved, "--target", "vllm", "--out", tmp_path / "mv").code == 2
+
+    base = {"peft_type": "LORA", "r": 8, "bias": "none"}
+    assert unsupported_features(base, added_tokens=False) == []
+    assert unsupported_features({**base, "trainable_token_indices": [400, 401]}, added_tokens=False)
+    assert unsupported_features(base, added_tokens=True)
+    assert [max_lora_rank(r) for r in (1, 4, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
+    from lmctl.errors import BadInputError
+
+    with pytest.raises(BadInputError):
+        max_lora_rank(513)
+
+
+# ---------------------------------------------------------------- kubernetes
+
+
+def _check_object(doc: dict[str, Any], kind: str, api_version: str) -> None:
+    assert doc["kind"] == kind and doc["apiVersion"] == api_version
+    assert DNS1123.match(doc["metadata"]["name"]) and len(doc["metadata"]["name"]) <= 63
+    for key, value in doc["metadata"].get("labels", {}).items():
+        assert re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", value), (key, value)
+
+
+def _check_deployment(doc: dict[str, Any], namespace: str) -> dict[str, Any]:
+    _check_object(doc, "Deployment", "apps/v1")
+    assert doc["metadata"]["namespace"] == namespace
+    selector = doc["spec"]["selector"]["matchLabels"]
+    pod_labels = doc["spec"]["template"]["metadata"]["labels"]
+    assert selector and selector.items() <= pod_labels.items()
+    (container,) = doc["spec"]["template"]["spec"]["containers"]
+    (port,) = container["ports"]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] in (port["name"], port["containerPort"])
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["args"][0] == "serve" and container["args"][1].startswith("models:/")
+    assert container["args"][container["args"].index("--port") + 1] == str(port["containerPort"])
+    assert container["args"][container["args"].index("--host") + 1] == "0.0.0.0"
+    requests = container["resources"]["requests"]
+    assert requests["cpu"] and requests["memory"] and container["resources"]["limits"]["memory"]
+    (keys,) = [e for e in container["env"] if e["name"] == "LMCTL_API_KEYS"]
+    assert keys["valueFrom"]["secretKeyRef"]["name"] and "value" not in keys
+    mounts = {m["name"] for m in container["volumeMounts"]}
+    assert mounts <= {v["name"] for v in doc["spec"]["template"]["spec"]["volumes"]}
+    return container
+
+
+def _check_service(svc: dict[str, Any], deployment: dict[str, Any], other: dict[str, Any] | None) -> None:
+    _check_object(svc, "Service", "v1")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    if other is not None:  # a stable Service must not also select canary pods (and vice versa)
+        assert not svc["spec"]["selector"].items() <= other["spec"]["template"]["metadata"]["labels"].items()
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (port,) = container["ports"]
+    assert svc["spec"]["ports"][0]["targetPort"] in (port["name"], port["containerPort"])
+
+
+def test_kubernetes_manifests_with_weighted_canary(cli, checkpoint: Path, tmp_path: Path) -> None:
+    for alias in ("production", None):
+        args = ["register", checkpoint, "--name", "Tiny_Model.v2", "--json"] + (["--alias", alias] if alias else [])
+        assert cli(*args).code == 0
+    out = tmp_path / "k8s"
+    result = cli("deploy", "models:/Tiny_Model.v2@production", "--target", "kubernetes", "--out", out,
+                 "--canary", "models:/Tiny_Model.v2/2", "--canary-weight", "20", "--cpu", "500m", "--memory", "1Gi",
+                 "--gpus", "1", "--replicas", "3", "--namespace", "ml", "--image", "registry.example/lmctl:1",
+                 "--tracking-uri", "http://mlflow.ml:5000", "--json")
+    assert result.code == 0, result.err
+    assert result.json["registry_version"] == "1"
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in out.glob("*.yaml")}
+    kustomization = docs.pop("kustomization.yaml")
+    assert kustomization["kind"] == "Kustomization" and sorted(kustomization["resources"]) == sorted(docs)
+    assert kustomization["namespace"] == "ml"
+
+    stable, canary = docs["deployment.yaml"], docs["deployment-canary.yaml"]
+    container = _check_deployment(stable, "ml")
+    canary_container = _check_deployment(canary, "ml")
+    assert stable["metadata"]["name"] == "tiny-model-v2" and canary["metadata"]["name"] == "tiny-model-v2-canary"
+    assert container["args"][1] == "models:/Tiny_Model.v2@production"
+    assert canary_container["args"][1] == "models:/Tiny_Model.v2/2"
+    assert stable["spec"]["replicas"] == 3 and container["image"] == "registry.example/lmctl:1"
+    assert container["resources"]["requests"]["cpu"] == "500m"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.ml:5000"} in container["env"]
+    _check_service(docs["service.yaml"], stable, canary)
+    _check_service(docs["service-canary.yaml"], canary, stable)
+
+    route = docs["httproute.yaml"]
+    _check_object(route, "HTTPRoute", "gateway.networking.k8s.io/v1")
+    (rule,) = route["spec"]["rules"]
+    weights = {b["name"]: b["weight"] for b in rule["backendRefs"]}
+    assert weights == {"tiny-model-v2": 80, "tiny-model-v2-canary": 20} and sum(weights.values()) == 100
+    services = {docs[f]["metadata"]["name"]: docs[f] for f in ("service.yaml", "service-canary.yaml")}
+    for backend in rule["backendRefs"]:
+        assert backend["port"] in [p["port"] for p in services[backend["name"]]["spec"]["ports"]]
+    assert route["spec"]["parentRefs"][0]["name"]
+
+
+def test_kubernetes_refuses_bad_input(cli, checkpoint: Path, tmp_path: Path) -> None:
+    from lmctl.deploy.kubernetes import dns_label
+
+    assert dns_label("Tiny_Model.v2") == "tiny-model-v2" and dns_label("--A--b--") == "a-b"
+    assert len(dns_label("x" * 200)) <= 63 - len("-canary")
+    local = cli("deploy", checkpoint, "--target", "kubernetes", "--out", tmp_path / "a")
+    assert local.code == 2 and "models:/" in local.err  # pods cannot see a local path
+    assert cli("register", checkpoint, "--name", "tiny").code == 0
+    ref = "models:/tiny/1"
+    for extra in (["--canary", ref, "--canary-weight", "0"], ["--canary", ref, "--canary-weight", "100"],
+                  ["--canary-weight", "10"], ["--memory", "4 GB"], ["--cpu", "two"], ["--name", "Bad_Name"],
+                  ["--namespace", "Prod"], ["--canary", "models:/tiny/9"]):
+        result = cli("deploy", ref, "--target", "kubernetes", "--out", tmp_path / "b", *extra)
+        assert result.code == 2, (extra, result.err)
+        assert not (tmp_path / "b").exists()
+    plain = cli("deploy", ref, "--target", "kubernetes", "--out", tmp_path / "c", "--json")
+    assert plain.code == 0 and not (tmp_path / "c" / "httproute.yaml").exists()
+    assert any("sqlite" in w for w in plain.json["warnings"])  # the embedded registry is unreachable from pods
