@@ -1,23 +1,39 @@
 """`lmctl register`: turn a verified checkpoint into a new registry version.
 
-The checkpoint is verified before anything is written. If any step after the version is
-created fails, the version is deleted again, so no half-registered version stays behind.
+Before anything is written, the checkpoint is verified against its lock and its tokenizer
+is compared with the base model's: it may differ only by added special tokens whose
+embedding rows the adapter saves (exit 4 otherwise).
+
+Order of writes, so that no kill leaves a usable half-version: run (tagged with this
+process) -> checkpoint artifacts -> version tagged `lmctl.status=pending` -> model card
+-> `lmctl.status=ready` -> alias. If a step raises, the version is deleted again; if the
+process is killed (SIGKILL, power loss), the pending version shows as FAILED, is never
+resolved or promoted, and the next `lmctl register` removes it and its run.
+
+Fault injection for tests: `LMCTL_REGISTER_CRASH_AT=after_run|after_upload|after_version|after_card`
+makes this process SIGKILL itself at that point.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
+import signal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from pydantic import BaseModel
 
-from lmctl import __version__, checkpoint, registry
-from lmctl.errors import BadInputError, DataError
+from lmctl import __version__, checkpoint, model_card, preflight, registry
+from lmctl.errors import BadInputError, DataError, IntegrityError
 
 log = logging.getLogger("lmctl.register")
 EXPERIMENT = "lmctl-registry"
+CRASH_ENV = "LMCTL_REGISTER_CRASH_AT"
 
 
 class RegisterResult(BaseModel):
@@ -28,12 +44,22 @@ class RegisterResult(BaseModel):
     source: str
     tracking_uri: str
     tokenizer_fingerprint: str
+    added_tokens: dict[str, int]
     metrics: dict[str, float]
+    model_card: str
+    parent_version: str | None
+    cleaned: list[str]
 
 
-def _eval_metrics(report: Path | None) -> dict[str, float]:
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _read_report(report: Path | None) -> tuple[dict[str, Any] | None, dict[str, float]]:
+    """The eval report (as written by `lmctl eval --report`) and its numeric metrics."""
     if report is None:
-        return {}
+        return None, {}
     try:
         data = json.loads(report.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -41,7 +67,37 @@ def _eval_metrics(report: Path | None) -> dict[str, float]:
     metrics = data.get("metrics") if isinstance(data, dict) else None
     if not isinstance(metrics, dict):
         raise DataError(f"eval report {report} has no metrics object; write it with `lmctl eval --report`")
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return data, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def check_tokenizer(ckpt: Path, manifest: checkpoint.Manifest) -> dict[str, int]:
+    """The checkpoint's tokenizer against its lock and against its base model's tokenizer;
+    returns the added tokens (whose rows the adapter must carry). IntegrityError otherwise."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from lmctl.loading import load_tokenizer
+    from lmctl.modelref import resolve_base
+
+    tokenizer = load_tokenizer(str(ckpt))
+    locked = manifest.tokenizer.model_dump(exclude={"files", "fingerprint"})
+    diffs = preflight.behaviour_differences(preflight.tokenizer_behaviour(tokenizer), locked)
+    if diffs:
+        raise IntegrityError(f"{ckpt}: the tokenizer files do not behave as locked in lmctl.json: {'; '.join(diffs)}")
+    trust = bool(manifest.config.get("model", {}).get("trust_remote_code", False))
+    base, revision = resolve_base(manifest.base_model.id), manifest.base_model.revision
+    diffs, added = preflight.tokenizer_delta(tokenizer, load_tokenizer(base, trust, revision))
+    if diffs:
+        raise IntegrityError(f"{ckpt}: the tokenizer differs from base model {manifest.base_model.id}'s: {'; '.join(diffs)}",
+                             hint="register checkpoints as `lmctl train` wrote them, with the base model's tokenizer")
+    if added:
+        adapter_config = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8"))
+        with safe_open(str(ckpt / "adapter_model.safetensors"), "pt") as fh:
+            shapes = {key: list(fh.get_slice(key).get_shape()) for key in fh.keys()}
+        rows = preflight.saved_token_rows(adapter_config, shapes, len(tokenizer))
+        tied = preflight.ties_embeddings(AutoConfig.from_pretrained(base, revision=revision, trust_remote_code=trust))
+        preflight.check_added_rows_saved(added, rows, tied, str(ckpt))
+    return added
 
 
 def _tags(manifest: checkpoint.Manifest, manifest_sha: str, metrics: dict[str, float]) -> dict[str, str]:
@@ -59,7 +115,54 @@ def _tags(manifest: checkpoint.Manifest, manifest_sha: str, metrics: dict[str, f
     return tags
 
 
-def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path | None = None) -> RegisterResult:
+def _remove_run(mlflow_client: Any, run: Any) -> None:
+    """Mark a dead registration's run failed, delete it and, on a local store, its artifacts."""
+    from mlflow.exceptions import MlflowException
+
+    with contextlib.suppress(MlflowException):
+        mlflow_client.set_terminated(run.info.run_id, "FAILED")
+        mlflow_client.delete_run(run.info.run_id)
+    uri = urlparse(run.info.artifact_uri or "")
+    if uri.scheme == "file":
+        shutil.rmtree(uri.path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            Path(uri.path).parent.rmdir()  # the run's own directory, when nothing else is in it
+
+
+def clean_failed(mlflow_client: Any) -> list[str]:
+    """Remove what killed registrations left behind: FAILED versions, then runs of this
+    experiment still RUNNING whose registering process is gone. Live ones are left alone."""
+    from mlflow.exceptions import MlflowException
+
+    removed = []
+    with registry.registry_lock():
+        for mv in mlflow_client.search_model_versions(f"tags.`{registry.STATUS_TAG}` = 'pending'"):
+            if registry.registrar_gone(dict(mv.tags or {})):
+                with contextlib.suppress(MlflowException):
+                    mlflow_client.delete_model_version(mv.name, str(mv.version))
+                    removed.append(f"models:/{mv.name}/{mv.version}")
+    experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        for run in mlflow_client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'"):
+            if registry.registrar_gone(dict(run.data.tags)):
+                _remove_run(mlflow_client, run)
+                removed.append(f"run {run.info.run_id}")
+    for item in removed:
+        log.warning("removed %s, left behind by a killed `lmctl register`", item)
+    return removed
+
+
+def _holder(mlflow_client: Any, name: str, alias: str = "production") -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow_client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path | None = None,
+             description: str | None = None) -> RegisterResult:
     """Log the checkpoint as MLflow run artifacts and create a model version pointing at them."""
     registry.validate_name(name)
     if alias:
@@ -67,24 +170,42 @@ def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path 
     if not ckpt.is_dir() or not checkpoint.is_checkpoint(ckpt):
         raise BadInputError(f"{ckpt}: not an lmctl checkpoint directory (no lmctl.json)")
     manifest = checkpoint.verify(ckpt)
-    metrics = _eval_metrics(eval_report)
+    added = check_tokenizer(ckpt, manifest)
+    report, metrics = _read_report(eval_report)
     manifest_sha = checkpoint.sha256_file(ckpt / checkpoint.MANIFEST)
     client = registry.client()
-    run = client.create_run(registry.experiment_id(client, EXPERIMENT), run_name=f"register-{name}")
+    cleaned = clean_failed(client)
+    run = client.create_run(registry.experiment_id(client, EXPERIMENT), run_name=f"register-{name}",
+                            tags=registry.registrar_tags())
     run_id = run.info.run_id
+    _crash_point("after_run")
     version: Any = None
     try:
         client.log_artifacts(run_id, str(ckpt), "checkpoint")
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
+        _crash_point("after_upload")
         with registry.registry_lock():
-            if not client.search_registered_models(f"name='{name}'"):
-                client.create_registered_model(name, description="Managed by lmctl")
+            registry.ensure_registered_model(client, name)
+            parent = _holder(client, name)
             version = client.create_model_version(
                 name, source=f"{run.info.artifact_uri}/checkpoint", run_id=run_id,
-                tags=_tags(manifest, manifest_sha, metrics),
+                tags={**_tags(manifest, manifest_sha, metrics), **registry.registrar_tags(),
+                      registry.STATUS_TAG: "pending", "lmctl.parent_version": parent or ""},
                 description=f"LoRA adapter on {manifest.base_model.id}, step {manifest.training.get('step', '?')}",
             )
+        _crash_point("after_version")
+        card = model_card.render(model_card.CardFacts(
+            name=name, version=str(version.version), description=description, manifest=manifest,
+            manifest_sha256=manifest_sha, report=report, report_path=str(eval_report) if eval_report else None,
+            parent_version=parent, run_id=run_id, source=version.source, added_tokens=added))
+        card_tags = model_card.publish(client, run_id, card)
+        _crash_point("after_card")
+        with registry.registry_lock():
+            for key, value in card_tags.items():
+                client.set_model_version_tag(name, str(version.version), key, value)
+            # last: only now does the version count as usable
+            client.set_model_version_tag(name, str(version.version), registry.STATUS_TAG, "ready")
         if alias:
             registry.move_alias(name, alias, str(version.version), reason="set at register")
         client.set_terminated(run_id, "FINISHED")
@@ -96,5 +217,7 @@ def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path 
     log.info("registered %s version %s", name, version.version)
     return RegisterResult(
         name=name, version=str(version.version), alias=alias, run_id=run_id, source=version.source,
-        tracking_uri=registry.tracking_uri(), tokenizer_fingerprint=manifest.tokenizer.fingerprint, metrics=metrics,
+        tracking_uri=registry.tracking_uri(), tokenizer_fingerprint=manifest.tokenizer.fingerprint,
+        added_tokens=added, metrics=metrics, model_card=card_tags[model_card.CARD_TAG], parent_version=parent,
+        cleaned=cleaned,
     )

@@ -5,6 +5,12 @@ files, lmctl.json); its tags carry the lock (manifest hash, tokenizer and data
 fingerprints, base model) so `models:/` references are verified after download.
 MLflow alias moves are last-writer-wins and a fresh sqlite database races on creation,
 so lmctl serializes its own registry writes with a file lock.
+
+`lmctl register` creates a version tagged `lmctl.status=pending` (with the registering
+process's pid, host and start time) and sets `ready` only when its artifacts, tags and
+model card are complete. A pending version whose process is gone is FAILED: listed as not
+usable, never resolved by `models:/` references or promoted, and removed by the next
+`lmctl register`. Versions without the tag predate it and count as ready.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import logging
 import os
 import re
 import shutil
+import socket
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from lmctl import checkpoint
-from lmctl.errors import BadInputError, BusyError, IntegrityError, ModelRefError
+from lmctl.errors import BadInputError, BusyError, IntegrityError, ModelRefError, PolicyError
 from lmctl.home import cache_dir, lmctl_home
 
 log = logging.getLogger("lmctl.registry")
@@ -31,6 +39,8 @@ HISTORY_TAG = "lmctl.alias_history"
 HISTORY_KEEP = 30
 LOCK_TIMEOUT_S = 120.0
 _SCHEMA_READY: set[str] = set()  # tracking URIs whose schema this process already created or checked
+STATUS_TAG = "lmctl.status"  # pending while `lmctl register` works on a version, ready once complete
+STALE_AFTER_S = 6 * 3600  # a pending version registered from another host counts as failed after this
 
 
 class RegisteredVersion(BaseModel):
@@ -39,8 +49,10 @@ class RegisteredVersion(BaseModel):
     aliases: list[str]
     source: str
     run_id: str | None
-    status: str
+    status: str  # READY, PENDING (being registered) or FAILED (its register was killed)
+    usable: bool = True
     created_at: str
+    model_card: str | None = None  # runs:/RUN_ID/README.md, generated at register
     tags: dict[str, str]
 
 
@@ -53,6 +65,8 @@ class AliasMove(BaseModel):
     user: str
     reason: str | None = None
     action: str = "promote"  # promote | rollback
+    report: dict[str, str] | None = None  # eval report that gated the move: path, sha256
+    forced: bool = False  # moved with --force, past the promotion gates
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -70,6 +84,10 @@ def _embedded() -> bool:
 
 
 def registry_lock():  # type: ignore[no-untyped-def]
+    """Serializes lmctl's registry writes on this machine (LMCTL_HOME). On a team server it does
+    not reach other machines: version numbers are still safe (the server's database assigns
+    them) and so is model creation (`ensure_registered_model`), but two alias moves of one
+    model at the same instant from two machines can drop an audit-history entry (README, Team registry)."""
     from filelock import FileLock
 
     return FileLock(str(lmctl_home() / "registry.lock"), timeout=LOCK_TIMEOUT_S)
@@ -78,6 +96,9 @@ def registry_lock():  # type: ignore[no-untyped-def]
 def client(configured_uri: str | None = None):  # type: ignore[no-untyped-def]
     """An MlflowClient on the resolved URI; the sqlite schema is created once, under a lock."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # Against an HTTP server MLflow writes "View run at <url>" to stdout when a run ends,
+    # which would break `--json` (stdout carries exactly the result).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from filelock import Timeout
     from mlflow.tracking import MlflowClient
 
@@ -105,6 +126,20 @@ def experiment_id(mlflow_client, name: str) -> str:  # type: ignore[no-untyped-d
         return exp.experiment_id if exp else mlflow_client.create_experiment(name, artifact_location=location)
 
 
+def ensure_registered_model(mlflow_client, name: str) -> None:  # type: ignore[no-untyped-def]
+    """Create the registered model unless it exists. On a team server the local lock does not
+    reach other machines, so two first registers may race: the loser's "already exists" is fine."""
+    from mlflow.exceptions import MlflowException
+
+    if mlflow_client.search_registered_models(f"name='{name}'"):
+        return
+    try:
+        mlflow_client.create_registered_model(name, description="Managed by lmctl")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
 def validate_name(name: str) -> str:
     if not NAME_RE.match(name) or ".." in name:
         raise BadInputError(f"invalid model name {name!r}", hint="use letters, digits, '_', '-', '.'; at most 100 characters")
@@ -117,12 +152,59 @@ def validate_alias(alias: str) -> str:
     return alias
 
 
+def _process_start(pid: int) -> str | None:
+    """Start time of a process (Linux /proc), so a reused pid is not mistaken for the original."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def registrar_tags() -> dict[str, str]:
+    """Who is registering: lets a later command tell a live registration from a killed one."""
+    pid = os.getpid()
+    return {"lmctl.register_pid": str(pid), "lmctl.register_host": socket.gethostname(),
+            "lmctl.register_start": _process_start(pid) or "", "lmctl.register_at": f"{time.time():.0f}"}
+
+
+def registrar_gone(tags: dict[str, str]) -> bool:
+    """True when the process named by `registrar_tags` is certainly not running any more."""
+    age = time.time() - float(tags.get("lmctl.register_at") or 0)
+    pid = int(tags.get("lmctl.register_pid") or 0)
+    if tags.get("lmctl.register_host") != socket.gethostname() or pid <= 0:
+        return age > STALE_AFTER_S  # another machine's process cannot be asked
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, owned by someone else
+    start = tags.get("lmctl.register_start")
+    return bool(start) and _process_start(pid) not in (None, start)
+
+
 def _to_version(mv: Any) -> RegisteredVersion:
     created = datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc).isoformat()
+    tags = dict(mv.tags or {})
+    status = str(mv.status)
+    if tags.get(STATUS_TAG, "ready") != "ready":
+        status = "FAILED" if registrar_gone(tags) else "PENDING"
     return RegisteredVersion(
         name=mv.name, version=str(mv.version), aliases=list(mv.aliases or []), source=mv.source,
-        run_id=mv.run_id, status=str(mv.status), created_at=created, tags=dict(mv.tags or {}),
+        run_id=mv.run_id, status=status, usable=status == "READY", created_at=created,
+        model_card=tags.get("lmctl.model_card"), tags=tags,
     )
+
+
+def require_usable(info: RegisteredVersion) -> RegisteredVersion:
+    """Refuse a version whose registration is unfinished (exit 5) or was killed (exit 4)."""
+    ref = f"models:/{info.name}/{info.version}"
+    if info.status == "PENDING":
+        raise BusyError(f"{ref} is still being registered (pid {info.tags.get('lmctl.register_pid')}); try again")
+    if not info.usable:
+        raise IntegrityError(f"{ref} is {info.status}: its registration did not finish",
+                             hint="the next `lmctl register` removes it; use another version")
+    return info
 
 
 def get_version(name: str, version: str) -> RegisteredVersion:
@@ -161,7 +243,7 @@ def download_version(name: str, version: str) -> Path:
     """Materialize a version's checkpoint in the local cache and verify it against its lock."""
     from mlflow.artifacts import download_artifacts
 
-    info = get_version(name, version)
+    info = require_usable(get_version(name, version))
     target = cache_dir() / "registry" / name / str(version)
     if not checkpoint.is_checkpoint(target):
         with checkpoint.staging_dir(target) as stage:
@@ -194,20 +276,29 @@ def _user() -> str:
     return os.environ.get("LMCTL_USER") or os.environ.get("USER") or "unknown"
 
 
-def move_alias(name: str, alias: str, version: str, reason: str | None = None, action: str = "promote") -> AliasMove:
-    """Point `alias` at `version` and append the move to the model's audit history."""
+def move_alias(name: str, alias: str, version: str, reason: str | None = None, action: str = "promote", *,
+               report: dict[str, str] | None = None, forced: bool = False, check_previous: bool = False,
+               expected_previous: str | None = None) -> AliasMove:
+    """Point `alias` at `version` and append the move to the model's audit history.
+
+    With `check_previous`, the move happens only if the alias still points at
+    `expected_previous` (None: no holder) once the lock is held, so a gate checked
+    against one holder is never applied over another (PolicyError otherwise)."""
     from mlflow.exceptions import MlflowException
 
     validate_alias(alias)
-    get_version(name, version)
+    require_usable(get_version(name, version))
     mlflow_client = client()
     with registry_lock():
         try:
             previous = str(mlflow_client.get_model_version_by_alias(name, alias).version)
         except MlflowException:
             previous = None
+        if check_previous and previous != expected_previous:
+            raise PolicyError(f"alias {alias!r} of {name!r} moved to v{previous} meanwhile (checked against "
+                              f"v{expected_previous}); run the promotion again")
         move = AliasMove(name=name, alias=alias, version=str(version), previous_version=previous,
-                         at=_now(), user=_user(), reason=reason, action=action)
+                         at=_now(), user=_user(), reason=reason, action=action, report=report, forced=forced)
         history = (_history(mlflow_client, name) + [move.model_dump()])[-HISTORY_KEEP:]
         mlflow_client.set_registered_model_alias(name, alias, str(version))
         mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))

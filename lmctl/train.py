@@ -113,7 +113,7 @@ def _libraries() -> dict[str, str]:
     return versions
 
 
-def _lora_config(cfg: LmctlConfig, new_token_ids: list[int] | None = None) -> Any:
+def _lora_config(cfg: LmctlConfig, new_token_ids: list[int] | dict[str, list[int]] | None = None) -> Any:
     from peft import LoraConfig, TaskType
 
     # "auto" adapts every linear layer inside the transformer blocks (attention and MLP
@@ -171,6 +171,8 @@ class _Run:
             config_sha256=base_config_sha256(self.base_path, cfg.model.revision, cfg.model.trust_remote_code),
         )
         self.resume_from = _resume_point(self.run_dir, resume)
+        if self.resume_from:
+            preflight.check_resume_tokenizer(Path(self.resume_from), self.tokenizer)
         self.train_rows = pack(self.train_set.examples, cfg.data.max_length) if cfg.data.packing else self.train_set.examples
         per_step = cfg.train.batch_size * cfg.train.grad_accum
         steps = _max_steps(cfg, len(self.train_rows))
@@ -322,7 +324,8 @@ def _build_model(cfg: LmctlConfig, run: _Run) -> Any:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     if len(run.tokenizer) > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(len(run.tokenizer), mean_resizing=False)
-    model = get_peft_model(base, _lora_config(cfg, run.new_token_ids))
+    model = get_peft_model(base, _lora_config(cfg, preflight.token_indices(base, cfg.lora.modules_to_save, run.new_token_ids)))
+    preflight.check_rows_saved(model, run.tokenizer, run.new_token_ids)
     model.config.use_cache = False  # a KV cache is useless in training and disables packed attention masks
     return model
 

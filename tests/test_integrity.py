@@ -72,3 +72,102 @@ def test_staging_dir_leaves_nothing_on_failure(tmp_path: Path) -> None:
             (stage / "adapter_model.safetensors").write_bytes(b"partial")
             raise RuntimeError("killed mid-write")
     assert os.listdir(tmp_path) == []
+
+
+def _reseal(ckpt: Path) -> None:
+    """Seal the directory again as someone covering their tracks would: every hash and the
+    tokenizer lock recomputed, so `checkpoint.verify` passes."""
+    from lmctl.loading import load_tokenizer
+
+    manifest = checkpoint.read_manifest(ckpt)
+    (ckpt / "lmctl.json").unlink()
+    fields = manifest.model_dump(exclude={"files"})
+    fields["tokenizer"] = checkpoint.tokenizer_fingerprint(load_tokenizer(str(ckpt)), ckpt)
+    checkpoint.seal(ckpt, fields)
+    checkpoint.verify(ckpt)
+
+
+def test_register_refuses_a_resealed_tokenizer_that_differs_from_the_base(cli, trained_checkpoint: Path) -> None:
+    from lmctl.loading import load_tokenizer
+
+    _tamper(trained_checkpoint)  # EOS becomes <unk>
+    _reseal(trained_checkpoint)
+    result = cli("register", trained_checkpoint, "--name", "tiny")
+    assert result.code == 4 and "differs from base model" in result.err and "eos token id" in result.err
+    assert "Traceback" not in result.err
+
+    config = json.loads((trained_checkpoint / "tokenizer_config.json").read_text())
+    config["eos_token"] = "</s>"
+    (trained_checkpoint / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(str(trained_checkpoint))
+    tok.add_tokens(["<smuggled>"])  # a new vocabulary row the adapter knows nothing about
+    tok.save_pretrained(trained_checkpoint)
+    _reseal(trained_checkpoint)
+    result = cli("register", trained_checkpoint, "--name", "tiny")
+    assert result.code == 4 and "<smuggled>" in result.err and "saves no input embedding rows" in result.err
+    assert cli("registry", "list", "--json").json["versions"] == []
+
+
+def test_added_tokens_register_only_with_their_saved_rows(cli, tiny_config: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    trained = cli("train", tiny_config, "--set", "model.add_special_tokens=['<tool>']", "--set", "train.max_steps=2",
+                  "--set", "train.save_every=2", "--json")
+    assert trained.code == 0, trained.err
+    ckpt = Path(trained.json["checkpoint"])
+    reg = cli("register", ckpt, "--name", "tools", "--json")
+    assert reg.code == 0, reg.err
+    assert list(reg.json["added_tokens"]) == ["<tool>"]
+
+    weights = load_file(str(ckpt / "adapter_model.safetensors"))
+    kept = {k: v for k, v in weights.items() if "trainable_tokens" not in k}
+    assert len(kept) < len(weights)
+    save_file(kept, str(ckpt / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _reseal(ckpt)
+    result = cli("register", ckpt, "--name", "tools")
+    assert result.code == 4 and "<tool>" in result.err and "embedding rows" in result.err
+
+
+def test_resume_with_another_tokenizer_is_refused(cli, tiny_config: Path) -> None:
+    first = cli("train", tiny_config, "--set", "train.max_steps=3", "--json")
+    assert first.code == 0, first.err
+    run_dir = Path(first.json["run_dir"])
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    resumed = cli("train", tiny_config, "--set", "model.add_special_tokens=['<tool>']", "--json")
+    assert resumed.code == 4, resumed.err
+    assert "cannot resume" in resumed.err and "vocab_size 401 (expected 400)" in resumed.err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    same = cli("train", tiny_config, "--set", "train.max_steps=4", "--set", "train.save_every=4", "--json")
+    assert same.code == 0 and same.json["resumed_from"].endswith("checkpoint-3")
+
+
+def test_untied_output_head_saves_the_added_rows_too(cli, tiny_config: Path, tiny_base: Path, tmp_path: Path) -> None:
+    import torch
+    import yaml
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    from lmctl.loading import load_for_inference
+    from lmctl.modelref import resolve
+
+    untied = tmp_path / "untied-base"
+    config = AutoConfig.from_pretrained(tiny_base)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(untied, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(untied)
+    cfg = yaml.safe_load(tiny_config.read_text())
+    cfg["model"] = {"base": str(untied), "add_special_tokens": ["<tool>"]}
+    cfg["train"].update(max_steps=2, save_every=2)
+    tiny_config.write_text(yaml.safe_dump(cfg))
+    trained = cli("train", tiny_config, "--json")
+    assert trained.code == 0, trained.err
+    ckpt = Path(trained.json["checkpoint"])
+    with safe_open(str(ckpt / "adapter_model.safetensors"), "pt") as fh:
+        deltas = [k for k in fh.keys() if k.endswith("trainable_tokens_delta")]
+    assert any("lm_head" in k for k in deltas) and any("embed_tokens" in k for k in deltas)
+    first, second = (load_for_inference(resolve(str(ckpt))) for _ in range(2))
+    ids = torch.tensor([first.tokenizer("<tool> reads")["input_ids"]])
+    with torch.no_grad():  # the head's new row comes from the adapter, not a random resize
+        assert torch.equal(first.model(input_ids=ids).logits, second.model(input_ids=ids).logits)
+    assert cli("register", ckpt, "--name", "untied").code == 0

@@ -57,8 +57,12 @@ def test_full_lifecycle(cli, tiny_config: Path, tmp_path: Path, lmctl_home: Path
     assert shown["tags"]["lmctl.data_fingerprint"] == manifest["data"]["train"]["sha256"]
     assert "eval.perplexity" in shown["tags"]
 
+    assert shown["model_card"] == reg.json["model_card"] and shown["status"] == "READY" and shown["usable"] is True
+
+    # the first promotion needs no report: nothing holds production yet to compare against
     promoted = cli("promote", "tiny", "1", "--alias", "production", "--json")
     assert promoted.code == 0 and promoted.json["previous_version"] is None
+    assert promoted.json["gated"] is False and promoted.json["why"] == "first promotion"
     listed = cli("registry", "list", "--json").json["versions"]
     assert len(listed) == 1 and set(listed[0]["aliases"]) == {"candidate", "production"}
 

@@ -41,8 +41,9 @@ def test_promote_and_rollback_are_recorded(cli, trained_checkpoint: Path) -> Non
     for _ in range(2):
         assert cli("register", trained_checkpoint, "--name", "m", "--json").code == 0
     assert cli("rollback", "m").code == 2  # nothing to roll back to yet
-    assert cli("promote", "m", "1", "--reason", "first").code == 0
-    assert cli("promote", "m", "2", "--reason", "better").code == 0
+    assert cli("promote", "m", "1", "--reason", "first").code == 0  # first promotion: no report needed
+    # the gates are tests/test_promotion.py's subject; here the bookkeeping of forced moves
+    assert cli("promote", "m", "2", "--force", "--reason", "better").code == 0
     back = cli("rollback", "m", "--json")
     assert back.code == 0 and back.json["version"] == "1" and back.json["previous_version"] == "2"
     moves = cli("registry", "history", "m", "--json").json["moves"]
@@ -56,11 +57,12 @@ def test_promote_and_rollback_are_recorded(cli, trained_checkpoint: Path) -> Non
 def test_repeated_rollbacks_walk_back_instead_of_toggling(cli, trained_checkpoint: Path) -> None:
     for _ in range(3):
         assert cli("register", trained_checkpoint, "--name", "w").code == 0
-    for version in ("1", "2", "3"):
-        assert cli("promote", "w", version).code == 0
+    assert cli("promote", "w", "1").code == 0
+    for version in ("2", "3"):
+        assert cli("promote", "w", version, "--force", "--reason", "test").code == 0
     assert cli("rollback", "w", "--json").json["version"] == "2"
     assert cli("rollback", "w", "--json").json["version"] == "1"
-    assert cli("promote", "w", "3").code == 0
+    assert cli("promote", "w", "3", "--force", "--reason", "test").code == 0
     assert cli("rollback", "w", "--json").json["version"] == "1"
 
 

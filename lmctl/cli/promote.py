@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,14 +14,16 @@ def promote(
     name: Annotated[str, typer.Argument()],
     version: Annotated[str, typer.Argument()],
     alias: Annotated[str, typer.Option(help="Alias to move.")] = "production",
+    eval_report: Annotated[Path | None, typer.Option("--eval", metavar="REPORT", help="Eval report of this version against the alias's current holder (lmctl eval --baseline ... --report); every gate must pass.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote without a passing report; needs --reason, recorded as forced.")] = False,
     reason: Annotated[str | None, typer.Option(help="Why, recorded in the audit history.")] = None,
     json_out: JsonOpt = False,
     traceback: TracebackOpt = False,
 ) -> None:
-    """Point an alias (default production) at a version; the move is recorded."""
-    from lmctl import registry
+    """Point an alias (default production) at a version when its eval report's gates pass; the move is recorded."""
+    from lmctl.promotion import promote as do_promote
 
-    emit(registry.move_alias(name, alias, version, reason=reason), json_out)
+    emit(do_promote(name, version, alias=alias, report_path=eval_report, force=force, reason=reason), json_out)
 
 
 def rollback(

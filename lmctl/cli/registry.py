@@ -30,14 +30,15 @@ def register(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (holds lmctl.json).")],
     name: Annotated[str, typer.Option("--name", help="Registered model name.")],
     alias: Annotated[str | None, typer.Option(help="Alias to point at the new version, e.g. candidate.")] = None,
-    eval_report: Annotated[Path | None, typer.Option("--eval", help="Eval report JSON whose metrics become tags.")] = None,
+    eval_report: Annotated[Path | None, typer.Option("--eval", help="Eval report JSON whose metrics become tags and go into the model card.")] = None,
+    description: Annotated[str | None, typer.Option(help="Intended use, written into the generated model card (README.md).")] = None,
     json_out: JsonOpt = False,
     traceback: TracebackOpt = False,
 ) -> None:
-    """Create a new model version from a verified checkpoint."""
+    """Create a new model version from a verified checkpoint (tokenizer checked against the base; model card generated)."""
     from lmctl.register import register as do_register
 
-    emit(do_register(checkpoint, name, alias=alias, eval_report=eval_report), json_out)
+    emit(do_register(checkpoint, name, alias=alias, eval_report=eval_report, description=description), json_out)
 
 
 @app.command("list")
@@ -77,18 +78,22 @@ def verify(
     json_out: JsonOpt = False,
     traceback: TracebackOpt = False,
 ) -> None:
-    """Re-hash every artifact against lmctl.json (and the registry's lock tags); exit 4 on mismatch."""
+    """Re-hash every artifact against lmctl.json (and the registry's lock tags and model card hash); exit 4 on mismatch."""
     from pathlib import Path as _Path
 
-    from lmctl import checkpoint
+    from lmctl import checkpoint, model_card, registry
     from lmctl.modelref import resolve
 
     resolved = resolve(model_ref)
     if resolved.kind != "checkpoint":
         raise BadInputError(f"{model_ref}: not an lmctl checkpoint; nothing to verify")
     manifest = checkpoint.verify(_Path(resolved.path))
+    card = None
+    if resolved.registry_name and resolved.registry_version:
+        info = registry.get_version(resolved.registry_name, resolved.registry_version)
+        card = model_card.verify(info.tags, registry.tracking_uri())
     emit({"ref": model_ref, "verified": True, "files": len(manifest.files),
-          "tokenizer_fingerprint": manifest.tokenizer.fingerprint}, json_out)
+          "tokenizer_fingerprint": manifest.tokenizer.fingerprint, "model_card": card}, json_out)
 
 
 @app.command("history")
@@ -98,7 +103,7 @@ def history(
     json_out: JsonOpt = False,
     traceback: TracebackOpt = False,
 ) -> None:
-    """Every alias move of a model: when, who, from, to, why."""
+    """Every alias move of a model: when, who, from, to, why, the gating eval report and whether it was forced."""
     from lmctl import registry
 
     emit({"moves": [m.model_dump() for m in registry.alias_history(name, alias)]}, json_out)

@@ -30,6 +30,7 @@ class EvalReport(BaseModel):
     model: str
     model_kind: str
     registry: dict[str, str] | None
+    manifest_sha256: str | None = None  # of the checkpoint's lmctl.json: which exact model was measured
     data: dict[str, object]
     method: dict[str, object]
     perplexity: float
@@ -96,6 +97,17 @@ def _measure(ref: str, texts: list[str], length: int | None, method: Method, str
                      seconds=seconds, suites=suite_results, latency=timing), length, step
 
 
+def _identity(resolved: dict[str, object]) -> dict[str, object]:
+    """Which exact model a measurement is about: its registry version and lock-manifest hash,
+    so `lmctl promote --eval` can match a report to a version and its baseline."""
+    from lmctl.checkpoint import MANIFEST, sha256_file
+
+    path = Path(str(resolved["path"])) / MANIFEST
+    return {"registry": {"name": str(resolved["registry_name"]), "version": str(resolved["registry_version"])}
+            if resolved["registry_name"] else None,
+            "manifest_sha256": sha256_file(path) if resolved["kind"] == "checkpoint" and path.is_file() else None}
+
+
 def _comparison(cand: _Measured, base: _Measured, texts: list[str]) -> Comparison:
     if cand.doc_tokens == base.doc_tokens:
         return compare(cand.doc_nll, cand.doc_tokens, base.doc_nll, base.doc_tokens, "perplexity")
@@ -136,7 +148,8 @@ def evaluate(
     if baseline is not None:
         base, _, _ = _measure(baseline, texts, length, method, step, batch_size)
         comparison = _comparison(cand, base, texts)
-        base_summary = {"model": baseline, "perplexity": base.sums.metrics["perplexity"], **base.sums.metrics}
+        base_summary = {"model": baseline, **_identity(base.resolved), "perplexity": base.sums.metrics["perplexity"],
+                        **base.sums.metrics}
     lm_eval_results = None
     if lm_eval_tasks:
         from lmctl.evaluate.lm_eval_bridge import run_tasks
@@ -146,9 +159,7 @@ def evaluate(
     metrics = cand.sums.metrics
     resolved = cand.resolved
     result = EvalReport(
-        model=ref, model_kind=str(resolved["kind"]),
-        registry={"name": str(resolved["registry_name"]), "version": str(resolved["registry_version"])}
-        if resolved["registry_name"] else None,
+        model=ref, model_kind=str(resolved["kind"]), **_identity(resolved),  # type: ignore[arg-type]
         data=data.fingerprint(data_path, text_field, len(texts)).model_dump(),
         method={"name": method, "max_length": length, "stride": step, "prefix_token": "bos, else eos", "batch_size": batch_size},
         perplexity=metrics["perplexity"], metrics=metrics, sums=cand.sums.model_dump(), seconds=round(cand.seconds, 3),

@@ -1,0 +1,155 @@
+"""The model card of a registered version: a `README.md` generated at register time.
+
+It is written from facts lmctl already holds (the checkpoint's lock manifest, the `--eval`
+report, the registry's lineage), never typed by hand, so it cannot drift from the model.
+The card is logged at the artifact root of the version's MLflow run, beside `checkpoint/`:
+the checkpoint's own file set, hashed in lmctl.json, stays exactly what training sealed
+(peft already writes a README.md inside it). The card's sha256 is a version tag, and
+`lmctl registry verify models:/...` re-hashes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from lmctl.checkpoint import Manifest, sha256_file
+from lmctl.errors import IntegrityError
+
+CARD = "README.md"
+CARD_TAG = "lmctl.model_card"  # runs:/RUN_ID/README.md
+CARD_SHA_TAG = "lmctl.model_card_sha256"
+
+
+class CardFacts(BaseModel):
+    """Everything a card says, gathered by `lmctl register`."""
+
+    name: str
+    version: str
+    description: str | None
+    manifest: Manifest
+    manifest_sha256: str
+    report: dict[str, Any] | None
+    report_path: str | None
+    parent_version: str | None  # what held `production` when this version was registered
+    run_id: str
+    source: str
+    added_tokens: dict[str, int]
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(value: Any) -> str:
+        text = f"{value:.6g}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(cell(v) for v in row) + " |" for row in rows)]
+
+
+def _model(facts: CardFacts) -> list[str]:
+    m, lora = facts.manifest, facts.manifest.config.get("lora", {})
+    added = ", ".join(f"`{t}` ({i})" for t, i in facts.added_tokens.items()) or "none"
+    return ["## Model", "",
+            f"- Base model: `{m.base_model.id}` at revision `{m.base_model.revision or 'as found'}` "
+            f"(config sha256 `{m.base_model.config_sha256}`)",
+            f"- Adapter: {m.kind}, LoRA r={lora.get('r')}, alpha={lora.get('alpha')}, "
+            f"targets `{lora.get('target_modules')}`, DoRA {lora.get('use_dora', False)}",
+            f"- Tokenizer fingerprint `{m.tokenizer.fingerprint}`, {m.tokenizer.vocab_size} tokens; "
+            f"special tokens added to the base's: {added}", ""]
+
+
+def _data(facts: CardFacts) -> list[str]:
+    splits = [(split, fp) for split, fp in facts.manifest.data.items() if isinstance(fp, dict)]
+    rows = [[split, f"`{fp.get('path')}`", fp.get("format"), fp.get("rows"), f"`{fp.get('sha256')}`"] for split, fp in splits]
+    training = facts.manifest.training
+
+    def loss(key: str) -> str:
+        value = training.get(key)
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "not measured"
+
+    return ["## Training data", "", *_table(["split", "file", "format", "rows", "sha256 (data fingerprint)"], rows), "",
+            f"Trained for {training.get('step', '?')} steps; last train loss {loss('train_loss')}, "
+            f"last validation loss {loss('eval_loss')}.", ""]
+
+
+def _metrics(facts: CardFacts) -> list[str]:
+    report = facts.report
+    if not report:
+        return ["## Evaluation", "", "No eval report was attached at registration: quality is unmeasured.", ""]
+    data = report.get("data") or {}
+    lines = ["## Evaluation", "", f"Report `{facts.report_path}` on `{data.get('path')}` "
+             f"(sha256 `{data.get('sha256')}`, {data.get('rows')} rows).", "",
+             *_table(["metric", "value"], sorted((report.get("metrics") or {}).items())), ""]
+    if report.get("comparison"):
+        c = report["comparison"]
+        lines += [f"Against `{(report.get('baseline') or {}).get('model')}`: {c['metric']} {c['candidate']:.4f} vs "
+                  f"{c['baseline']:.4f} ({c['regression_pct']:+.2f}%).", ""]
+    if report.get("gates"):
+        gates = [[g["name"], g["threshold"], g["value"], "pass" if g["passed"] else "FAIL"] for g in report["gates"]]
+        lines += _table(["gate", "threshold", "measured", "result"], gates) + [""]
+    return lines
+
+
+def _limitations(facts: CardFacts) -> list[str]:
+    m = facts.manifest
+    evaluated = "the evaluation data above" if facts.report else "no data at all (no eval report was attached)"
+    return ["## Limitations", "",
+            f"- Quality was measured on {evaluated}; text unlike the training data is unmeasured.",
+            f"- It inherits the limitations and biases of `{m.base_model.id}` and of its training data.",
+            "- It is an adapter: it runs only on that base model at that revision, with the tokenizer locked in "
+            "`checkpoint/lmctl.json` (lmctl refuses other combinations).", ""]
+
+
+def _lineage(facts: CardFacts) -> list[str]:
+    m = facts.manifest
+    parent = f"version {facts.parent_version}" if facts.parent_version else "none"
+    libraries = ", ".join(f"{k} {v}" for k, v in sorted(m.libraries.items()))
+    return ["## Lineage", "",
+            f"- Registry: `models:/{facts.name}/{facts.version}`, registration run `{facts.run_id}`, "
+            f"artifacts `{facts.source}`",
+            f"- Training run (MLflow): `{m.training.get('mlflow_run_id') or 'unknown'}`",
+            f"- Parent (held `production` at registration): {parent}",
+            f"- Checkpoint lock: lmctl.json sha256 `{facts.manifest_sha256}`, written {m.created_at} "
+            f"by lmctl {m.lmctl_version}",
+            f"- Libraries: {libraries}", ""]
+
+
+def render(facts: CardFacts) -> str:
+    """The card as Markdown: intended use, model, data and fingerprint, metrics, limitations, lineage."""
+    use = facts.description or (
+        f"A LoRA adapter for `{facts.manifest.base_model.id}`, fine-tuned on the data below and meant for "
+        "text like it. (`lmctl register --description` states the intended use.)")
+    head = [f"# {facts.name} version {facts.version}", "",
+            "Generated by `lmctl register` from the checkpoint's lock manifest and eval report; do not edit "
+            f"(its sha256 is the registry tag `{CARD_SHA_TAG}`).", "", "## Intended use", "", use, ""]
+    return "\n".join(head + _model(facts) + _data(facts) + _metrics(facts) + _limitations(facts) + _lineage(facts))
+
+
+def publish(mlflow_client: Any, run_id: str, text: str) -> dict[str, str]:
+    """Log the card at the run's artifact root; return the version tags that point at it."""
+    mlflow_client.log_text(run_id, text, CARD)
+    return {CARD_TAG: f"runs:/{run_id}/{CARD}", CARD_SHA_TAG: hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
+def verify(tags: dict[str, str], tracking_uri: str) -> str | None:
+    """Re-hash a version's card against its tag; None for versions registered without one."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    uri, expected = tags.get(CARD_TAG), tags.get(CARD_SHA_TAG)
+    if not uri or not expected:
+        return None
+    with tempfile.TemporaryDirectory(prefix="lmctl-card-") as tmp:
+        try:
+            path = Path(download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri))
+        except (MlflowException, OSError):
+            raise IntegrityError(f"model card {uri} is missing from the registry's artifacts") from None
+        actual = sha256_file(path)
+    if actual != expected:
+        raise IntegrityError(f"model card {uri}: sha256 {actual[:16]}… differs from the registry's {expected[:16]}…",
+                             hint="the card was changed after registration")
+    return uri

@@ -1,0 +1,148 @@
+"""`lmctl promote`: an alias moves only when an eval report says the version earned it.
+
+The policy, in order:
+- `--force` skips it, but needs `--reason TEXT`; the move is recorded as forced.
+- When the alias already has a holder, a report (`lmctl eval --report`, schema
+  lmctl.eval/1) is required. It must be about the version being promoted, its baseline
+  must be the alias's current holder, and it must hold at least one gate, all passed.
+- When the alias has no holder yet (the first promotion), no report is needed; one that
+  is given must still be about this version and pass its gates.
+
+"About" means the report's registry reference (`models:/NAME/VERSION` as measured),
+or, for a report on a local checkpoint, the sha256 of its lmctl.json matching the
+version's `lmctl.manifest_sha256` tag. The report's path and sha256 go into the audit
+history with the move, and the move only happens if the holder checked is still the
+holder once the registry lock is held.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from lmctl import registry
+from lmctl.errors import BadInputError, DataError, ModelRefError, PolicyError
+
+
+class PromotionResult(BaseModel):
+    name: str
+    alias: str
+    version: str
+    previous_version: str | None
+    gated: bool  # an eval report was checked against the policy
+    why: str
+    forced: bool
+    reason: str | None
+    report: dict[str, str] | None
+    gates: list[dict[str, Any]]
+    at: str
+    user: str
+
+
+def _load_report(path: Path) -> tuple[Any, dict[str, str]]:
+    """The validated EvalReport and what the history records of it (path, sha256)."""
+    from lmctl.evaluate import REPORT_SCHEMA, EvalReport
+
+    try:
+        raw = path.read_bytes()
+        data = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"eval report {path} cannot be read: {exc}") from None
+    if not isinstance(data, dict) or data.get("schema_version") != REPORT_SCHEMA:
+        raise DataError(f"{path} is not an lmctl eval report (schema {REPORT_SCHEMA})",
+                        hint="write one with `lmctl eval ... --report FILE`")
+    try:
+        report = EvalReport.model_validate(data)
+    except ValidationError as exc:
+        raise DataError(f"eval report {path} is malformed: {str(exc).splitlines()[0]}") from None
+    return report, {"path": str(path.resolve()), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def _describe(identity: dict[str, Any] | None) -> str:
+    identity = identity or {}
+    reg, sha = identity.get("registry"), identity.get("manifest_sha256")
+    if reg:
+        return f"models:/{reg.get('name')}/{reg.get('version')}"
+    return f"a checkpoint with lmctl.json sha256 {sha[:16]}…" if sha else f"{identity.get('model', 'an unidentified model')}"
+
+
+def _is_version(identity: dict[str, Any] | None, info: registry.RegisteredVersion) -> bool:
+    """Whether a report's candidate or baseline identity names this registry version."""
+    identity = identity or {}
+    reg = identity.get("registry")
+    if reg:
+        return reg.get("name") == info.name and str(reg.get("version")) == info.version
+    sha = identity.get("manifest_sha256")
+    return bool(sha) and sha == info.tags.get("lmctl.manifest_sha256")
+
+
+def _holder(name: str, alias: str) -> str | None:
+    try:
+        return registry.version_for_alias(name, alias)
+    except ModelRefError:
+        return None
+
+
+def check_report(report: Any, record: dict[str, str], info: registry.RegisteredVersion, alias: str,
+                 holder: str | None) -> None:
+    """Raise PolicyError (one line, then the gate table) unless the report clears `info` for `alias`."""
+    from lmctl.evaluate.compare import gate_table
+
+    path = record["path"]
+    candidate = {"registry": report.registry, "manifest_sha256": report.manifest_sha256, "model": report.model}
+    if not _is_version(candidate, info):
+        raise PolicyError(f"report {path} is about {_describe(candidate)}, not models:/{info.name}/{info.version}")
+    if holder is not None:
+        current = registry.get_version(info.name, holder)
+        if not report.baseline or not _is_version(report.baseline, current):
+            raise PolicyError(
+                f"report {path} compares against {_describe(report.baseline) if report.baseline else 'no baseline'}, "
+                f"but {alias!r} is held by models:/{info.name}/{holder}",
+                hint=f"re-run the eval with --baseline models:/{info.name}@{alias}")
+        if not report.gates:
+            raise PolicyError(f"report {path} has no gates, so it cannot clear a promotion",
+                              hint="re-run the eval with --max-ppl-regression PCT (and --min-score SUITE=X ...)")
+    failed = [g for g in report.gates if not g.passed]
+    if failed:
+        names = "; ".join(f"{g.name} (measured {g.value:.4g}, threshold {g.threshold:.4g})" for g in failed)
+        raise PolicyError(f"not promoted: {len(failed)} gate(s) failed in {path}: {names}\n{gate_table(report.gates)}")
+
+
+def promote(name: str, version: str, alias: str = "production", report_path: Path | None = None,
+            force: bool = False, reason: str | None = None) -> PromotionResult:
+    """Move `alias` to `version` if the promotion policy allows it (or `force` with a reason)."""
+    registry.validate_name(name)
+    registry.validate_alias(alias)
+    if force and not (reason and reason.strip()):
+        raise BadInputError("--force needs --reason TEXT: a forced promotion must say why")
+    info = registry.require_usable(registry.get_version(name, version))
+    report, record = _load_report(report_path) if report_path is not None else (None, None)
+    holder = _holder(name, alias)
+    if holder == info.version:
+        raise BadInputError(f"alias {alias!r} of {name!r} already points at version {holder}; nothing to promote")
+    gated = False
+    if force:
+        why = "forced past the promotion policy"
+    elif report is None and holder is not None:
+        raise PolicyError(
+            f"promoting to {alias!r} (held by v{holder}) needs an eval report whose gates pass against it",
+            hint=f"run `lmctl eval models:/{name}/{version} --data FILE --baseline models:/{name}@{alias} "
+                 f"--max-ppl-regression PCT --report R`, then `lmctl promote {name} {version} --eval R`; "
+                 "or use --force --reason TEXT")
+    elif report is None:
+        why = "first promotion"
+    else:
+        check_report(report, record, info, alias, holder)  # type: ignore[arg-type]
+        gated = True
+        why = "first promotion; report gates passed" if holder is None else f"report gates passed against v{holder}"
+    move = registry.move_alias(name, alias, info.version, reason=reason, report=record, forced=force,
+                               check_previous=True, expected_previous=holder)
+    return PromotionResult(
+        name=name, alias=alias, version=move.version, previous_version=move.previous_version, gated=gated,
+        why=why, forced=force, reason=reason, report=record,
+        gates=[g.model_dump() for g in report.gates] if report is not None else [], at=move.at, user=move.user,
+    )

@@ -1,0 +1,47 @@
+"""The model card generated at register: content from the manifest, the eval report and lineage;
+its hash is a tag that `registry verify` checks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conftest import ASSETS
+
+
+def _card_file(run_id: str) -> Path:
+    [card] = (Path(os.environ["LMCTL_HOME"]) / "mlartifacts").glob(f"{run_id}/artifacts/README.md")
+    return card
+
+
+def test_model_card_is_generated_verified_and_tamper_evident(cli, trained_checkpoint: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    assert cli("eval", trained_checkpoint, "--data", ASSETS / "tiny_validation.jsonl", "--max-length", "32",
+               "--report", report).code == 0
+    first = cli("register", trained_checkpoint, "--name", "card", "--json")
+    assert first.code == 0 and first.json["parent_version"] is None
+    assert cli("promote", "card", "1").code == 0
+    reg = cli("register", trained_checkpoint, "--name", "card", "--eval", report,
+              "--description", "Answers questions about the tiny corpus.", "--json")
+    assert reg.code == 0, reg.err
+    assert reg.json["parent_version"] == "1" and reg.json["model_card"] == f"runs:/{reg.json['run_id']}/README.md"
+
+    shown = cli("registry", "show", "card/2", "--json").json
+    assert shown["model_card"] == reg.json["model_card"] and len(shown["tags"]["lmctl.model_card_sha256"]) == 64
+    text = _card_file(reg.json["run_id"]).read_text()
+    manifest = json.loads((trained_checkpoint / "lmctl.json").read_text())
+    perplexity = json.loads(report.read_text())["metrics"]["perplexity"]
+    for expected in ("## Intended use", "Answers questions about the tiny corpus.", "## Limitations", "## Lineage",
+                     manifest["data"]["train"]["sha256"], manifest["training"]["mlflow_run_id"],
+                     manifest["base_model"]["id"], f"| perplexity | {perplexity:.6g} |", "held `production`",
+                     "version 1", "models:/card/2"):
+        assert expected in text, expected
+    assert "quality is unmeasured" in _card_file(first.json["run_id"]).read_text()
+
+    verified = cli("registry", "verify", "models:/card/2", "--json")
+    assert verified.code == 0, verified.err
+    assert verified.json["model_card"] == reg.json["model_card"]
+    _card_file(reg.json["run_id"]).write_text(text.replace("tiny corpus", "everything"))
+    tampered = cli("registry", "verify", "models:/card/2")
+    assert tampered.code == 4 and "model card" in tampered.err and "sha256" in tampered.err
