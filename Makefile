@@ -25,7 +25,7 @@ browser:
 	  || echo "note: no chromium; the HTML render test will be skipped"; }
 
 test: $(STAMP) browser
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow and not team" -q
 
 test-all: $(STAMP) browser
 	$(PY) -m pytest -q
