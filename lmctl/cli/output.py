@@ -54,8 +54,11 @@ def _human_lines(data: Any, indent: str = "") -> list[str]:
             lines.extend(_human_lines(value, indent + "  "))
         elif isinstance(value, list) and value and isinstance(value[0], dict):
             lines.append(f"{indent}{key}:")
-            for item in value:
-                lines.extend(_human_lines(item, indent + "  - "[: len(indent) + 4]))
+            for item in value:  # one "- " bullet per item, its other keys aligned under it
+                item_lines = _human_lines(item, indent + "    ")
+                if item_lines:
+                    item_lines[0] = indent + "  - " + item_lines[0].lstrip()
+                lines.extend(item_lines)
         else:
             shown = f"{value:.6g}" if isinstance(value, float) else value
             lines.append(f"{indent}{key}: {shown}")

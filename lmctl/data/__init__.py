@@ -40,6 +40,8 @@ def load_records(path: Path) -> list[dict[str, Any]]:
 
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
     builder = _BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"{path}: unsupported data format {path.suffix!r}", hint=f"use one of {', '.join(_BUILDERS)}")
@@ -47,7 +49,8 @@ def load_records(path: Path) -> list[dict[str, Any]]:
     try:
         ds = load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir() / "datasets"), **kwargs)
     except Exception as exc:  # datasets raises many types for malformed files
-        raise DataError(f"{path}: cannot be read as {builder}: {str(exc).splitlines()[0]}") from None
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{path}: cannot be read as {builder}: {why}") from None
     if ds.num_rows == 0:
         raise DataError(f"{path}: no rows")
     return ds.to_list()
