@@ -119,6 +119,71 @@ class RegistryConfig(Section):
     )
 
 
+class RetrainConfig(Section):
+    eval_data: Path | None = Field(
+        None, description="Fixed eval set (text-shaped) on which candidate and production are scored; "
+        "default data.validation.",
+    )
+    suites: list[Path] = Field(default_factory=list, description="Task/safety suites run on the candidate (YAML or JSONL).")
+    max_ppl_regression: float | None = Field(
+        1.0, description="Gate: candidate perplexity at most this % above production's on eval_data; null disables it.",
+    )
+    min_scores: dict[str, float] = Field(default_factory=dict, description="Gate: minimum score (0-1) per suite name.")
+    max_safety_violations: int | None = Field(
+        None, ge=0, description="Gate: at most this many safety violations across suites; null disables it.",
+    )
+    candidate_alias: str = Field("candidate", description="Alias set on every newly registered candidate version.")
+    production_alias: str = Field("production", description="Alias moved to the candidate when every gate passes.")
+    webhook_url: str | None = Field(
+        None, description="POST the JSON result here (default: env LMCTL_WEBHOOK_URL); delivery failures only warn.",
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="Seconds to wait for the webhook to answer.")
+    state_dir: Path | None = Field(None, description="Run states and reports; default LMCTL_HOME/retrain/<registry.name>.")
+    keep_runs: int = Field(50, ge=1, description="Finished run records kept in state_dir; older ones are pruned.")
+
+
+class DriftConfig(Section):
+    """Thresholds of `lmctl drift` (definitions in lmctl/monitor/drift.py); null turns a check off."""
+
+    max_ppl_increase: float | None = Field(
+        10.0, ge=0, description="Drift when current perplexity is more than this % above the reference's "
+        "and the bootstrap 95% interval of the increase lies above 0.",
+    )
+    max_psi: float | None = Field(0.25, ge=0, description="Drift when the PSI of token lengths exceeds this.")
+    psi_bins: int = Field(10, ge=2, le=100, description="Most PSI bins (reference quantiles); fewer for small sets.")
+    max_ks_statistic: float | None = Field(
+        0.2, ge=0, le=1, description="Drift when the KS statistic of token lengths exceeds this and its p-value "
+        "is below ks_p_value.",
+    )
+    ks_p_value: float = Field(0.01, gt=0, le=1, description="Significance level of the KS check.")
+    rare_max_count: int = Field(
+        1, ge=0, description="A token is rare when it occurs at most this many times in the reference (0 = unseen).",
+    )
+    max_rare_rate_increase: float | None = Field(
+        1.0, ge=0, description="Drift when the rare-token rate is more than this many percentage points above "
+        "its Good-Turing expectation from the reference.",
+    )
+    max_unk_rate_increase: float | None = Field(
+        0.5, ge=0, description="Drift when the tokenizer's unknown-token rate rises by more than this many points.",
+    )
+    embedding_model: Path | None = Field(
+        None, description="Local sentence-transformers model directory for embedding drift (never downloaded); "
+        "null skips embedding drift.",
+    )
+    max_embedding_cosine: float | None = Field(
+        0.05, ge=0, le=2, description="Drift when the cosine distance of the mean embeddings exceeds this.",
+    )
+    max_embedding_mmd: float | None = Field(
+        0.05, ge=0, description="Drift when the squared MMD (RBF kernel, median bandwidth) of embeddings exceeds this.",
+    )
+    min_documents: int = Field(20, ge=1, description="Refuse (exit 2) a file with fewer documents than this.")
+    max_documents: int | None = Field(
+        5000, ge=1, description="Score a seeded random sample of this many documents per file; null scores all.",
+    )
+    bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for the perplexity interval.")
+    seed: int = Field(0, description="Seed for document sampling and the bootstrap.")
+
+
 class LmctlConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model to adapt.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training and validation data.")
@@ -126,6 +191,8 @@ class LmctlConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where runs are written.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow registry.")
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig, description="Scheduled retraining (`lmctl retrain`).")
+    drift: DriftConfig = Field(default_factory=DriftConfig, description="Input drift checks (`lmctl drift`).")
 
     @field_validator("model")
     @classmethod
@@ -136,7 +203,7 @@ class LmctlConfig(Section):
 
 
 _SET_RE = re.compile(r"^([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)+)=(.*)$", re.S)
-_SECRET_KEY_RE = re.compile(r"(password|secret|token|api_key|apikey)", re.I)
+_SECRET_KEY_RE = re.compile(r"(password|secret|token|api_key|apikey|webhook_url)", re.I)  # webhook URLs embed tokens
 _URI_PASSWORD_RE = re.compile(r"(//[^:/@]+:)([^@]+)(@)")
 
 
@@ -217,6 +284,10 @@ def _resolve_paths(cfg: LmctlConfig, base_dir: Path) -> LmctlConfig:
     cfg.data.train = absolute(cfg.data.train)
     cfg.data.validation = absolute(cfg.data.validation)
     cfg.output.dir = absolute(cfg.output.dir)  # type: ignore[assignment]
+    cfg.retrain.eval_data = absolute(cfg.retrain.eval_data)
+    cfg.retrain.suites = [absolute(p) for p in cfg.retrain.suites]  # type: ignore[misc]
+    cfg.retrain.state_dir = absolute(cfg.retrain.state_dir)
+    cfg.drift.embedding_model = absolute(cfg.drift.embedding_model)
     candidate = Path(cfg.model.base).expanduser()
     if not candidate.is_absolute() and (base_dir / candidate).exists():
         cfg.model.base = str((base_dir / candidate).resolve())

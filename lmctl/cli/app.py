@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lmctl.cli import config, data, doctor, eval, export, models, promote, registry, serve, train
+from lmctl.cli import config, data, deploy, doctor, drift, eval, export, models, promote, registry, retrain, serve, train
 
 app = typer.Typer(
     name="lmctl",
@@ -21,7 +21,10 @@ app.command("promote")(promote.promote)
 app.command("rollback")(promote.rollback)
 app.command("serve")(serve.serve)
 app.command("export")(export.export)
+app.command("deploy")(deploy.deploy)
 app.command("doctor")(doctor.doctor)
+app.command("drift")(drift.drift)
+app.command("retrain")(retrain.retrain)
 app.add_typer(registry.app, name="registry", help="Inspect and verify registered model versions.")
 app.add_typer(config.app, name="config", help="Validate and show configs.")
 app.add_typer(models.app, name="models", help="Base models known by name (pull, list).")

@@ -1,0 +1,321 @@
+"""`lmctl retrain CONFIG`: the scheduled pipeline, one run at a time per registered model.
+
+check_data -> train -> evaluate -> register -> promote -> report. The run is skipped when
+the training data's fingerprint equals the one production was trained on (or the one the
+last rejected candidate was trained on with the same config): retraining would rebuild a
+model the registry already has. A candidate is evaluated against production on the fixed
+eval set and suites and promoted only when every gate passes. With no production yet
+(the first run) there is no baseline: the perplexity-regression gate cannot apply, the
+absolute gates (suite scores, safety) still do, and a passing candidate is promoted.
+
+Every stage persists the run's state (`lmctl.retrain_state`), so a killed run resumes at
+the stage it died in. Registering is idempotent: a version whose `lmctl.manifest_sha256`
+tag matches the candidate checkpoint is reused, never duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from lmctl import checkpoint, registry
+from lmctl.config import LmctlConfig, config_dump
+from lmctl.errors import BadInputError, BusyError, ConfigError, LmctlError, ModelRefError, PolicyError
+from lmctl.evaluate.compare import Gate
+from lmctl.retrain_state import Outcome, RetrainState, RunStore, StageRecord, begin_stage, end_stage, new_run_id, run_lock
+
+log = logging.getLogger("lmctl.retrain")
+REPORT_SCHEMA = "lmctl.retrain/1"
+WEBHOOK_ENV = "LMCTL_WEBHOOK_URL"
+
+
+class RetrainResult(BaseModel):
+    schema_version: str = REPORT_SCHEMA
+    result: Outcome
+    reason: str
+    name: str
+    run_id: str
+    resumed: bool
+    data_fingerprint: str | None
+    production_before: str | None
+    production_after: str | None
+    candidate_version: str | None
+    checkpoint: str | None
+    evaluation: dict[str, object]
+    gates: list[Gate]
+    stages: list[StageRecord]
+    eval_report: str | None
+    report: str
+    seconds: float
+
+
+class _Ctx:
+    """The validated inputs of one invocation (checked before any lock or state is written)."""
+
+    def __init__(self, cfg: LmctlConfig, config_path: Path | None, force: bool) -> None:
+        from lmctl.evaluate.suites import load_suite
+        from lmctl.home import lmctl_home
+
+        r = cfg.retrain
+        if not cfg.registry.name:
+            raise ConfigError("retrain needs registry.name", hint="set registry.name in the config")
+        if cfg.data.train is None or not cfg.data.train.is_file():
+            raise BadInputError(f"data.train {cfg.data.train}: not a file", hint="point data.train at the training data")
+        self.eval_data = r.eval_data or cfg.data.validation
+        if self.eval_data is None or not self.eval_data.is_file():
+            raise BadInputError(f"retrain eval data {self.eval_data}: not a file",
+                                hint="set retrain.eval_data (or data.validation) to a fixed eval set")
+        suite_names = {load_suite(p).name for p in r.suites}
+        unknown = set(r.min_scores) - suite_names
+        if unknown:
+            raise ConfigError(f"retrain.min_scores names suites not in retrain.suites: {', '.join(sorted(unknown))}")
+        self.name = registry.validate_name(cfg.registry.name)
+        registry.validate_alias(r.candidate_alias)
+        registry.validate_alias(r.production_alias)
+        self.cfg, self.config_path, self.force = cfg, config_path, force
+        self.store = RunStore(r.state_dir or lmctl_home() / "retrain" / self.name)
+
+
+def retrain(cfg: LmctlConfig, config_path: Path | None = None, force: bool = False) -> RetrainResult:
+    """Run (or resume) one retraining; the result says promoted, not_promoted or skipped.
+
+    The webhook hears of every outcome but "busy" (a scheduler overlapping itself is not news),
+    including invalid input and bugs: a cron job has nobody watching its stderr."""
+    webhook = (cfg.retrain.webhook_url or os.environ.get(WEBHOOK_ENV) or None, cfg.retrain.webhook_timeout_s)
+    started = time.perf_counter()
+    state: RetrainState | None = None
+    try:
+        ctx = _Ctx(cfg, config_path, force)
+        with run_lock(ctx.name):
+            state = ctx.store.unfinished()
+            if state is None:
+                state = RetrainState(run_id=new_run_id(), name=ctx.name, force=force, started_at=_now(),
+                                     config=str(config_path) if config_path else None)
+            else:
+                state.invocations += 1
+                log.info("resuming retrain run %s at stage %s", state.run_id, state.stage)
+            result = _run_stages(ctx, state, started)
+    except BusyError:
+        raise
+    except Exception as exc:
+        _notify(*webhook, {
+            "result": "failed", "name": cfg.registry.name, "run_id": state.run_id if state else None,
+            "stage": state.stage if state else None, "exit_code": getattr(exc, "exit_code", 1),
+            "error": str(exc) if isinstance(exc, LmctlError) else f"internal error: {type(exc).__name__}: {exc}",
+        })
+        raise
+    _notify(*webhook, result.model_dump(mode="json"))
+    return result
+
+
+def _run_stages(ctx: _Ctx, state: RetrainState, started: float) -> RetrainResult:
+    steps = {"check_data": _check_data, "train": _train, "evaluate": _evaluate, "register": _register,
+             "promote": _promote}
+    while state.stage not in ("report", "done"):
+        stage = state.stage
+        t0 = begin_stage(ctx.store, state, stage)
+        next_stage, note = steps[stage](ctx, state)
+        end_stage(ctx.store, state, stage, t0, next_stage, note)
+    if state.stage == "report":
+        t0 = begin_stage(ctx.store, state, "report")
+        state.report = str(ctx.store.run_dir(state.run_id) / "report.json")
+        state.record("report").status = "done"  # the report lists itself as done
+        checkpoint.write_json_atomic(Path(state.report), _result(state, started).model_dump(mode="json"))
+        end_stage(ctx.store, state, "report", t0, "done")
+        ctx.store.prune(ctx.cfg.retrain.keep_runs)
+    return _result(state, started)
+
+
+def _result(state: RetrainState, started: float) -> RetrainResult:
+    assert state.result is not None and state.report is not None
+    return RetrainResult(
+        result=state.result, reason=state.reason or "", name=state.name, run_id=state.run_id,
+        resumed=state.invocations > 1, data_fingerprint=state.data_fingerprint,
+        production_before=state.production_before, production_after=state.production_after,
+        candidate_version=state.candidate_version, checkpoint=state.checkpoint, evaluation=state.evaluation,
+        gates=state.gates, stages=state.stages, eval_report=state.eval_report, report=state.report,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _production(ctx: _Ctx) -> str | None:
+    try:
+        return registry.version_for_alias(ctx.name, ctx.cfg.retrain.production_alias)
+    except ModelRefError:
+        return None
+
+
+def _config_sha(cfg: LmctlConfig) -> str:
+    """What was trained, minus where: output paths and the retrain section do not change a model."""
+    dumped = config_dump(cfg)
+    dumped.pop("retrain", None)
+    dumped.pop("output", None)
+    return checkpoint.sha256_json(dumped)
+
+
+def _check_data(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
+    from lmctl import data
+
+    cfg, train = ctx.cfg, ctx.cfg.data.train
+    assert train is not None  # checked by _Ctx
+    # the same fingerprint `lmctl train` writes into the checkpoint and register tags the version with
+    records, fmt, field = data.load_checked(train, cfg.data.text_field, cfg.data.format)
+    state.data_fingerprint = data.fingerprint(train, field, len(records), fmt).sha256
+    state.config_sha256 = _config_sha(cfg)
+    state.production_before = _production(ctx)
+    reason = None if state.force else _skip_reason(ctx, state)
+    if reason:
+        state.result, state.reason, state.production_after = "skipped", reason, state.production_before
+        log.info("skipped: %s", reason)
+        return "report", reason
+    return "train", f"data {state.data_fingerprint[:12]}"
+
+
+def _skip_reason(ctx: _Ctx, state: RetrainState) -> str | None:
+    fp = state.data_fingerprint or ""
+    if state.production_before is not None:
+        tags = registry.get_version(ctx.name, state.production_before).tags
+        if tags.get("lmctl.data_fingerprint") == fp:
+            return f"data unchanged: production v{state.production_before} was trained on data {fp[:12]} (--force retrains)"
+    last = ctx.store.last_finished()
+    if last and last.result == "not_promoted" and last.data_fingerprint == fp and last.config_sha256 == state.config_sha256:
+        return (f"data and config unchanged since run {last.run_id}, whose candidate v{last.candidate_version} "
+                "was not promoted (--force retrains)")
+    return None
+
+
+def _train(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
+    from lmctl.train import TrainResult, train
+
+    cfg = ctx.cfg.model_copy(deep=True)
+    # A run directory per retrain run: `--resume auto` then continues this run's own
+    # checkpoints after a kill, and never mistakes an earlier run's final step for progress.
+    cfg.output.run_name = f"{cfg.output.run_name or 'run'}-retrain-{state.run_id}"
+    result = train(cfg, resume="auto")
+    assert isinstance(result, TrainResult)  # not a dry run
+    ckpt = Path(result.checkpoint)
+    manifest = checkpoint.read_manifest(ckpt)
+    # the data read by training is what the version will be tagged with; keep the state truthful
+    state.data_fingerprint = str(manifest.data.get("train", {}).get("sha256", state.data_fingerprint))
+    state.checkpoint, state.train_run_dir = str(ckpt), result.run_dir
+    state.training = {"steps": result.steps, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
+                      "resumed_from": result.resumed_from, "seconds": result.seconds}
+    return "evaluate", f"{result.steps} steps"
+
+
+def _evaluate(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
+    from lmctl.evaluate import evaluate
+
+    r = ctx.cfg.retrain
+    # pin production by version: the comparison must stay valid even if the alias moves meanwhile
+    state.baseline_version = _production(ctx)
+    baseline = f"models:/{ctx.name}/{state.baseline_version}" if state.baseline_version else None
+    state.eval_report = str(ctx.store.run_dir(state.run_id) / "eval.json")
+    report = evaluate(
+        str(state.checkpoint), ctx.eval_data, text_field=ctx.cfg.data.text_field, report=Path(state.eval_report),
+        baseline=baseline, max_ppl_regression=r.max_ppl_regression if baseline else None, suites=list(r.suites),
+        min_scores=r.min_scores, max_safety_violations=r.max_safety_violations,
+    )
+    state.gates = report.gates
+    state.evaluation = {"perplexity": report.perplexity, "baseline": baseline,
+                        "baseline_perplexity": report.baseline["perplexity"] if report.baseline else None,
+                        "regression_pct": report.comparison.regression_pct if report.comparison else None,
+                        "suites": {s.name: s.score for s in report.suites}}
+    failed = sum(not g.passed for g in report.gates)
+    return "register", f"{len(report.gates) - failed}/{len(report.gates)} gates passed"
+
+
+def _register(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
+    from lmctl.register import register
+
+    ckpt = Path(str(state.checkpoint))
+    state.manifest_sha256 = checkpoint.sha256_file(ckpt / checkpoint.MANIFEST)
+    ctx.store.save(state)  # the intent: a resumed run looks for exactly this checkpoint in the registry
+    existing = _registered(ctx.name, state.manifest_sha256)
+    if existing is not None:
+        log.info("candidate checkpoint already registered as %s v%s; not registering again", ctx.name, existing)
+        version = existing
+    else:
+        version = register(ckpt, ctx.name, eval_report=Path(str(state.eval_report))).version
+    state.candidate_version = version
+    _ensure_alias(ctx.name, ctx.cfg.retrain.candidate_alias, version, f"retrain {state.run_id}: candidate")
+    return "promote", f"v{version}"
+
+
+def _registered(name: str, manifest_sha: str) -> str | None:
+    """The version whose lock names this very checkpoint manifest, if any."""
+    # only a finished registration counts; a killed one (FAILED) is cleaned up by the next register
+    matches = [v.version for v in registry.list_versions(name)
+               if v.usable and v.tags.get("lmctl.manifest_sha256") == manifest_sha]
+    return min(matches, key=int) if matches else None
+
+
+def _ensure_alias(name: str, alias: str, version: str, reason: str) -> None:
+    """Move `alias` unless it already points at `version` (a resumed run must not log the move twice)."""
+    try:
+        if registry.version_for_alias(name, alias) == version:
+            return
+    except ModelRefError:
+        pass
+    registry.move_alias(name, alias, version, reason=reason, action="promote")
+
+
+def _promote(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
+    """Promote through the same policy as `lmctl promote --eval`: the eval report must be about
+    this version, compared against the current holder, with every gate passed; the alias moves
+    only if its holder is still the one compared against (checked under the registry lock)."""
+    from lmctl.promotion import promote
+
+    alias = ctx.cfg.retrain.production_alias
+    version = str(state.candidate_version)
+    failed = [g for g in state.gates if not g.passed]
+    if failed:
+        state.result = "not_promoted"
+        state.reason = "gate(s) failed: " + "; ".join(
+            f"{g.name} measured {g.value:.4g}, threshold {g.threshold:.4g}" for g in failed)
+    elif _production(ctx) == version:  # a run killed right after moving the alias
+        state.result, state.reason = "promoted", _promoted_reason(state)
+    else:
+        try:
+            promote(ctx.name, version, alias, report_path=Path(str(state.eval_report)),
+                    reason=f"retrain {state.run_id}: {_promoted_reason(state)}")
+            state.result, state.reason = "promoted", _promoted_reason(state)
+        except PolicyError as exc:  # e.g. production moved while this run evaluated
+            state.result, state.reason = "not_promoted", exc.message.splitlines()[0]
+    state.production_after = _production(ctx)
+    log.info("%s: %s", state.result.replace("_", " "), state.reason)
+    return "report", state.result
+
+
+def _promoted_reason(state: RetrainState) -> str:
+    if state.baseline_version is None:
+        return "first production version (no baseline to compare against)"
+    return f"all {len(state.gates)} gates passed against v{state.baseline_version}"
+
+
+def _notify(url: str | None, timeout_s: float, payload: dict[str, Any]) -> None:
+    """POST the result to the webhook; a notification failure never fails the pipeline."""
+    if not url:
+        return
+    import httpx
+
+    try:
+        response = httpx.post(url, json=payload, timeout=timeout_s)
+        response.raise_for_status()
+    except httpx.HTTPStatusError as exc:  # its text holds the URL, which may carry a token: not logged
+        log.warning("warning: webhook not delivered (HTTP %d); the retrain result stands", exc.response.status_code)
+    except httpx.HTTPError as exc:
+        log.warning("warning: webhook not delivered (%s: %s); the retrain result stands", type(exc).__name__, exc)
+    else:
+        log.info("webhook delivered (HTTP %d)", response.status_code)
+
