@@ -134,6 +134,14 @@ class RetrainConfig(Section):
     )
     candidate_alias: str = Field("candidate", description="Alias set on every newly registered candidate version.")
     production_alias: str = Field("production", description="Alias moved to the candidate when every gate passes.")
+    drift_current: Path | None = Field(
+        None, description="Current production inputs (e.g. the `lmctl serve --sample-log` file). When set and "
+        "production exists, a run goes on only if `lmctl drift` finds drift against drift_reference; "
+        "--force skips the check.",
+    )
+    drift_reference: Path | None = Field(
+        None, description="Reference inputs for the drift check; default data.train.",
+    )
     webhook_url: str | None = Field(
         None, description="POST the JSON result here (default: env LMCTL_WEBHOOK_URL); delivery failures only warn.",
     )
@@ -287,6 +295,8 @@ def _resolve_paths(cfg: LmctlConfig, base_dir: Path) -> LmctlConfig:
     cfg.retrain.eval_data = absolute(cfg.retrain.eval_data)
     cfg.retrain.suites = [absolute(p) for p in cfg.retrain.suites]  # type: ignore[misc]
     cfg.retrain.state_dir = absolute(cfg.retrain.state_dir)
+    cfg.retrain.drift_current = absolute(cfg.retrain.drift_current)
+    cfg.retrain.drift_reference = absolute(cfg.retrain.drift_reference)
     cfg.drift.embedding_model = absolute(cfg.drift.embedding_model)
     candidate = Path(cfg.model.base).expanduser()
     if not candidate.is_absolute() and (base_dir / candidate).exists():

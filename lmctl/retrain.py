@@ -48,6 +48,7 @@ class RetrainResult(BaseModel):
     candidate_version: str | None
     checkpoint: str | None
     evaluation: dict[str, object]
+    drift: dict[str, object] | None
     gates: list[Gate]
     stages: list[StageRecord]
     eval_report: str | None
@@ -71,6 +72,9 @@ class _Ctx:
         if self.eval_data is None or not self.eval_data.is_file():
             raise BadInputError(f"retrain eval data {self.eval_data}: not a file",
                                 hint="set retrain.eval_data (or data.validation) to a fixed eval set")
+        for key, path in (("drift_current", r.drift_current), ("drift_reference", r.drift_reference)):
+            if path is not None and not path.is_file():
+                raise BadInputError(f"retrain.{key} {path}: not a file")
         suite_names = {load_suite(p).name for p in r.suites}
         unknown = set(r.min_scores) - suite_names
         if unknown:
@@ -138,7 +142,7 @@ def _result(state: RetrainState, started: float) -> RetrainResult:
         result=state.result, reason=state.reason or "", name=state.name, run_id=state.run_id,
         resumed=state.invocations > 1, data_fingerprint=state.data_fingerprint,
         production_before=state.production_before, production_after=state.production_after,
-        candidate_version=state.candidate_version, checkpoint=state.checkpoint, evaluation=state.evaluation,
+        candidate_version=state.candidate_version, checkpoint=state.checkpoint, evaluation=state.evaluation, drift=state.drift,
         gates=state.gates, stages=state.stages, eval_report=state.eval_report, report=state.report,
         seconds=round(time.perf_counter() - started, 3),
     )
@@ -173,7 +177,7 @@ def _check_data(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
     state.data_fingerprint = data.fingerprint(train, field, len(records), fmt).sha256
     state.config_sha256 = _config_sha(cfg)
     state.production_before = _production(ctx)
-    reason = None if state.force else _skip_reason(ctx, state)
+    reason = None if state.force else _skip_reason(ctx, state) or _no_drift_reason(ctx, state)
     if reason:
         state.result, state.reason, state.production_after = "skipped", reason, state.production_before
         log.info("skipped: %s", reason)
@@ -192,6 +196,28 @@ def _skip_reason(ctx: _Ctx, state: RetrainState) -> str | None:
         return (f"data and config unchanged since run {last.run_id}, whose candidate v{last.candidate_version} "
                 "was not promoted (--force retrains)")
     return None
+
+
+def _no_drift_reason(ctx: _Ctx, state: RetrainState) -> str | None:
+    """With retrain.drift_current set: skip unless production's inputs drifted from the reference.
+    The first run (no production) has no model to measure drift with, so it goes on."""
+    from lmctl.monitor.drift import detect_drift, failed_checks
+
+    r, cfg = ctx.cfg.retrain, ctx.cfg
+    if r.drift_current is None or state.production_before is None:
+        return None
+    reference = r.drift_reference or cfg.data.train
+    assert reference is not None  # data.train is checked by _Ctx
+    path = ctx.store.run_dir(state.run_id) / "drift.json"
+    report = detect_drift(f"models:/{ctx.name}/{state.production_before}", reference, r.drift_current, cfg.drift,
+                          text_field=cfg.data.text_field, report=path)
+    failed = [c.name for c in failed_checks(report)]
+    state.drift = {"detected": bool(failed), "failed_checks": failed, "report": str(path),
+                   "current": str(r.drift_current), "reference": str(reference)}
+    if failed:
+        log.info("drift detected (%s): retraining", ", ".join(failed))
+        return None
+    return f"no drift: {r.drift_current.name} matches {reference.name} on every check (--force retrains)"
 
 
 def _train(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:

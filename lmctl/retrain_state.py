@@ -74,6 +74,7 @@ class RetrainState(BaseModel):
     manifest_sha256: str | None = None
     eval_report: str | None = None
     evaluation: dict[str, object] = Field(default_factory=dict)
+    drift: dict[str, object] | None = None  # the drift check's verdict, when retrain.drift_current is set
     gates: list[Gate] = Field(default_factory=list)
     candidate_version: str | None = None
     production_after: str | None = None

@@ -238,3 +238,27 @@ def test_killed_while_training_resumes_from_its_checkpoint(config: Path, lmctl_h
     assert "checkpoint-" in str(state["training"]["resumed_from"]) and state["training"]["steps"] == 40
     assert len(list((tmp_path / "runs").glob("tiny-retrain-*"))) == 1  # the same run directory, continued
     assert versions() == {"1": ["candidate", "production"]}
+
+
+def test_drift_gate_retrains_only_when_production_inputs_drifted(cli, config: Path, tmp_path: Path) -> None:
+    cfg = yaml.safe_load(config.read_text())
+    cfg["retrain"]["max_ppl_regression"] = 1000.0  # this test is about when to train, not whether to promote
+    cfg["drift"] = {"min_documents": 10, "max_rare_rate_increase": None}
+    config.write_text(yaml.safe_dump(cfg))
+    first = cli("retrain", str(config), "--json")  # no production yet: no model to measure drift with
+    assert first.code == 0 and first.json["result"] == "promoted" and first.json["drift"] is None, first.err
+
+    add_rows(config, "New rows arrived overnight.")
+    same = cli("retrain", str(config), "--set", f"retrain.drift_current={ASSETS / 'drift_current_same.jsonl'}", "--json")
+    assert same.code == 0 and same.json["result"] == "skipped", same.err
+    assert same.json["reason"].startswith("no drift") and same.json["drift"]["detected"] is False
+    assert json.loads(Path(same.json["drift"]["report"]).read_text())["drift_detected"] is False
+    assert list(versions()) == ["1"]
+
+    drifted = cli("retrain", str(config), "--set", f"retrain.drift_current={ASSETS / 'drift_current_shifted.jsonl'}", "--json")
+    assert drifted.code == 0 and drifted.json["result"] == "promoted", drifted.err
+    assert drifted.json["drift"]["detected"] is True and "token length PSI" in " ".join(drifted.json["drift"]["failed_checks"])
+    assert sorted(versions()) == ["1", "2"]
+
+    missing = cli("retrain", str(config), "--set", f"retrain.drift_current={tmp_path / 'nope.jsonl'}")
+    assert missing.code == 2 and "drift_current" in missing.err
