@@ -84,13 +84,25 @@ def _embedded() -> bool:
 
 
 def registry_lock():  # type: ignore[no-untyped-def]
-    """Serializes lmctl's registry writes on this machine (LMCTL_HOME). On a team server it does
-    not reach other machines: version numbers are still safe (the server's database assigns
-    them) and so is model creation (`ensure_registered_model`), but two alias moves of one
-    model at the same instant from two machines can drop an audit-history entry (README, Team registry)."""
+    """Serializes lmctl's registry writes on this machine (LMCTL_HOME). On a team server, version
+    numbers are assigned by the server's database, model creation tolerates a lost race
+    (`ensure_registered_model`), and alias moves also take a lock in the server's database
+    (`_team_mutex`), so those are safe across machines too."""
     from filelock import FileLock
 
     return FileLock(str(lmctl_home() / "registry.lock"), timeout=LOCK_TIMEOUT_S)
+
+
+def _team_mutex(mlflow_client, name: str):  # type: ignore[no-untyped-def]
+    """On a team server, also hold a lock in the server's database (lmctl.registry_mutex), so
+    alias moves and their audit history are serialized across machines too."""
+    import contextlib
+
+    if _embedded():
+        return contextlib.nullcontext()
+    from lmctl.registry_mutex import server_mutex
+
+    return server_mutex(mlflow_client, name, LOCK_TIMEOUT_S)
 
 
 def client(configured_uri: str | None = None):  # type: ignore[no-untyped-def]
@@ -289,7 +301,7 @@ def move_alias(name: str, alias: str, version: str, reason: str | None = None, a
     validate_alias(alias)
     require_usable(get_version(name, version))
     mlflow_client = client()
-    with registry_lock():
+    with registry_lock(), _team_mutex(mlflow_client, name):
         try:
             previous = str(mlflow_client.get_model_version_by_alias(name, alias).version)
         except MlflowException:

@@ -178,3 +178,32 @@ def test_concurrent_registers_from_separate_machines(cli, team: dict, team_check
     assert all(v["status"] == "READY" for v in versions)
     for v in versions:
         assert cli("registry", "verify", f"models:/{name}/{v['version']}").code == 0
+    # 8 machines promote at once: the server-side mutex serializes the moves, so every applied
+    # move is in the audit history and each entry's previous version is the one before it
+    promoters = [
+        subprocess.Popen([sys.executable, "-m", "lmctl", *_promote_args(name, str(v)), "--alias", "live"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "LMCTL_HOME": str(tmp_path / f"machine-{v}")})
+        for v in range(1, VERSIONS + 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in promoters]
+    codes = [p.returncode for p in promoters]
+    # a promotion checks the holder first and again under the lock: one that saw another move
+    # land in between is refused (exit 3) rather than applied over a holder it never checked
+    assert set(codes) <= {0, 3} and 0 in codes, [err[-800:] for _, err in outs]
+    assert all("moved to" in err for (_, err), code in zip(outs, codes) if code == 3)
+    moves = cli("registry", "history", name, "--json").json["moves"]
+    assert len(moves) == codes.count(0)  # no applied move lost from the history
+    assert [m["previous_version"] for m in moves] == [None] + [m["version"] for m in moves[:-1]]
+
+
+def test_a_stale_server_lock_is_broken(cli, team: dict, team_checkpoint: Path) -> None:
+    """A promoter killed while holding the server-side lock must not block promotions forever."""
+    from lmctl import registry
+    from lmctl.registry_mutex import OWNER_TAG, PREFIX, SINCE_TAG
+
+    name = _name("team-stale")
+    assert cli("register", str(team_checkpoint), "--name", name).code == 0
+    registry.client().create_registered_model(PREFIX + name, tags={OWNER_TAG: "dead-host:1:x", SINCE_TAG: "0"})
+    assert cli(*_promote_args(name, "1")).code == 0
+    assert not registry.client().search_registered_models(f"name='{PREFIX + name}'")
