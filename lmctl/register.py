@@ -129,22 +129,37 @@ def _remove_run(mlflow_client: Any, run: Any) -> None:
             Path(uri.path).parent.rmdir()  # the run's own directory, when nothing else is in it
 
 
+def _still_running(mlflow_client: Any, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_run(run_id).info.status == "RUNNING"
+    except MlflowException:
+        return False
+
+
 def clean_failed(mlflow_client: Any) -> list[str]:
     """Remove what killed registrations left behind: FAILED versions, then runs of this
     experiment still RUNNING whose registering process is gone. Live ones are left alone."""
     from mlflow.exceptions import MlflowException
 
+    # The search results may be stale: the registrar may have finished and exited since. So the
+    # registrar is found dead *first*, and only then is the state re-read; a dead process cannot
+    # change it any more, so "still pending/running" read after that is final. (On one machine the
+    # registry lock already orders this; other machines on a team server do not share that lock.)
     removed = []
     with registry.registry_lock():
         for mv in mlflow_client.search_model_versions(f"tags.`{registry.STATUS_TAG}` = 'pending'"):
             if registry.registrar_gone(dict(mv.tags or {})):
                 with contextlib.suppress(MlflowException):
-                    mlflow_client.delete_model_version(mv.name, str(mv.version))
-                    removed.append(f"models:/{mv.name}/{mv.version}")
+                    fresh = mlflow_client.get_model_version(mv.name, str(mv.version))
+                    if (fresh.tags or {}).get(registry.STATUS_TAG) == "pending":
+                        mlflow_client.delete_model_version(mv.name, str(mv.version))
+                        removed.append(f"models:/{mv.name}/{mv.version}")
     experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         for run in mlflow_client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'"):
-            if registry.registrar_gone(dict(run.data.tags)):
+            if registry.registrar_gone(dict(run.data.tags)) and _still_running(mlflow_client, run.info.run_id):
                 _remove_run(mlflow_client, run)
                 removed.append(f"run {run.info.run_id}")
     for item in removed:

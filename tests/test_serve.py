@@ -88,6 +88,10 @@ def test_auth_limits_and_errors_use_openai_error_shape(checkpoint: Path) -> None
         assert unknown.status_code == 422 and "logit_bias" in unknown.json()["error"]["message"]
         other = httpx.post(url, json={"prompt": "x", "model": "gpt-4"}, headers=AUTH)
         assert other.status_code == 404
+        assert httpx.post(f"{srv.url}/v1/no-such-route", json={}, headers=AUTH).status_code == 404
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert re.search(r'lmctl_request_errors_total\{model="[^"]+",status="401",version="sha-\w+"\} 3.0', metrics)
+        assert 'endpoint="chat.completions"' not in metrics and "no-such-route" not in metrics
 
 
 def test_full_queue_gets_429_and_slow_requests_504(checkpoint: Path) -> None:

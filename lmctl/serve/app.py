@@ -27,6 +27,7 @@ log = logging.getLogger("lmctl.serve")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
           422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions", "/v1/models": "models"}
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
@@ -86,9 +87,11 @@ def _install_error_handlers(app: FastAPI, ctx: Context) -> None:
     def count(request: Request, status: int) -> None:
         # refusals before a version was picked (auth, validation, limits) count against the primary;
         # 429s are counted where the queue that refused them is known (handlers.prepare)
-        if request.url.path.startswith("/v1/") and status != 429:
+        # (only known routes: a label per arbitrary path would let any client grow the metrics without bound)
+        endpoint = _ENDPOINTS.get(request.url.path)
+        if endpoint is not None and status != 429:
             primary = ctx.router.primary
-            ctx.metrics.finished(primary.model_name, primary.version, request.url.path.removeprefix("/v1/"), status, 0.0)
+            ctx.metrics.finished(primary.model_name, primary.version, endpoint, status, 0.0)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
