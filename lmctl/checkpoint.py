@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from lmctl.errors import IntegrityError
+from lmctl.errors import BadInputError, IntegrityError
 
 MANIFEST = "lmctl.json"
 MANIFEST_FORMAT = "lmctl.checkpoint/1"
@@ -146,6 +146,15 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def require_empty_output(out: Path, force: bool) -> None:
+    """An --out directory must be new or empty unless --force: a command never mixes its output
+    into someone's files (checked before any work, so a refusal costs nothing)."""
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise BadInputError(f"{out} exists and is not empty", hint="choose another --out or pass --force")
 
 
 @contextlib.contextmanager

@@ -51,8 +51,7 @@ def export(ref: str, out: Path, merge: bool = False, force: bool = False) -> Exp
     from lmctl.loading import load_for_inference
     from lmctl.modelref import resolve
 
-    if out.exists() and any(out.iterdir()) and not force:
-        raise BadInputError(f"{out} exists and is not empty", hint="choose another --out or pass --force")
+    checkpoint.require_empty_output(out, force)
     resolved = resolve(ref)
     if resolved.kind != "checkpoint":
         raise BadInputError(f"{ref}: not an lmctl checkpoint; export takes a checkpoint or registry version")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ from lmctl import checkpoint, registry
 from lmctl.config import LmctlConfig, config_dump
 from lmctl.errors import BadInputError, BusyError, ConfigError, LmctlError, ModelRefError, PolicyError
 from lmctl.evaluate.compare import Gate
-from lmctl.retrain_state import Outcome, RetrainState, RunStore, StageRecord, begin_stage, end_stage, new_run_id, run_lock
+from lmctl.retrain_state import (Outcome, RetrainState, RunStore, StageRecord, begin_stage, end_stage, new_run_id, now_utc,
+                                 run_lock)
 
 log = logging.getLogger("lmctl.retrain")
 REPORT_SCHEMA = "lmctl.retrain/1"
@@ -99,7 +99,7 @@ def retrain(cfg: LmctlConfig, config_path: Path | None = None, force: bool = Fal
         with run_lock(ctx.name):
             state = ctx.store.unfinished()
             if state is None:
-                state = RetrainState(run_id=new_run_id(), name=ctx.name, force=force, started_at=_now(),
+                state = RetrainState(run_id=new_run_id(), name=ctx.name, force=force, started_at=now_utc(),
                                      config=str(config_path) if config_path else None)
             else:
                 state.invocations += 1
@@ -146,10 +146,6 @@ def _result(state: RetrainState, started: float) -> RetrainResult:
         gates=state.gates, stages=state.stages, eval_report=state.eval_report, report=state.report,
         seconds=round(time.perf_counter() - started, 3),
     )
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _production(ctx: _Ctx) -> str | None:

@@ -86,7 +86,7 @@ class RetrainState(BaseModel):
         return next(r for r in self.stages if r.name == name)
 
 
-def _now() -> str:
+def now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -138,7 +138,7 @@ class RunStore:
 
 def begin_stage(store: RunStore, state: RetrainState, name: str) -> float:
     rec = state.record(name)
-    rec.status, rec.attempts, rec.started_at = "running", rec.attempts + 1, _now()
+    rec.status, rec.attempts, rec.started_at = "running", rec.attempts + 1, now_utc()
     store.save(state)
     return time.perf_counter()
 
@@ -175,7 +175,7 @@ def run_lock(name: str) -> Iterator[None]:
         raise BusyError(f"a retrain of {name!r} is already running ({_describe_holder(holder)})",
                         hint="wait for it to finish; this run did nothing") from None
     try:
-        write_json_atomic(holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()})
+        write_json_atomic(holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": now_utc()})
         yield
     finally:
         with contextlib.suppress(OSError):

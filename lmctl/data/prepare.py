@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from lmctl import data, pii
-from lmctl.checkpoint import staging_dir, write_json_atomic
+from lmctl.checkpoint import require_empty_output, staging_dir, write_json_atomic
 from lmctl.data.quality import record_key
 from lmctl.errors import BadInputError
 
@@ -65,8 +65,7 @@ def prepare(source: Path, out: Path, text_field: str = "text", fmt: str = "auto"
             seed: int = 0, redact: bool = True, force: bool = False) -> PrepareResult:
     if not 0.0 <= validation_share < 1.0:
         raise BadInputError(f"--validation-share {validation_share} must be in [0, 1)")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise BadInputError(f"{out} exists and is not empty", hint="choose another --out or pass --force")
+    require_empty_output(out, force)
     records, fmt, field = data.load_checked(source, text_field, fmt)  # type: ignore[arg-type]
     counts: Counter[str] = Counter()
     cleaned = [_redact_record(r, fmt, field, counts) if redact else r for r in records]

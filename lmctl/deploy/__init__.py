@@ -156,13 +156,6 @@ def _make_readable(root: Path) -> None:
         path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise BadInputError(f"{out} exists and is not empty", hint="choose another --out or pass --force")
-
-
 def _check_options(ref: str, target: str, opts: DeployOptions) -> None:
     if target not in TARGETS:
         raise BadInputError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
@@ -181,7 +174,7 @@ def deploy(ref: str, target: str, out: Path, options: DeployOptions | None = Non
 
     opts = options or DeployOptions()
     _check_options(ref, target, opts)
-    _check_out(out, force)
+    checkpoint.require_empty_output(out, force)
     final = Path(os.path.abspath(out))
     renderers = {"local": local.Renderer, "vllm": vllm.Renderer, "kubernetes": kubernetes.Renderer}
     renderer = renderers[target](opts, final)  # options first: cheap, and nothing is resolved yet
