@@ -20,13 +20,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from lmctl.errors import BadInputError, IntegrityError
+from lmctl.atomic import write_json_atomic
+from lmctl.errors import IntegrityError
 
 MANIFEST = "lmctl.json"
 MANIFEST_FORMAT = "lmctl.checkpoint/1"
-# Tokenizer ids of this text are locked in the manifest: a swapped vocabulary or changed
-# normalizer shows up here even when file hashes were recomputed by someone else.
-PROBE_TEXT = "lmctl tokenizer probe: Hello, world! 1234 <|im_start|> naïve café ΩMEGA\n\tdef f(x): return x**2"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -87,21 +85,6 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer: Any, directory: Path) -> TokenizerFingerprint:
-    """Fingerprint a loaded tokenizer plus the tokenizer files saved in `directory`."""
-    files = {n: sha256_file(directory / n) for n in TOKENIZER_FILES if (directory / n).is_file()}
-    template = getattr(tokenizer, "chat_template", None)
-    body = {
-        "vocab_size": len(tokenizer),
-        "special_tokens": {
-            name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")
-        },
-        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
-        "probe_ids": list(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]),
-    }
-    return TokenizerFingerprint(files=files, fingerprint=sha256_json({"files": files, **body}), **body)
-
-
 def hash_files(directory: Path) -> dict[str, FileEntry]:
     """sha256 and size of every regular file under `directory` except the manifest."""
     entries = {}
@@ -110,71 +93,6 @@ def hash_files(directory: Path) -> dict[str, FileEntry]:
         if rel != MANIFEST:
             entries[rel] = FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
     return entries
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temp file in the same directory, fsync, then rename over `path`."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text via a temp file in the same directory, fsync, then rename over `path`."""
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_bytes_atomic(path: Path, payload: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def require_empty_output(out: Path, force: bool) -> None:
-    """An --out directory must be new or empty unless --force: a command never mixes its output
-    into someone's files (checked before any work, so a refusal costs nothing)."""
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise BadInputError(f"{out} exists and is not empty", hint="choose another --out or pass --force")
-
-
-@contextlib.contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
-    """A hidden sibling directory that becomes `final` only if the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
-    try:
-        yield tmp
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with path.open("rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def seal(directory: Path, manifest_fields: dict[str, Any]) -> Manifest:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from lmctl.checkpoint import sha256_file, staging_dir, write_json_atomic
+from lmctl.atomic import staging_dir, write_json_atomic
+from lmctl.checkpoint import sha256_file
 from lmctl.errors import BadInputError, IntegrityError, ModelRefError
 from lmctl.home import models_dir
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ASSETS
-from lmctl import data, preflight
+from lmctl import data
+from lmctl.train import preflight
 from lmctl.data.examples import IGNORE, ExampleSet, build_examples
 from lmctl.errors import BadInputError, DataError
 from lmctl.loading import load_tokenizer

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ASSETS, free_port, run_subprocess
-from lmctl import checkpoint
+from lmctl import atomic, checkpoint, tokenizer_lock
 from lmctl.errors import IntegrityError
 
 
@@ -68,7 +68,7 @@ def test_corrupt_manifest_is_integrity_failure(trained_checkpoint: Path) -> None
 def test_staging_dir_leaves_nothing_on_failure(tmp_path: Path) -> None:
     final = tmp_path / "ckpt"
     with pytest.raises(RuntimeError):
-        with checkpoint.staging_dir(final) as stage:
+        with atomic.staging_dir(final) as stage:
             (stage / "adapter_model.safetensors").write_bytes(b"partial")
             raise RuntimeError("killed mid-write")
     assert os.listdir(tmp_path) == []
@@ -82,7 +82,7 @@ def _reseal(ckpt: Path) -> None:
     manifest = checkpoint.read_manifest(ckpt)
     (ckpt / "lmctl.json").unlink()
     fields = manifest.model_dump(exclude={"files"})
-    fields["tokenizer"] = checkpoint.tokenizer_fingerprint(load_tokenizer(str(ckpt)), ckpt)
+    fields["tokenizer"] = tokenizer_lock.tokenizer_fingerprint(load_tokenizer(str(ckpt)), ckpt)
     checkpoint.seal(ckpt, fields)
     checkpoint.verify(ckpt)
 

@@ -30,7 +30,7 @@ def _versions(cli) -> list[dict]:  # type: ignore[no-untyped-def]
 def _deleted_runs() -> list[str]:
     from mlflow.entities import ViewType
 
-    from lmctl.register import EXPERIMENT
+    from lmctl.registry.register import EXPERIMENT
 
     client = registry.client()
     experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id

@@ -185,7 +185,7 @@ def test_killed_after_each_stage_resumes_there_without_duplicates(config: Path, 
     """Real processes, each SIGKILLed right after one stage (and one inside `register`); each
     next one resumes there. While one of them trains, a concurrent `lmctl retrain` gets exit 5."""
     from lmctl import registry
-    from lmctl.register import register
+    from lmctl.registry.register import register
 
     holder = lmctl_home / "retrain" / "tiny.holder.json"
     for stage in STAGES:

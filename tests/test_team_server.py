@@ -200,7 +200,7 @@ def test_concurrent_registers_from_separate_machines(cli, team: dict, team_check
 def test_a_stale_server_lock_is_broken(cli, team: dict, team_checkpoint: Path) -> None:
     """A promoter killed while holding the server-side lock must not block promotions forever."""
     from lmctl import registry
-    from lmctl.registry_mutex import OWNER_TAG, PREFIX, SINCE_TAG
+    from lmctl.registry.mutex import OWNER_TAG, PREFIX, SINCE_TAG
 
     name = _name("team-stale")
     assert cli("register", str(team_checkpoint), "--name", name).code == 0

@@ -19,6 +19,6 @@ def export(
     traceback: TracebackOpt = False,
 ) -> None:
     """Export a verified checkpoint, as is or merged into a plain Hugging Face model."""
-    from lmctl.export import export as run_export
+    from lmctl.deploy.export import export as run_export
 
     emit(run_export(model_ref, out, merge=merge, force=force), json_out)

@@ -21,7 +21,7 @@ def promote(
     traceback: TracebackOpt = False,
 ) -> None:
     """Point an alias (default production) at a version when its eval report's gates pass; the move is recorded."""
-    from lmctl.promotion import promote as do_promote
+    from lmctl.registry.promotion import promote as do_promote
 
     emit(do_promote(name, version, alias=alias, report_path=eval_report, force=force, reason=reason), json_out)
 

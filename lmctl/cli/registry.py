@@ -36,7 +36,7 @@ def register(
     traceback: TracebackOpt = False,
 ) -> None:
     """Create a new model version from a verified checkpoint (tokenizer checked against the base; model card generated)."""
-    from lmctl.register import register as do_register
+    from lmctl.registry.register import register as do_register
 
     emit(do_register(checkpoint, name, alias=alias, eval_report=eval_report, description=description), json_out)
 
@@ -81,7 +81,8 @@ def verify(
     """Re-hash every artifact against lmctl.json (and the registry's lock tags and model card hash); exit 4 on mismatch."""
     from pathlib import Path as _Path
 
-    from lmctl import checkpoint, model_card, registry
+    from lmctl import checkpoint, registry
+    from lmctl.registry import model_card
     from lmctl.modelref import resolve
 
     resolved = resolve(model_ref)
@@ -117,6 +118,6 @@ def diff(
     traceback: TracebackOpt = False,
 ) -> None:
     """Config, base model, data, tokenizer and metric differences between two checkpoints or versions."""
-    from lmctl.diff import diff as run_diff
+    from lmctl.registry.diff import diff as run_diff
 
     emit(run_diff(ref_a, ref_b), json_out)

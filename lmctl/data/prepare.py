@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from lmctl import data, pii
-from lmctl.checkpoint import require_empty_output, staging_dir, write_json_atomic
+from lmctl.atomic import require_empty_output, staging_dir, write_json_atomic
 from lmctl.data.quality import record_key
 from lmctl.errors import BadInputError
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from lmctl import __version__, checkpoint
+from lmctl import __version__, atomic, checkpoint
 from lmctl.errors import BadInputError
 
 log = logging.getLogger("lmctl.deploy")
@@ -174,15 +174,15 @@ def deploy(ref: str, target: str, out: Path, options: DeployOptions | None = Non
 
     opts = options or DeployOptions()
     _check_options(ref, target, opts)
-    checkpoint.require_empty_output(out, force)
+    atomic.require_empty_output(out, force)
     final = Path(os.path.abspath(out))
     renderers = {"local": local.Renderer, "vllm": vllm.Renderer, "kubernetes": kubernetes.Renderer}
     renderer = renderers[target](opts, final)  # options first: cheap, and nothing is resolved yet
     source = load_source(ref)
     renderer.prepare(source)  # target checks that need the checkpoint; still writes nothing
-    with checkpoint.staging_dir(final) as stage:
+    with atomic.staging_dir(final) as stage:
         rendered = renderer.render(stage)
-        checkpoint.write_json_atomic(stage / "deploy.json", manifest_doc(source, target, rendered.target_info))
+        atomic.write_json_atomic(stage / "deploy.json", manifest_doc(source, target, rendered.target_info))
         _make_readable(stage)
     for warning in rendered.warnings:
         log.warning("warning: %s", warning)

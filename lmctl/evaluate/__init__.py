@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from lmctl import data
-from lmctl.checkpoint import write_text_atomic
+from lmctl.atomic import write_text_atomic
 from lmctl.errors import BadInputError
 from lmctl.evaluate.compare import Comparison, Gate, check_gates, compare, latency_gate
 from lmctl.evaluate.latency import LatencyReport

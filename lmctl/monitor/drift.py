@@ -46,7 +46,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from lmctl import data
-from lmctl.checkpoint import write_bytes_atomic, write_text_atomic
+from lmctl.atomic import write_bytes_atomic, write_text_atomic
 from lmctl.config import DriftConfig
 from lmctl.errors import BadInputError, DataError
 from lmctl.evaluate.compare import Gate

@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmctl import checkpoint
+from lmctl import atomic, checkpoint
 from lmctl.errors import BadInputError, BusyError, IntegrityError, ModelRefError, PolicyError
 from lmctl.home import cache_dir, lmctl_home
 
@@ -94,13 +94,13 @@ def registry_lock():  # type: ignore[no-untyped-def]
 
 
 def _team_mutex(mlflow_client, name: str):  # type: ignore[no-untyped-def]
-    """On a team server, also hold a lock in the server's database (lmctl.registry_mutex), so
+    """On a team server, also hold a lock in the server's database (lmctl.registry.mutex), so
     alias moves and their audit history are serialized across machines too."""
     import contextlib
 
     if _embedded():
         return contextlib.nullcontext()
-    from lmctl.registry_mutex import server_mutex
+    from lmctl.registry.mutex import server_mutex
 
     return server_mutex(mlflow_client, name, LOCK_TIMEOUT_S)
 
@@ -258,7 +258,7 @@ def download_version(name: str, version: str) -> Path:
     info = require_usable(get_version(name, version))
     target = cache_dir() / "registry" / name / str(version)
     if not checkpoint.is_checkpoint(target):
-        with checkpoint.staging_dir(target) as stage:
+        with atomic.staging_dir(target) as stage:
             download_artifacts(artifact_uri=info.source, dst_path=str(stage), tracking_uri=tracking_uri())
             inner = next((p.parent for p in stage.rglob(checkpoint.MANIFEST)), None)
             if inner is None:

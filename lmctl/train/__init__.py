@@ -18,13 +18,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmctl import __version__, checkpoint, data, preflight
+from lmctl import __version__, atomic, checkpoint, data, tokenizer_lock
+from lmctl.train import preflight
 from lmctl.config import LmctlConfig, config_dump
 from lmctl.data.examples import ExampleSet, build_examples, collate
 from lmctl.data.packing import collate_packed, pack, packing_is_isolated
 from lmctl.errors import BadInputError, BusyError, DataError
-from lmctl.memory import MemoryEstimate
-from lmctl.memory import estimate as estimate_memory
+from lmctl.train.memory import MemoryEstimate
+from lmctl.train.memory import estimate as estimate_memory
 
 log = logging.getLogger("lmctl.train")
 
@@ -172,7 +173,7 @@ class _Run:
         )
         self.resume_from = _resume_point(self.run_dir, resume)
         if self.resume_from:
-            preflight.check_resume_tokenizer(Path(self.resume_from), self.tokenizer)
+            tokenizer_lock.check_resume_tokenizer(Path(self.resume_from), self.tokenizer)
         self.train_rows = pack(self.train_set.examples, cfg.data.max_length) if cfg.data.packing else self.train_set.examples
         per_step = cfg.train.batch_size * cfg.train.grad_accum
         steps = _max_steps(cfg, len(self.train_rows))
@@ -190,14 +191,14 @@ class _Run:
 
     def export(self, model: Any, step: int, metrics: dict[str, Any], run_id: str) -> Path:
         final = self.run_dir / "checkpoints" / f"step-{step:06d}"
-        with checkpoint.staging_dir(final) as stage:
+        with atomic.staging_dir(final) as stage:
             # added tokens' rows are in the trainable-tokens delta; the full matrices need not be saved
             model.save_pretrained(stage, safe_serialization=True, save_embedding_layers=False)
             self.tokenizer.save_pretrained(stage)
             checkpoint.seal(stage, {
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "lmctl_version": __version__,
-                "tokenizer": checkpoint.tokenizer_fingerprint(self.tokenizer, stage),
+                "tokenizer": tokenizer_lock.tokenizer_fingerprint(self.tokenizer, stage),
                 "base_model": self.base_info,
                 "data": self.data_info,
                 "config": config_dump(self.cfg),
@@ -324,8 +325,8 @@ def _build_model(cfg: LmctlConfig, run: _Run) -> Any:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     if len(run.tokenizer) > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(len(run.tokenizer), mean_resizing=False)
-    model = get_peft_model(base, _lora_config(cfg, preflight.token_indices(base, cfg.lora.modules_to_save, run.new_token_ids)))
-    preflight.check_rows_saved(model, run.tokenizer, run.new_token_ids)
+    model = get_peft_model(base, _lora_config(cfg, tokenizer_lock.token_indices(base, cfg.lora.modules_to_save, run.new_token_ids)))
+    tokenizer_lock.check_rows_saved(model, run.tokenizer, run.new_token_ids)
     model.config.use_cache = False  # a KV cache is useless in training and disables packed attention masks
     return model
 
@@ -334,7 +335,7 @@ def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
     import datasets
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
 
-    from lmctl.train_callbacks import ExportCheckpoints, Progress, Tracking
+    from lmctl.train.callbacks import ExportCheckpoints, Progress, Tracking
 
     set_seed(cfg.train.seed)
     run.run_dir.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from lmctl.checkpoint import write_json_atomic
+from lmctl.atomic import write_json_atomic
 from lmctl.errors import BusyError
 from lmctl.evaluate.compare import Gate
 from lmctl.home import lmctl_home

@@ -8,7 +8,7 @@ eval set and suites and promoted only when every gate passes. With no production
 (the first run) there is no baseline: the perplexity-regression gate cannot apply, the
 absolute gates (suite scores, safety) still do, and a passing candidate is promoted.
 
-Every stage persists the run's state (`lmctl.retrain_state`), so a killed run resumes at
+Every stage persists the run's state (`lmctl.retrain.state`), so a killed run resumes at
 the stage it died in. Registering is idempotent: a version whose `lmctl.manifest_sha256`
 tag matches the candidate checkpoint is reused, never duplicated.
 """
@@ -23,11 +23,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmctl import checkpoint, registry
+from lmctl import atomic, checkpoint, registry
 from lmctl.config import LmctlConfig, config_dump
 from lmctl.errors import BadInputError, BusyError, ConfigError, LmctlError, ModelRefError, PolicyError
 from lmctl.evaluate.compare import Gate
-from lmctl.retrain_state import (Outcome, RetrainState, RunStore, StageRecord, begin_stage, end_stage, new_run_id, now_utc,
+from lmctl.retrain.state import (Outcome, RetrainState, RunStore, StageRecord, begin_stage, end_stage, new_run_id, now_utc,
                                  run_lock)
 
 log = logging.getLogger("lmctl.retrain")
@@ -130,7 +130,7 @@ def _run_stages(ctx: _Ctx, state: RetrainState, started: float) -> RetrainResult
         t0 = begin_stage(ctx.store, state, "report")
         state.report = str(ctx.store.run_dir(state.run_id) / "report.json")
         state.record("report").status = "done"  # the report lists itself as done
-        checkpoint.write_json_atomic(Path(state.report), _result(state, started).model_dump(mode="json"))
+        atomic.write_json_atomic(Path(state.report), _result(state, started).model_dump(mode="json"))
         end_stage(ctx.store, state, "report", t0, "done")
         ctx.store.prune(ctx.cfg.retrain.keep_runs)
     return _result(state, started)
@@ -258,7 +258,7 @@ def _evaluate(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
 
 
 def _register(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
-    from lmctl.register import register
+    from lmctl.registry.register import register
 
     ckpt = Path(str(state.checkpoint))
     state.manifest_sha256 = checkpoint.sha256_file(ckpt / checkpoint.MANIFEST)
@@ -296,7 +296,7 @@ def _promote(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
     """Promote through the same policy as `lmctl promote --eval`: the eval report must be about
     this version, compared against the current holder, with every gate passed; the alias moves
     only if its holder is still the one compared against (checked under the registry lock)."""
-    from lmctl.promotion import promote
+    from lmctl.registry.promotion import promote
 
     alias = ctx.cfg.retrain.production_alias
     version = str(state.candidate_version)

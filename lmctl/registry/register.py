@@ -28,10 +28,11 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel
 
-from lmctl import __version__, checkpoint, model_card, preflight, registry
+from lmctl import __version__, checkpoint, registry, tokenizer_lock
+from lmctl.registry import model_card
 from lmctl.errors import BadInputError, DataError, IntegrityError
 
-log = logging.getLogger("lmctl.register")
+log = logging.getLogger("lmctl.registry.register")
 EXPERIMENT = "lmctl-registry"
 CRASH_ENV = "LMCTL_REGISTER_CRASH_AT"
 
@@ -81,12 +82,12 @@ def check_tokenizer(ckpt: Path, manifest: checkpoint.Manifest) -> dict[str, int]
 
     tokenizer = load_tokenizer(str(ckpt))
     locked = manifest.tokenizer.model_dump(exclude={"files", "fingerprint"})
-    diffs = preflight.behaviour_differences(preflight.tokenizer_behaviour(tokenizer), locked)
+    diffs = tokenizer_lock.behaviour_differences(tokenizer_lock.tokenizer_behaviour(tokenizer), locked)
     if diffs:
         raise IntegrityError(f"{ckpt}: the tokenizer files do not behave as locked in lmctl.json: {'; '.join(diffs)}")
     trust = bool(manifest.config.get("model", {}).get("trust_remote_code", False))
     base, revision = resolve_base(manifest.base_model.id), manifest.base_model.revision
-    diffs, added = preflight.tokenizer_delta(tokenizer, load_tokenizer(base, trust, revision))
+    diffs, added = tokenizer_lock.tokenizer_delta(tokenizer, load_tokenizer(base, trust, revision))
     if diffs:
         raise IntegrityError(f"{ckpt}: the tokenizer differs from base model {manifest.base_model.id}'s: {'; '.join(diffs)}",
                              hint="register checkpoints as `lmctl train` wrote them, with the base model's tokenizer")
@@ -94,9 +95,9 @@ def check_tokenizer(ckpt: Path, manifest: checkpoint.Manifest) -> dict[str, int]
         adapter_config = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8"))
         with safe_open(str(ckpt / "adapter_model.safetensors"), "pt") as fh:
             shapes = {key: list(fh.get_slice(key).get_shape()) for key in fh.keys()}
-        rows = preflight.saved_token_rows(adapter_config, shapes, len(tokenizer))
-        tied = preflight.ties_embeddings(AutoConfig.from_pretrained(base, revision=revision, trust_remote_code=trust))
-        preflight.check_added_rows_saved(added, rows, tied, str(ckpt))
+        rows = tokenizer_lock.saved_token_rows(adapter_config, shapes, len(tokenizer))
+        tied = tokenizer_lock.ties_embeddings(AutoConfig.from_pretrained(base, revision=revision, trust_remote_code=trust))
+        tokenizer_lock.check_added_rows_saved(added, rows, tied, str(ckpt))
     return added
 
 

@@ -1,85 +1,40 @@
-"""Pre-flight lint: refuse setups that cannot train well before a single step runs.
+"""The tokenizer lock: a fingerprint of what a tokenizer does, and the checks that a
+checkpoint's tokenizer is the one its adapter was trained with.
 
-- EOS must be learnable: at least one unmasked EOS label in the training examples
-  (the classic pad == eos bug masks every EOS and the model never learns to stop).
-- Truncation that drops more than 5% of tokens is a warning (raise data.max_length).
-- The tokenizer must fit the base model: every token id needs an embedding row.
-- The tokenizer lock: a checkpoint's tokenizer may differ from its base's only by added
-  special tokens whose embedding rows the adapter saves (checked at train start, on resume
-  against the run's earlier checkpoints, and at register).
-- The machine must be able to run the precision and quantization asked for.
+A checkpoint may differ from its base's tokenizer only by added special tokens whose
+embedding rows the adapter saves (checked at train start, on resume against the run's
+earlier checkpoints, and at register).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
-from lmctl.checkpoint import is_checkpoint, read_manifest, tokenizer_fingerprint
-from lmctl.config import LmctlConfig
-from lmctl.data.examples import ExampleSet
+from lmctl.checkpoint import TOKENIZER_FILES, TokenizerFingerprint, is_checkpoint, read_manifest, sha256_file, sha256_json
 from lmctl.errors import BadInputError, IntegrityError, LmctlError
 
-log = logging.getLogger("lmctl.preflight")
-TRUNCATION_WARN = 0.05
+log = logging.getLogger("lmctl.tokenizer_lock")
+# Tokenizer ids of this text are locked in the manifest: a swapped vocabulary or changed
+# normalizer shows up here even when file hashes were recomputed by someone else.
+PROBE_TEXT = "lmctl tokenizer probe: Hello, world! 1234 <|im_start|> naïve café ΩMEGA\n\tdef f(x): return x**2"
 
 
-class LintReport(BaseModel):
-    eos_labels: int
-    truncation_rate: float
-    rows_dropped: int
-    warnings: list[str]
-
-
-def check_tokenizer_fits(tokenizer: Any, model_vocab_size: int) -> None:
-    if len(tokenizer) > model_vocab_size:
-        raise BadInputError(
-            f"tokenizer has {len(tokenizer)} tokens but the base model embeds only {model_vocab_size}",
-            hint="use the base model's own tokenizer, or resize embeddings and save them with the adapter",
-        )
-    for name in ("bos", "eos", "pad", "unk"):
-        token_id = getattr(tokenizer, f"{name}_token_id", None)
-        if token_id is not None and token_id >= model_vocab_size:
-            raise BadInputError(f"{name} token id {token_id} is outside the model's vocabulary ({model_vocab_size})")
-
-
-def lint(train: ExampleSet, tokenizer: Any, model_vocab_size: int) -> LintReport:
-    """Raise BadInputError on a setup that cannot work; return warnings for ones that work badly."""
-    check_tokenizer_fits(tokenizer, model_vocab_size)
-    eos = tokenizer.eos_token_id
-    eos_labels = sum(label == eos for ex in train.examples for label in ex["labels"]) if eos is not None else 0
-    if eos_labels == 0:
-        raise BadInputError("EOS can never be learned: no training example has an unmasked EOS label",
-                            hint="the tokenizer needs an eos_token, and completions must end with it")
-    warnings = []
-    if train.truncation_rate > TRUNCATION_WARN:
-        warnings.append(f"truncation drops {train.truncation_rate:.1%} of training tokens; raise data.max_length")
-    if train.rows_dropped:
-        warnings.append(f"{train.rows_dropped} rows had nothing left to learn after truncation and were skipped")
-    for warning in warnings:
-        log.warning("warning: %s", warning)
-    return LintReport(eos_labels=eos_labels, truncation_rate=round(train.truncation_rate, 6),
-                      rows_dropped=train.rows_dropped, warnings=warnings)
-
-
-def check_hardware(cfg: LmctlConfig) -> None:
-    """Refuse (exit 2) precision and quantization settings this machine cannot run."""
-    import importlib.util
-
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if cfg.lora.quantization == "4bit":
-        if not cuda:
-            raise BadInputError("lora.quantization=4bit (QLoRA) needs a CUDA GPU; this machine has none",
-                                hint="set lora.quantization=none to train in full precision on CPU")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise BadInputError("lora.quantization=4bit needs the bitsandbytes package", hint="pip install bitsandbytes")
-    if cfg.model.dtype == "float16" and not cuda:
-        raise BadInputError("model.dtype=float16 needs a CUDA GPU; use float32 or bfloat16 on CPU")
+def tokenizer_fingerprint(tokenizer: Any, directory: Path) -> TokenizerFingerprint:
+    """Fingerprint a loaded tokenizer plus the tokenizer files saved in `directory`."""
+    files = {n: sha256_file(directory / n) for n in TOKENIZER_FILES if (directory / n).is_file()}
+    template = getattr(tokenizer, "chat_template", None)
+    body = {
+        "vocab_size": len(tokenizer),
+        "special_tokens": {
+            name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")
+        },
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
+        "probe_ids": list(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]),
+    }
+    return TokenizerFingerprint(files=files, fingerprint=sha256_json({"files": files, **body}), **body)
 
 
 # --- The tokenizer lock against the base model ---------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmctl import __version__, checkpoint
+from lmctl import __version__, atomic, checkpoint
 from lmctl.errors import BadInputError, IntegrityError
 
 PROBE = ("The registry keeps every checkpoint with its tokenizer. A rollback returns the alias to the "
@@ -51,14 +51,14 @@ def export(ref: str, out: Path, merge: bool = False, force: bool = False) -> Exp
     from lmctl.loading import load_for_inference
     from lmctl.modelref import resolve
 
-    checkpoint.require_empty_output(out, force)
+    atomic.require_empty_output(out, force)
     resolved = resolve(ref)
     if resolved.kind != "checkpoint":
         raise BadInputError(f"{ref}: not an lmctl checkpoint; export takes a checkpoint or registry version")
     source = Path(resolved.path)
     if not merge:
         checkpoint.verify(source)
-        with checkpoint.staging_dir(out) as stage:
+        with atomic.staging_dir(out) as stage:
             shutil.copytree(source, stage, dirs_exist_ok=True)
         return ExportResult(out=str(out), merged=False, source=ref, files=len(list(out.iterdir())))
     loaded = load_for_inference(resolved, dtype="float32")
@@ -69,13 +69,13 @@ def export(ref: str, out: Path, merge: bool = False, force: bool = False) -> Exp
     if diff > MAX_LOGIT_DIFF or abs(merged_ppl / adapter_ppl - 1) > MAX_PPL_REL_DIFF:
         raise IntegrityError(f"merged model differs from the adapter: max |logit diff| {diff:.2e} "
                              f"(limit {MAX_LOGIT_DIFF}), perplexity {merged_ppl:.6f} vs {adapter_ppl:.6f}")
-    with checkpoint.staging_dir(out) as stage:
+    with atomic.staging_dir(out) as stage:
         merged.save_pretrained(stage, safe_serialization=True)
         for name in checkpoint.TOKENIZER_FILES:  # the checkpoint's tokenizer files, byte for byte
             if (source / name).is_file():
                 shutil.copy2(source / name, stage / name)
         manifest = loaded.manifest or checkpoint.read_manifest(source)
-        checkpoint.write_json_atomic(stage / "lmctl-export.json", {
+        atomic.write_json_atomic(stage / "lmctl-export.json", {
             "format": "lmctl.export/1", "source": ref, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "lmctl_version": __version__, "source_manifest_sha256": checkpoint.sha256_file(source / checkpoint.MANIFEST),
             "base_model": manifest.base_model.model_dump(), "tokenizer": manifest.tokenizer.model_dump(),

@@ -1,0 +1,77 @@
+"""Pre-flight lint: refuse setups that cannot train well before a single step runs.
+
+- EOS must be learnable: at least one unmasked EOS label in the training examples
+  (the classic pad == eos bug masks every EOS and the model never learns to stop).
+- Truncation that drops more than 5% of tokens is a warning (raise data.max_length).
+- The tokenizer must fit the base model: every token id needs an embedding row.
+- The machine must be able to run the precision and quantization asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel
+
+from lmctl.config import LmctlConfig
+from lmctl.data.examples import ExampleSet
+from lmctl.errors import BadInputError
+
+log = logging.getLogger("lmctl.train.preflight")
+TRUNCATION_WARN = 0.05
+
+
+class LintReport(BaseModel):
+    eos_labels: int
+    truncation_rate: float
+    rows_dropped: int
+    warnings: list[str]
+
+
+def check_tokenizer_fits(tokenizer: Any, model_vocab_size: int) -> None:
+    if len(tokenizer) > model_vocab_size:
+        raise BadInputError(
+            f"tokenizer has {len(tokenizer)} tokens but the base model embeds only {model_vocab_size}",
+            hint="use the base model's own tokenizer, or resize embeddings and save them with the adapter",
+        )
+    for name in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None and token_id >= model_vocab_size:
+            raise BadInputError(f"{name} token id {token_id} is outside the model's vocabulary ({model_vocab_size})")
+
+
+def lint(train: ExampleSet, tokenizer: Any, model_vocab_size: int) -> LintReport:
+    """Raise BadInputError on a setup that cannot work; return warnings for ones that work badly."""
+    check_tokenizer_fits(tokenizer, model_vocab_size)
+    eos = tokenizer.eos_token_id
+    eos_labels = sum(label == eos for ex in train.examples for label in ex["labels"]) if eos is not None else 0
+    if eos_labels == 0:
+        raise BadInputError("EOS can never be learned: no training example has an unmasked EOS label",
+                            hint="the tokenizer needs an eos_token, and completions must end with it")
+    warnings = []
+    if train.truncation_rate > TRUNCATION_WARN:
+        warnings.append(f"truncation drops {train.truncation_rate:.1%} of training tokens; raise data.max_length")
+    if train.rows_dropped:
+        warnings.append(f"{train.rows_dropped} rows had nothing left to learn after truncation and were skipped")
+    for warning in warnings:
+        log.warning("warning: %s", warning)
+    return LintReport(eos_labels=eos_labels, truncation_rate=round(train.truncation_rate, 6),
+                      rows_dropped=train.rows_dropped, warnings=warnings)
+
+
+def check_hardware(cfg: LmctlConfig) -> None:
+    """Refuse (exit 2) precision and quantization settings this machine cannot run."""
+    import importlib.util
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.lora.quantization == "4bit":
+        if not cuda:
+            raise BadInputError("lora.quantization=4bit (QLoRA) needs a CUDA GPU; this machine has none",
+                                hint="set lora.quantization=none to train in full precision on CPU")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise BadInputError("lora.quantization=4bit needs the bitsandbytes package", hint="pip install bitsandbytes")
+    if cfg.model.dtype == "float16" and not cuda:
+        raise BadInputError("model.dtype=float16 needs a CUDA GPU; use float32 or bfloat16 on CPU")
