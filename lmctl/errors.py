@@ -1,15 +1,15 @@
 """The one error hierarchy of lmctl.
 
-Every expected failure is an `LmctlError` carrying the exit code of DESIGN.md; the CLI
-turns it into one line on stderr (`lmctl.cli.app.run`). Anything else that escapes is a
-bug and exits 1.
+Every expected failure is an `LmctlError` carrying its exit code (docs/exit-codes.md); the
+CLI boundary, `lmctl.cli.main`, turns it into one line on stderr. Anything else that
+escapes is a bug and exits 1.
 """
 
 from __future__ import annotations
 
 
 class ExitCode:
-    """Exit codes shared by every command (DESIGN.md, "Command contract")."""
+    """Exit codes shared by every command (docs/exit-codes.md)."""
 
     OK = 0
     INTERNAL = 1

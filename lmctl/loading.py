@@ -1,8 +1,8 @@
 """Load tokenizers and models for training, eval and serving, the same way everywhere.
 
-Safety rules from DESIGN.md live here: weights load from safetensors only, remote code is
-refused unless the config allows it, and a checkpoint is verified against its lock before
-any of its files are used.
+The safety rules of docs/storage.md live here: weights load from safetensors only, remote
+code is refused unless the config allows it, and a checkpoint is verified against its lock
+before any of its files are used.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Turn what a user typed (a base model name or a MODEL_REF) into a local directory.
 
-MODEL_REF forms (DESIGN.md): a local checkpoint or model directory, `models:/NAME/VERSION`,
+MODEL_REF forms (docs/commands.md, "MODEL_REF"): a local checkpoint or model directory, `models:/NAME/VERSION`,
 `models:/NAME@ALIAS`, or a hub id (only where a hub can be reached).
 """
 

@@ -1,6 +1,6 @@
 """Perplexity, token-weighted across documents, with padding never scored.
 
-Method (README "How perplexity is computed"): each document is tokenized without special
+Method (docs/perplexity.md): each document is tokenized without special
 tokens and a prefix token (BOS, else EOS) is put in front, so its first token is scored
 too, as lm-eval-harness does. Windows of at most `max_length` inputs then slide over the
 document; each window scores only the tokens no earlier window scored, with everything

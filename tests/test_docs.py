@@ -1,0 +1,119 @@
+"""The docs/ pages stay in step with the code: config keys, commands and flags, links.
+
+Each check reads the code's own definitions (the pydantic config models, the typer command
+tree), so a field or flag added without documentation fails here with what to add.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+COMMON_FLAGS = {"--json", "--traceback", "--help"}
+LINK_RE = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _config_doc_script() -> Any:
+    spec = importlib.util.spec_from_file_location("config_doc", REPO / "scripts" / "config_doc.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _config_keys() -> list[str]:
+    from lmctl.config import LmctlConfig
+
+    return [f"{section}.{key}" for section, field in LmctlConfig.model_fields.items()
+            for key in field.annotation.model_fields]  # type: ignore[union-attr]
+
+
+def test_every_config_key_is_documented() -> None:
+    text = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    missing = [key for key in _config_keys() if f"`{key}`" not in text]
+    assert not missing, f"config keys missing from docs/configuration.md: {missing}; run `python scripts/config_doc.py --write`"
+
+
+def test_config_reference_is_generated_from_the_code() -> None:
+    script = _config_doc_script()
+    text = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    assert script.current_block(text) == script.render(), "run `python scripts/config_doc.py --write`"
+
+
+def _leaf_commands() -> dict[str, list[str]]:
+    """'registry verify' -> its long flags, for every command lmctl has."""
+    import typer
+
+    from lmctl.cli.app import app
+
+    leaves: dict[str, list[str]] = {}
+
+    def walk(command: Any, path: list[str]) -> None:
+        if hasattr(command, "commands"):
+            for name, child in command.commands.items():
+                walk(child, path + [name])
+            return
+        flags = [opt for param in command.params if param.param_type_name == "option"
+                 for opt in param.opts if opt.startswith("--") and opt not in COMMON_FLAGS]
+        leaves[" ".join(path)] = flags
+
+    walk(typer.main.get_command(app), [])
+    return leaves
+
+
+def _sections(text: str) -> dict[str, str]:
+    """'## lmctl NAME' heading -> the text up to the next '## ' heading."""
+    parts = re.split(r"^## lmctl (.+)$", text, flags=re.M)
+    return {parts[i].strip(): parts[i + 1].split("\n## ")[0] for i in range(1, len(parts), 2)}
+
+
+def test_every_command_and_flag_is_documented() -> None:
+    sections = _sections((DOCS / "commands.md").read_text(encoding="utf-8"))
+    leaves = _leaf_commands()
+    assert len(leaves) >= 20  # the walk found the real tree, not an empty group
+    missing_commands = sorted(set(leaves) - set(sections))
+    assert not missing_commands, f"docs/commands.md has no '## lmctl CMD' section for {missing_commands}"
+    missing_flags = {cmd: [f for f in flags if not re.search(rf"`{re.escape(f)}[` ]", sections[cmd])]
+                     for cmd, flags in leaves.items()}
+    missing_flags = {cmd: flags for cmd, flags in missing_flags.items() if flags}
+    assert not missing_flags, f"flags missing from their command's section of docs/commands.md: {missing_flags}"
+    stale = sorted(set(sections) - set(leaves))
+    assert not stale, f"docs/commands.md documents commands lmctl does not have: {stale}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    return {_slug(m) for m in re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), flags=re.M)}
+
+
+@pytest.mark.parametrize("page", [REPO / "README.md", *sorted(DOCS.glob("*.md"))], ids=lambda p: p.name)
+def test_relative_links_resolve(page: Path) -> None:
+    broken = []
+    for target in LINK_RE.findall(page.read_text(encoding="utf-8")):
+        if re.match(r"^[a-z]+:", target):
+            continue  # http(s), mailto: not checked offline
+        path_part, _, anchor = target.partition("#")
+        linked = (page.parent / path_part).resolve() if path_part else page
+        if not linked.exists() or not linked.is_relative_to(REPO):
+            broken.append(target)
+        elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+            broken.append(target)
+    assert not broken, f"{page.name}: links that point nowhere (or outside the repository): {broken}"
+
+
+def test_nothing_cites_the_old_external_design_file() -> None:
+    needle = "DESIGN" + ".md"  # spelled in two parts so this file does not match itself
+    hits = [str(p.relative_to(REPO)) for folder in ("lmctl", "tests", "scripts", "docs", "examples", "configs")
+            for p in (REPO / folder).rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".yml", ".txt")
+            and needle in p.read_text(encoding="utf-8", errors="replace")]
+    hits += ["README.md"] if needle in (REPO / "README.md").read_text(encoding="utf-8") else []
+    assert not hits, f"these files cite a design file outside the repository; point them at docs/: {hits}"
