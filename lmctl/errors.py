@@ -1,8 +1,9 @@
 """The one error hierarchy of lmctl.
 
 Every expected failure is an `LmctlError` carrying its exit code (docs/exit-codes.md); the
-CLI boundary, `lmctl.cli.main`, turns it into one line on stderr. Anything else that
-escapes is a bug and exits 1.
+library raises it (policy outcomes included: a failed gate is decided where the gates are,
+not in the CLI), and the CLI boundary, `lmctl.cli.main`, alone turns it into one line on
+stderr and the exit code. Anything else that escapes is a bug and exits 1.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ class LmctlError(Exception):
 
     exit_code: int = ExitCode.INTERNAL
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, hint: str | None = None, details: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.details = details  # shown above the error line, e.g. the gate table of a policy refusal
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message

@@ -34,7 +34,7 @@ def test_rolling_matches_lm_eval_harness(tiny_base: Path, tmp_path: Path, monkey
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from lmctl.evaluate import evaluate
+    from lmctl.evaluate import EvalOptions, evaluate
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -51,7 +51,7 @@ def test_rolling_matches_lm_eval_harness(tiny_base: Path, tmp_path: Path, monkey
         task_manager=TaskManager(include_path=str(task_dir)), batch_size=1, device="cpu",
     )
     theirs = out["results"]["lmctl_local_ppl"]
-    ours = evaluate(str(tiny_base), data, method="rolling", max_length=64).metrics
+    ours = evaluate(str(tiny_base), data, EvalOptions(method="rolling", max_length=64)).metrics
     assert ours["word_perplexity"] == pytest.approx(theirs["word_perplexity,none"], rel=1e-3)
     assert ours["byte_perplexity"] == pytest.approx(theirs["byte_perplexity,none"], rel=1e-3)
     assert ours["bits_per_byte"] == pytest.approx(theirs["bits_per_byte,none"], rel=1e-3)

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         result = command.main(args=args, prog_name="lmctl", standalone_mode=False)
         return result if isinstance(result, int) else ExitCode.OK
     except LmctlError as exc:
+        if exc.details:
+            sys.stderr.write(exc.details.rstrip("\n") + "\n")
         return _fail(str(exc), exc.exit_code, show_tb)
     except typer.Exit as exc:
         return exc.exit_code

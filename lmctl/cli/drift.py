@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from lmctl.cli.output import JsonOpt, TracebackOpt, emit
-from lmctl.errors import PolicyError
 
 # threshold flags -> the `drift` config key they override (a flag wins over --config and --set)
 _FLAG_KEYS = {"max_ppl_increase": "max_ppl_increase", "max_psi": "max_psi", "max_ks": "max_ks_statistic",
@@ -39,8 +37,8 @@ def drift(
 ) -> None:
     """Drift of current inputs against a reference: perplexity, token lengths, rare tokens, embeddings (exit 3 on drift)."""
     from lmctl.config import load_config
-    from lmctl.evaluate.compare import gate_table
-    from lmctl.monitor.drift import detect_drift, failed_checks
+    from lmctl.evaluate.compare import enforce_gates
+    from lmctl.monitor.drift import detect_drift
 
     flags = {"max_ppl_increase": max_ppl_increase, "max_psi": max_psi, "max_ks": max_ks,
              "max_rare_increase": max_rare_increase, "min_documents": min_documents,
@@ -50,8 +48,4 @@ def drift(
     result = detect_drift(model, reference, current, cfg, text_field=text_field, max_length=max_length,
                           batch_size=batch_size, report=report, plot=plot)
     emit(result, json_out)
-    failed = failed_checks(result)
-    if failed:
-        sys.stderr.write(gate_table(result.checks) + "\n")  # type: ignore[arg-type]
-        raise PolicyError("drift detected: " + "; ".join(
-            f"{c.name} (measured {c.value:.4g}, threshold {c.threshold:.4g})" for c in failed))
+    enforce_gates(result.checks, "drift detected")

@@ -1,15 +1,20 @@
-"""`lmctl eval MODEL_REF --data FILE`."""
+"""`lmctl eval MODEL_REF --data FILE`: flags, defaults and help come from EvalOptions / EvalGates."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from lmctl.cli.fields import option, options_from
 from lmctl.cli.output import JsonOpt, TracebackOpt, emit
-from lmctl.errors import BadInputError, PolicyError
+from lmctl.errors import BadInputError
+from lmctl.evaluate.options import EvalGates as G
+from lmctl.evaluate.options import EvalOptions as O
+
+_FLAGS = {"suites": "--suite", "lm_eval_tasks": "--lm-eval", "min_scores": "--min-score",
+          "max_p95_latency_ms": "--max-p95-latency"}
 
 
 def _parse_min_scores(items: list[str]) -> dict[str, float]:
@@ -28,48 +33,43 @@ def _parse_min_scores(items: list[str]) -> dict[str, float]:
 def eval_(
     model_ref: Annotated[str, typer.Argument(metavar="MODEL_REF", help="Checkpoint dir, model dir, models:/NAME/VERSION or models:/NAME@ALIAS.")],
     data: Annotated[Path, typer.Option("--data", help="Text data: .txt, .jsonl, .csv, .parquet.")],
-    method: Annotated[str, typer.Option(help="strided (overlapping windows) or rolling (disjoint, lm-eval-harness style).")] = "strided",
-    max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per window (default 1024, capped by the model).")] = None,
-    stride: Annotated[int | None, typer.Option(help="Tokens scored per window with strided (default max-length/2).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 8,
-    text_field: Annotated[str, typer.Option("--text-field", help="Column with the text in jsonl/csv/parquet.")] = "text",
-    report: Annotated[Path | None, typer.Option(help="Also write the JSON report to this file (atomically).")] = None,
-    per_document: Annotated[bool, typer.Option("--per-document", help="Add each document's sums and perplexity.")] = False,
-    baseline: Annotated[str | None, typer.Option(help="MODEL_REF to compare against on the same data (paired bootstrap).")] = None,
-    max_ppl_regression: Annotated[float | None, typer.Option("--max-ppl-regression", metavar="PCT", help="Gate: fail (exit 3) when perplexity is more than PCT% above the baseline's.")] = None,
-    suite: Annotated[list[Path] | None, typer.Option("--suite", help="Task suite (YAML or JSONL); repeatable.")] = None,
-    min_score: Annotated[list[str] | None, typer.Option("--min-score", metavar="SUITE=X", help="Gate: suite score at least X (0-1); repeatable.")] = None,
-    max_safety_violations: Annotated[int | None, typer.Option("--max-safety-violations", metavar="N", help="Gate: at most N safety violations across suites.")] = None,
-    latency: Annotated[bool, typer.Option("--latency", help="Measure generation latency (p50/p95/p99, time to first token, tokens/s).")] = False,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length for --latency.")] = 64,
-    output_tokens: Annotated[int, typer.Option("--output-tokens", min=2, help="Generated tokens per request for --latency.")] = 32,
-    latency_runs: Annotated[int, typer.Option("--latency-runs", min=1, help="Requests measured for --latency.")] = 10,
-    max_p95_latency: Annotated[float | None, typer.Option("--max-p95-latency", metavar="MS", help="Gate: p95 request latency at most MS.")] = None,
-    markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write a Markdown summary to this file.")] = None,
-    html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report with plots.")] = None,
-    log_to_registry: Annotated[bool, typer.Option("--log-to-registry", help="Attach the reports to the models:/ version's MLflow run and its metrics as tags.")] = False,
-    lm_eval: Annotated[str | None, typer.Option("--lm-eval", metavar="TASKS", help="Comma-separated lm-eval-harness tasks (local data) folded into the report.")] = None,
-    lm_eval_include: Annotated[Path | None, typer.Option("--lm-eval-include", help="Directory of lm-eval task YAMLs.")] = None,
+    method: str = option(O, "method"),
+    max_length: int | None = option(O, "max_length", "--max-length"),
+    stride: int | None = option(O, "stride"),
+    batch_size: int = option(O, "batch_size", "--batch-size"),
+    text_field: str = option(O, "text_field", "--text-field"),
+    report: Path | None = option(O, "report"),
+    per_document: bool = option(O, "per_document", "--per-document"),
+    baseline: str | None = option(O, "baseline"),
+    max_ppl_regression: float | None = option(G, "max_ppl_regression", "--max-ppl-regression", metavar="PCT"),
+    suite: list[Path] | None = option(O, "suites", "--suite", default=None),
+    min_score: list[str] | None = option(G, "min_scores", "--min-score", metavar="SUITE=X", default=None),
+    max_safety_violations: int | None = option(G, "max_safety_violations", "--max-safety-violations", metavar="N"),
+    latency: bool = option(O, "latency", "--latency"),
+    prompt_tokens: int = option(O, "prompt_tokens", "--prompt-tokens"),
+    output_tokens: int = option(O, "output_tokens", "--output-tokens"),
+    latency_runs: int = option(O, "latency_runs", "--latency-runs"),
+    max_p95_latency: float | None = option(G, "max_p95_latency_ms", "--max-p95-latency", metavar="MS"),
+    markdown: Path | None = option(O, "markdown", "--markdown"),
+    html: Path | None = option(O, "html", "--html"),
+    log_to_registry: bool = option(O, "log_to_registry", "--log-to-registry"),
+    lm_eval: str | None = option(O, "lm_eval_tasks", "--lm-eval", metavar="TASKS", default=None),
+    lm_eval_include: Path | None = option(O, "lm_eval_include", "--lm-eval-include"),
     json_out: JsonOpt = False,
     traceback: TracebackOpt = False,
 ) -> None:
     """Perplexity (token, word, byte; bits per byte) of a model on a data file."""
-    from lmctl.evaluate import evaluate, failed_gates
-    from lmctl.evaluate.compare import gate_table
+    from lmctl.evaluate import evaluate
+    from lmctl.evaluate.compare import enforce_gates
 
-    if method not in ("strided", "rolling"):
-        raise BadInputError(f"--method {method!r}: expected strided or rolling")
-    result = evaluate(model_ref, data, method=method, max_length=max_length, stride=stride,  # type: ignore[arg-type]
-                      batch_size=batch_size, text_field=text_field, report=report, per_document=per_document,
-                      baseline=baseline, max_ppl_regression=max_ppl_regression, suites=suite or [],
-                      min_scores=_parse_min_scores(min_score or []), max_safety_violations=max_safety_violations,
-                      latency=(prompt_tokens, output_tokens, latency_runs) if latency else None,
-                      max_p95_latency_ms=max_p95_latency, markdown_path=markdown, html_path=html,
-                      log_to_registry=log_to_registry,
-                      lm_eval_tasks=[t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else [],
-                      lm_eval_include=lm_eval_include)
+    options = options_from(O, dict(
+        method=method, max_length=max_length, stride=stride, batch_size=batch_size, text_field=text_field,
+        report=report, per_document=per_document, baseline=baseline, suites=suite or [], latency=latency,
+        prompt_tokens=prompt_tokens, output_tokens=output_tokens, latency_runs=latency_runs, markdown=markdown,
+        html=html, log_to_registry=log_to_registry, lm_eval_include=lm_eval_include,
+        lm_eval_tasks=[t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else []), _FLAGS)
+    gates = options_from(G, dict(max_ppl_regression=max_ppl_regression, min_scores=_parse_min_scores(min_score or []),
+                                 max_safety_violations=max_safety_violations, max_p95_latency_ms=max_p95_latency), _FLAGS)
+    result = evaluate(model_ref, data, options, gates)
     emit(result, json_out)
-    failed = failed_gates(result)
-    if failed:
-        sys.stderr.write(gate_table(result.gates) + "\n")
-        raise PolicyError(f"{len(failed)} gate(s) failed: " + "; ".join(f"{g.name} (measured {g.value:.4g}, threshold {g.threshold:.4g})" for g in failed))
+    enforce_gates(result.gates)

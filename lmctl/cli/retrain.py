@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from lmctl.cli.output import JsonOpt, TracebackOpt, emit
-from lmctl.errors import PolicyError
 
 
 def retrain(
@@ -21,14 +19,9 @@ def retrain(
 ) -> None:
     """Scheduled pipeline: train on new data, evaluate against production, register, promote if every gate passes."""
     from lmctl.config import load_config
-    from lmctl.evaluate.compare import gate_table
     from lmctl.retrain import retrain as run_retrain
 
     cfg = load_config(config, set_ or [])
     result = run_retrain(cfg, config_path=config.resolve(), force=force)
     emit(result, json_out)
-    if result.result == "not_promoted":
-        if result.gates:
-            sys.stderr.write(gate_table(result.gates) + "\n")
-        raise PolicyError(f"candidate v{result.candidate_version} not promoted: {result.reason}",
-                          hint=f"report: {result.report}")
+    result.enforce()

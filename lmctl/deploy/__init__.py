@@ -35,7 +35,7 @@ class DeployOptions(BaseModel):
 
     host: str | None = Field(None, description="Bind address (local: 127.0.0.1, vllm/kubernetes: 0.0.0.0).")
     port: int = Field(8000, ge=1, le=65535, description="Port the server listens on.")
-    name: str | None = Field(None, description="Deployment / served model name (default: registry name).")
+    name: str | None = Field(None, description="Served model / Kubernetes name (default: registry name).")
     base: str | None = Field(None, description="vllm: where vLLM loads the base model from (path or hub id).")
     max_loras: int = Field(1, ge=1, description="vllm: adapters per batch.")
     max_model_len: int | None = Field(None, ge=1, description="vllm: context length limit.")
@@ -46,7 +46,7 @@ class DeployOptions(BaseModel):
     memory: str = Field("4Gi", description="kubernetes: memory request and limit.")
     gpus: int = Field(0, ge=0, description="kubernetes: nvidia.com/gpu per pod.")
     canary: str | None = Field(None, description="kubernetes: MODEL_REF of a canary.")
-    canary_weight: int | None = Field(None, description="kubernetes: percent of traffic for the canary (1-99).")
+    canary_weight: int | None = Field(None, description="kubernetes: percent of traffic for the canary (1-99, default 10).")
     canary_replicas: int = Field(1, ge=1, description="kubernetes: canary replicas.")
     gateway: str = Field("lmctl-gateway", description="kubernetes: Gateway the HTTPRoute attaches to.")
     tracking_uri: str | None = Field(None, description="kubernetes: MLflow registry URI the pods use.")

@@ -7,7 +7,6 @@ import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel
 
@@ -17,12 +16,13 @@ from lmctl.errors import BadInputError
 from lmctl.evaluate.compare import Comparison, Gate, check_gates, compare, latency_gate
 from lmctl.evaluate.latency import LatencyReport
 from lmctl.evaluate.latency import measure as measure_latency
+from lmctl.evaluate.options import EvalGates, EvalOptions, Method
 from lmctl.evaluate.perplexity import PerplexitySums
 from lmctl.evaluate.suites import Suite, SuiteResult, load_suite, run_suite
 
+__all__ = ["REPORT_SCHEMA", "EvalGates", "EvalOptions", "EvalReport", "Method", "evaluate"]
 log = logging.getLogger("lmctl.eval")
 REPORT_SCHEMA = "lmctl.eval/1"
-Method = Literal["strided", "rolling"]
 
 
 class EvalReport(BaseModel):
@@ -115,62 +115,63 @@ def _comparison(cand: _Measured, base: _Measured, texts: list[str]) -> Compariso
     return compare(cand.doc_nll, doc_bytes, base.doc_nll, doc_bytes, "byte_perplexity")
 
 
-def evaluate(
-    ref: str, data_path: Path, method: Method = "strided", max_length: int | None = None,
-    stride: int | None = None, batch_size: int = 8, text_field: str = "text", report: Path | None = None,
-    per_document: bool = False, baseline: str | None = None, max_ppl_regression: float | None = None,
-    suites: list[Path] = (), min_scores: dict[str, float] | None = None,  # type: ignore[assignment]
-    max_safety_violations: int | None = None, latency: tuple[int, int, int] | None = None,
-    max_p95_latency_ms: float | None = None, markdown_path: Path | None = None, html_path: Path | None = None,
-    log_to_registry: bool = False, lm_eval_tasks: list[str] = (),  # type: ignore[assignment]
-    lm_eval_include: Path | None = None,
-) -> EvalReport:
-    """Perplexity of `ref` on `data_path` (and of a baseline, compared); the report is also
-    written to `report` when given. Gates are evaluated but not enforced here: see `failed_gates`."""
-    if max_length is not None and max_length < 2:
+def _check(ref: str, opts: EvalOptions, gates: EvalGates) -> list[Suite]:
+    """Refuse contradictory options before any model is loaded; returns the loaded suites."""
+    if opts.max_length is not None and opts.max_length < 2:
         raise BadInputError("--max-length must be at least 2")
-    if method == "rolling" and stride is not None and stride != max_length:
+    if opts.method == "rolling" and opts.stride is not None and opts.stride != opts.max_length:
         raise BadInputError("--stride cannot be set with --method rolling (its stride is --max-length)")
-    if max_ppl_regression is not None and baseline is None:
+    if gates.max_ppl_regression is not None and opts.baseline is None:
         raise BadInputError("--max-ppl-regression needs --baseline MODEL_REF")
-    loaded_suites = [load_suite(p) for p in suites]
-    unknown = set(min_scores or {}) - {s.name for s in loaded_suites}
+    loaded_suites = [load_suite(p) for p in opts.suites]
+    unknown = set(gates.min_scores) - {s.name for s in loaded_suites}
     if unknown:
         raise BadInputError(f"--min-score names suites that were not given: {', '.join(sorted(unknown))}")
-    texts = data.load_texts(data_path, text_field)
-    if log_to_registry and not ref.startswith("models:/"):
+    return loaded_suites
+
+
+def evaluate(ref: str, data_path: Path, options: EvalOptions | None = None, gates: EvalGates | None = None) -> EvalReport:
+    """Perplexity of `ref` on `data_path` (and of a baseline, compared); the reports named in
+    `options` are written too. Gates are evaluated, not enforced: see `enforce_gates`."""
+    opts, gates = options or EvalOptions(), gates or EvalGates()
+    loaded_suites = _check(ref, opts, gates)
+    texts = data.load_texts(data_path, opts.text_field)
+    if opts.log_to_registry and not ref.startswith("models:/"):
         raise BadInputError("--log-to-registry needs a models:/NAME/VERSION or models:/NAME@ALIAS reference")
-    if max_p95_latency_ms is not None and latency is None:
+    if gates.max_p95_latency_ms is not None and not opts.latency:
         raise BadInputError("--max-p95-latency needs --latency")
-    cand, length, step = _measure(ref, texts, max_length, method, stride, batch_size, loaded_suites, latency)
+    latency = (opts.prompt_tokens, opts.output_tokens, opts.latency_runs) if opts.latency else None
+    cand, length, step = _measure(ref, texts, opts.max_length, opts.method, opts.stride, opts.batch_size,
+                                  loaded_suites, latency)
     comparison = None
     base_summary = None
-    if baseline is not None:
-        base, _, _ = _measure(baseline, texts, length, method, step, batch_size)
+    if opts.baseline is not None:
+        base, _, _ = _measure(opts.baseline, texts, length, opts.method, step, opts.batch_size)
         comparison = _comparison(cand, base, texts)
-        base_summary = {"model": baseline, **_identity(base.resolved), "perplexity": base.sums.metrics["perplexity"],
+        base_summary = {"model": opts.baseline, **_identity(base.resolved), "perplexity": base.sums.metrics["perplexity"],
                         **base.sums.metrics}
     lm_eval_results = None
-    if lm_eval_tasks:
+    if opts.lm_eval_tasks:
         from lmctl.evaluate.lm_eval_bridge import run_tasks
         from lmctl.modelref import ResolvedRef
 
-        lm_eval_results = run_tasks(ResolvedRef(**cand.resolved), list(lm_eval_tasks), lm_eval_include)  # type: ignore[arg-type]
+        lm_eval_results = run_tasks(ResolvedRef(**cand.resolved), list(opts.lm_eval_tasks), opts.lm_eval_include)  # type: ignore[arg-type]
     metrics = cand.sums.metrics
     resolved = cand.resolved
     result = EvalReport(
         model=ref, model_kind=str(resolved["kind"]), **_identity(resolved),  # type: ignore[arg-type]
-        data=data.fingerprint(data_path, text_field, len(texts)).model_dump(),
-        method={"name": method, "max_length": length, "stride": step, "prefix_token": "bos, else eos", "batch_size": batch_size},
+        data=data.fingerprint(data_path, opts.text_field, len(texts)).model_dump(),
+        method={"name": opts.method, "max_length": length, "stride": step, "prefix_token": "bos, else eos",
+                "batch_size": opts.batch_size},
         perplexity=metrics["perplexity"], metrics=metrics, sums=cand.sums.model_dump(), seconds=round(cand.seconds, 3),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        documents=_per_document(texts, cand.doc_nll, cand.doc_tokens) if per_document else None,
+        documents=_per_document(texts, cand.doc_nll, cand.doc_tokens) if opts.per_document else None,
         baseline=base_summary, comparison=comparison, suites=cand.suites, latency=cand.latency, lm_eval=lm_eval_results,
-        gates=check_gates(comparison, max_ppl_regression, cand.suites, min_scores or {}, max_safety_violations)
-        + latency_gate(cand.latency, max_p95_latency_ms),
+        gates=check_gates(comparison, gates.max_ppl_regression, cand.suites, gates.min_scores, gates.max_safety_violations)
+        + latency_gate(cand.latency, gates.max_p95_latency_ms),
     )
     log.info("perplexity %.4f over %d tokens (%.1f s)", result.perplexity, cand.sums.tokens, cand.seconds)
-    _write_reports(result, report, markdown_path, html_path, log_to_registry)
+    _write_reports(result, opts.report, opts.markdown, opts.html, opts.log_to_registry)
     return result
 
 
@@ -199,5 +200,3 @@ def _write_reports(result: EvalReport, json_path: Path | None, markdown_path: Pa
         registry.attach_eval(result.registry["name"], result.registry["version"], staging, result.metrics)
 
 
-def failed_gates(result: EvalReport) -> list[Gate]:
-    return [g for g in result.gates if not g.passed]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 
 from pydantic import BaseModel
 
+from lmctl.errors import PolicyError
 from lmctl.evaluate.latency import LatencyReport
 from lmctl.evaluate.suites import SuiteResult
 
@@ -77,10 +79,24 @@ def check_gates(comparison: Comparison | None, max_ppl_regression: float | None,
     return gates
 
 
-def gate_table(gates: list[Gate]) -> str:
+def gate_table(gates: Sequence[Gate]) -> str:
     lines = [f"{'gate':34} {'threshold':>10} {'measured':>10}  result"]
     lines += [f"{g.name:34} {g.threshold:10.4g} {g.value:10.4g}  {'pass' if g.passed else 'FAIL'}" for g in gates]
     return "\n".join(lines)
+
+
+def enforce_gates(gates: Sequence[Gate], lead: str = "{n} gate(s) failed", hint: str | None = None) -> None:
+    """The policy decision shared by eval, drift, promote and retrain: any failed gate is a
+    PolicyError (exit 3) naming each failure; the full gate table goes with it as details."""
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        raise PolicyError(f"{lead.format(n=len(failed))}: {describe_failures(gates)}", hint=hint,
+                          details=gate_table(gates))
+
+
+def describe_failures(gates: Sequence[Gate]) -> str:
+    """The failed gates in one line: `name (measured X, threshold Y); ...`."""
+    return "; ".join(f"{g.name} (measured {g.value:.4g}, threshold {g.threshold:.4g})" for g in gates if not g.passed)
 
 
 def latency_gate(latency: LatencyReport | None, max_p95_ms: float | None) -> list[Gate]:

@@ -90,7 +90,7 @@ def _holder(name: str, alias: str) -> str | None:
 def check_report(report: Any, record: dict[str, str], info: registry.RegisteredVersion, alias: str,
                  holder: str | None) -> None:
     """Raise PolicyError (one line, then the gate table) unless the report clears `info` for `alias`."""
-    from lmctl.evaluate.compare import gate_table
+    from lmctl.evaluate.compare import enforce_gates
 
     path = record["path"]
     candidate = {"registry": report.registry, "manifest_sha256": report.manifest_sha256, "model": report.model}
@@ -106,10 +106,7 @@ def check_report(report: Any, record: dict[str, str], info: registry.RegisteredV
         if not report.gates:
             raise PolicyError(f"report {path} has no gates, so it cannot clear a promotion",
                               hint="re-run the eval with --max-ppl-regression PCT (and --min-score SUITE=X ...)")
-    failed = [g for g in report.gates if not g.passed]
-    if failed:
-        names = "; ".join(f"{g.name} (measured {g.value:.4g}, threshold {g.threshold:.4g})" for g in failed)
-        raise PolicyError(f"not promoted: {len(failed)} gate(s) failed in {path}: {names}\n{gate_table(report.gates)}")
+    enforce_gates(report.gates, f"not promoted: {{n}} gate(s) failed in {path}")
 
 
 def promote(name: str, version: str, alias: str = "production", report_path: Path | None = None,

@@ -55,6 +55,15 @@ class RetrainResult(BaseModel):
     report: str
     seconds: float
 
+    def enforce(self) -> None:
+        """The policy outcome: a candidate that was not promoted is exit 3 (PolicyError), after
+        the caller has shown the result; promoted and skipped runs pass."""
+        from lmctl.evaluate.compare import gate_table
+
+        if self.result == "not_promoted":
+            raise PolicyError(f"candidate v{self.candidate_version} not promoted: {self.reason}",
+                              hint=f"report: {self.report}", details=gate_table(self.gates) if self.gates else None)
+
 
 class _Ctx:
     """The validated inputs of one invocation (checked before any lock or state is written)."""
@@ -236,7 +245,7 @@ def _train(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
 
 
 def _evaluate(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
-    from lmctl.evaluate import evaluate
+    from lmctl.evaluate import EvalGates, EvalOptions, evaluate
 
     r = ctx.cfg.retrain
     # pin production by version: the comparison must stay valid even if the alias moves meanwhile
@@ -244,9 +253,11 @@ def _evaluate(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
     baseline = f"models:/{ctx.name}/{state.baseline_version}" if state.baseline_version else None
     state.eval_report = str(ctx.store.run_dir(state.run_id) / "eval.json")
     report = evaluate(
-        str(state.checkpoint), ctx.eval_data, text_field=ctx.cfg.data.text_field, report=Path(state.eval_report),
-        baseline=baseline, max_ppl_regression=r.max_ppl_regression if baseline else None, suites=list(r.suites),
-        min_scores=r.min_scores, max_safety_violations=r.max_safety_violations,
+        str(state.checkpoint), ctx.eval_data,
+        EvalOptions(text_field=ctx.cfg.data.text_field, report=Path(state.eval_report), baseline=baseline,
+                    suites=list(r.suites)),
+        EvalGates(max_ppl_regression=r.max_ppl_regression if baseline else None, min_scores=r.min_scores,
+                  max_safety_violations=r.max_safety_violations),
     )
     state.gates = report.gates
     state.evaluation = {"perplexity": report.perplexity, "baseline": baseline,
@@ -296,15 +307,13 @@ def _promote(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
     """Promote through the same policy as `lmctl promote --eval`: the eval report must be about
     this version, compared against the current holder, with every gate passed; the alias moves
     only if its holder is still the one compared against (checked under the registry lock)."""
+    from lmctl.evaluate.compare import describe_failures
     from lmctl.registry.promotion import promote
 
     alias = ctx.cfg.retrain.production_alias
     version = str(state.candidate_version)
-    failed = [g for g in state.gates if not g.passed]
-    if failed:
-        state.result = "not_promoted"
-        state.reason = "gate(s) failed: " + "; ".join(
-            f"{g.name} measured {g.value:.4g}, threshold {g.threshold:.4g}" for g in failed)
+    if not all(g.passed for g in state.gates):
+        state.result, state.reason = "not_promoted", "gate(s) failed: " + describe_failures(state.gates)
     elif _production(ctx) == version:  # a run killed right after moving the alias
         state.result, state.reason = "promoted", _promoted_reason(state)
     else:

@@ -40,13 +40,13 @@ class ServeSettings(BaseModel):
     max_input_tokens: int | None = Field(None, ge=1, description="Longest prompt accepted (tokens); default: the model context; prompt + max_tokens must fit it too.")
     max_tokens_cap: int = Field(512, ge=1, description="Upper bound on a request's max_tokens.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted (413 above).")
-    request_timeout_s: float = Field(120.0, gt=0, description="A request still generating after this gets 504 and is cancelled.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Seconds a request may take; after that it gets 504 and its generation is cancelled.")
     sample_log: Path | None = Field(None, description="JSONL file for the privacy-safe request sample (PII redacted); input to `lmctl drift`.")
     sample_rate: float = Field(0.0, ge=0, le=1, description="Share of requests written to the sample log.")
     canary: str | None = Field(None, description="MODEL_REF served to a share of traffic.")
     canary_weight: float = Field(0.1, ge=0, le=1, description="Share of traffic routed to the canary (0-1).")
     canary_policy: CanaryPolicy = Field(default_factory=CanaryPolicy, description="Automatic canary rollback margins.")
-    reload_interval_s: float = Field(30.0, gt=0, description="How often a models:/NAME@ALIAS reference is re-resolved.")
+    reload_interval_s: float = Field(30.0, gt=0, description="Seconds between re-resolutions of a models:/NAME@ALIAS reference (hot reload).")
 
     @model_validator(mode="after")
     def _sample_log_needs_rate(self) -> "ServeSettings":
