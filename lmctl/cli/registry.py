@@ -101,13 +101,15 @@ def verify(
 def history(
     name: Annotated[str, typer.Argument()],
     alias: Annotated[str | None, typer.Option(help="Only moves of this alias.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the newest N records (default: all of them).")] = None,
     json_out: JsonOpt = False,
     traceback: TracebackOpt = False,
 ) -> None:
-    """Every alias move of a model: when, who, from, to, why, the gating eval report and whether it was forced."""
+    """The audit trail, oldest first: every alias move (when, who, host, CI job, from, to, why, the gating
+    eval report, forced) and every version `registry gc` deleted."""
     from lmctl import registry
 
-    emit({"moves": [m.model_dump() for m in registry.alias_history(name, alias)]}, json_out)
+    emit({"moves": [m.model_dump() for m in registry.alias_history(name, alias, limit)]}, json_out)
 
 
 @app.command("diff")

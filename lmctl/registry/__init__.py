@@ -15,7 +15,6 @@ usable, never resolved by `models:/` references or promoted, and removed by the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -31,12 +30,11 @@ from pydantic import BaseModel
 from lmctl import atomic, checkpoint
 from lmctl.errors import BadInputError, BusyError, IntegrityError, ModelRefError, PolicyError
 from lmctl.home import cache_dir, lmctl_home
+from lmctl.registry.audit import AliasMove
 
 log = logging.getLogger("lmctl.registry")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-HISTORY_TAG = "lmctl.alias_history"
-HISTORY_KEEP = 30
 LOCK_TIMEOUT_S = 120.0
 _SCHEMA_READY: set[str] = set()  # tracking URIs whose schema this process already created or checked
 STATUS_TAG = "lmctl.status"  # pending while `lmctl register` works on a version, ready once complete
@@ -54,19 +52,6 @@ class RegisteredVersion(BaseModel):
     created_at: str
     model_card: str | None = None  # runs:/RUN_ID/README.md, generated at register
     tags: dict[str, str]
-
-
-class AliasMove(BaseModel):
-    name: str
-    alias: str
-    version: str
-    previous_version: str | None
-    at: str
-    user: str
-    reason: str | None = None
-    action: str = "promote"  # promote | rollback
-    report: dict[str, str] | None = None  # eval report that gated the move: path, sha256
-    forced: bool = False  # moved with --force, past the promotion gates
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -228,13 +213,22 @@ def get_version(name: str, version: str) -> RegisteredVersion:
         raise ModelRefError(f"registry has no version {version} of model {name!r}") from None
 
 
-def version_for_alias(name: str, alias: str) -> str:
+def alias_holder(name: str, alias: str) -> str | None:
+    """The version `alias` points at, or None when the alias (or the model) does not exist."""
     from mlflow.exceptions import MlflowException
 
     try:
         return str(client().get_model_version_by_alias(validate_name(name), alias).version)
     except MlflowException:
-        raise ModelRefError(f"registry has no alias {alias!r} on model {name!r}") from None
+        return None
+
+
+def version_for_alias(name: str, alias: str) -> str:
+    """Like `alias_holder`, for references that must resolve (ModelRefError otherwise)."""
+    version = alias_holder(name, alias)
+    if version is None:
+        raise ModelRefError(f"registry has no alias {alias!r} on model {name!r}")
+    return version
 
 
 def list_versions(name: str | None = None) -> list[RegisteredVersion]:
@@ -275,70 +269,76 @@ def download_version(name: str, version: str) -> Path:
     return target
 
 
-def _history(mlflow_client, name: str) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
-    raw = mlflow_client.get_registered_model(name).tags.get(HISTORY_TAG)
-    return json.loads(raw) if raw else []
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _user() -> str:
-    return os.environ.get("LMCTL_USER") or os.environ.get("USER") or "unknown"
-
-
 def move_alias(name: str, alias: str, version: str, reason: str | None = None, action: str = "promote", *,
                report: dict[str, str] | None = None, forced: bool = False, check_previous: bool = False,
                expected_previous: str | None = None) -> AliasMove:
-    """Point `alias` at `version` and append the move to the model's audit history.
+    """Point `alias` at `version` and append the move to the model's audit trail.
 
     With `check_previous`, the move happens only if the alias still points at
     `expected_previous` (None: no holder) once the lock is held, so a gate checked
     against one holder is never applied over another (PolicyError otherwise)."""
-    from mlflow.exceptions import MlflowException
+    from lmctl.registry import audit
 
     validate_alias(alias)
     require_usable(get_version(name, version))
     mlflow_client = client()
+    audit_id = audit.prepare(mlflow_client, name)
     with registry_lock(), _team_mutex(mlflow_client, name):
-        try:
-            previous = str(mlflow_client.get_model_version_by_alias(name, alias).version)
-        except MlflowException:
-            previous = None
+        previous = alias_holder(name, alias)
         if check_previous and previous != expected_previous:
             raise PolicyError(f"alias {alias!r} of {name!r} moved to v{previous} meanwhile (checked against "
                               f"v{expected_previous}); run the promotion again")
-        move = AliasMove(name=name, alias=alias, version=str(version), previous_version=previous,
-                         at=_now(), user=_user(), reason=reason, action=action, report=report, forced=forced)
-        history = (_history(mlflow_client, name) + [move.model_dump()])[-HISTORY_KEEP:]
-        mlflow_client.set_registered_model_alias(name, alias, str(version))
-        mlflow_client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        move = audit.new_record(name, alias, str(version), previous, action,  # type: ignore[arg-type]
+                                reason=reason, report=report, forced=forced)
+        with audit.Append(mlflow_client, audit_id, move) as move:
+            mlflow_client.set_registered_model_alias(name, alias, str(version))
     return move
 
 
-def alias_history(name: str, alias: str | None = None) -> list[AliasMove]:
+def alias_history(name: str, alias: str | None = None, limit: int | None = None) -> list[AliasMove]:
+    """The model's audit trail, oldest first (all of it; with `limit`, the newest `limit` records)."""
     from mlflow.exceptions import MlflowException
 
+    from lmctl.registry import audit
+
+    if limit is not None and limit < 1:
+        raise BadInputError(f"--limit {limit}: must be at least 1")
     try:
-        entries = _history(client(), validate_name(name))
+        return audit.read(client(), validate_name(name), alias, limit)
     except MlflowException:
         raise ModelRefError(f"registry has no model {name!r}") from None
-    return [AliasMove(**e) for e in entries if alias is None or e["alias"] == alias]
+
+
+def rollback_target(moves: list[AliasMove], holder: str | None) -> tuple[str | None, str | None]:
+    """(version to roll back to, version rolled back from) from an alias's full record.
+
+    Promotions push, rollbacks pop, so repeated rollbacks walk back through the history
+    instead of toggling between two versions. The replay never trusts the record to be
+    complete (a move made outside lmctl, a gc'd version): a rollback whose target is not
+    what the stack says re-anchors the stack there, and the alias's actual holder is on top."""
+    stack: list[str] = []
+    for move in moves:
+        if move.action == "rollback":
+            if stack:
+                stack.pop()
+            if not stack or stack[-1] != move.version:
+                stack.append(move.version)
+        elif move.action == "promote":
+            stack.append(move.version)
+    if holder is not None and (not stack or stack[-1] != holder):
+        stack.append(holder)  # moved outside lmctl: the live holder is what a rollback leaves
+    return (stack[-2], stack[-1]) if len(stack) >= 2 else (None, holder)
 
 
 def rollback(name: str, alias: str = "production") -> AliasMove:
-    """Undo the latest promotion still in effect: promotions push, rollbacks pop, so repeated
-    rollbacks walk back through the history instead of toggling between two versions."""
-    stack: list[str] = []
-    for move in alias_history(name, alias):
-        if move.action == "rollback":
-            stack.pop()
-        else:
-            stack.append(move.version)
-    if len(stack) < 2:
+    """Move `alias` back to the version it held before its latest promotion still in effect."""
+    validate_alias(alias)
+    holder = alias_holder(name, alias)
+    target, current = rollback_target(alias_history(name, alias), holder)
+    if target is None:
         raise BadInputError(f"alias {alias!r} of {name!r} has no earlier version to roll back to")
-    return move_alias(name, alias, stack[-2], reason=f"rollback from v{stack[-1]}", action="rollback")
+    return move_alias(name, alias, target, reason=f"rollback from v{current}", action="rollback",
+                      check_previous=True, expected_previous=holder)
 
 
 def attach_eval(name: str, version: str, directory: Path, metrics: dict[str, float]) -> str:

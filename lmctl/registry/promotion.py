@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from lmctl import registry
-from lmctl.errors import BadInputError, DataError, ModelRefError, PolicyError
+from lmctl.errors import BadInputError, DataError, PolicyError
 
 
 class PromotionResult(BaseModel):
@@ -80,13 +80,6 @@ def _is_version(identity: dict[str, Any] | None, info: registry.RegisteredVersio
     return bool(sha) and sha == info.tags.get("lmctl.manifest_sha256")
 
 
-def _holder(name: str, alias: str) -> str | None:
-    try:
-        return registry.version_for_alias(name, alias)
-    except ModelRefError:
-        return None
-
-
 def check_report(report: Any, record: dict[str, str], info: registry.RegisteredVersion, alias: str,
                  holder: str | None) -> None:
     """Raise PolicyError (one line, then the gate table) unless the report clears `info` for `alias`."""
@@ -118,7 +111,7 @@ def promote(name: str, version: str, alias: str = "production", report_path: Pat
         raise BadInputError("--force needs --reason TEXT: a forced promotion must say why")
     info = registry.require_usable(registry.get_version(name, version))
     report, record = _load_report(report_path) if report_path is not None else (None, None)
-    holder = _holder(name, alias)
+    holder = registry.alias_holder(name, alias)
     if holder == info.version:
         raise BadInputError(f"alias {alias!r} of {name!r} already points at version {holder}; nothing to promote")
     gated = False

@@ -168,15 +168,6 @@ def clean_failed(mlflow_client: Any) -> list[str]:
     return removed
 
 
-def _holder(mlflow_client: Any, name: str, alias: str = "production") -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(mlflow_client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
-
-
 def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path | None = None,
              description: str | None = None) -> RegisterResult:
     """Log the checkpoint as MLflow run artifacts and create a model version pointing at them."""
@@ -203,7 +194,7 @@ def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path 
         _crash_point("after_upload")
         with registry.registry_lock():
             registry.ensure_registered_model(client, name)
-            parent = _holder(client, name)
+            parent = registry.alias_holder(name, "production")
             version = client.create_model_version(
                 name, source=f"{run.info.artifact_uri}/checkpoint", run_id=run_id,
                 tags={**_tags(manifest, manifest_sha, metrics), **registry.registrar_tags(),

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from lmctl import atomic, checkpoint, registry
 from lmctl.config import LmctlConfig, config_dump
-from lmctl.errors import BadInputError, BusyError, ConfigError, LmctlError, ModelRefError, PolicyError
+from lmctl.errors import BadInputError, BusyError, ConfigError, LmctlError, PolicyError
 from lmctl.evaluate.compare import Gate
 from lmctl.retrain.state import (Outcome, RetrainState, RunStore, StageRecord, begin_stage, end_stage, new_run_id, now_utc,
                                  run_lock)
@@ -158,10 +158,7 @@ def _result(state: RetrainState, started: float) -> RetrainResult:
 
 
 def _production(ctx: _Ctx) -> str | None:
-    try:
-        return registry.version_for_alias(ctx.name, ctx.cfg.retrain.production_alias)
-    except ModelRefError:
-        return None
+    return registry.alias_holder(ctx.name, ctx.cfg.retrain.production_alias)
 
 
 def _config_sha(cfg: LmctlConfig) -> str:
@@ -295,12 +292,8 @@ def _registered(name: str, manifest_sha: str) -> str | None:
 
 def _ensure_alias(name: str, alias: str, version: str, reason: str) -> None:
     """Move `alias` unless it already points at `version` (a resumed run must not log the move twice)."""
-    try:
-        if registry.version_for_alias(name, alias) == version:
-            return
-    except ModelRefError:
-        pass
-    registry.move_alias(name, alias, version, reason=reason, action="promote")
+    if registry.alias_holder(name, alias) != version:
+        registry.move_alias(name, alias, version, reason=reason, action="promote")
 
 
 def _promote(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
