@@ -191,7 +191,9 @@ EXPECTED: dict[str, set[str]] = {
         'a', 'b', 'base_model', 'config', 'data', 'identical', 'metrics', 'tokenizer'},
     'registry history': {
         'moves', 'moves[].action', 'moves[].alias', 'moves[].at', 'moves[].forced', 'moves[].name',
-        'moves[].previous_version', 'moves[].reason', 'moves[].report', 'moves[].user', 'moves[].version'},
+        'moves[].previous_version', 'moves[].reason', 'moves[].report', 'moves[].user', 'moves[].version',
+        # issue 14 (the audit trail) added these three
+        'moves[].host', 'moves[].ci_job', 'moves[].seq'},
     'registry list': {
         'versions', 'versions[].aliases', 'versions[].created_at', 'versions[].model_card', 'versions[].name',
         'versions[].run_id', 'versions[].source', 'versions[].status', 'versions[].usable', 'versions[].version'},
@@ -204,7 +206,8 @@ EXPECTED: dict[str, set[str]] = {
         'name', 'production_after', 'production_before', 'reason', 'report', 'result', 'resumed', 'run_id',
         'schema_version', 'seconds', 'stages'},
     'rollback': {
-        'action', 'alias', 'at', 'forced', 'name', 'previous_version', 'reason', 'report', 'user', 'version'},
+        'action', 'alias', 'at', 'forced', 'name', 'previous_version', 'reason', 'report', 'user', 'version',
+        'host', 'ci_job', 'seq'},  # issue 14 added the last three
     'train': {
         'best_checkpoint', 'best_eval_loss', 'checkpoint', 'checkpoints', 'eval_loss', 'mlflow_run_id',
         'resumed_from', 'run_dir', 'seconds', 'steps', 'stopped_early', 'tokens', 'tokens_per_s', 'train_loss'},
