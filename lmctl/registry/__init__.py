@@ -64,7 +64,8 @@ def tracking_uri(configured: str | None = None) -> str:
     return "sqlite:///" + str(lmctl_home() / "mlflow.db")
 
 
-def _embedded() -> bool:
+def embedded() -> bool:
+    """True for the embedded sqlite store under one LMCTL_HOME; False for a team server."""
     return tracking_uri().startswith("sqlite:")
 
 
@@ -80,14 +81,15 @@ def registry_lock():  # type: ignore[no-untyped-def]
 
 def _team_mutex(mlflow_client, name: str):  # type: ignore[no-untyped-def]
     """On a team server, also hold a lock in the server's database (lmctl.registry.mutex), so
-    alias moves and their audit history are serialized across machines too."""
+    alias moves and their audit records are serialized across machines too."""
     import contextlib
 
-    if _embedded():
+    if embedded():
         return contextlib.nullcontext()
-    from lmctl.registry.mutex import server_mutex
+    from lmctl.registry.mutex import PREFIX, server_lock
 
-    return server_mutex(mlflow_client, name, LOCK_TIMEOUT_S)
+    return server_lock(mlflow_client, PREFIX + name, wait_s=LOCK_TIMEOUT_S,
+                       what=f"the alias lock of {name!r} is taken", hint="try again")
 
 
 def client(configured_uri: str | None = None):  # type: ignore[no-untyped-def]
@@ -117,7 +119,7 @@ def experiment_id(mlflow_client, name: str) -> str:  # type: ignore[no-untyped-d
     exp = mlflow_client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = (lmctl_home() / "mlartifacts").as_uri() if _embedded() else None
+    location = (lmctl_home() / "mlartifacts").as_uri() if embedded() else None
     with registry_lock():
         exp = mlflow_client.get_experiment_by_name(name)
         return exp.experiment_id if exp else mlflow_client.create_experiment(name, artifact_location=location)

@@ -162,7 +162,20 @@ def lock_path(name: str) -> Path:
 
 @contextlib.contextmanager
 def run_lock(name: str) -> Iterator[None]:
-    """Hold the one retrain lock of model `name`; BusyError (exit 5) naming the holder if taken."""
+    """Hold the one retrain lock of model `name`; BusyError (exit 5) naming the holder if taken.
+
+    Embedded store: a file lock under LMCTL_HOME (the OS frees it when its holder dies). Team
+    server: a lock in the server's database, so it reaches every host; its holder's heartbeat
+    keeps it, and only a heartbeat silent for LMCTL_LOCK_STALE_S breaks it."""
+    from lmctl import registry
+
+    busy, hint = f"a retrain of {name!r} is already running", "wait for it to finish; this run did nothing"
+    if not registry.embedded():
+        from lmctl.registry.mutex import RETRAIN_PREFIX, server_lock
+
+        with server_lock(registry.client(), RETRAIN_PREFIX + name, wait_s=0, what=busy, hint=hint):
+            yield
+        return
     from filelock import FileLock, Timeout
 
     path = lock_path(name)
@@ -172,8 +185,7 @@ def run_lock(name: str) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise BusyError(f"a retrain of {name!r} is already running ({_describe_holder(holder)})",
-                        hint="wait for it to finish; this run did nothing") from None
+        raise BusyError(f"{busy} ({_describe_holder(holder)})", hint=hint) from None
     try:
         write_json_atomic(holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": now_utc()})
         yield
