@@ -148,6 +148,10 @@ class RetrainConfig(Section):
     webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="Seconds to wait for the webhook to answer.")
     state_dir: Path | None = Field(None, description="Run states and reports; default LMCTL_HOME/retrain/<registry.name>.")
     keep_runs: int = Field(50, ge=1, description="Finished run records kept in state_dir; older ones are pruned.")
+    keep_versions: int | None = Field(
+        None, ge=1, description="After each run, `lmctl registry gc NAME --keep N --yes` with this N: older versions "
+        "are deleted unless an alias holds them or recently did; null keeps every version.",
+    )
 
 
 class DriftConfig(Section):

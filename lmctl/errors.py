@@ -75,3 +75,10 @@ class BusyError(LmctlError):
     """Another process holds the lock this command needs (exit 5)."""
 
     exit_code = ExitCode.BUSY
+
+
+class UnavailableError(LmctlError):
+    """The tracking server cannot be reached or failed (5xx): nothing is wrong with the
+    request, so, like a held lock, it is exit 5: run again later (a retrain resumes)."""
+
+    exit_code = ExitCode.BUSY

@@ -133,3 +133,47 @@ def test_a_failed_move_leaves_no_record(cli, model: str, monkeypatch: pytest.Mon
     registry.move_alias(model, "production", "3")
     moves = registry.alias_history(model)
     assert [(m.version, m.seq) for m in moves] == [("1", 1), ("3", 3)]  # seq 2 is the FAILED record
+
+
+def test_gc_keeps_protected_versions_and_records_deletions(cli, lmctl_home) -> None:  # type: ignore[no-untyped-def]
+    """8 versions, each with its registration run and artifacts. Protected: the newest 2 (7, 8),
+    alias holders (production 2, candidate 7), versions named by the last 2 records (3, 2, 7)
+    and the candidate of an unfinished retrain (5). So 1, 4 and 6 go."""
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    from lmctl.retrain.state import RetrainState, RunStore
+
+    client = registry.client()
+    client.create_registered_model("g")
+    exp = registry.experiment_id(client, "lmctl-registry")
+    artifact_dirs = {}
+    for i in range(1, 9):
+        run = client.create_run(exp)
+        client.log_text(run.info.run_id, f"weights of v{i}", "checkpoint/adapter.txt")
+        client.create_model_version("g", source=f"{run.info.artifact_uri}/checkpoint", run_id=run.info.run_id)
+        artifact_dirs[str(i)] = Path(urlparse(run.info.artifact_uri).path)
+    for version in ("1", "3", "2"):
+        registry.move_alias("g", "production", version)
+    registry.move_alias("g", "candidate", "7")
+    RunStore(lmctl_home / "retrain" / "g").save(RetrainState(
+        run_id="r1", name="g", config=None, force=False, started_at="now", stage="promote", candidate_version="5"))
+
+    plan = cli("registry", "gc", "g", "--keep", "2", "--recent-moves", "2", "--json")
+    assert plan.code == 0, plan.err
+    assert plan.json["dry_run"] is True and plan.json["delete"] == ["1", "4", "6"] and plan.json["deleted"] == []
+    kept = {k["version"]: k["why"] for k in plan.json["kept"]}
+    assert sorted(kept, key=int) == ["2", "3", "5", "7", "8"]
+    assert kept["2"] == "holds production" and "unfinished retrain run r1" in kept["5"]
+    assert len(registry.list_versions("g")) == 8 and all(d.is_dir() for d in artifact_dirs.values())
+
+    done = cli("registry", "gc", "g", "--keep", "2", "--recent-moves", "2", "--yes", "--json")
+    assert done.code == 0, done.err
+    assert done.json["deleted"] == ["1", "4", "6"]
+    assert [v.version for v in registry.list_versions("g")] == ["2", "3", "5", "7", "8"]
+    assert sorted(v for v, d in artifact_dirs.items() if not d.exists()) == ["1", "4", "6"]
+    deletions = [m for m in registry.alias_history("g") if m.action == "delete"]
+    assert [(m.version, m.alias, m.reason) for m in deletions] == [(v, None, "registry gc --keep 2") for v in "146"]
+    assert cli("rollback", "g", "--json").json["version"] == "3"
+    gone = cli("rollback", "g")  # the next target, v1, was deleted: a clear refusal, not a crash
+    assert gone.code == 2 and "no version 1" in gone.err

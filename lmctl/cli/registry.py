@@ -112,6 +112,21 @@ def history(
     emit({"moves": [m.model_dump() for m in registry.alias_history(name, alias, limit)]}, json_out)
 
 
+@app.command("gc")
+def gc(
+    name: Annotated[str, typer.Argument()],
+    keep: Annotated[int, typer.Option("--keep", min=1, help="Keep the newest N versions (older ones go unless protected).")],
+    recent_moves: Annotated[int, typer.Option("--recent-moves", min=0, help="Also keep every version named by the last K audit records (rollback targets).")] = 20,
+    yes: Annotated[bool, typer.Option("--yes", help="Delete; without it, only show the plan (dry run).")] = False,
+    json_out: JsonOpt = False,
+    traceback: TracebackOpt = False,
+) -> None:
+    """Delete old versions and their artifacts; never one an alias holds or recently held, or an unfinished retrain uses."""
+    from lmctl.registry.gc import gc as run_gc
+
+    emit(run_gc(name, keep, recent_moves, yes=yes), json_out)
+
+
 @app.command("diff")
 def diff(
     ref_a: Annotated[str, typer.Argument(metavar="REF_A")],

@@ -15,12 +15,14 @@ usable, never resolved by `models:/` references or promoted, and removed by the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from lmctl import atomic, checkpoint
-from lmctl.errors import BadInputError, BusyError, IntegrityError, ModelRefError, PolicyError
+from lmctl.errors import BadInputError, BusyError, IntegrityError, ModelRefError, PolicyError, UnavailableError
 from lmctl.home import cache_dir, lmctl_home
 from lmctl.registry.audit import AliasMove
 
@@ -73,23 +75,44 @@ def registry_lock():  # type: ignore[no-untyped-def]
     """Serializes lmctl's registry writes on this machine (LMCTL_HOME). On a team server, version
     numbers are assigned by the server's database, model creation tolerates a lost race
     (`ensure_registered_model`), and alias moves also take a lock in the server's database
-    (`_team_mutex`), so those are safe across machines too."""
+    (`alias_lock`), so those are safe across machines too."""
     from filelock import FileLock
 
     return FileLock(str(lmctl_home() / "registry.lock"), timeout=LOCK_TIMEOUT_S)
 
 
-def _team_mutex(mlflow_client, name: str):  # type: ignore[no-untyped-def]
-    """On a team server, also hold a lock in the server's database (lmctl.registry.mutex), so
+@contextlib.contextmanager
+def alias_lock(mlflow_client, name: str) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """Held while the aliases of `name` move or its versions are deleted: the local registry
+    lock, and on a team server a lock in the server's database (lmctl.registry.mutex), so
     alias moves and their audit records are serialized across machines too."""
-    import contextlib
+    with registry_lock():
+        if embedded():
+            yield
+            return
+        from lmctl.registry.mutex import PREFIX, server_lock
 
-    if embedded():
-        return contextlib.nullcontext()
-    from lmctl.registry.mutex import PREFIX, server_lock
+        with server_lock(mlflow_client, PREFIX + name, wait_s=LOCK_TIMEOUT_S,
+                         what=f"the alias lock of {name!r} is taken", hint="try again"):
+            yield
 
-    return server_lock(mlflow_client, PREFIX + name, wait_s=LOCK_TIMEOUT_S,
-                       what=f"the alias lock of {name!r} is taken", hint="try again")
+
+@contextlib.contextmanager
+def server_errors() -> Iterator[None]:
+    """Turn a tracking server that is unreachable or answers 5xx into UnavailableError (exit 5).
+    MLflow retries first (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT)."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    try:
+        yield
+    except (MlflowException, RequestException) as exc:
+        status = exc.get_http_status_code() if isinstance(exc, MlflowException) else 503
+        if embedded() or status < 500:
+            raise
+        detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise UnavailableError(f"the tracking server {tracking_uri()} is unavailable: {detail}",
+                               hint="nothing half-written is trusted; run the command again once it is back") from None
 
 
 def client(configured_uri: str | None = None):  # type: ignore[no-untyped-def]
@@ -285,7 +308,7 @@ def move_alias(name: str, alias: str, version: str, reason: str | None = None, a
     require_usable(get_version(name, version))
     mlflow_client = client()
     audit_id = audit.prepare(mlflow_client, name)
-    with registry_lock(), _team_mutex(mlflow_client, name):
+    with alias_lock(mlflow_client, name):
         previous = alias_holder(name, alias)
         if check_previous and previous != expected_previous:
             raise PolicyError(f"alias {alias!r} of {name!r} moved to v{previous} meanwhile (checked against "

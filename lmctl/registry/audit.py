@@ -8,11 +8,12 @@ has no append-only log, and a registered-model tag (the old `lmctl.alias_history
 one row per move, named `production: v2 -> v3`, with time, user, host, CI job, alias, from,
 to, reason, report sha256 and forced as columns.
 
-Records are appended while the alias mutex is held (`registry._team_mutex` and the local
-registry lock), so their start times, and `seq`, strictly increase. A record is written
-RUNNING before the move it describes and FINISHED after it: a process killed in between
-leaves a RUNNING record, which the next append (under the same lock, so the writer is gone)
-settles by checking the registry: the move happened (FINISHED) or not (FAILED, never shown).
+Records are appended while the alias lock is held (`registry.alias_lock`: the local
+registry lock and, on a team server, its server lock), so start times and `seq` strictly
+increase. A record is written RUNNING before the move it describes and FINISHED after it:
+a process killed in between leaves a RUNNING record, which the next append (under the same
+lock, so the writer is gone) settles by checking the registry: the move happened
+(FINISHED) or not (FAILED, never shown).
 
 Histories written by older lmctl versions into the `lmctl.alias_history` tag are read as
 well, and copied into runs (then the tag is removed) by the next move.

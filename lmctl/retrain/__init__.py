@@ -27,8 +27,8 @@ from lmctl import atomic, checkpoint, registry
 from lmctl.config import LmctlConfig, config_dump
 from lmctl.errors import BadInputError, BusyError, ConfigError, LmctlError, PolicyError
 from lmctl.evaluate.compare import Gate
-from lmctl.retrain.state import (Outcome, RetrainState, RunStore, StageRecord, begin_stage, end_stage, new_run_id, now_utc,
-                                 run_lock)
+from lmctl.retrain.state import (Outcome, RetrainState, StageRecord, begin_stage, end_stage, new_run_id, now_utc,
+                                 open_store, run_lock)
 
 log = logging.getLogger("lmctl.retrain")
 REPORT_SCHEMA = "lmctl.retrain/1"
@@ -70,7 +70,6 @@ class _Ctx:
 
     def __init__(self, cfg: LmctlConfig, config_path: Path | None, force: bool) -> None:
         from lmctl.evaluate.suites import load_suite
-        from lmctl.home import lmctl_home
 
         r = cfg.retrain
         if not cfg.registry.name:
@@ -92,7 +91,7 @@ class _Ctx:
         registry.validate_alias(r.candidate_alias)
         registry.validate_alias(r.production_alias)
         self.cfg, self.config_path, self.force = cfg, config_path, force
-        self.store = RunStore(r.state_dir or lmctl_home() / "retrain" / self.name)
+        self.store = open_store(self.name, r.state_dir)
 
 
 def retrain(cfg: LmctlConfig, config_path: Path | None = None, force: bool = False) -> RetrainResult:
@@ -104,16 +103,17 @@ def retrain(cfg: LmctlConfig, config_path: Path | None = None, force: bool = Fal
     started = time.perf_counter()
     state: RetrainState | None = None
     try:
-        ctx = _Ctx(cfg, config_path, force)
-        with run_lock(ctx.name):
-            state = ctx.store.unfinished()
-            if state is None:
-                state = RetrainState(run_id=new_run_id(), name=ctx.name, force=force, started_at=now_utc(),
-                                     config=str(config_path) if config_path else None)
-            else:
-                state.invocations += 1
-                log.info("resuming retrain run %s at stage %s", state.run_id, state.stage)
-            result = _run_stages(ctx, state, started)
+        with registry.server_errors():
+            ctx = _Ctx(cfg, config_path, force)
+            with run_lock(ctx.name):
+                state = ctx.store.unfinished()
+                if state is None:
+                    state = RetrainState(run_id=new_run_id(), name=ctx.name, force=force, started_at=now_utc(),
+                                         config=str(config_path) if config_path else None)
+                else:
+                    state.invocations += 1
+                    log.info("resuming retrain run %s at stage %s", state.run_id, state.stage)
+                result = _run_stages(ctx, state, started)
     except BusyError:
         raise
     except Exception as exc:
@@ -142,7 +142,44 @@ def _run_stages(ctx: _Ctx, state: RetrainState, started: float) -> RetrainResult
         atomic.write_json_atomic(Path(state.report), _result(state, started).model_dump(mode="json"))
         end_stage(ctx.store, state, "report", t0, "done")
         ctx.store.prune(ctx.cfg.retrain.keep_runs)
+    if ctx.cfg.retrain.keep_versions:
+        _collect(ctx)
     return _result(state, started)
+
+
+def _collect(ctx: _Ctx) -> None:
+    """retrain.keep_versions: registry gc after the run; its failure never changes the run's result."""
+    from lmctl.registry.gc import gc
+
+    try:
+        done = gc(ctx.name, int(ctx.cfg.retrain.keep_versions or 0), yes=True)
+    except LmctlError as exc:
+        log.warning("warning: registry gc after the run failed (%s); the retrain result stands", exc)
+        return
+    if done.deleted:
+        log.info("registry gc: deleted %s", ", ".join(f"v{v}" for v in done.deleted))
+
+
+class RetrainStatus(BaseModel):
+    """`lmctl retrain --status NAME`: the current or last run, as any host sees it."""
+
+    name: str
+    store: str  # where the run states live: a directory, or the tracking server's experiment
+    running: bool  # the retrain lock is held
+    holder: str | None  # who holds it: pid, host, since (and last heartbeat on a server)
+    run: RetrainState | None  # the unfinished run, else the newest one
+
+
+def status(name: str, state_dir: Path | None = None) -> RetrainStatus:
+    from lmctl.retrain.state import lock_holder
+
+    registry.validate_name(name)
+    with registry.server_errors():
+        store = open_store(name, state_dir)
+        run = store.unfinished(fetch=False) or store.latest()
+        holder = lock_holder(name)
+    where = str(store.root) if registry.embedded() else f"{registry.tracking_uri()} experiment lmctl-retrain/{name}"
+    return RetrainStatus(name=name, store=where, running=holder is not None, holder=holder, run=run)
 
 
 def _result(state: RetrainState, started: float) -> RetrainResult:
@@ -238,6 +275,7 @@ def _train(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
     state.checkpoint, state.train_run_dir = str(ckpt), result.run_dir
     state.training = {"steps": result.steps, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
                       "resumed_from": result.resumed_from, "seconds": result.seconds}
+    ctx.store.upload_checkpoint(state)  # team mode: any host can go on from here
     return "evaluate", f"{result.steps} steps"
 
 

@@ -118,14 +118,22 @@ class RunStore:
                 log.warning("warning: ignoring unreadable retrain state %s (%s)", path, str(exc).splitlines()[0])
         return states
 
-    def unfinished(self) -> RetrainState | None:
-        """The newest run that has not reached `done`: the one to resume."""
+    def unfinished(self, fetch: bool = True) -> RetrainState | None:
+        """The newest run that has not reached `done`: the one to resume (`fetch` matters to
+        the server store only: whether to download its files for resuming)."""
         pending = [s for s in self.all_states() if s.stage != "done"]
         return pending[-1] if pending else None
 
     def last_finished(self) -> RetrainState | None:
         done = [s for s in self.all_states() if s.stage == "done" and s.result != "skipped"]
         return done[-1] if done else None
+
+    def latest(self) -> RetrainState | None:
+        states = self.all_states()
+        return states[-1] if states else None
+
+    def upload_checkpoint(self, state: RetrainState) -> None:
+        """Nothing to do: on one machine the checkpoint is already where a resumed run looks."""
 
     def prune(self, keep: int) -> None:
         """Drop the oldest finished run records beyond `keep` (reports included; the registry keeps versions)."""
@@ -134,6 +142,29 @@ class RunStore:
         for state in finished[:-keep]:
             if last is None or state.run_id != last.run_id:
                 shutil.rmtree(self.run_dir(state.run_id), ignore_errors=True)
+
+
+def open_store(name: str, state_dir: Path | None = None) -> RunStore:
+    """The embedded store's files under `state_dir`, or on a team server its MLflow runs
+    (lmctl.retrain.server_state.ServerRunStore, which has the same methods)."""
+    from lmctl import registry
+
+    root = state_dir or lmctl_home() / "retrain" / name
+    if registry.embedded():
+        return RunStore(root)
+    from lmctl.retrain.server_state import ServerRunStore
+
+    return ServerRunStore(name, root)  # type: ignore[return-value]
+
+
+def versions_in_use(name: str, state_dir: Path | None = None) -> dict[str, str]:
+    """Versions the unfinished retrain run of `name` still needs (registry gc keeps them)."""
+    state = open_store(name, state_dir).unfinished(fetch=False)
+    if state is None:
+        return {}
+    uses = {state.candidate_version: "its candidate", state.baseline_version: "its baseline",
+            state.production_before: "production when it started"}
+    return {v: f"used by unfinished retrain run {state.run_id} ({use})" for v, use in uses.items() if v}
 
 
 def begin_stage(store: RunStore, state: RetrainState, name: str) -> float:
@@ -193,6 +224,27 @@ def run_lock(name: str) -> Iterator[None]:
         with contextlib.suppress(OSError):
             holder.unlink()
         lock.release()
+
+
+def lock_holder(name: str) -> str | None:
+    """Who holds the retrain lock of `name` (None: nobody), without taking it."""
+    from lmctl import registry
+
+    if not registry.embedded():
+        from lmctl.registry.mutex import RETRAIN_PREFIX, holder
+
+        held = holder(registry.client(), RETRAIN_PREFIX + name)
+        return held.describe() if held else None
+    from filelock import FileLock, Timeout
+
+    path = lock_path(name)
+    if not path.exists():
+        return None
+    try:
+        with FileLock(str(path)).acquire(timeout=0):
+            return None
+    except Timeout:
+        return _describe_holder(path.with_suffix(".holder.json"))
 
 
 def _describe_holder(holder: Path) -> str:
