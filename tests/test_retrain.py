@@ -262,3 +262,15 @@ def test_drift_gate_retrains_only_when_production_inputs_drifted(cli, config: Pa
 
     missing = cli("retrain", str(config), "--set", f"retrain.drift_current={tmp_path / 'nope.jsonl'}")
     assert missing.code == 2 and "drift_current" in missing.err
+
+
+def test_an_unreachable_tracking_server_is_exit_5(cli, config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Team mode with the server gone: one line naming it, exit 5 (run again), nothing written."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries: not the subject here
+    result = cli("retrain", config, "--json")
+    assert result.code == 5 and result.out == "", result.err
+    assert "tracking server http://127.0.0.1:" in result.err and "unavailable" in result.err
+    assert result.err.count("\n") == 1
+    status = cli("retrain", "--status", "tiny")
+    assert status.code == 5 and "unavailable" in status.err

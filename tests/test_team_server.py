@@ -207,3 +207,154 @@ def test_a_stale_server_lock_is_broken(cli, team: dict, team_checkpoint: Path) -
     registry.client().create_registered_model(PREFIX + name, tags={OWNER_TAG: "dead-host:1:x", SINCE_TAG: "0"})
     assert cli(*_promote_args(name, "1")).code == 0
     assert not registry.client().search_registered_models(f"name='{PREFIX + name}'")
+
+
+# --- issue 14: many hosts, one registry ---------------------------------------------------
+
+
+@pytest.fixture
+def retrain_config(tmp_path: Path, tiny_base: Path) -> tuple[Path, str]:
+    """A retrain config of its own model name; each "host" overrides output.dir and LMCTL_HOME."""
+    name = _name("team-retrain")
+    config = {
+        "model": {"base": str(tiny_base)},
+        "data": {"train": str(ASSETS / "tiny_train.jsonl"), "validation": str(ASSETS / "tiny_validation.jsonl"),
+                 "max_length": 64},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "eval_every": 3, "save_every": 3},
+        "output": {"dir": str(tmp_path / "runs"), "run_name": "team"},
+        "registry": {"name": name},
+        "retrain": {"eval_data": str(ASSETS / "tiny_validation.jsonl")},
+    }
+    path = tmp_path / "retrain.yaml"
+    path.write_text(json.dumps(config))
+    return path, name
+
+
+def _host(tmp_path: Path, host: str, extra: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The arguments and environment of `lmctl retrain` on one "machine": its own LMCTL_HOME and disk."""
+    env = {**os.environ, "LMCTL_HOME": str(tmp_path / host / "home"), **(extra or {})}
+    return ["--set", f"output.dir={tmp_path / host / 'runs'}", "--json"], env
+
+
+def _retrain(config: Path, tmp_path: Path, host: str, extra: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    args, env = _host(tmp_path, host, extra)
+    return subprocess.Popen([sys.executable, "-m", "lmctl", "retrain", str(config), *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def test_two_hosts_retrain_at_once_one_runs_the_other_exits_5(team: dict, retrain_config: tuple[Path, str],
+                                                               tmp_path: Path) -> None:
+    from lmctl import registry
+
+    config, name = retrain_config
+    procs = [_retrain(config, tmp_path, host) for host in ("host-a", "host-b")]
+    outs = [p.communicate(timeout=900) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 5], [err[-1500:] for _, err in outs]
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    busy = outs[loser][1]
+    assert f"pid {procs[winner].pid} on " in busy and "last heartbeat" in busy and busy.count("\n") == 1
+    assert outs[loser][0] == ""  # the second host did nothing
+    assert json.loads(outs[winner][0])["result"] == "promoted"
+    assert [v.version for v in registry.list_versions(name)] == ["1"]
+
+
+def test_killed_on_host_a_resumed_on_host_b(cli, team: dict, retrain_config: tuple[Path, str], tmp_path: Path) -> None:
+    """Host A is SIGKILLed after training (its lock stays, its heartbeat stops) and loses its
+    disk; host B breaks the stale lock, resumes the run from the server (state and the uploaded
+    checkpoint) and finishes with exactly one new version."""
+    import signal
+
+    from lmctl import registry
+
+    config, name = retrain_config
+    fast_stale = {"LMCTL_LOCK_STALE_S": "4"}
+    host_a = _retrain(config, tmp_path, "host-a", {**fast_stale, "LMCTL_RETRAIN_CRASH_AFTER": "train"})
+    out, err = host_a.communicate(timeout=900)
+    assert host_a.returncode == -signal.SIGKILL and out == "", err[-2000:]
+    shutil.rmtree(tmp_path / "host-a")  # a rescheduled pod: the old node's disk is gone
+
+    status = cli("retrain", "--status", name, "--json")  # from a third machine: this test's LMCTL_HOME
+    assert status.code == 0, status.err
+    assert status.json["running"] is True and f"pid {host_a.pid} on " in status.json["holder"]
+    assert status.json["run"]["stage"] == "evaluate" and status.json["run"]["candidate_version"] is None
+
+    args, env = _host(tmp_path, "host-b", fast_stale)
+    resumed = run_subprocess("retrain", str(config), *args, env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    result = json.loads(resumed.stdout)
+    assert result["resumed"] is True and result["result"] == "promoted" and result["candidate_version"] == "1"
+    assert {s["name"]: s["attempts"] for s in result["stages"]}["train"] == 1  # not trained again
+    assert str(tmp_path / "host-b") in result["checkpoint"]  # fetched from the server's artifact store
+    assert "breaking the server lock" in resumed.stderr
+    assert [v.version for v in registry.list_versions(name)] == ["1"]
+    after = cli("retrain", "--status", name, "--json").json
+    assert after["running"] is False and after["run"]["stage"] == "done" and after["run"]["invocations"] == 2
+
+
+def _bare_versions(name: str, count: int, with_artifacts: bool = False) -> dict[str, str]:
+    """Versions made with the MLflow client (alias bookkeeping reads no checkpoint); returns
+    version -> the run's artifact URI when `with_artifacts`."""
+    from lmctl import registry
+
+    client = registry.client()
+    client.create_registered_model(name)
+    exp = registry.experiment_id(client, "lmctl-registry")
+    uris = {}
+    for i in range(1, count + 1):
+        run_id = None
+        if with_artifacts:
+            run = client.create_run(exp)
+            client.log_text(run.info.run_id, f"weights of v{i}", "checkpoint/adapter.txt")
+            run_id, uris[str(i)] = run.info.run_id, run.info.run_id
+        client.create_model_version(name, source="mlflow-artifacts:/none", run_id=run_id)
+    return uris
+
+
+def test_a_hundred_moves_with_rollbacks_keep_every_record(cli, team: dict) -> None:
+    from lmctl import registry
+
+    name = _name("team-audit")
+    _bare_versions(name, 5)
+    in_effect: list[str] = []
+    moves = 0
+    while moves < 100:
+        version = str(moves % 5 + 1)
+        if registry.alias_holder(name, "production") == version:
+            version = str(int(version) % 5 + 1)
+        registry.move_alias(name, "production", version, reason=f"move {moves}")
+        in_effect.append(version)
+        moves += 1
+        if len(in_effect) % 4 == 0:
+            back = registry.rollback(name)
+            undone = in_effect.pop()
+            assert (back.previous_version, back.version) == (undone, in_effect[-1])
+            moves += 1
+    history = cli("registry", "history", name, "--json").json["moves"]
+    assert len(history) == moves >= 100
+    assert [m["seq"] for m in history] == list(range(1, moves + 1))
+    assert [m["previous_version"] for m in history[1:]] == [m["version"] for m in history[:-1]]
+    assert cli("registry", "history", name, "--limit", "3", "--json").json["moves"] == history[-3:]
+    assert registry.alias_holder(name, "production") == in_effect[-1]
+
+
+def test_gc_on_the_server_keeps_protected_versions_and_records_deletions(cli, team: dict) -> None:
+    from lmctl import registry
+
+    name = _name("team-gc")
+    runs = _bare_versions(name, 5, with_artifacts=True)
+    registry.move_alias(name, "production", "1")
+    registry.move_alias(name, "production", "2")
+    plan = cli("registry", "gc", name, "--keep", "1", "--recent-moves", "1", "--json")
+    # 2 holds production, the last record (1 -> 2) names 1, 5 is the newest: 3 and 4 go
+    assert plan.code == 0 and plan.json["delete"] == ["3", "4"], plan.err
+    assert plan.json["deleted"] == []
+    done = cli("registry", "gc", name, "--keep", "1", "--recent-moves", "1", "--yes", "--json")
+    assert done.code == 0 and done.json["deleted"] == ["3", "4"], done.err
+    assert [v.version for v in registry.list_versions(name)] == ["1", "2", "5"]
+    stored = {v: list(Path(team["artifacts"]).rglob(f"{run_id}/artifacts/checkpoint/adapter.txt"))
+              for v, run_id in runs.items()}
+    assert sorted(v for v, found in stored.items() if not found) == ["3", "4"]  # deleted through the server
+    deletions = [m for m in cli("registry", "history", name, "--json").json["moves"] if m["action"] == "delete"]
+    assert [m["version"] for m in deletions] == ["3", "4"]

@@ -52,7 +52,7 @@ def _protected(name: str, keep: int, recent_moves: int) -> tuple[list[str], dict
     for v in versions:
         if v.status == "PENDING":
             why[v.version] = "being registered"
-    for record in registry.alias_history(name, limit=recent_moves):
+    for record in registry.alias_history(name, limit=recent_moves) if recent_moves else []:
         for version in (record.version, record.previous_version):
             if version and record.action != "delete":
                 why.setdefault(version, f"named by the last {recent_moves} audit records")

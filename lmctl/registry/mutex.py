@@ -67,20 +67,6 @@ class Holder:
     def silent_s(self) -> float:
         return time.time() - self.heartbeat
 
-    def dead_here(self) -> bool:
-        """Held by a process of this host that no longer exists (e.g. its release failed while
-        the server was away): no need to wait for its heartbeat to go stale."""
-        host, pid = (self.owner.split(":") + ["", ""])[:2]
-        if host != socket.gethostname() or not pid.isdigit():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-        return False
-
     def describe(self) -> str:
         host, pid = (self.owner.split(":") + ["?", "?"])[:2]
         return (f"pid {pid} on {host} since {_iso(self.since)}, last heartbeat {_iso(self.heartbeat)} "
@@ -160,7 +146,7 @@ def server_lock(mlflow_client: Any, lock: str, *, wait_s: float, what: str, hint
     deadline = time.monotonic() + wait_s
     while not _try_acquire(mlflow_client, lock, owner):
         held = holder(mlflow_client, lock)
-        if held is not None and (held.silent_s() > stale_s or held.dead_here()):
+        if held is not None and held.silent_s() > stale_s:
             log.warning("breaking the server lock %s: its holder (%s) is gone", lock, held.describe())
             _delete_if(mlflow_client, lock, held)
             continue
