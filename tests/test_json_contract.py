@@ -104,7 +104,7 @@ EXPECTED: dict[str, set[str]] = {
         'model.add_special_tokens', 'model.base', 'model.dtype', 'model.revision', 'model.trust_remote_code',
         'output', 'output.dir', 'output.run_name', 'registry', 'registry.name', 'registry.tracking_uri',
         'retrain', 'retrain.candidate_alias', 'retrain.drift_current', 'retrain.drift_reference',
-        'retrain.eval_data', 'retrain.keep_runs', 'retrain.max_ppl_regression', 'retrain.max_safety_violations',
+        'retrain.eval_data', 'retrain.keep_runs', 'retrain.keep_versions', 'retrain.max_ppl_regression', 'retrain.max_safety_violations',
         'retrain.min_scores', 'retrain.production_alias', 'retrain.state_dir', 'retrain.suites',
         'retrain.webhook_timeout_s', 'retrain.webhook_url', 'train', 'train.batch_size',
         'train.early_stopping_patience', 'train.early_stopping_threshold', 'train.epochs', 'train.eval_every',

@@ -142,10 +142,19 @@ def experiment_id(mlflow_client, name: str) -> str:  # type: ignore[no-untyped-d
     exp = mlflow_client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    from mlflow.exceptions import MlflowException
+
     location = (lmctl_home() / "mlartifacts").as_uri() if embedded() else None
     with registry_lock():
         exp = mlflow_client.get_experiment_by_name(name)
-        return exp.experiment_id if exp else mlflow_client.create_experiment(name, artifact_location=location)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return mlflow_client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:  # another machine created it first (the local lock does not reach it)
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        return mlflow_client.get_experiment_by_name(name).experiment_id
 
 
 def ensure_registered_model(mlflow_client, name: str) -> None:  # type: ignore[no-untyped-def]

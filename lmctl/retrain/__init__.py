@@ -8,7 +8,8 @@ eval set and suites and promoted only when every gate passes. With no production
 (the first run) there is no baseline: the perplexity-regression gate cannot apply, the
 absolute gates (suite scores, safety) still do, and a passing candidate is promoted.
 
-Every stage persists the run's state (`lmctl.retrain.state`), so a killed run resumes at
+Every stage persists the run's state (`lmctl.retrain.state`; on a team server an MLflow
+run, `lmctl.retrain.server_state`, so another host can go on), so a killed run resumes at
 the stage it died in. Registering is idempotent: a version whose `lmctl.manifest_sha256`
 tag matches the candidate checkpoint is reused, never duplicated.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +107,7 @@ def retrain(cfg: LmctlConfig, config_path: Path | None = None, force: bool = Fal
     try:
         with registry.server_errors():
             ctx = _Ctx(cfg, config_path, force)
-            with run_lock(ctx.name):
+            with run_lock(ctx.name) as lost_lock:
                 state = ctx.store.unfinished()
                 if state is None:
                     state = RetrainState(run_id=new_run_id(), name=ctx.name, force=force, started_at=now_utc(),
@@ -113,7 +115,7 @@ def retrain(cfg: LmctlConfig, config_path: Path | None = None, force: bool = Fal
                 else:
                     state.invocations += 1
                     log.info("resuming retrain run %s at stage %s", state.run_id, state.stage)
-                result = _run_stages(ctx, state, started)
+                result = _run_stages(ctx, state, started, lost_lock)
     except BusyError:
         raise
     except Exception as exc:
@@ -127,10 +129,13 @@ def retrain(cfg: LmctlConfig, config_path: Path | None = None, force: bool = Fal
     return result
 
 
-def _run_stages(ctx: _Ctx, state: RetrainState, started: float) -> RetrainResult:
+def _run_stages(ctx: _Ctx, state: RetrainState, started: float, lost_lock: Callable[[], bool]) -> RetrainResult:
     steps = {"check_data": _check_data, "train": _train, "evaluate": _evaluate, "register": _register,
              "promote": _promote}
     while state.stage not in ("report", "done"):
+        if lost_lock():
+            raise BusyError(f"the retrain lock of {ctx.name!r} was broken while this run was silent; stopped "
+                            f"before stage {state.stage}", hint="another host may be resuming this run")
         stage = state.stage
         t0 = begin_stage(ctx.store, state, stage)
         next_stage, note = steps[stage](ctx, state)

@@ -22,7 +22,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -192,20 +192,22 @@ def lock_path(name: str) -> Path:
 
 
 @contextlib.contextmanager
-def run_lock(name: str) -> Iterator[None]:
+def run_lock(name: str) -> Iterator[Callable[[], bool]]:
     """Hold the one retrain lock of model `name`; BusyError (exit 5) naming the holder if taken.
 
     Embedded store: a file lock under LMCTL_HOME (the OS frees it when its holder dies). Team
     server: a lock in the server's database, so it reaches every host; its holder's heartbeat
-    keeps it, and only a heartbeat silent for LMCTL_LOCK_STALE_S breaks it."""
+    keeps it, and only a heartbeat silent for LMCTL_LOCK_STALE_S breaks it. Yields a check:
+    True once the lock was taken from this process (its heartbeat could not reach the server
+    for that long), so the run stops at the next stage instead of racing the new holder."""
     from lmctl import registry
 
     busy, hint = f"a retrain of {name!r} is already running", "wait for it to finish; this run did nothing"
     if not registry.embedded():
         from lmctl.registry.mutex import RETRAIN_PREFIX, server_lock
 
-        with server_lock(registry.client(), RETRAIN_PREFIX + name, wait_s=0, what=busy, hint=hint):
-            yield
+        with server_lock(registry.client(), RETRAIN_PREFIX + name, wait_s=0, what=busy, hint=hint) as beat:
+            yield lambda: beat.lost
         return
     from filelock import FileLock, Timeout
 
@@ -219,7 +221,7 @@ def run_lock(name: str) -> Iterator[None]:
         raise BusyError(f"{busy} ({_describe_holder(holder)})", hint=hint) from None
     try:
         write_json_atomic(holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": now_utc()})
-        yield
+        yield lambda: False  # the OS holds a file lock for as long as this process lives
     finally:
         with contextlib.suppress(OSError):
             holder.unlink()
