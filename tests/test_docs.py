@@ -117,3 +117,18 @@ def test_nothing_cites_the_old_external_design_file() -> None:
             and needle in p.read_text(encoding="utf-8", errors="replace")]
     hits += ["README.md"] if needle in (REPO / "README.md").read_text(encoding="utf-8") else []
     assert not hits, f"these files cite a design file outside the repository; point them at docs/: {hits}"
+
+
+def test_every_json_key_is_documented() -> None:
+    """The top-level `--json` keys recorded by test_json_contract.py appear in their command's section."""
+    from test_json_contract import EXPECTED
+
+    sections = _sections((DOCS / "commands.md").read_text(encoding="utf-8"))
+    missing: dict[str, list[str]] = {}
+    for label, keys in EXPECTED.items():
+        command = re.split(r" \(| --", label)[0].removesuffix(" local").removesuffix(" kubernetes")
+        in_code = set(re.findall(r"\w+", " ".join(re.findall(r"`[^`]*`", sections[command]))))
+        absent = sorted(k for k in keys if "." not in k and "[]" not in k and k not in in_code)
+        if absent:
+            missing[label] = absent
+    assert not missing, f"--json keys missing from their command's section of docs/commands.md: {missing}"
