@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,17 +68,8 @@ def lmctl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def tiny_config(tmp_path: Path, tiny_base: Path) -> Path:
-    cfg = {
-        "model": {"base": str(tiny_base)},
-        "data": {"train": str(ASSETS / "tiny_train.jsonl"), "validation": str(ASSETS / "tiny_validation.jsonl"),
-                 "max_length": 64},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "eval_every": 3, "save_every": 3, "log_every": 1},
-        "output": {"dir": str(tmp_path / "runs"), "run_name": "tiny"},
-        "registry": {"name": "tiny"},
-    }
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_base, tmp_path / "runs")))
     return path
 
 
@@ -118,8 +108,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_config_dict(base: Path, runs: Path) -> dict:
+    return {
+        "model": {"base": str(base)},
+        "data": {"train": str(ASSETS / "tiny_train.jsonl"), "validation": str(ASSETS / "tiny_validation.jsonl"),
+                 "max_length": 64},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "eval_every": 3, "save_every": 3, "log_every": 1},
+        "output": {"dir": str(runs), "run_name": "tiny"},
+        "registry": {"name": "tiny"},
+    }
+
+
+@pytest.fixture(scope="session")
+def sealed_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
+    """One checkpoint trained with the tiny config, once per session, in-process with its own
+    LMCTL_HOME. Read-only: tests get copies through `trained_checkpoint` / `copy_checkpoint`."""
+    from lmctl.cli import main
+
+    root = tmp_path_factory.mktemp("sealed")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_config_dict(tiny_base, root / "runs")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMCTL_HOME", str(root / "home"))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert main(["train", str(root / "tiny.yaml")]) == 0
+    return root / "runs" / "tiny" / "checkpoints" / "step-000006"
+
+
+def copy_checkpoint(sealed: Path, into: Path) -> Path:
+    """A private copy of a sealed checkpoint (same directory name, so served model ids match)."""
+    import shutil
+
+    return Path(shutil.copytree(sealed, into / sealed.name))
+
+
 @pytest.fixture
-def trained_checkpoint(cli, tiny_config: Path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
-    result = cli("train", tiny_config, "--json")
-    assert result.code == 0, result.err
-    yield Path(result.json["checkpoint"])
+def trained_checkpoint(sealed_checkpoint: Path, tmp_path: Path) -> Path:
+    """A checkpoint of the tiny config this test may tamper with: a copy of the session's one."""
+    return copy_checkpoint(sealed_checkpoint, tmp_path / "trained")

@@ -10,6 +10,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,25 +38,9 @@ def documented_vllm_flags() -> tuple[set[str], list[int]]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
-    """One adapter trained for real (2 steps) and shared by this module's tests, read-only."""
-    from lmctl.cli import main
-
-    root = tmp_path_factory.mktemp("deploy-train")
-    cfg = {
-        "model": {"base": str(tiny_base)},
-        "data": {"train": str(ASSETS / "tiny_train.jsonl"), "max_length": 64},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"max_steps": 2, "batch_size": 4, "lr": 5e-3, "eval_every": 2, "save_every": 2, "log_every": 1},
-        "output": {"dir": str(root / "runs"), "run_name": "tiny"},
-        "registry": {"name": "tiny"},
-    }
-    (root / "c.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMCTL_HOME", str(root / "home"))
-        assert main(["train", str(root / "c.yaml")]) == 0
-    (ckpt,) = sorted((root / "runs" / "tiny" / "checkpoints").glob("step-*"))
-    return ckpt
+def checkpoint(sealed_checkpoint: Path) -> Path:
+    """The session's trained tiny adapter, shared by this module's tests read-only."""
+    return sealed_checkpoint
 
 
 def resealed_copy(src: Path, dest: Path, **adapter_changes: Any) -> Path:
@@ -110,7 +95,7 @@ def test_local_bundle_starts_and_answers_healthz(cli, checkpoint: Path, tmp_path
     moved = tmp_path / "elsewhere"
     out.rename(moved)
     port = free_port()
-    env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # the venv's lmctl
            "LMCTL_PORT": str(port), "LMCTL_HOST": "127.0.0.1"}
     proc = subprocess.Popen([str(moved / "start.sh")], env=env, cwd=tmp_path, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)

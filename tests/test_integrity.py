@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ASSETS, free_port, run_subprocess
+from conftest import ASSETS, free_port
 from lmctl import atomic, checkpoint, tokenizer_lock
 from lmctl.errors import IntegrityError
 
@@ -21,6 +21,7 @@ def _tamper(ckpt: Path, name: str = "tokenizer_config.json") -> Path:
     return path
 
 
+@pytest.mark.timeout(600)  # serve runs in-process: were verification skipped, it would serve forever
 def test_edited_tokenizer_file_fails_eval_serve_and_verify(cli, trained_checkpoint: Path) -> None:
     edited = _tamper(trained_checkpoint)
     data = ASSETS / "tiny_validation.jsonl"
@@ -29,9 +30,9 @@ def test_edited_tokenizer_file_fails_eval_serve_and_verify(cli, trained_checkpoi
     assert result.out == "" and "Traceback" not in result.err
     verify = cli("registry", "verify", trained_checkpoint)
     assert verify.code == 4 and str(edited) in verify.err
-    served = run_subprocess("serve", str(trained_checkpoint), "--port", str(free_port()), timeout=120)
-    assert served.returncode == 4, served.stderr
-    assert str(edited) in served.stderr and "Traceback" not in served.stderr
+    served = cli("serve", trained_checkpoint, "--port", free_port())
+    assert served.code == 4, served.err
+    assert str(edited) in served.err and "Traceback" not in served.err
 
 
 def test_register_refuses_a_tampered_checkpoint(cli, trained_checkpoint: Path) -> None:

@@ -66,11 +66,11 @@ def test_repeated_rollbacks_walk_back_instead_of_toggling(cli, trained_checkpoin
     assert cli("rollback", "w", "--json").json["version"] == "1"
 
 
-def test_registry_diff_names_what_changed(cli, tiny_config: Path, tmp_path: Path) -> None:
-    first = cli("train", tiny_config, "--set", "train.max_steps=2", "--set", "train.save_every=2", "--json")
+def test_registry_diff_names_what_changed(cli, trained_checkpoint: Path, tiny_config: Path, tmp_path: Path) -> None:
     second = cli("train", tiny_config, "--set", "train.max_steps=2", "--set", "train.save_every=2",
                  "--set", "lora.r=8", "--set", "output.run_name=other", "--json")
-    a, b = first.json["checkpoint"], second.json["checkpoint"]
+    assert second.code == 0, second.err
+    a, b = str(trained_checkpoint), second.json["checkpoint"]
     same = cli("registry", "diff", a, a, "--json").json
     assert same["identical"] is True
     result = cli("registry", "diff", a, b, "--json").json

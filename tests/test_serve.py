@@ -10,16 +10,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port
-from serve_support import LiveServer, sse_events, train_checkpoint
+from conftest import copy_checkpoint, free_port
+from serve_support import LiveServer, sse_events
 
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
-    return train_checkpoint(tiny_base, tmp_path_factory.mktemp("served"))
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, sealed_checkpoint: Path) -> Path:
+    return copy_checkpoint(sealed_checkpoint, tmp_path_factory.mktemp("served"))
 
 
 def _server(ref: Path | str, **options: object) -> LiveServer:

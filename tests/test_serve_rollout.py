@@ -11,16 +11,16 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from conftest import free_port
-from serve_support import LiveServer, train_checkpoint
+from conftest import copy_checkpoint, free_port
+from serve_support import LiveServer
 
 KEY = "rollout-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
-    return train_checkpoint(tiny_base, tmp_path_factory.mktemp("rollout"))
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, sealed_checkpoint: Path) -> Path:
+    return copy_checkpoint(sealed_checkpoint, tmp_path_factory.mktemp("rollout"))
 
 
 def _variant(ckpt: Path, out: Path, scale: float) -> Path:
