@@ -294,22 +294,21 @@ def test_killed_on_host_a_resumed_on_host_b(cli, team: dict, retrain_config: tup
 
 
 def _bare_versions(name: str, count: int, with_artifacts: bool = False) -> dict[str, str]:
-    """Versions made with the MLflow client (alias bookkeeping reads no checkpoint); returns
-    version -> the run's artifact URI when `with_artifacts`."""
+    """Versions made with the MLflow client (alias bookkeeping reads no checkpoint), each on a
+    run of its own (the server accepts only a source inside the run); returns version -> run id."""
     from lmctl import registry
 
     client = registry.client()
     client.create_registered_model(name)
     exp = registry.experiment_id(client, "lmctl-registry")
-    uris = {}
+    runs = {}
     for i in range(1, count + 1):
-        run_id = None
+        run = client.create_run(exp)
         if with_artifacts:
-            run = client.create_run(exp)
             client.log_text(run.info.run_id, f"weights of v{i}", "checkpoint/adapter.txt")
-            run_id, uris[str(i)] = run.info.run_id, run.info.run_id
-        client.create_model_version(name, source="mlflow-artifacts:/none", run_id=run_id)
-    return uris
+        client.create_model_version(name, source=f"{run.info.artifact_uri}/checkpoint", run_id=run.info.run_id)
+        runs[str(i)] = run.info.run_id
+    return runs
 
 
 def test_a_hundred_moves_with_rollbacks_keep_every_record(cli, team: dict) -> None:
