@@ -40,16 +40,18 @@ def test_matches_full_sequence_loss_and_ignores_padding(tiny_base: Path) -> None
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     expected = sum(_reference_nll(model, ids, tok.bos_token_id) for ids in encoded)
     # Window covers each document whole; batching two different lengths pads the shorter one.
-    sums, per_doc = perplexity(model, tok, texts, max_length=128, stride=128, batch_size=2)
+    scored = perplexity(model, tok, texts, max_length=128, stride=128, batch_size=2)
+    sums = scored.sums
+    assert scored.doc_tokens == [len(ids) for ids in encoded]
     assert sums.tokens == sum(map(len, encoded))
     assert math.isclose(sums.nll_sum, expected, rel_tol=1e-5)
     assert math.isclose(sums.metrics["perplexity"], math.exp(expected / sums.tokens), rel_tol=1e-5)
-    assert math.isclose(sums.metrics["bits_per_byte"], expected / (sums.bytes * math.log(2)), rel_tol=1e-9)
+    assert math.isclose(sums.metrics["bits_per_byte"], expected / (sums.bytes * math.log(2)), rel_tol=1e-5)
     # batch size must not change the result (padding is never scored)
-    single, _ = perplexity(model, tok, texts, max_length=128, stride=128, batch_size=1)
+    single = perplexity(model, tok, texts, max_length=128, stride=128, batch_size=1).sums
     assert math.isclose(single.nll_sum, sums.nll_sum, rel_tol=1e-5)
     # short windows give each token less context: a different, still finite number
-    short, _ = perplexity(model, tok, texts, max_length=4, stride=2, batch_size=3)
+    short = perplexity(model, tok, texts, max_length=4, stride=2, batch_size=3).sums
     assert short.tokens == sums.tokens and math.isfinite(short.nll_sum)
 
 
@@ -63,3 +65,29 @@ def test_per_document_sums_add_up(cli, tiny_base: Path) -> None:
     assert sum(d["tokens"] for d in docs) == report["sums"]["tokens"]
     assert math.isclose(sum(d["nll_sum"] for d in docs), report["sums"]["nll_sum"], rel_tol=1e-9)
     assert report["method"]["stride"] == 16  # strided default: half the window
+
+
+def test_head_at_scored_positions_equals_full_logits_and_streams(tiny_base: Path) -> None:
+    """The body + head-on-scored-rows path gives the full forward's numbers; texts may be a
+    one-shot generator (windows are built as documents stream by), and the auto batch size
+    comes from the memory budget."""
+    from lmctl.evaluate import perplexity as ppl
+    from lmctl.loading import load_base_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_base))
+    model = load_base_model(str(tiny_base)).eval()
+    texts = [f"Document {i}: the adapter reads {'tokens ' * (i % 7)}and the server answers." for i in range(70)]
+    assert ppl._head_only_at_scored(model) is not None
+    fast = ppl.perplexity(model, tok, (t for t in texts), max_length=16, stride=8, batch_size=5)
+    assert fast.sums.documents == len(texts) and len(fast.doc_nll) == len(texts)  # > one tokenize chunk
+    original = ppl._head_only_at_scored
+    try:
+        ppl._head_only_at_scored = lambda m: None  # type: ignore[assignment]  # the full-logits path
+        full = ppl.perplexity(model, tok, texts, max_length=16, stride=8, batch_size=3)
+    finally:
+        ppl._head_only_at_scored = original  # type: ignore[assignment]
+    assert fast.doc_tokens == full.doc_tokens
+    for a, b in zip(fast.doc_nll, full.doc_nll):
+        assert math.isclose(a, b, rel_tol=1e-5)
+    assert ppl.auto_batch_size(model, 16, budget_bytes=1) == 1
+    assert ppl.auto_batch_size(model, 1024, budget_bytes=64 << 20) < ppl.auto_batch_size(model, 128, budget_bytes=64 << 20)

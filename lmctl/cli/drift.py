@@ -29,7 +29,8 @@ def drift(
     embedding_model: Annotated[Path | None, typer.Option("--embedding-model", help="Local sentence-transformers model directory for embedding drift.")] = None,
     text_field: Annotated[str, typer.Option("--text-field", help="Column with the text in jsonl/csv/parquet.")] = "text",
     max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per perplexity window (default 1024, capped by the model).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Windows per forward pass.")] = 8,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", min=1, help="Windows per forward pass; default: as many as a memory budget allows.")] = None,
     report: Annotated[Path | None, typer.Option(help="Also write the JSON report to this file (atomically).")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG: token-length and per-document perplexity histograms.")] = None,
     json_out: JsonOpt = False,

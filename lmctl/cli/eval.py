@@ -36,7 +36,7 @@ def eval_(
     method: str = option(O, "method"),
     max_length: int | None = option(O, "max_length", "--max-length"),
     stride: int | None = option(O, "stride"),
-    batch_size: int = option(O, "batch_size", "--batch-size"),
+    batch_size: int | None = option(O, "batch_size", "--batch-size"),
     text_field: str = option(O, "text_field", "--text-field"),
     report: Path | None = option(O, "report"),
     per_document: bool = option(O, "per_document", "--per-document"),

@@ -66,13 +66,14 @@ class _Measured(BaseModel):
     sums: PerplexitySums
     doc_nll: list[float]
     doc_tokens: list[int]
+    batch_size: int
     seconds: float
     suites: list[SuiteResult] = []
     latency: LatencyReport | None = None
 
 
 def _measure(ref: str, texts: list[str], length: int | None, method: Method, stride: int | None,
-             batch_size: int, suites: list[Suite] = (),  # type: ignore[assignment]
+             batch_size: int | None, suites: list[Suite] = (),  # type: ignore[assignment]
              latency: tuple[int, int, int] | None = None) -> tuple[_Measured, int, int]:
     """Load `ref` (verified), score `texts`; returns the measurement and the window/stride used."""
     import gc
@@ -86,14 +87,14 @@ def _measure(ref: str, texts: list[str], length: int | None, method: Method, str
     length = min(length or 1024, _model_max_length(loaded.model))
     step = length if method == "rolling" else (stride or length // 2)
     started = time.perf_counter()
-    sums, doc_nll = perplexity(loaded.model, loaded.tokenizer, texts, length, step, batch_size)
+    scored = perplexity(loaded.model, loaded.tokenizer, texts, length, step, batch_size)
     seconds = time.perf_counter() - started
-    doc_tokens = [len(ids) for ids in loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]]
     suite_results = [run_suite(loaded.model, loaded.tokenizer, suite) for suite in suites]
     timing = measure_latency(loaded.model, loaded.tokenizer, texts, *latency) if latency else None
     del loaded
     gc.collect()  # the next model (a baseline) should not have to share memory with this one
-    return _Measured(resolved=resolved.model_dump(), sums=sums, doc_nll=doc_nll, doc_tokens=doc_tokens,
+    return _Measured(resolved=resolved.model_dump(), sums=scored.sums, doc_nll=scored.doc_nll, doc_tokens=scored.doc_tokens,
+                     batch_size=scored.batch_size,
                      seconds=seconds, suites=suite_results, latency=timing), length, step
 
 
@@ -162,7 +163,7 @@ def evaluate(ref: str, data_path: Path, options: EvalOptions | None = None, gate
         model=ref, model_kind=str(resolved["kind"]), **_identity(resolved),  # type: ignore[arg-type]
         data=data.fingerprint(data_path, opts.text_field, len(texts)).model_dump(),
         method={"name": opts.method, "max_length": length, "stride": step, "prefix_token": "bos, else eos",
-                "batch_size": opts.batch_size},
+                "batch_size": cand.batch_size},
         perplexity=metrics["perplexity"], metrics=metrics, sums=cand.sums.model_dump(), seconds=round(cand.seconds, 3),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         documents=_per_document(texts, cand.doc_nll, cand.doc_tokens) if opts.per_document else None,

@@ -10,6 +10,17 @@ before them in the window as context.
   scored token at least that much context).
 - `rolling`: stride = max_length, i.e. disjoint windows (lm-eval's loglikelihood_rolling).
 
+Memory and speed (why this is not `model(...).logits` + `log_softmax`): a 49k vocabulary
+makes `batch x window x vocab` fp32 logits, plus a log-softmax copy, the largest tensors by
+far (1.6 GB at batch 8, window 1024), and a strided window scores only `stride` of its
+positions. So the model's body runs on the window and the output head runs only on the
+scored positions, a few hundred at a time, straight into `cross_entropy`. Documents are
+tokenized and cut into windows as they stream by: memory holds one look-ahead buffer of
+windows and the per-document sums, whatever the number of documents. The batch size
+comes from a memory budget (`auto_batch_size`), not a fixed count. transformers has no
+scorer that does this (its `logits_to_keep` keeps the same positions in every row, and
+lm-eval materialises the full logits), hence the code here.
+
 The sums (NLL in nats, tokens, words, UTF-8 bytes) are returned so results aggregate.
 """
 
@@ -17,12 +28,21 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from pydantic import BaseModel
 
 from lmctl.errors import BadInputError
+
+HEAD_CHUNK = 256  # scored positions per output-head matmul: 256 x 49k fp32 logits = 50 MB
+LOOKAHEAD_BATCHES = 16  # windows are sorted by length within this many batches, to cut padding
+TOKENIZE_CHUNK = 64  # documents tokenized per call (the fast tokenizer batches; memory stays flat)
+# Configs whose forward transforms the head's output (soft-capping, scaling): for those the
+# full forward runs and only its logits are gathered, so the numbers stay the model's own.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,16 @@ class PerplexitySums(BaseModel):
         }
 
 
+@dataclass
+class Scored:
+    """The totals, plus each document's NLL and token count in input order."""
+
+    sums: PerplexitySums
+    doc_nll: list[float] = field(default_factory=list)
+    doc_tokens: list[int] = field(default_factory=list)
+    batch_size: int = 0  # windows per forward actually used
+
+
 def make_windows(doc: int, ids: list[int], prefix: int, max_length: int, stride: int) -> list[Window]:
     """Windows over [prefix] + ids that together score every token of `ids` exactly once."""
     ext = [prefix] + ids
@@ -63,50 +93,114 @@ def make_windows(doc: int, ids: list[int], prefix: int, max_length: int, stride:
     return windows
 
 
-def _score_batch(model: Any, batch: list[Window], pad_id: int, device: Any) -> list[float]:
+def auto_batch_size(model: Any, max_length: int, budget_bytes: int | None = None) -> int:
+    """Windows per forward that keep the body's transient activations within a budget.
+
+    Per token and layer, a forward without a KV cache holds the residual stream, q/k/v/o,
+    the MLP's three intermediate tensors and (worst case, a padded batch takes the math
+    attention kernel) one row of attention scores per head. Default budget: 512 MiB on CPU
+    (more rows buy little there: a 1024-token window is already a compute-bound GEMM), half
+    the free memory on a GPU."""
     import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = int(config.hidden_size)
+    inter = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
+    heads = int(config.num_attention_heads)
+    itemsize = next(model.parameters()).element_size()
+    per_token = itemsize * (6 * hidden + 3 * inter + heads * max_length) * 2  # x2: allocator slack, temporaries
+    if budget_bytes is None:
+        device = next(model.parameters()).device
+        budget_bytes = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 512 << 20
+    return max(1, min(256, budget_bytes // (per_token * max_length)))
+
+
+def _head_only_at_scored(model: Any) -> tuple[Any, Any] | None:
+    """(body, head) when logits are exactly head(body(x)), so the head can run on chosen rows."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PeftModel -> HF model
+    peft = getattr(model, "active_peft_config", None)
+    if peft is not None and getattr(peft, "is_prompt_learning", False):
+        return None  # prompt-learning adapters add virtual tokens in PeftModel.forward itself
+    config = getattr(base, "config", None)
+    if config is None or any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    get_decoder, head = getattr(base, "get_decoder", None), base.get_output_embeddings()
+    return (get_decoder(), head) if get_decoder is not None and head is not None else None
+
+
+def _score_batch(model: Any, parts: tuple[Any, Any] | None, batch: list[Window], pad_id: int,
+                 device: Any) -> list[float]:
+    """Summed NLL of each window's targets; the head sees only scored positions, in chunks."""
+    import torch
+    from torch.nn.functional import cross_entropy
 
     width = max(len(w.input_ids) for w in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
+    rows, cols, targets = [], [], []
     for row, w in enumerate(batch):
         ids[row, : len(w.input_ids)] = torch.tensor(w.input_ids)
         mask[row, : len(w.input_ids)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    sums = []
-    for row, w in enumerate(batch):
-        span = logits[row, w.score_from : w.score_from + len(w.targets)]
-        logprobs = torch.log_softmax(span, dim=-1)
-        target = torch.tensor(w.targets, device=logprobs.device)
-        sums.append(-float(logprobs.gather(1, target[:, None]).sum()))
-    return sums
+        rows += [row] * len(w.targets)
+        cols += range(w.score_from, w.score_from + len(w.targets))
+        targets += w.targets
+    ids, mask = ids.to(device), mask.to(device)
+    if parts is not None:
+        body, head = parts
+        states = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    else:
+        states, head = model(input_ids=ids, attention_mask=mask, use_cache=False).logits, None
+    row_t, col_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    target_t = torch.tensor(targets, device=device)
+    nll = torch.zeros(len(batch), dtype=torch.float64, device=device)
+    for i in range(0, len(targets), HEAD_CHUNK):
+        r, c = row_t[i : i + HEAD_CHUNK], col_t[i : i + HEAD_CHUNK]
+        logits = (head(states[r, c]) if head is not None else states[r, c]).float()
+        losses = cross_entropy(logits, target_t[i : i + HEAD_CHUNK], reduction="none")
+        nll.index_add_(0, r, losses.double())
+    return nll.tolist()
 
 
-def perplexity(
-    model: Any, tokenizer: Any, texts: list[str], max_length: int, stride: int, batch_size: int = 8
-) -> tuple[PerplexitySums, list[float]]:
-    """Score `texts`; returns the totals and the NLL of each document."""
+def _windows(texts: Iterable[str], tokenizer: Any, prefix: int, max_length: int, stride: int,
+             stats: Scored) -> Iterator[Window]:
+    """Tokenize documents a chunk at a time and yield their windows; record per-document sums."""
+    it = iter(texts)
+    while chunk := list(islice(it, TOKENIZE_CHUNK)):
+        encoded = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        for text, ids in zip(chunk, encoded):
+            doc = len(stats.doc_tokens)
+            stats.doc_tokens.append(len(ids))
+            stats.doc_nll.append(0.0)
+            stats.sums.words += len(re.split(r"\s+", text))
+            stats.sums.bytes += len(text.encode("utf-8"))
+            yield from make_windows(doc, list(ids), prefix, max_length, stride)
+
+
+def _batches(windows: Iterator[Window], batch_size: int) -> Iterator[list[Window]]:
+    """Batches of similar-length windows, sorted within a bounded look-ahead buffer."""
+    while buffer := list(islice(windows, batch_size * LOOKAHEAD_BATCHES)):
+        buffer.sort(key=lambda w: len(w.input_ids), reverse=True)
+        for i in range(0, len(buffer), batch_size):
+            yield buffer[i : i + batch_size]
+
+
+def perplexity(model: Any, tokenizer: Any, texts: Iterable[str], max_length: int, stride: int,
+               batch_size: int | None = None) -> Scored:
+    """Score `texts` (any iterable: read once, as it streams); batch_size None = from the budget."""
     import torch
 
     if not 1 <= stride <= max_length:
         raise BadInputError(f"--stride {stride} must be between 1 and --max-length {max_length}")
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    windows = [w for i, ids in enumerate(encoded) for w in make_windows(i, list(ids), prefix, max_length, stride)]
-    windows.sort(key=lambda w: len(w.input_ids), reverse=True)  # similar lengths share a batch: less padding
-    doc_nll = [0.0] * len(texts)
-    device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    parts = _head_only_at_scored(model)
+    size = batch_size or auto_batch_size(model, max_length)
+    out = Scored(PerplexitySums(documents=0, tokens=0, words=0, bytes=0, nll_sum=0.0), batch_size=size)
     with torch.inference_mode():
-        for i in range(0, len(windows), batch_size):
-            batch = windows[i : i + batch_size]
-            for w, nll in zip(batch, _score_batch(model, batch, pad_id, device)):
-                doc_nll[w.doc] += nll
-    sums = PerplexitySums(
-        documents=len(texts),
-        tokens=sum(len(ids) for ids in encoded),
-        words=sum(len(re.split(r"\s+", t)) for t in texts),
-        bytes=sum(len(t.encode("utf-8")) for t in texts),
-        nll_sum=sum(doc_nll),
-    )
-    return sums, doc_nll
+        for batch in _batches(_windows(texts, tokenizer, prefix, max_length, stride, out), size):
+            for w, nll in zip(batch, _score_batch(model, parts, batch, pad_id, device)):
+                out.doc_nll[w.doc] += nll
+    out.sums.documents, out.sums.tokens = len(out.doc_tokens), sum(out.doc_tokens)
+    out.sums.nll_sum = math.fsum(out.doc_nll)
+    return out

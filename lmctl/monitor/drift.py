@@ -230,10 +230,10 @@ def load_input(path: Path, text_field: str, cfg: DriftConfig, role: str) -> _Inp
     return _Input(texts=scored, meta={**meta, "documents": len(scored)})
 
 
-def _score(loaded: Any, texts: list[str], max_length: int, stride: int, batch_size: int) -> _Scored:
+def _score(loaded: Any, texts: list[str], max_length: int, stride: int, batch_size: int | None) -> _Scored:
     from lmctl.evaluate.perplexity import perplexity
 
-    _, nll = perplexity(loaded.model, loaded.tokenizer, texts, max_length, stride, batch_size)
+    nll = perplexity(loaded.model, loaded.tokenizer, texts, max_length, stride, batch_size).doc_nll
     ids = [list(doc) for doc in loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]]
     return _Scored(nll=nll, ids=ids)
 
@@ -318,7 +318,7 @@ def _validate(cfg: DriftConfig, max_length: int | None, plot: Path | None) -> No
 
 
 def detect_drift(model_ref: str, reference: Path, current: Path, cfg: DriftConfig | None = None,
-                 text_field: str = "text", max_length: int | None = None, batch_size: int = 8,
+                 text_field: str = "text", max_length: int | None = None, batch_size: int | None = None,
                  report: Path | None = None, plot: Path | None = None) -> DriftReport:
     """Compare `current` inputs with `reference` ones through `model_ref`; write the report and
     plot when asked (after every input was checked). Drift is reported, not raised: see `failed_checks`."""
