@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+print = __import__("functools").partial(print, flush=True)  # noqa: A001 - progress shows through pipes
+
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -52,13 +54,13 @@ def _rss_mb() -> float:
 
 
 def _lm_eval(model: Any, tokenizer: Any, texts: list[str], method: str, length: int, stride: int,
-             batch: int) -> list[float]:
+             batch: int, device: str = "cpu") -> list[float]:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
     from lmctl.evaluate.perplexity import make_windows
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch, max_length=length, device="cpu")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch, max_length=length, device=device)
     if method == "rolling":
         requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
         return [-x for x in lm.loglikelihood_rolling(requests, disable_tqdm=True)]
@@ -149,7 +151,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=30000, help="documents are added until this many tokens")
     parser.add_argument("--methods", default="strided,rolling")
     parser.add_argument("--peer-batches", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--threads", type=int, default=2, help="torch threads, the same for every run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for every run (1: on a shared, oversubscribed CPU, OpenMP barriers between threads measure the neighbours)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the median is reported")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -17,6 +17,15 @@ CPU timings on a shared machine are noisy: compare ratios, not absolute numbers.
 run with the same torch thread count (`--threads`, default 1; see its help).
 
     python scripts/bench_serve.py [--model tiny|synthetic|PATH] [--clients 1,8,32] [--max-tokens 32]
+
+`--servers lmctl,transformers` instead compares real servers over HTTP (peers, issue 16):
+`lmctl serve` with its default settings and `transformers serve --continuous-batching`,
+each a child process on the same model directory, dtype (float32) and thread count
+(OMP_NUM_THREADS), driven by the same closed-loop clients with the same text prompts
+(/v1/completions, temperature 0), levels interleaved and the order alternated. The greedy
+texts are compared with in-process `generate` one request at a time, which is also the
+one-at-a-time row. Goal: lmctl >= 1.2x transformers' tokens/s at 8 and 32 clients, p95 no
+worse, outputs identical.
 """
 
 from __future__ import annotations
@@ -103,7 +112,8 @@ def engine_client(engine: Engine, tok: Any, max_tokens: int) -> Generate:
     return lambda ids: engine.submit(ids, params).wait(600).token_ids
 
 
-def run_level(generate: Generate, prompts: list[list[int]], clients: int, total: int) -> dict[str, Any]:
+def run_level(generate: Callable[[Any], Any], prompts: list[Any], clients: int, total: int,
+              count: Callable[[Any], int] = len) -> dict[str, Any]:
     """Closed loop: C threads take request numbers 0..total-1 in turn, each sending its next
     request as soon as the last one returned; request i always carries prompt i."""
     latencies: list[float] = []
@@ -130,10 +140,122 @@ def run_level(generate: Generate, prompts: list[list[int]], clients: int, total:
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    tokens = sum(len(o) for o in outputs.values())
+    tokens = sum(count(o) for o in outputs.values())
     q = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
     return {"wall_s": wall, "req_s": len(latencies) / wall, "tok_s": tokens / wall,
             "p50_s": statistics.median(latencies), "p95_s": q[18], "outputs": outputs}
+
+
+def _start_server(kind: str, path: str, port: int, threads: int, log: Path) -> Any:
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "LMCTL_HOME": str(log.parent / "lmctl-home"), "PYTHONPATH": str(REPO)}
+    if kind == "lmctl":
+        cmd = [sys.executable, "-m", "lmctl", "serve", path, "--port", str(port)]
+    else:
+        cmd = [str(Path(sys.executable).parent / "transformers"), "serve", path, "--continuous-batching",
+               "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _wait_ready(url: str, proc: Any, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server for {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"server {url} not ready after {timeout} s")
+
+
+def http_client(url: str, model: str, max_tokens: int) -> Callable[[str], Any]:
+    import httpx
+
+    local = threading.local()
+
+    def complete(prompt: str) -> tuple[str, int]:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=900)
+        r = local.client.post(url + "/v1/completions", json={"model": model, "prompt": prompt,
+                                                              "max_tokens": max_tokens, "temperature": 0})
+        r.raise_for_status()
+        body = r.json()
+        return body["choices"][0]["text"], int(body["usage"]["completion_tokens"])
+
+    return complete
+
+
+def compare_servers(args: argparse.Namespace, levels: list[int]) -> int:
+    """lmctl serve vs transformers serve over HTTP, plus one-at-a-time generate (in process)."""
+    from lmctl.loading import load_base_model, load_tokenizer
+    from lmctl.modelref import resolve_base
+
+    path = resolve_base(args.model)
+    tok = load_tokenizer(path)
+    model = load_base_model(path, "float32").eval()
+    totals = {c: max(args.requests, c) for c in levels}
+    texts = [tok.decode(ids) for ids in make_prompts(tok, 0, max(totals.values()), args.prompt_tokens)]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-peers-"))
+    names = [s.strip() for s in args.servers.split(",")]
+    servers, clients = {}, {}
+    for i, name in enumerate(names):
+        port = 18700 + i
+        servers[name] = _start_server(name, path, port, args.threads, tmp / f"{name}.log")
+        model_id = Path(path).name if name == "lmctl" else path
+        clients[name] = http_client(f"http://127.0.0.1:{port}", model_id, args.max_tokens)
+    try:
+        for i, name in enumerate(names):
+            _wait_ready(f"http://127.0.0.1:{18700 + i}", servers[name])
+        return _run_peers(args, levels, totals, texts, tok, model, clients)
+    finally:
+        for proc in servers.values():
+            proc.terminate()
+            proc.wait(60)
+        print(f"server logs: {tmp}", file=sys.stderr)
+
+
+def _run_peers(args: argparse.Namespace, levels: list[int], totals: dict[int, int], texts: list[str], tok: Any,
+               model: Any, clients: dict[str, Callable[[str], Any]]) -> int:
+    import os
+
+    gen = baseline(model, tok, args.max_tokens)
+    one = lambda text: (lambda ids: (tok.decode(ids), len(ids)))(gen(tok(text)["input_ids"]))  # noqa: E731
+    for complete in clients.values():  # warm-up: first-request allocations stay out of the numbers
+        run_level(complete, texts, 2, 2, count=lambda out: out[1])
+    reference = run_level(one, texts, 1, max(totals.values()), count=lambda out: out[1])
+    print(f"model {args.model}; max_tokens {args.max_tokens}; threads {args.threads}; load average "
+          f"{os.getloadavg()[0]:.1f}\n{'clients':>7} {'server':<13} {'req/s':>8} {'tok/s':>9} {'p50 s':>8} {'p95 s':>8}")
+    r = reference
+    print(f"{'any':>7} {'one-at-a-time':<13} {r['req_s']:>8.2f} {r['tok_s']:>9.1f} {r['p50_s']:>8.3f} {r['p95_s']:>8.3f}")
+    summary, same, compared = [], 0, 0
+    for clients_n in levels:
+        results = {}
+        order = list(clients) if clients_n % 2 else list(clients)[::-1]
+        for name in order:
+            results[name] = run_level(clients[name], texts, clients_n, totals[clients_n], count=lambda out: out[1])
+        for name, r in results.items():
+            print(f"{clients_n:>7} {name:<13} {r['req_s']:>8.2f} {r['tok_s']:>9.1f} {r['p50_s']:>8.3f} {r['p95_s']:>8.3f}")
+            for i, out in r["outputs"].items():
+                compared += 1
+                same += out[0] == reference["outputs"][i][0]
+        if "lmctl" in results and "transformers" in results:
+            a, b = results["lmctl"], results["transformers"]
+            summary.append((clients_n, a["tok_s"] / b["tok_s"], a["p95_s"] / b["p95_s"],
+                            a["tok_s"] / reference["tok_s"]))
+    print(f"load average at the end {os.getloadavg()[0]:.1f}\nlmctl / transformers serve:")
+    for c, thr, p95, vs_one in summary:
+        goal = "  (goal >= 1.2x, p95 <= 1x)" if c in (8, 32) else ""
+        print(f"  {c:>2} clients: throughput {thr:.2f}x, p95 latency {p95:.2f}x; vs one-at-a-time {vs_one:.2f}x{goal}")
+    print(f"greedy outputs identical to generate: {same}/{compared}")
+    return 0
 
 
 def main() -> int:
@@ -147,6 +269,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=48, help="longest prompt; others are 1/2..1x this")
     parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--servers", help="compare real servers over HTTP instead: lmctl,transformers")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads for both modes; 0 = torch default. Default 1: on a shared, "
                              "oversubscribed CPU, OpenMP barriers between threads swamp small ops and the run "
@@ -155,6 +278,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.clients.split(",")]
+    if args.servers:
+        return compare_servers(args, levels)
     model, tok, desc = load_model(args)
     vocab = model.get_input_embeddings().num_embeddings
     totals = {c: max(args.requests, c) for c in levels}

@@ -5,7 +5,11 @@ optimizer and token budget (one epoch over the same examples), in one process. P
 real tokens/s, peak RSS of each phase, validation loss after equal tokens, and model FLOP
 utilisation: 6 x params x tokens/s over the peak FLOP/s of a matmul measured here.
 
-    python scripts/bench_train.py [--model smollm2-135m] [--examples 160]
+    python scripts/bench_train.py [--model smollm2-135m] [--examples 160] [--trl]
+
+`--trl` adds the peers (issue 16, the `peers` extra): TRL's SFTTrainer with `packing=True`
+(best-fit) and with `padding_free=True`, on the same texts, LoRA shape, optimizer and
+rows per step as lmctl's packed run; every run's validation loss comes from the same loop.
 """
 
 from __future__ import annotations
@@ -106,6 +110,27 @@ def baseline(base_path: str, tokenizer, examples, args) -> tuple[float, float, o
     return time.perf_counter() - t0, val_loss(model, tokenizer, args.val_examples), model
 
 
+def trl_run(base_path: str, tokenizer, texts: list[str], args, rows: int, mode: str) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """TRL SFTTrainer (packing or padding-free); returns (seconds, validation loss)."""
+    import datasets
+    from peft import LoraConfig
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    set_seed(0)
+    extra = {"packing": True} if mode == "packing" else {"padding_free": True}
+    cfg = SFTConfig(output_dir=tempfile.mkdtemp(), num_train_epochs=1, per_device_train_batch_size=rows,
+                    learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, seed=0, data_seed=0,
+                    report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True, use_cpu=True,
+                    max_length=args.max_length, dataset_text_field="text", **extra)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=load_base_model(base_path), args=cfg, processing_class=tokenizer, peft_config=lora,
+                         train_dataset=datasets.Dataset.from_list([{"text": t} for t in texts]))
+    t0 = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - t0, val_loss(trainer.model, tokenizer, args.val_examples)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -115,6 +140,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--packed-batch", type=int, default=None,
                         help="rows per packed step (default: the count whose tokens per step are nearest the padded run's)")
+    parser.add_argument("--trl", action="store_true", help="also run TRL SFTTrainer with packing and padding-free")
     args = parser.parse_args()
     os.environ.setdefault("LMCTL_HOME", str(Path(tempfile.mkdtemp()) / "home"))
     base_path = resolve_base(args.model)
@@ -149,6 +175,11 @@ def main() -> int:
     peak = peak_matmul_flops()
     rows = [("plain Trainer + peft, padded", tokens / base_s, rss_base.peak, base_loss),
             ("lmctl train (packed)", tokens / result.seconds, rss_lmctl.peak, lm_loss)]
+    for mode in ("packing", "padding_free") if args.trl else ():
+        with PeakRss() as rss_trl:
+            trl_s, trl_loss = trl_run(base_path, tokenizer, train_texts, args, packed_batch if mode == "packing"
+                                      else args.batch_size, mode)
+        rows.append((f"TRL SFTTrainer {mode}", tokens / trl_s, rss_trl.peak, trl_loss))
     print(f"\nmodel {args.model}: {params / 1e6:.1f}M params; peak fp32 matmul {peak / 1e9:.1f} GFLOP/s; "
           f"{tokens} training tokens each; padded batch {args.batch_size} examples, packed batch {packed_batch} rows "
           f"of <= {args.max_length} tokens; {result.steps} packed steps")
@@ -156,6 +187,8 @@ def main() -> int:
     for name, tps, rss, loss in rows:
         print(f"{name:32} {tps:9.1f} {rss / 2**30:8.2f}G {loss:9.4f} {6 * params * tps / peak:6.1%}")
     print(f"speed-up: {rows[1][1] / rows[0][1]:.2f}x tokens/s; val loss difference {lm_loss - base_loss:+.4f}")
+    for name, tps, _, loss in rows[2:]:
+        print(f"lmctl vs {name}: {rows[1][1] / tps:.2f}x tokens/s; val loss difference {lm_loss - loss:+.4f}")
     return 0
 
 

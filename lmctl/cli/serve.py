@@ -28,7 +28,7 @@ def serve(
     api_keys_file: Path | None = option(S, "api_keys_file", "--api-keys-file"),
     insecure: bool = option(S, "insecure", "--insecure"),
     served_model_name: str | None = option(S, "served_model_name"),
-    max_batch_size: int = option(S, "max_batch_size", rich_help_panel=_LIMITS),
+    max_batch_size: int | None = option(S, "max_batch_size", rich_help_panel=_LIMITS),
     max_queue: int = option(S, "max_queue", rich_help_panel=_LIMITS),
     max_input_tokens: int | None = option(S, "max_input_tokens", rich_help_panel=_LIMITS),
     max_tokens_cap: int = option(S, "max_tokens_cap", rich_help_panel=_LIMITS),

@@ -34,10 +34,32 @@ class DataFingerprint(BaseModel):
     format: str = "text"
 
 
+SMALL_JSONL_BYTES = 4 << 20  # below this a .jsonl is read with the json module: importing datasets costs seconds
+
+
+def _small_jsonl(path: Path) -> list[dict[str, Any]] | None:
+    """The rows of a small, regular .jsonl (every line an object, the same keys and value types
+    in every row), exactly as datasets would return them; None for anything else, which then
+    goes through datasets and gets its checks and messages."""
+    import json
+
+    if path.suffix.lower() != ".jsonl" or path.stat().st_size > SMALL_JSONL_BYTES:
+        return None
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except ValueError:
+        return None
+    if not rows or not all(isinstance(r, dict) and r.keys() == rows[0].keys() for r in rows):
+        return None
+    for key in rows[0]:
+        kinds = {type(r[key]) for r in rows} - {type(None)}
+        if len(kinds) > 1 or kinds & {dict, list, float}:  # arrow would unify or cast these: leave it to datasets
+            return None
+    return rows
+
+
 def load_records(path: Path) -> list[dict[str, Any]]:
     """Every row of `path` as a dict (a .txt paragraph becomes {"text": ...})."""
-    from datasets import load_dataset
-
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     if path.stat().st_size == 0:
@@ -45,6 +67,11 @@ def load_records(path: Path) -> list[dict[str, Any]]:
     builder = _BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"{path}: unsupported data format {path.suffix!r}", hint=f"use one of {', '.join(_BUILDERS)}")
+    small = _small_jsonl(path)
+    if small is not None:
+        return small
+    from datasets import load_dataset
+
     kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
         ds = load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir() / "datasets"), **kwargs)

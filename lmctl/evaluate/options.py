@@ -23,7 +23,7 @@ class EvalOptions(BaseModel):
     method: Method = Field("strided", description="strided (overlapping windows) or rolling (disjoint, lm-eval-harness style).")
     max_length: int | None = Field(None, description="Tokens per window (default 1024, capped by the model).")
     stride: int | None = Field(None, ge=1, description="Tokens scored per window with strided (default max-length/2).")
-    batch_size: int | None = Field(None, ge=1, description="Windows per forward pass; default: as many as a memory budget allows (512 MiB of activations on CPU, half the free memory on a GPU).")
+    batch_size: int | None = Field(None, ge=1, description="Windows per forward pass; default: as many as a memory budget allows (384 MiB of activations on CPU, half the free memory on a GPU).")
     text_field: str = Field("text", description="Column with the text in jsonl/csv/parquet.")
     per_document: bool = Field(False, description="Add each document's sums and perplexity.")
     baseline: str | None = Field(None, description="MODEL_REF to compare against on the same data (paired bootstrap).")

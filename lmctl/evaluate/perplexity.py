@@ -98,7 +98,7 @@ def auto_batch_size(model: Any, max_length: int, budget_bytes: int | None = None
 
     Per token and layer, a forward without a KV cache holds the residual stream, q/k/v/o,
     the MLP's three intermediate tensors and (worst case, a padded batch takes the math
-    attention kernel) one row of attention scores per head. Default budget: 512 MiB on CPU
+    attention kernel) one row of attention scores per head. Default budget: 384 MiB on CPU
     (more rows buy little there: a 1024-token window is already a compute-bound GEMM), half
     the free memory on a GPU."""
     import torch
@@ -111,7 +111,7 @@ def auto_batch_size(model: Any, max_length: int, budget_bytes: int | None = None
     per_token = itemsize * (6 * hidden + 3 * inter + heads * max_length) * 2  # x2: allocator slack, temporaries
     if budget_bytes is None:
         device = next(model.parameters()).device
-        budget_bytes = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 512 << 20
+        budget_bytes = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 384 << 20
     return max(1, min(256, budget_bytes // (per_token * max_length)))
 
 

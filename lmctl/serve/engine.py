@@ -39,6 +39,27 @@ class NonFiniteLogitsError(RuntimeError):
     """The model's output had NaN or inf for a row: that request fails, the batch goes on."""
 
 log = logging.getLogger("lmctl.serve.engine")
+CPU_BATCH_CAP = 16  # on CPU a decode step is compute-bound past ~16 rows: more only stretches every step (p95)
+
+
+def auto_max_batch_size(model: Any, tokens_per_row: int) -> int:
+    """Rows whose KV cache at `tokens_per_row` fits a memory budget (half the free GPU memory,
+    a quarter of the available RAM on CPU), capped at CPU_BATCH_CAP on CPU and 256 on a GPU."""
+    import os
+
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    param = next(model.parameters())
+    per_token = int(config.num_hidden_layers) * 2 * kv_heads * head_dim * param.element_size()
+    if param.device.type == "cuda":
+        budget, cap = torch.cuda.mem_get_info(param.device)[0] // 2, 256
+    else:
+        budget, cap = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4, CPU_BATCH_CAP
+    return max(1, min(cap, budget // (per_token * max(1, tokens_per_row))))
 
 
 @dataclass
