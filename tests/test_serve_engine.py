@@ -261,3 +261,12 @@ def test_bad_requests_are_refused_before_queueing(base: tuple[Any, Any]) -> None
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
     assert eng.queue_depth == 0
+
+
+def test_default_max_batch_follows_kv_memory_and_the_cpu_cap(base: tuple[Any, Any]) -> None:
+    from lmctl.serve.engine import CPU_BATCH_CAP, auto_max_batch_size
+
+    model, _ = base
+    assert auto_max_batch_size(model, 256) == CPU_BATCH_CAP  # a tiny model's short rows: the CPU cap decides
+    assert auto_max_batch_size(model, 10**12) == 1  # rows whose KV cache cannot fit: one at a time, never 0
+    assert 1 <= auto_max_batch_size(model, 10**8) <= CPU_BATCH_CAP
