@@ -168,7 +168,7 @@ def _wait_ready(url: str, proc: Any, timeout: float = 600) -> None:
         if proc.poll() is not None:
             raise SystemExit(f"server for {url} exited with {proc.returncode}")
         try:
-            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+            if httpx.get(url, timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -213,7 +213,7 @@ def compare_servers(args: argparse.Namespace, levels: list[int]) -> int:
         clients[name] = http_client(f"http://127.0.0.1:{port}", model_id, args.max_tokens)
     try:
         for i, name in enumerate(names):
-            _wait_ready(f"http://127.0.0.1:{18700 + i}", servers[name])
+            _wait_ready(f"http://127.0.0.1:{18700 + i}" + ("/readyz" if name == "lmctl" else "/health"), servers[name])
         return _run_peers(args, levels, totals, texts, tok, model, clients)
     finally:
         for proc in servers.values():
