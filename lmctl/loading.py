@@ -77,6 +77,14 @@ def base_config_sha256(path: str, revision: str | None = None, trust_remote_code
     return checkpoint.sha256_json(config)
 
 
+def base_architectures(path: str, revision: str | None = None, trust_remote_code: bool = False) -> list[str]:
+    """The model classes a base's config.json declares (what vLLM's registry looks up)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    return list(getattr(config, "architectures", None) or [])
+
+
 def model_vocab_size(path: str, revision: str | None = None, trust_remote_code: bool = False) -> int:
     """Rows in the base model's input embedding, read from its config (no weights loaded)."""
     from transformers import AutoConfig

@@ -1,5 +1,7 @@
-"""`lmctl deploy`: local bundle (really served), vLLM arguments (checked against vLLM's documented
-flags), Kubernetes manifests (checked structurally), and refusals that leave nothing behind."""
+"""`lmctl deploy`: local bundle (really served), vLLM arguments (checked against vLLM 0.33's real
+`vllm serve` parser, transcribed by scripts/vllm_reference.py), Kubernetes manifests (checked
+structurally here, by kubernetes-validate and the Gateway API schema in test_deploy_validators.py),
+and refusals that leave nothing behind."""
 
 from __future__ import annotations
 
@@ -26,9 +28,11 @@ DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 def documented_vllm_flags() -> tuple[set[str], list[int]]:
-    """Flags and --max-lora-rank choices from the vLLM docs transcript (tests/assets)."""
+    """Flags and --max-lora-rank choices of vLLM 0.33's parser (tests/assets, see scripts/vllm_reference.py)."""
     flags, ranks = set(), []
-    for line in (ASSETS / "vllm_serve_flags.txt").read_text().splitlines():
+    text = (ASSETS / "vllm_serve_flags.txt").read_text()
+    assert "from vLLM 0.33.0" in text.splitlines()[0]
+    for line in text.splitlines():
         if line.startswith("# choices --max-lora-rank:"):
             ranks = [int(x) for x in line.split(":", 1)[1].split()]
         elif line.startswith("--"):
@@ -213,6 +217,35 @@ def test_vllm_refuses_what_it_cannot_serve(cli, checkpoint: Path, tmp_path: Path
         max_lora_rank(513)
 
 
+def test_vllm_refuses_a_base_it_serves_without_lora(cli, tiny_base: Path, tmp_path: Path) -> None:
+    """A real adapter on a real GPT-2 base: vLLM 0.33 cannot start it (`GPT2LMHeadModel does not
+    support LoRA yet`), so lmctl refuses at deploy time, naming the architecture."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from lmctl.deploy.vllm import lora_architectures
+
+    assert {"LlamaForCausalLM", "Qwen2ForCausalLM"} <= lora_architectures()
+    assert "GPT2LMHeadModel" not in lora_architectures()
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    base = tmp_path / "gpt2-base"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=4, n_positions=128,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(base)
+    tok.save_pretrained(base)
+    cfg = {"model": {"base": str(base)}, "data": {"train": str(ASSETS / "tiny_train.jsonl"), "max_length": 32},
+           "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn"]},
+           "train": {"max_steps": 1, "batch_size": 4, "save_every": 1, "eval_every": 1},
+           "output": {"dir": str(tmp_path / "runs"), "run_name": "gpt2"}}
+    (tmp_path / "gpt2.yaml").write_text(yaml.safe_dump(cfg))
+    trained = cli("train", tmp_path / "gpt2.yaml", "--json")
+    assert trained.code == 0, trained.err
+    result = cli("deploy", trained.json["checkpoint"], "--target", "vllm", "--out", tmp_path / "v")
+    assert result.code == 2 and "GPT2LMHeadModel" in result.err and "LoRA" in result.err
+    assert not (tmp_path / "v").exists()
+    assert cli("deploy", trained.json["checkpoint"], "--target", "local", "--out", tmp_path / "l").code == 0
+
+
 # ---------------------------------------------------------------- kubernetes
 
 
@@ -264,7 +297,7 @@ def test_kubernetes_manifests_with_weighted_canary(cli, checkpoint: Path, tmp_pa
         assert cli(*args).code == 0
     out = tmp_path / "k8s"
     result = cli("deploy", "models:/Tiny_Model.v2@production", "--target", "kubernetes", "--out", out,
-                 "--canary", "models:/Tiny_Model.v2/2", "--canary-weight", "20", "--cpu", "500m", "--memory", "1Gi",
+                 "--canary", "models:/Tiny_Model.v2/2", "--canary-weight", "0.2", "--cpu", "500m", "--memory", "1Gi",
                  "--gpus", "1", "--replicas", "3", "--namespace", "ml", "--image", "registry.example/lmctl:1",
                  "--tracking-uri", "http://mlflow.ml:5000", "--json")
     assert result.code == 0, result.err
@@ -307,12 +340,14 @@ def test_kubernetes_refuses_bad_input(cli, checkpoint: Path, tmp_path: Path) -> 
     assert local.code == 2 and "models:/" in local.err  # pods cannot see a local path
     assert cli("register", checkpoint, "--name", "tiny").code == 0
     ref = "models:/tiny/1"
-    for extra in (["--canary", ref, "--canary-weight", "0"], ["--canary", ref, "--canary-weight", "100"],
-                  ["--canary-weight", "10"], ["--memory", "4 GB"], ["--cpu", "two"], ["--name", "Bad_Name"],
+    for extra in (["--canary", ref, "--canary-weight", "0"], ["--canary", ref, "--canary-weight", "1"],
+                  ["--canary", ref, "--canary-weight", "0.125"], ["--canary-weight", "0.1"], ["--memory", "4 GB"], ["--cpu", "two"], ["--name", "Bad_Name"],
                   ["--namespace", "Prod"], ["--canary", "models:/tiny/9"]):
         result = cli("deploy", ref, "--target", "kubernetes", "--out", tmp_path / "b", *extra)
         assert result.code == 2, (extra, result.err)
         assert not (tmp_path / "b").exists()
+    percent = cli("deploy", ref, "--target", "kubernetes", "--out", tmp_path / "b", "--canary", ref, "--canary-weight", "20")
+    assert percent.code == 2 and "fraction" in percent.err and "give 0.2" in percent.err  # the old unit, named
     plain = cli("deploy", ref, "--target", "kubernetes", "--out", tmp_path / "c", "--json")
     assert plain.code == 0 and not (tmp_path / "c" / "httproute.yaml").exists()
     assert any("sqlite" in w for w in plain.json["warnings"])  # the embedded registry is unreachable from pods

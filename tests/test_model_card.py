@@ -39,9 +39,28 @@ def test_model_card_is_generated_verified_and_tamper_evident(cli, trained_checkp
         assert expected in text, expected
     assert "quality is unmeasured" in _card_file(first.json["run_id"]).read_text()
 
+    from lmctl import registry
+
+    client = registry.client()  # what the MLflow UI shows first: descriptions, in words
+    assert "LoRA adapters for the causal language model" in client.get_registered_model("card").description
+    described = client.get_model_version("card", "2").description
+    assert described.startswith("Answers questions about the tiny corpus. (LoRA adapter on ")
+    assert "\n## Intended use" in described and f"| perplexity | {perplexity:.6g} |" in described
+
     verified = cli("registry", "verify", "models:/card/2", "--json")
     assert verified.code == 0, verified.err
     assert verified.json["model_card"] == reg.json["model_card"]
     _card_file(reg.json["run_id"]).write_text(text.replace("tiny corpus", "everything"))
     tampered = cli("registry", "verify", "models:/card/2")
     assert tampered.code == 4 and "model card" in tampered.err and "sha256" in tampered.err
+
+
+def test_version_description_fits_mlflow_and_keeps_whole_sections() -> None:
+    from lmctl.registry.model_card import DESCRIPTION_LIMIT, version_description
+
+    card = "# m version 1\n\nGenerated...\n\n## Intended use\n\nShort.\n\n## Training data\n\n" + "x" * 6000
+    text = version_description("Short. (LoRA adapter on b, step 2)", card, "runs:/r/README.md")
+    assert len(text) <= DESCRIPTION_LIMIT and "## Intended use" in text and "## Training data" not in text
+    assert "Shortened" in text and "runs:/r/README.md" in text and not text.startswith("#")
+    whole = version_description("S", card[:200], "runs:/r/README.md")
+    assert "## Training data" in whole and "Shortened" not in whole

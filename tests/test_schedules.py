@@ -74,6 +74,52 @@ def test_systemd_units_are_well_formed() -> None:
         assert checked.returncode == 0 and "Next elapse" in checked.stdout, checked.stderr
 
 
+def _verify_units(root: Path) -> subprocess.CompletedProcess[str]:
+    units = root / "etc" / "systemd" / "system"
+    return subprocess.run(["systemd-analyze", "verify", f"--root={root}", str(units / "lmctl-retrain.service"),
+                           str(units / "lmctl-retrain.timer")], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd is not installed on this machine")
+def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
+    """`systemd-analyze verify` on the units as shipped, installed into a scratch root that has
+    systemd's own units and an executable where ExecStart expects lmctl (verify checks it exists)."""
+    root = tmp_path / "root"
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    units = root / "etc" / "systemd" / "system"
+    units.mkdir(parents=True)
+    for name in ("lmctl-retrain.service", "lmctl-retrain.timer"):
+        shutil.copy(SCHEDULES / name, units / name)
+    exec_start = Path(shlex.split(unit("lmctl-retrain.service")["Service"]["ExecStart"])[0])
+    stand_in = root / exec_start.relative_to("/")
+    stand_in.parent.mkdir(parents=True)
+    stand_in.write_text("#!/bin/sh\n")
+    stand_in.chmod(0o755)
+    verified = _verify_units(root)
+    assert verified.returncode == 0, verified.stderr
+    timer = (units / "lmctl-retrain.timer").read_text()
+    (units / "lmctl-retrain.timer").write_text(timer.replace("OnCalendar=*-*-* 03:17:00", "OnCalendar=*-*-* 25:99:00"))
+    broken = _verify_units(root)  # the same check refuses a broken unit
+    assert broken.returncode != 0 and "calendar" in broken.stderr
+
+
+def test_check_jsonschema_accepts_the_github_workflow(tmp_path: Path) -> None:
+    """check-jsonschema's vendored GitHub Actions workflow schema (SchemaStore), offline."""
+
+    def check(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
+                               str(path)], capture_output=True, text=True, timeout=120)
+
+    shipped = check(SCHEDULES / "github-actions-retrain.yml")
+    assert shipped.returncode == 0, shipped.stdout + shipped.stderr
+    text = (SCHEDULES / "github-actions-retrain.yml").read_text()
+    assert "    runs-on: [self-hosted, lmctl]\n" in text
+    # a job without a runner (edited as text: PyYAML would also turn the `on:` key into `true:`)
+    (tmp_path / "broken.yml").write_text(text.replace("    runs-on: [self-hosted, lmctl]\n", ""))
+    refused = check(tmp_path / "broken.yml")
+    assert refused.returncode != 0 and "runs-on" in refused.stdout + refused.stderr
+
+
 def test_github_workflow_runs_retrain_and_branches_on_its_exit_code() -> None:
     flow = workflow()
     triggers = flow.get("on", flow.get(True))  # YAML 1.1 reads a bare `on` key as True

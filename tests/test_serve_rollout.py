@@ -133,4 +133,10 @@ def test_alias_moves_are_followed_without_dropping_requests(cli, checkpoint: Pat
         assert _complete(srv.url).status_code == 200
         reloads = httpx.get(f"{srv.url}/healthz").json()["reloads"]
         assert reloads[-1]["event"] == "reload_refused" and "sha256 mismatch" in reloads[-1]["detail"]
-        assert 'lmctl_model_reloads_total{model="tiny",outcome="refused"} 1.0' in httpx.get(f"{srv.url}/metrics").text
+        from prometheus_client.parser import text_string_to_metric_families
+
+        (family,) = [f for f in text_string_to_metric_families(httpx.get(f"{srv.url}/metrics").text)
+                     if f.name == "lmctl_model_reloads"]
+        reload_counts = {(s.labels["version"], s.labels["outcome"]): s.value for s in family.samples
+                         if s.name == "lmctl_model_reloads_total" and s.labels["model"] == "tiny"}
+        assert reload_counts == {("2", "swapped"): 1.0, ("3", "refused"): 1.0}

@@ -25,6 +25,9 @@ def _environment() -> None:
         # Progress bars of the libraries stay quiet when stderr is a log file or a pipe.
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # tqdm's own switch, for bars libraries draw with plain tqdm (transformers' GGUF
+        # de-quantization in `lmctl models pull` is one): CI and cron logs get no \r-spam.
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _fail(message: str, code: int, show_traceback: bool) -> int:

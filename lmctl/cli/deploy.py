@@ -31,7 +31,7 @@ def deploy(
     memory: str = option(D, "memory"),
     gpus: int = option(D, "gpus"),
     canary: str | None = option(D, "canary"),
-    canary_weight: int | None = option(D, "canary_weight", "--canary-weight"),
+    canary_weight: float | None = option(D, "canary_weight", "--canary-weight"),
     gateway: str = option(D, "gateway"),
     tracking_uri: str | None = option(D, "tracking_uri", "--tracking-uri"),
     json_out: JsonOpt = False,

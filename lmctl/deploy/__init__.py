@@ -46,7 +46,8 @@ class DeployOptions(BaseModel):
     memory: str = Field("4Gi", description="kubernetes: memory request and limit.")
     gpus: int = Field(0, ge=0, description="kubernetes: nvidia.com/gpu per pod.")
     canary: str | None = Field(None, description="kubernetes: MODEL_REF of a canary.")
-    canary_weight: int | None = Field(None, description="kubernetes: percent of traffic for the canary (1-99, default 10).")
+    canary_weight: float | None = Field(
+        None, description="kubernetes: share of traffic for the canary, 0-1 as for `lmctl serve` (default 0.1).")
     canary_replicas: int = Field(1, ge=1, description="kubernetes: canary replicas.")
     gateway: str = Field("lmctl-gateway", description="kubernetes: Gateway the HTTPRoute attaches to.")
     tracking_uri: str | None = Field(None, description="kubernetes: MLflow registry URI the pods use.")

@@ -46,6 +46,19 @@ def dns_label(raw: str) -> str:
     return label
 
 
+def canary_percent(share: float) -> int:
+    """The canary's HTTPRoute weight out of 100 for a 0-1 share of traffic, the unit `lmctl serve
+    --canary-weight` uses too. Route weights are integers, so the share is taken in hundredths."""
+    if share > 1:  # this flag of deploy used to be a percent: say so rather than guess
+        raise BadInputError(f"--canary-weight {share:g}: the canary's share of traffic is a fraction in (0, 1), "
+                            "as for lmctl serve", hint=f"for {share:g}% give {share / 100:g}")
+    percent = round(share * 100)
+    if not 1 <= percent <= 99 or abs(share * 100 - percent) > 1e-6:
+        raise BadInputError(f"--canary-weight {share:g}: expected a share between 0.01 and 0.99 in hundredths "
+                            "(HTTPRoute weights are whole percents here)")
+    return percent
+
+
 def _quantity(flag: str, value: str) -> str:
     if not _QUANTITY.match(value):
         raise BadInputError(f"--{flag} {value!r} is not a Kubernetes quantity", hint="e.g. 500m, 2, 4Gi")
@@ -102,10 +115,9 @@ class Renderer:
             raise BadInputError(f"--image {opts.image!r} is not an image reference")
         if opts.canary_weight is not None and opts.canary is None:
             raise BadInputError("--canary-weight needs --canary MODEL_REF")
-        self.weight = 10 if opts.canary_weight is None else opts.canary_weight
+        self.share = 0.1 if opts.canary_weight is None else opts.canary_weight
+        self.weight = canary_percent(self.share)
         if opts.canary is not None:
-            if not 1 <= self.weight <= 99:
-                raise BadInputError(f"--canary-weight {self.weight}: expected 1-99 (percent of traffic)")
             _require_registry_ref(opts.canary, "--canary")
 
     def prepare(self, source: Source) -> None:
@@ -228,5 +240,5 @@ class Renderer:
                                 "resources": list(docs)}
         if self.canary is not None:
             info["canary"] = {"model_ref": self.canary.ref, "registry_version": self.canary.registry_version,
-                              "weight": self.weight, "gateway": self.opts.gateway}
+                              "weight": self.share, "route_percent": self.weight, "gateway": self.opts.gateway}
         return Rendered(commands=commands, warnings=self.warnings, target_info={"kubernetes": info})

@@ -11,7 +11,9 @@ cites the doc version). `--tokenizer` and `--chat-template` point at the checkpo
 tokenizer files, so vLLM tokenizes, templates and stops (EOS) exactly as training did.
 The API key is read by vLLM from VLLM_API_KEY (vllm/envs.py; `--api-key` would override it):
 the script requires it to be set but never puts it on a command line, where `ps` shows it.
-Adapters vLLM cannot serve faithfully are refused (exit 2) instead of deployed wrong.
+Adapters vLLM cannot serve faithfully are refused (exit 2) instead of deployed wrong, and so
+are bases whose architecture vLLM serves without LoRA support (vllm_lora_architectures.txt,
+generated from vLLM's model registry by scripts/vllm_reference.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,25 @@ DEFAULT_HOST = "0.0.0.0"
 ADAPTER_DIR = "adapter"
 _NUMERIC = {"--max-lora-rank", "--max-loras", "--max-model-len", "--port"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+LORA_ARCHITECTURES_FILE = "vllm_lora_architectures.txt"
+
+
+def lora_architectures() -> frozenset[str]:
+    """Architectures the pinned vLLM release serves with --enable-lora (package data, one per line)."""
+    from importlib.resources import files
+
+    text = files("lmctl.deploy").joinpath(LORA_ARCHITECTURES_FILE).read_text(encoding="utf-8")
+    return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def check_lora_architecture(architectures: list[str]) -> None:
+    """vLLM refuses to start (`X does not support LoRA yet`) for a base outside the list: exit 2 now."""
+    unsupported = [arch for arch in architectures if arch not in lora_architectures()]
+    if unsupported or not architectures:
+        named = ", ".join(unsupported) or "none declared in config.json"
+        raise BadInputError(f"vLLM cannot serve a LoRA adapter on this base: architecture {named} "
+                            "has no LoRA support in vLLM 0.33",
+                            hint="use --target local or kubernetes (lmctl serve), or export --merge")
 
 
 def _check_name(name: str) -> str:
@@ -95,7 +116,7 @@ class Renderer:
             _check_name(opts.name)
 
     def prepare(self, source: Source) -> None:
-        from lmctl.loading import model_vocab_size
+        from lmctl.loading import base_architectures, model_vocab_size
 
         self.source = source
         cfg = adapter_config(source)
@@ -103,6 +124,8 @@ class Renderer:
         self.base, self.base_verified = _resolve_base(source, self.opts.base)
         manifest = source.manifest
         trust = bool((manifest.config.get("model") or {}).get("trust_remote_code", False))
+        if self.base_verified:  # a local base: its config.json names the architecture vLLM will load
+            check_lora_architecture(base_architectures(self.base, manifest.base_model.revision, trust))
         added = self.base_verified and manifest.tokenizer.vocab_size > model_vocab_size(
             self.base, manifest.base_model.revision, trust)
         reasons = unsupported_features(cfg, added)
@@ -173,7 +196,7 @@ class Renderer:
         argv = ["vllm", "serve", self.base] + [x for f, v in self.args(str(self.final / ADAPTER_DIR))
                                                 for x in ([f] if v is None else [f, v])]
         warnings = [] if self.base_verified else [
-            f"base model {self.base!r} is a hub id; its config hash was not checked against the lock"]
+            f"base model {self.base!r} is a hub id; its config hash and architecture were not checked"]
         return Rendered(
             commands={"start": shlex.quote(str(self.final / "vllm.sh")), "serve": shlex.join(argv),
                       "serve_config": f"vllm serve --config {shlex.quote(str(self.final / 'vllm-config.yaml'))}"},

@@ -157,15 +157,22 @@ def experiment_id(mlflow_client, name: str) -> str:  # type: ignore[no-untyped-d
         return mlflow_client.get_experiment_by_name(name).experiment_id
 
 
-def ensure_registered_model(mlflow_client, name: str) -> None:  # type: ignore[no-untyped-def]
+def ensure_registered_model(mlflow_client, name: str, description: str) -> None:  # type: ignore[no-untyped-def]
     """Create the registered model unless it exists. On a team server the local lock does not
-    reach other machines, so two first registers may race: the loser's "already exists" is fine."""
+    reach other machines, so two first registers may race: the loser's "already exists" is fine.
+    A model whose description is still lmctl's old placeholder gets `description`; one a person
+    wrote is left alone."""
     from mlflow.exceptions import MlflowException
 
-    if mlflow_client.search_registered_models(f"name='{name}'"):
+    from lmctl.registry.model_card import OLD_MODEL_DESCRIPTION
+
+    existing = mlflow_client.search_registered_models(f"name='{name}'")
+    if existing:
+        if (existing[0].description or "").strip() in ("", OLD_MODEL_DESCRIPTION):
+            mlflow_client.update_registered_model(name, description=description)
         return
     try:
-        mlflow_client.create_registered_model(name, description="Managed by lmctl")
+        mlflow_client.create_registered_model(name, description=description)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

@@ -180,6 +180,8 @@ def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path 
     added = check_tokenizer(ckpt, manifest)
     report, metrics = _read_report(eval_report)
     manifest_sha = checkpoint.sha256_file(ckpt / checkpoint.MANIFEST)
+    what = f"LoRA adapter on {manifest.base_model.id}, step {manifest.training.get('step', '?')}"
+    summary = f"{description.strip().splitlines()[0]} ({what})" if description and description.strip() else what
     client = registry.client()
     cleaned = clean_failed(client)
     run = client.create_run(registry.experiment_id(client, EXPERIMENT), run_name=f"register-{name}",
@@ -193,13 +195,13 @@ def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path 
             client.log_metric(run_id, key, value)
         _crash_point("after_upload")
         with registry.registry_lock():
-            registry.ensure_registered_model(client, name)
+            registry.ensure_registered_model(client, name, model_card.model_description(name, manifest))
             parent = registry.alias_holder(name, "production")
             version = client.create_model_version(
                 name, source=f"{run.info.artifact_uri}/checkpoint", run_id=run_id,
                 tags={**_tags(manifest, manifest_sha, metrics), **registry.registrar_tags(),
                       registry.STATUS_TAG: "pending", "lmctl.parent_version": parent or ""},
-                description=f"LoRA adapter on {manifest.base_model.id}, step {manifest.training.get('step', '?')}",
+                description=summary,
             )
         _crash_point("after_version")
         card = model_card.render(model_card.CardFacts(
@@ -209,6 +211,8 @@ def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path 
         card_tags = model_card.publish(client, run_id, card)
         _crash_point("after_card")
         with registry.registry_lock():
+            client.update_model_version(name, str(version.version),
+                                        description=model_card.version_description(summary, card, card_tags[model_card.CARD_TAG]))
             for key, value in card_tags.items():
                 client.set_model_version_tag(name, str(version.version), key, value)
             # last: only now does the version count as usable

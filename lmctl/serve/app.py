@@ -130,39 +130,43 @@ def _key_checker(api_keys: list[str]) -> Callable[[Request], None]:
     return check_key
 
 
-def _completion_body(gen: Generation, text: str, chat: bool, rid: str) -> dict[str, Any]:
+def _head(gen: Generation, rid: str, chat: bool, stream: bool) -> dict[str, Any]:
+    """The fields every response object and every stream chunk of one request share (OpenAI's
+    SDK stitches chunks, the usage chunk included, by these)."""
     slot = gen.prep.slot
+    kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "object": kind, "created": int(time.time()),
+            "model": slot.model_name, "system_fingerprint": f"{slot.model_name}:{slot.version}"}
+
+
+def _completion_body(gen: Generation, text: str, chat: bool, rid: str) -> dict[str, Any]:
     choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": gen.finish_reason}
                               if chat else {"text": text, "index": 0, "logprobs": None, "finish_reason": gen.finish_reason})
-    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": slot.model_name, "system_fingerprint": f"{slot.model_name}:{slot.version}",
-            "choices": [choice], "usage": gen.usage}
+    return {**_head(gen, rid, chat, stream=False), "choices": [choice], "usage": gen.usage}
 
 
-def _chunk(gen: Generation, rid: str, chat: bool, delta: dict[str, Any] | str, finish: str | None) -> str:
-    slot = gen.prep.slot
+def _chunk(head: dict[str, Any], chat: bool, delta: dict[str, Any] | str, finish: str | None) -> str:
     choice: dict[str, Any] = ({"index": 0, "delta": delta, "finish_reason": finish} if chat
                               else {"text": delta, "index": 0, "logprobs": None, "finish_reason": finish})
-    body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": slot.model_name, "choices": [choice]}
-    return f"data: {json.dumps(body)}\n\n"
+    return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
 
 
 async def _sse(gen: Generation, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    head = _head(gen, rid, chat, stream=True)  # one id and `created` for the whole stream
     if chat:
-        yield _chunk(gen, rid, chat, {"role": "assistant", "content": ""}, None)
+        yield _chunk(head, chat, {"role": "assistant", "content": ""}, None)
     try:
         async for delta in gen.deltas():
-            yield _chunk(gen, rid, chat, {"content": delta} if chat else delta, None)
+            yield _chunk(head, chat, {"content": delta} if chat else delta, None)
     except GenerationTimeout:  # headers are gone: the error travels as an event, as OpenAI's API does
         yield f"data: {json.dumps(error_body('generation timed out', 'timeout'))}\n\n"
     except Exception as exc:
         log.error("stream %s failed: %s: %s", rid, type(exc).__name__, exc)
         yield f"data: {json.dumps(error_body('internal error while generating', 'server_error'))}\n\n"
     else:
-        yield _chunk(gen, rid, chat, {} if chat else "", gen.finish_reason)
-        if include_usage:
-            yield f"data: {json.dumps({'id': rid, 'choices': [], 'usage': gen.usage})}\n\n"
+        yield _chunk(head, chat, {} if chat else "", gen.finish_reason)
+        if include_usage:  # OpenAI's usage chunk: the same head, no choices
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': gen.usage})}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -87,8 +87,8 @@ def prepare(ctx: Context, body: CompletionRequest | ChatRequest, endpoint: str, 
     for _attempt in range(2):  # a hot reload may retire the picked version between pick and submit
         slot = ctx.router.pick(sticky_key or body.user)
         prompt, ids, messages = _render(slot, body)
-        _check_limits(ctx, slot, len(ids), body.max_tokens)
-        params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+        _check_limits(ctx, slot, len(ids), body.token_limit)
+        params = SamplingParams(max_tokens=body.token_limit, temperature=body.temperature, top_p=body.top_p,
                                 seed=body.seed, stop_token_ids=slot.stop_ids)
         try:
             job = slot.engine.submit(ids, params)

@@ -50,7 +50,9 @@ class ServeMetrics:
                               labels + ["status"], registry=r)
         self.in_flight = Gauge("lmctl_requests_in_flight", "Requests being handled.", labels, registry=r)
         self.canary_rollbacks = Counter("lmctl_canary_rollbacks", "Automatic canary rollbacks.", labels, registry=r)
-        self.reloads = Counter("lmctl_model_reloads", "Alias moves followed, by outcome.", ["model", "outcome"], registry=r)
+        # version: the version the alias moved to (swapped in, or refused and never served)
+        self.reloads = Counter("lmctl_model_reloads", "Alias moves followed, by the version moved to and outcome.",
+                               labels + ["outcome"], registry=r)
         r.register(_EngineCollector(slots))  # type: ignore[arg-type]
 
     def finished(self, model: str, version: str, endpoint: str, status: int, seconds: float) -> None:

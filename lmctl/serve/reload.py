@@ -73,13 +73,13 @@ class AliasFollower:
         except Exception as exc:  # integrity or load failure: refuse it, keep the old version
             self.refused[role].add(version)
             self._event("reload_refused", role, name, version, f"{type(exc).__name__}: {exc}")
-            self.metrics.reloads.labels(model_name, "refused").inc()
+            self.metrics.reloads.labels(model_name, version, "refused").inc()
             return
         old = self.router.swap(role, slot)
         if old is not None:
             old.retire()
         self._event("reload", role, name, version, f"from version {old.version if old else None}")
-        self.metrics.reloads.labels(model_name, "swapped").inc()
+        self.metrics.reloads.labels(model_name, version, "swapped").inc()
 
     def _event(self, kind: str, role: str, name: str, version: str, detail: str) -> None:
         event = {"event": kind, "role": role, "model": name, "version": version, "detail": detail}

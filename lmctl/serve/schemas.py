@@ -23,6 +23,11 @@ class _Sampling(BaseModel):
     user: str | None = Field(None, max_length=256, description="End-user id; also the sticky key for canary routing.")
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
 
+    @property
+    def token_limit(self) -> int:
+        """Tokens to generate at most, whichever field the client used to say it."""
+        return self.max_tokens
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> list[str] | None:
@@ -46,6 +51,14 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="OpenAI's newer name for max_tokens in chat; wins when both are sent.")
+
+    @property
+    def token_limit(self) -> int:
+        # OpenAI deprecated max_tokens for chat in favor of max_completion_tokens; a client that
+        # sends both means the newer one (vLLM resolves it the same way).
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 def error_body(message: str, kind: str, code: str | None = None) -> dict[str, Any]:

@@ -1,0 +1,222 @@
+"""The official `openai` SDK and `prometheus_client`'s parser against one real `lmctl serve` process.
+
+Users reach lmctl with these clients, not with our helpers: if the SDK cannot parse a chunk,
+maps a status to the wrong error class, or Prometheus cannot read a metric line, it shows here.
+One server (the tiny base model, so nothing is trained) serves the whole module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import free_port, wait_until_up
+
+KEY = "sdk-test-key-0123456789"
+MODEL = "tiny"
+MAX_QUEUE = 16
+MAX_BATCH = 4
+
+
+@dataclass
+class Server:
+    url: str
+
+    def client(self, key: str = KEY, **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120, **kwargs)  # type: ignore[arg-type]
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`python -m lmctl serve` on the tiny base model, exactly as a user starts it."""
+    home = tmp_path_factory.mktemp("sdk-home")
+    port = free_port()
+    env = {**os.environ, "LMCTL_HOME": str(home), "LMCTL_API_KEYS": KEY}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "lmctl", "serve", str(tiny_base), "--port", str(port), "--served-model-name", MODEL,
+           "--max-batch-size", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--max-tokens-cap", "200",
+           "--max-body-bytes", "4096", "--request-timeout", "600"]  # a loaded CI machine is slow, not broken
+    log = home / "serve.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(proc, f"{url}/readyz", log, timeout=180)
+    yield Server(url)
+    proc.terminate()
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()  # uvicorn re-raises SIGTERM after draining
+
+
+def test_models_list(server: Server) -> None:
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL] and models.data[0].object == "model"
+
+
+def test_completions_plain_and_streamed_agree(server: Server) -> None:
+    client = server.client()
+    plain = client.completions.create(model=MODEL, prompt="The model", max_tokens=8, temperature=0)
+    assert plain.object == "text_completion" and plain.model == MODEL and plain.id.startswith("cmpl-")
+    assert plain.usage is not None and plain.usage.completion_tokens >= 1
+    chunks = list(client.completions.create(model=MODEL, prompt="The model", max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("cmpl-")
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text  # greedy: same text
+    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+
+
+def test_chat_plain_streamed_and_stream_helper_with_usage(server: Server) -> None:
+    client = server.client()
+    messages = [{"role": "user", "content": "Hello there"}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    assert plain.object == "chat.completion" and plain.choices[0].message.role == "assistant"
+    text = plain.choices[0].message.content
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,  # type: ignore[arg-type]
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    assert len({c.created for c in chunks}) == 1 and {c.model for c in chunks} == {MODEL}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage == plain.usage
+
+    # The SDK's helper keeps the usage chunk only when it is a proper chunk of the same completion.
+    with client.chat.completions.stream(model=MODEL, messages=messages, max_tokens=6, temperature=0,  # type: ignore[arg-type]
+                                        stream_options={"include_usage": True}) as stream:
+        events = list(stream)
+        final = stream.current_completion_snapshot  # get_final_completion() raises on finish_reason "length"
+    assert "".join(e.delta for e in events if e.type == "content.delta") == text
+    assert final.choices[0].message.content == text and final.usage is not None and final.usage == plain.usage
+
+
+def test_max_completion_tokens_is_honoured_and_preferred(server: Server) -> None:
+    client = server.client()
+    messages = [{"role": "user", "content": "Count"}]
+    long = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0)  # type: ignore[arg-type]
+    assert long.usage is not None and long.usage.completion_tokens > 2  # so a limit of 2 is observable
+    short = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=2, temperature=0)  # type: ignore[arg-type]
+    assert short.usage is not None and short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
+    # both sent: max_completion_tokens wins
+    both = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=2, max_tokens=40,  # type: ignore[arg-type]
+                                          temperature=0)
+    assert both.usage == short.usage and both.choices[0].message.content == short.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="cap of 200"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=201)  # type: ignore[arg-type]
+
+
+def test_error_classes(server: Server) -> None:
+    client = server.client()
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong-key").models.list()
+    with pytest.raises(openai.BadRequestError, match="cap of 200"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=500)
+    with pytest.raises(openai.APIStatusError) as too_big:
+        client.completions.create(model=MODEL, prompt="x" * 5000)
+    assert too_big.value.status_code == 413
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.completions.create(model="gpt-4o", prompt="x")
+    with pytest.raises(openai.UnprocessableEntityError, match="logit_bias"):  # accepted by OpenAI, refused here
+        client.completions.create(model=MODEL, prompt="x", logit_bias={"1": 5})
+
+
+def test_queue_overflow_is_rate_limit_error(server: Server) -> None:
+    async def burst() -> list[object]:
+        client = server.async_client()
+        calls = [client.completions.create(model=MODEL, prompt="Once upon", max_tokens=40, temperature=0)
+                 for _ in range(MAX_QUEUE + MAX_BATCH + 8)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(burst())
+    limited = [r for r in results if isinstance(r, openai.RateLimitError)]
+    served = [r for r in results if not isinstance(r, BaseException)]
+    assert len(limited) + len(served) == len(results), [r for r in results if isinstance(r, BaseException)][:1]
+    assert limited and len(served) >= MAX_QUEUE
+    assert limited[0].response.headers["retry-after"] == "1"
+
+
+def test_seed_reproduces_a_sampled_completion(server: Server) -> None:
+    client = server.client()
+
+    def sample(seed: int) -> str:
+        reply = client.completions.create(model=MODEL, prompt="The", max_tokens=24, temperature=1.0, seed=seed)
+        return reply.choices[0].text
+
+    assert sample(7) == sample(7)
+    assert len({sample(seed) for seed in (1, 2, 3, 4)}) > 1  # sampling is real: seeds change the text
+
+
+def test_sixteen_concurrent_requests(server: Server) -> None:
+    client = server.client()
+    prompt = "Tokens are"
+    alone = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+
+    async def many() -> list[object]:
+        aclient = server.async_client()
+        return await asyncio.gather(*[aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+                                      for _ in range(16)])
+
+    replies = asyncio.run(many())
+    assert len({r.id for r in replies}) == 16  # type: ignore[attr-defined]
+    assert {r.choices[0].text for r in replies} == {alone}  # type: ignore[attr-defined]  # batching changes nothing
+
+
+def _scrape(server: Server) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Every sample of /metrics as {sample name: {sorted labels: value}}, read by Prometheus' own parser."""
+    text = httpx.get(f"{server.url}/metrics").text
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return samples
+
+
+def _value(samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **labels: str) -> float:
+    return samples.get(name, {}).get(tuple(sorted({"model": MODEL, "version": "base", **labels}.items())), 0.0)
+
+
+def test_metrics_parse_and_count_what_was_sent(server: Server) -> None:
+    client = server.client()
+    before = _scrape(server)
+    usages = [client.completions.create(model=MODEL, prompt=f"Text {i}", max_tokens=5, temperature=0).usage
+              for i in range(3)]
+    usages.append(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],  # type: ignore[arg-type]
+                                                 max_tokens=5, temperature=0).usage)
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="nope").completions.create(model=MODEL, prompt="x")
+    after = _scrape(server)
+
+    def delta(name: str, **labels: str) -> float:
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    assert delta("lmctl_requests_total", status="200") == 4
+    assert delta("lmctl_requests_total", status="401") == 1 and delta("lmctl_request_errors_total", status="401") == 1
+    assert delta("lmctl_request_latency_seconds_count", endpoint="completions") == 4  # 3 served + 1 refused
+    assert delta("lmctl_request_latency_seconds_count", endpoint="chat.completions") == 1
+    assert delta("lmctl_tokens_in_total") == sum(u.prompt_tokens for u in usages if u)
+    assert delta("lmctl_tokens_out_total") == sum(u.completion_tokens for u in usages if u)
+    assert delta("lmctl_time_to_first_token_seconds_count") == 4
+    assert _value(after, "lmctl_requests_in_flight") == 0 and _value(after, "lmctl_queue_depth") == 0
+
+    # Histograms are cumulative: counts never fall as `le` grows, and +Inf equals _count.
+    for family in ("lmctl_request_latency_seconds", "lmctl_time_to_first_token_seconds"):
+        series: dict[tuple[tuple[str, str], ...], list[tuple[float, float]]] = {}
+        for labels, value in after[f"{family}_bucket"].items():
+            le = dict(labels)["le"]
+            rest = tuple(kv for kv in labels if kv[0] != "le")
+            series.setdefault(rest, []).append((float(le), value))
+        assert series, family
+        for rest, buckets in series.items():
+            counts = [v for _, v in sorted(buckets)]
+            assert counts == sorted(counts), (family, rest)
+            assert sorted(buckets)[-1][0] == float("inf") and counts[-1] == after[f"{family}_count"][rest]
