@@ -133,7 +133,7 @@ def test_error_classes(server: Server) -> None:
 def test_queue_overflow_is_rate_limit_error(server: Server) -> None:
     async def burst() -> list[object]:
         client = server.async_client()
-        calls = [client.completions.create(model=MODEL, prompt="Once upon", max_tokens=40, temperature=0)
+        calls = [client.completions.create(model=MODEL, prompt="Once upon", max_tokens=100, temperature=0)
                  for _ in range(MAX_QUEUE + MAX_BATCH + 8)]
         return await asyncio.gather(*calls, return_exceptions=True)
 
