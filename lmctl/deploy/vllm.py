@@ -6,8 +6,8 @@
     OUT/vllm-config.yaml  the same arguments for `vllm serve --config` (long flag names as keys)
     OUT/deploy.json
 
-Flags are those of vLLM's documented `vllm serve` CLI (tests/assets/vllm_serve_flags.txt
-cites the doc version). `--tokenizer` and `--chat-template` point at the checkpoint's own
+Flags are options of vLLM 0.33's own `vllm serve` parser (tests/assets/vllm_serve_flags.txt,
+written by scripts/vllm_reference.py). `--tokenizer` and `--chat-template` point at the checkpoint's own
 tokenizer files, so vLLM tokenizes, templates and stops (EOS) exactly as training did.
 The API key is read by vLLM from VLLM_API_KEY (vllm/envs.py; `--api-key` would override it):
 the script requires it to be set but never puts it on a command line, where `ps` shows it.
