@@ -144,7 +144,8 @@ def _score_batch(model: Any, parts: tuple[Any, Any] | None, batch: list[Window],
         rows += [row] * len(w.targets)
         cols += range(w.score_from, w.score_from + len(w.targets))
         targets += w.targets
-    ids, mask = ids.to(device), mask.to(device)
+    # Without padding no mask is passed: attention then takes the causal kernel, not a built mask.
+    ids, mask = ids.to(device), (mask.to(device) if int(mask.sum()) < mask.numel() else None)
     if parts is not None:
         body, head = parts
         states = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
