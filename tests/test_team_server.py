@@ -231,14 +231,16 @@ def retrain_config(tmp_path: Path, tiny_base: Path) -> tuple[Path, str]:
     return path, name
 
 
-def _host(tmp_path: Path, host: str, extra: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+def _host(tmp_path: Path, host: str, extra: dict[str, str] | None = None,
+          sets: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
     """The arguments and environment of `lmctl retrain` on one "machine": its own LMCTL_HOME and disk."""
     env = {**os.environ, "LMCTL_HOME": str(tmp_path / host / "home"), **(extra or {})}
-    return ["--set", f"output.dir={tmp_path / host / 'runs'}", "--json"], env
+    return ["--set", f"output.dir={tmp_path / host / 'runs'}", *(a for s in sets for a in ("--set", s)), "--json"], env
 
 
-def _retrain(config: Path, tmp_path: Path, host: str, extra: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    args, env = _host(tmp_path, host, extra)
+def _retrain(config: Path, tmp_path: Path, host: str, extra: dict[str, str] | None = None,
+             sets: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    args, env = _host(tmp_path, host, extra, sets)
     return subprocess.Popen([sys.executable, "-m", "lmctl", "retrain", str(config), *args], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
@@ -291,6 +293,48 @@ def test_killed_on_host_a_resumed_on_host_b(cli, team: dict, retrain_config: tup
     assert [v.version for v in registry.list_versions(name)] == ["1"]
     after = cli("retrain", "--status", name, "--json").json
     assert after["running"] is False and after["run"]["stage"] == "done" and after["run"]["invocations"] == 2
+
+
+def _uploaded_training_step(name: str) -> bool:
+    """Whether a sealed training checkpoint of the model's retrain run is on the server."""
+    from lmctl import registry
+
+    client = registry.client()
+    exp = client.get_experiment_by_name(f"lmctl-retrain/{name}")
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    return bool(runs) and any(
+        f.path.endswith("lmctl.json")
+        for d in client.list_artifacts(runs[0].info.run_id, "training/checkpoints") if d.is_dir
+        for f in client.list_artifacts(runs[0].info.run_id, d.path))
+
+
+def test_killed_mid_training_on_host_a_continues_on_host_b(cli, team: dict, retrain_config: tuple[Path, str],
+                                                            tmp_path: Path) -> None:
+    """Host A uploads each sealed checkpoint as it trains; SIGKILLed mid-training with its disk
+    lost, the run continues on host B from the last uploaded checkpoint, not from step 0."""
+    import time
+
+    config, name = retrain_config
+    sets = ("train.max_steps=30", "train.save_every=2", "train.eval_every=1000")
+    fast_stale = {"LMCTL_LOCK_STALE_S": "4"}
+    host_a = _retrain(config, tmp_path, "host-a", fast_stale, sets)
+    deadline = time.monotonic() + 600
+    while not _uploaded_training_step(name):
+        assert host_a.poll() is None and time.monotonic() < deadline, host_a.communicate()[1][-2000:]
+        time.sleep(0.5)
+    host_a.kill()
+    host_a.communicate()
+    shutil.rmtree(tmp_path / "host-a")
+
+    args, env = _host(tmp_path, "host-b", fast_stale, sets)
+    resumed = run_subprocess("retrain", str(config), *args, env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    result = json.loads(resumed.stdout)
+    assert result["resumed"] is True and result["result"] == "promoted"
+    assert {s["name"]: s["attempts"] for s in result["stages"]}["train"] == 2
+    training = cli("retrain", "--status", name, "--json").json["run"]["training"]
+    assert "checkpoint-" in str(training["resumed_from"]) and training["steps"] == 30
+    assert str(tmp_path / "host-b") in str(training["resumed_from"])
 
 
 def _bare_versions(name: str, count: int, with_artifacts: bool = False) -> dict[str, str]:

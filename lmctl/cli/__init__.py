@@ -28,6 +28,7 @@ def _environment() -> None:
         # tqdm's own switch, for bars libraries draw with plain tqdm (transformers' GGUF
         # de-quantization in `lmctl models pull` is one): CI and cron logs get no \r-spam.
         os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _fail(message: str, code: int, show_traceback: bool) -> int:

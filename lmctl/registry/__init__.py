@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from lmctl import atomic, checkpoint
 from lmctl.errors import BadInputError, BusyError, IntegrityError, ModelRefError, PolicyError, UnavailableError
 from lmctl.home import cache_dir, lmctl_home
-from lmctl.registry.audit import AliasMove
+from lmctl.registry.audit import Action, AliasMove
 
 log = logging.getLogger("lmctl.registry")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -260,7 +260,9 @@ def alias_holder(name: str, alias: str) -> str | None:
 
     try:
         return str(client().get_model_version_by_alias(validate_name(name), alias).version)
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.get_http_status_code() >= 500:  # the server failed: "no holder" would be a lie
+            raise
         return None
 
 
@@ -310,7 +312,7 @@ def download_version(name: str, version: str) -> Path:
     return target
 
 
-def move_alias(name: str, alias: str, version: str, reason: str | None = None, action: str = "promote", *,
+def move_alias(name: str, alias: str, version: str, reason: str | None = None, action: Action = "promote", *,
                report: dict[str, str] | None = None, forced: bool = False, check_previous: bool = False,
                expected_previous: str | None = None) -> AliasMove:
     """Point `alias` at `version` and append the move to the model's audit trail.
@@ -322,17 +324,18 @@ def move_alias(name: str, alias: str, version: str, reason: str | None = None, a
 
     validate_alias(alias)
     require_usable(get_version(name, version))
-    mlflow_client = client()
-    audit_id = audit.prepare(mlflow_client, name)
-    with alias_lock(mlflow_client, name):
-        previous = alias_holder(name, alias)
-        if check_previous and previous != expected_previous:
-            raise PolicyError(f"alias {alias!r} of {name!r} moved to v{previous} meanwhile (checked against "
-                              f"v{expected_previous}); run the promotion again")
-        move = audit.new_record(name, alias, str(version), previous, action,  # type: ignore[arg-type]
-                                reason=reason, report=report, forced=forced)
-        with audit.Append(mlflow_client, audit_id, move) as move:
-            mlflow_client.set_registered_model_alias(name, alias, str(version))
+    with server_errors():
+        mlflow_client = client()
+        audit_id = audit.prepare(mlflow_client, name)
+        with alias_lock(mlflow_client, name):
+            previous = alias_holder(name, alias)
+            if check_previous and previous != expected_previous:
+                raise PolicyError(f"alias {alias!r} of {name!r} moved to v{previous} meanwhile (checked against "
+                                  f"v{expected_previous}); run the promotion again")
+            move = audit.new_record(name, alias, str(version), previous, action,
+                                    reason=reason, report=report, forced=forced)
+            with audit.Append(mlflow_client, audit_id, move) as move:
+                mlflow_client.set_registered_model_alias(name, alias, str(version))
     return move
 
 
@@ -345,7 +348,8 @@ def alias_history(name: str, alias: str | None = None, limit: int | None = None)
     if limit is not None and limit < 1:
         raise BadInputError(f"--limit {limit}: must be at least 1")
     try:
-        return audit.read(client(), validate_name(name), alias, limit)
+        with server_errors():
+            return audit.read(client(), validate_name(name), alias, limit)
     except MlflowException:
         raise ModelRefError(f"registry has no model {name!r}") from None
 

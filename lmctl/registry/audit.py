@@ -162,7 +162,9 @@ def _happened(mlflow_client: Any, move: AliasMove) -> bool:
             mlflow_client.get_model_version(move.name, move.version)
             return False
         return str(mlflow_client.get_model_version_by_alias(move.name, move.alias).version) == move.version
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.get_http_status_code() >= 500:  # the server failed: no answer either way
+            raise
         return move.action == "delete"
 
 

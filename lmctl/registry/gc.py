@@ -95,7 +95,7 @@ def gc(name: str, keep: int, recent_moves: int = RECENT_MOVES, yes: bool = False
         return result
     mlflow_client = registry.client()
     audit_id = audit.prepare(mlflow_client, name)
-    with registry.alias_lock(mlflow_client, name):
+    with registry.server_errors(), registry.alias_lock(mlflow_client, name):
         _, why = _protected(name, keep, recent_moves)  # aliases may have moved since the plan
         for version in (v for v in plan if v not in why):
             run_id = mlflow_client.get_model_version(name, version).run_id

@@ -271,7 +271,8 @@ def _train(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
     # A run directory per retrain run: `--resume auto` then continues this run's own
     # checkpoints after a kill, and never mistakes an earlier run's final step for progress.
     cfg.output.run_name = f"{cfg.output.run_name or 'run'}-retrain-{state.run_id}"
-    result = train(cfg, resume="auto")
+    with ctx.store.sync_training(state, Path(cfg.output.dir) / str(cfg.output.run_name)):
+        result = train(cfg, resume="auto")
     assert isinstance(result, TrainResult)  # not a dry run
     ckpt = Path(result.checkpoint)
     manifest = checkpoint.read_manifest(ckpt)

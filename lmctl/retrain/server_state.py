@@ -5,10 +5,12 @@ another node has a fresh disk: the state in `LMCTL_HOME` is gone with the old on
 state lives in the experiment `lmctl-retrain/<name>`: one MLflow run per retrain run
 (named by its run id), RUNNING until the retrain run is done, tagged with its stage,
 result, host and versions, with `state.json` and the run's reports (eval.json,
-drift.json, report.json) as artifacts, uploaded at every save. After training, the sealed
-candidate checkpoint is uploaded too (`checkpoint/`), so a run resumed on another host
-evaluates and registers exactly that checkpoint; it is deleted from the run once the run
-is done (the registered version holds its own copy).
+drift.json, report.json) as artifacts, uploaded at every save. While training, the newest
+checkpoint (the Trainer's resumable state and the sealed lmctl checkpoint) is uploaded as it
+is written (`training/`), so a run killed mid-training continues on another host from the
+last sealed checkpoint; after training, the sealed candidate is uploaded (`checkpoint/`), so
+a run resumed on another host evaluates and registers exactly that checkpoint. Both are
+deleted from the run once it is done (the registered version holds its own copy).
 
 The local `state_dir` keeps working copies (a resumed run downloads into it), written
 with the same atomic writes as the embedded store's (`RunStore`).
@@ -18,8 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import socket
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ log = logging.getLogger("lmctl.retrain")
 EXPERIMENT_PREFIX = "lmctl-retrain/"
 STAGE_TAG, RESULT_TAG = "lmctl.retrain.stage", "lmctl.retrain.result"
 CHECKPOINT_DIR = "checkpoint"
+TRAINING_DIR = "training"  # the newest checkpoint while training: trainer/checkpoint-N + checkpoints/step-N
 
 
 class ServerRunStore:
@@ -62,18 +68,55 @@ class ServerRunStore:
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.log_artifacts(run_id, str(self.run_dir(state.run_id)))  # state.json and the reports
         if state.stage == "done":
-            with contextlib.suppress(Exception):  # best effort: the version has its own copy
-                self._repo(run_id, CHECKPOINT_DIR).delete_artifacts()
+            for path in (CHECKPOINT_DIR, TRAINING_DIR):
+                with contextlib.suppress(Exception):  # best effort: the version has its own copy
+                    self._repo(run_id, path).delete_artifacts()
             self.client.set_terminated(run_id, "FINISHED")
+
+    @contextlib.contextmanager
+    def sync_training(self, state: RetrainState, run_dir: Path) -> Iterator[None]:
+        """Around training: when this host has no checkpoint of the run yet, fetch the newest
+        one another host uploaded (so `--resume auto` continues from it); meanwhile upload
+        each checkpoint as training seals it."""
+        from lmctl.train import complete_trainer_checkpoints
+
+        run_id = self._mlflow_id(state)
+        if not complete_trainer_checkpoints(run_dir):
+            self._fetch_training(run_id, run_dir)
+        uploader = _TrainingUploader(self.client, run_id, run_dir)
+        uploader.start()
+        try:
+            yield
+        finally:
+            uploader.stopped.set()
+            uploader.join(timeout=60)
+
+    def _fetch_training(self, run_id: str, run_dir: Path) -> None:
+        """The newest fully uploaded pair (its sealed lmctl.json is uploaded last) into run_dir."""
+        from mlflow.artifacts import download_artifacts
+
+        sealed = [i.path for i in self.client.list_artifacts(run_id, f"{TRAINING_DIR}/checkpoints") if i.is_dir]
+        complete = sorted(p for p in sealed if any(f.path.endswith(checkpoint.MANIFEST)
+                                                   for f in self.client.list_artifacts(run_id, p)))
+        if not complete:
+            return
+        step = int(complete[-1].rsplit("step-", 1)[1])
+        log.info("fetching the run's training checkpoint at step %d from the server", step)
+        pair = ((f"{TRAINING_DIR}/trainer/checkpoint-{step}", run_dir / "trainer" / f"checkpoint-{step}"),
+                (complete[-1], run_dir / "checkpoints" / f"step-{step:06d}"))  # sealed last: it marks the pair complete
+        with tempfile.TemporaryDirectory(dir=run_dir.parent if run_dir.parent.is_dir() else None) as tmp:
+            for path, local in pair:
+                fetched = download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp,
+                                             tracking_uri=registry.tracking_uri())
+                local.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(fetched, local)
 
     def upload_checkpoint(self, state: RetrainState) -> None:
         """The sealed candidate, so another host can go on from it."""
         self.client.log_artifacts(self._mlflow_id(state), str(state.checkpoint), CHECKPOINT_DIR)
 
     def _repo(self, run_id: str, path: str) -> Any:
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        return get_artifact_repository(f"{self.client.get_run(run_id).info.artifact_uri}/{path}")
+        return _repository(f"{self.client.get_run(run_id).info.artifact_uri}/{path}")
 
     def _search(self, where: str, limit: int) -> list[Any]:
         return list(self.client.search_runs([self.experiment_id], where, max_results=limit,
@@ -100,9 +143,11 @@ class ServerRunStore:
             target = self.local.root / "checkpoints" / state.run_id
             if not checkpoint.is_checkpoint(target):
                 log.info("fetching the candidate checkpoint of run %s from the server", state.run_id)
-                download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_DIR, dst_path=str(target.parent),
-                                   tracking_uri=registry.tracking_uri())
-                (target.parent / CHECKPOINT_DIR).rename(target)
+                with tempfile.TemporaryDirectory(dir=target.parent if target.parent.is_dir() else None) as tmp:
+                    fetched = download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_DIR, dst_path=tmp,
+                                                 tracking_uri=registry.tracking_uri())
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(fetched, target)
             state.checkpoint = str(target)
         self.local.save(state)
         return state
@@ -134,3 +179,53 @@ class ServerRunStore:
     def prune(self, keep: int) -> None:
         """Local working copies only: the server keeps every run's record."""
         self.local.prune(keep)
+
+
+class _TrainingUploader(threading.Thread):
+    """Uploads the newest complete checkpoint pair of a training run (the Trainer's resumable
+    state, then the sealed checkpoint with its lmctl.json last, so a half-upload never looks
+    sealed) and then drops the pair it replaces. A failed upload only warns: training goes on,
+    and a resume elsewhere starts from the previous pair."""
+
+    def __init__(self, client: Any, run_id: str, run_dir: Path, every_s: float = 2.0) -> None:
+        super().__init__(name="lmctl-checkpoint-upload", daemon=True)
+        self.client, self.run_id, self.run_dir, self.every_s = client, run_id, run_dir, every_s
+        self.stopped = threading.Event()
+        self.uploaded: str | None = None
+
+    def run(self) -> None:
+        from lmctl.train import complete_trainer_checkpoints
+
+        while not self.stopped.wait(self.every_s):
+            complete = complete_trainer_checkpoints(self.run_dir)
+            if complete and complete[0].name != self.uploaded:
+                try:
+                    self._upload(complete[0])
+                except Exception as exc:  # noqa: BLE001 - the server or disk hiccuped: training goes on
+                    log.warning("warning: training checkpoint not uploaded (%s)", str(exc).splitlines()[0][:200])
+
+    def _upload(self, trainer_ckpt: Path) -> None:
+        step = int(trainer_ckpt.name.removeprefix("checkpoint-"))
+        sealed = self.run_dir / "checkpoints" / f"step-{step:06d}"
+        self.client.log_artifacts(self.run_id, str(trainer_ckpt), f"{TRAINING_DIR}/trainer/{trainer_ckpt.name}")
+        target = f"{TRAINING_DIR}/checkpoints/{sealed.name}"
+        for item in sorted(sealed.iterdir()):
+            if item.name != checkpoint.MANIFEST:
+                if item.is_dir():
+                    self.client.log_artifacts(self.run_id, str(item), f"{target}/{item.name}")
+                else:
+                    self.client.log_artifact(self.run_id, str(item), target)
+        self.client.log_artifact(self.run_id, str(sealed / checkpoint.MANIFEST), target)
+        previous, self.uploaded = self.uploaded, trainer_ckpt.name
+        if previous:
+            old = int(previous.removeprefix("checkpoint-"))
+            uri = self.client.get_run(self.run_id).info.artifact_uri
+            for path in (f"{TRAINING_DIR}/trainer/{previous}", f"{TRAINING_DIR}/checkpoints/step-{old:06d}"):
+                with contextlib.suppress(Exception):
+                    _repository(f"{uri}/{path}").delete_artifacts()
+
+
+def _repository(uri: str) -> Any:
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(uri)

@@ -135,6 +135,10 @@ class RunStore:
     def upload_checkpoint(self, state: RetrainState) -> None:
         """Nothing to do: on one machine the checkpoint is already where a resumed run looks."""
 
+    def sync_training(self, state: RetrainState, run_dir: Path) -> contextlib.AbstractContextManager[None]:
+        """Nothing to do: training resumes from its own run directory on this machine."""
+        return contextlib.nullcontext()
+
     def prune(self, keep: int) -> None:
         """Drop the oldest finished run records beyond `keep` (reports included; the registry keeps versions)."""
         finished = [s for s in self.all_states() if s.stage == "done"]

@@ -65,7 +65,7 @@ class TrainResult(BaseModel):
     resumed_from: str | None
 
 
-def _complete_trainer_checkpoints(run_dir: Path) -> list[Path]:
+def complete_trainer_checkpoints(run_dir: Path) -> list[Path]:
     """Trainer checkpoints whose save finished, newest first.
 
     The Trainer writes `trainer/checkpoint-N` in place (a kill mid-save leaves a partial
@@ -85,7 +85,7 @@ def _resume_point(run_dir: Path, resume: str) -> str | None:
     if resume == "never":
         return None
     if resume == "auto":
-        complete = _complete_trainer_checkpoints(run_dir)
+        complete = complete_trainer_checkpoints(run_dir)
         return str(complete[0]) if complete else None
     path = Path(resume).expanduser().resolve()
     if not (path / "trainer_state.json").is_file():
