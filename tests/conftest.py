@@ -66,6 +66,19 @@ def lmctl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+def tiny_config_dict(base: Path, runs: Path) -> dict:
+    """The tiny training config (6 steps, checkpoints at 3 and 6) as a dict, for tests to adjust."""
+    return {
+        "model": {"base": str(base)},
+        "data": {"train": str(ASSETS / "tiny_train.jsonl"), "validation": str(ASSETS / "tiny_validation.jsonl"),
+                 "max_length": 64},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "eval_every": 3, "save_every": 3, "log_every": 1},
+        "output": {"dir": str(runs), "run_name": "tiny"},
+        "registry": {"name": "tiny"},
+    }
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path, tiny_base: Path) -> Path:
     path = tmp_path / "tiny.yaml"
@@ -124,18 +137,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def tiny_config_dict(base: Path, runs: Path) -> dict:
-    return {
-        "model": {"base": str(base)},
-        "data": {"train": str(ASSETS / "tiny_train.jsonl"), "validation": str(ASSETS / "tiny_validation.jsonl"),
-                 "max_length": 64},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "eval_every": 3, "save_every": 3, "log_every": 1},
-        "output": {"dir": str(runs), "run_name": "tiny"},
-        "registry": {"name": "tiny"},
-    }
 
 
 @pytest.fixture(scope="session")

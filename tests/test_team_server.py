@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ASSETS, REPO, run_subprocess
+from conftest import ASSETS, REPO, run_subprocess, tiny_config_dict
 
 pytestmark = pytest.mark.team
 VERSIONS = 8  # concurrent registers
@@ -70,14 +70,8 @@ def team_server(request: pytest.FixtureRequest) -> Iterator[dict]:
 def team_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, team_server: dict) -> Path:
     """One tiny LoRA checkpoint for the module, trained for real and tracked on the team server."""
     root = tmp_path_factory.mktemp("team-train")
-    config = {
-        "model": {"base": str(tiny_base)},
-        "data": {"train": str(ASSETS / "tiny_train.jsonl"), "validation": str(ASSETS / "tiny_validation.jsonl"),
-                 "max_length": 64},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "eval_every": 3, "save_every": 3},
-        "output": {"dir": str(root / "runs"), "run_name": "team"},
-    }
+    config = tiny_config_dict(tiny_base, root / "runs")
+    config["output"]["run_name"] = "team"
     (root / "team.yaml").write_text(json.dumps(config))  # JSON is YAML
     result = run_subprocess("train", str(root / "team.yaml"), "--json",
                             env={"LMCTL_HOME": str(root / "home"), "MLFLOW_TRACKING_URI": team_server["tracking_uri"]})
@@ -216,16 +210,10 @@ def test_a_stale_server_lock_is_broken(cli, team: dict, team_checkpoint: Path) -
 def retrain_config(tmp_path: Path, tiny_base: Path) -> tuple[Path, str]:
     """A retrain config of its own model name; each "host" overrides output.dir and LMCTL_HOME."""
     name = _name("team-retrain")
-    config = {
-        "model": {"base": str(tiny_base)},
-        "data": {"train": str(ASSETS / "tiny_train.jsonl"), "validation": str(ASSETS / "tiny_validation.jsonl"),
-                 "max_length": 64},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "eval_every": 3, "save_every": 3},
-        "output": {"dir": str(tmp_path / "runs"), "run_name": "team"},
-        "registry": {"name": name},
-        "retrain": {"eval_data": str(ASSETS / "tiny_validation.jsonl")},
-    }
+    config = tiny_config_dict(tiny_base, tmp_path / "runs")
+    config["output"]["run_name"] = "team"
+    config["registry"]["name"] = name
+    config["retrain"] = {"eval_data": str(ASSETS / "tiny_validation.jsonl")}
     path = tmp_path / "retrain.yaml"
     path.write_text(json.dumps(config))
     return path, name
