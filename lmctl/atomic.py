@@ -3,21 +3,34 @@ old content or the new, never half of either.
 
 Files go through a temp file in the same directory, fsync, then rename; directories are
 built in a hidden sibling and renamed into place. The same directory matters: `os.replace`
-is atomic only within one filesystem.
+is atomic only within one filesystem. `crash_point` is the fault injection that proves it:
+a process SIGKILLs itself at a named point and the next run must recover.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lmctl.errors import BadInputError
+
+log = logging.getLogger("lmctl")
+
+
+def crash_point(env_var: str, point: str) -> None:
+    """SIGKILL this process when the environment variable `env_var` names `point` (fault
+    injection for the kill-and-recover tests, and for anyone checking a deployment)."""
+    if os.environ.get(env_var) == point:
+        log.warning("%s=%s: killing this process now (fault injection)", env_var, point)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -8,19 +8,15 @@ hidden `.tmp-*` directory that no command mistakes for a checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from lmctl.atomic import write_json_atomic
+from lmctl.data import DataFingerprint
 from lmctl.errors import IntegrityError
 
 MANIFEST = "lmctl.json"
@@ -59,6 +55,56 @@ class BaseModelInfo(BaseModel):
     config_sha256: str
 
 
+class ManifestData(BaseModel):
+    """The data a checkpoint was trained on (fingerprints as `lmctl.data.fingerprint` computes them)."""
+
+    train: DataFingerprint | None = None
+    validation: DataFingerprint | None = None
+
+    def splits(self) -> list[tuple[str, DataFingerprint]]:
+        return [(name, fp) for name, fp in (("train", self.train), ("validation", self.validation)) if fp is not None]
+
+
+class TrainingInfo(BaseModel):
+    """Where in training the checkpoint was written. Unknown keys are kept: the lock is never rewritten lossily."""
+
+    model_config = ConfigDict(extra="allow")
+
+    step: int | None = None
+    mlflow_run_id: str | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+
+
+class _Section(BaseModel):
+    # The recorded config is the resolved config of the lmctl version that trained; only the keys
+    # read back are typed, every other key is kept as written (old and newer checkpoints load).
+    model_config = ConfigDict(extra="allow")
+
+
+class ModelSection(_Section):
+    trust_remote_code: bool = False
+
+
+class LoraSection(_Section):
+    r: int | None = None
+    alpha: int | float | None = None  # int stays int: the lock is rewritten byte for byte
+    target_modules: list[str] | str | None = None
+    use_dora: bool = False
+
+
+class RegistrySection(_Section):
+    name: str | None = None
+
+
+class RecordedConfig(_Section):
+    """The resolved lmctl config a checkpoint was trained with, as `lmctl config show` prints it."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    registry: RegistrySection = Field(default_factory=RegistrySection)
+
+
 class Manifest(BaseModel):
     format: str = MANIFEST_FORMAT
     kind: str = Field("lora-adapter", description="what the directory holds")
@@ -67,18 +113,29 @@ class Manifest(BaseModel):
     files: dict[str, FileEntry]
     tokenizer: TokenizerFingerprint
     base_model: BaseModelInfo
-    data: dict[str, Any] = Field(default_factory=dict, description="data fingerprint and sources")
-    config: dict[str, Any] = Field(default_factory=dict, description="resolved lmctl config")
-    training: dict[str, Any] = Field(default_factory=dict, description="step, losses, run id")
+    data: ManifestData = Field(default_factory=ManifestData, description="data fingerprints")
+    config: RecordedConfig = Field(default_factory=RecordedConfig, description="resolved lmctl config")
+    training: TrainingInfo = Field(default_factory=TrainingInfo, description="step, losses, run id")
     libraries: dict[str, str] = Field(default_factory=dict)
 
+    @property
+    def trust_remote_code(self) -> bool:
+        """Whether the base model was loaded with remote code at training (and must be again)."""
+        return self.config.model.trust_remote_code
 
-def sha256_file(path: Path) -> str:
+
+def file_digest(path: Path) -> Any:
+    """A sha256 object fed with the file's bytes in 1 MiB chunks (files may be GBs; Python 3.10
+    has no hashlib.file_digest). The one chunked hash: data fingerprints extend it."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
+
+
+def sha256_file(path: Path) -> str:
+    return file_digest(path).hexdigest()
 
 
 def sha256_json(obj: Any) -> str:
@@ -100,6 +157,23 @@ def seal(directory: Path, manifest_fields: dict[str, Any]) -> Manifest:
     manifest = Manifest(files=hash_files(directory), **manifest_fields)
     write_json_atomic(directory / MANIFEST, manifest.model_dump(mode="json"))
     return manifest
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    """Where a run seals the checkpoint of training step `step`: RUN/checkpoints/step-000123."""
+    return run_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def sealed_steps(run_dir: Path) -> list[int]:
+    """The steps of the run's sealed checkpoint directories, ascending."""
+    return sorted(int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*")
+                  if p.name.removeprefix("step-").isdigit())
+
+
+def sealed_twin(trainer_checkpoint: Path) -> Path | None:
+    """The sealed checkpoint written from a Trainer's RUN/trainer/checkpoint-N (None for another name)."""
+    step = trainer_checkpoint.name.removeprefix("checkpoint-")
+    return step_dir(trainer_checkpoint.parent.parent, int(step)) if step.isdigit() else None
 
 
 def is_checkpoint(directory: Path) -> bool:

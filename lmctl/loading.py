@@ -15,7 +15,7 @@ from typing import Any
 
 from lmctl import checkpoint
 from lmctl.errors import BadInputError, IntegrityError, ModelRefError
-from lmctl.modelref import ResolvedRef, resolve_base
+from lmctl.modelref import ResolvedRef, VerifiedCheckpoint, resolve_base, verified_checkpoint
 
 log = logging.getLogger("lmctl.loading")
 
@@ -116,14 +116,14 @@ def load_base_model(path: str, dtype: str = "auto", trust_remote_code: bool = Fa
         raise ModelRefError(f"cannot load model weights from {path}: {str(exc).splitlines()[0]}") from None
 
 
-def _load_checkpoint(ref: ResolvedRef, dtype: str) -> LoadedModel:
+def load_checkpoint(verified: VerifiedCheckpoint, dtype: str = "auto") -> LoadedModel:
+    """Load a verified checkpoint: its base model (checked against the lock's config hash) plus the adapter."""
     from peft import PeftModel
 
-    ckpt = Path(ref.path)
-    manifest = checkpoint.verify(ckpt)
+    ckpt, manifest = verified.path, verified.manifest
     if not (ckpt / "adapter_model.safetensors").is_file():
         raise IntegrityError(f"{ckpt}: adapter_model.safetensors missing (only safetensors are loaded)")
-    trust = bool(manifest.config.get("model", {}).get("trust_remote_code", False))
+    trust = manifest.trust_remote_code
     base_path = resolve_base(manifest.base_model.id)
     actual = base_config_sha256(base_path, manifest.base_model.revision, trust)
     if actual != manifest.base_model.config_sha256:
@@ -138,13 +138,13 @@ def _load_checkpoint(ref: ResolvedRef, dtype: str) -> LoadedModel:
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model = PeftModel.from_pretrained(base, str(ckpt), is_trainable=False)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, ref=ref, manifest=manifest)
+    return LoadedModel(model=model, tokenizer=tokenizer, ref=verified.resolved, manifest=manifest)
 
 
 def load_for_inference(ref: ResolvedRef, dtype: str = "auto") -> LoadedModel:
     """Load a resolved MODEL_REF in eval mode; checkpoints are verified first (IntegrityError)."""
     if ref.kind == "checkpoint":
-        return _load_checkpoint(ref, dtype)
+        return load_checkpoint(verified_checkpoint(ref), dtype)
     tokenizer = load_tokenizer(ref.path)
     model = load_base_model(ref.path, dtype)
     model.eval()

@@ -13,7 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lmctl.checkpoint import TOKENIZER_FILES, TokenizerFingerprint, is_checkpoint, read_manifest, sha256_file, sha256_json
+from lmctl.checkpoint import (TOKENIZER_FILES, TokenizerFingerprint, is_checkpoint, read_manifest, sealed_twin, sha256_file,
+                              sha256_json)
 from lmctl.errors import BadInputError, IntegrityError, LmctlError
 
 log = logging.getLogger("lmctl.tokenizer_lock")
@@ -123,8 +124,7 @@ def check_added_rows_saved(added: dict[str, int], rows: dict[str, set[int]], tie
 
 def check_resume_tokenizer(trainer_ckpt: Path, tokenizer: Any) -> None:
     """A resumed run must go on with the tokenizer its earlier steps were trained with (exit 4)."""
-    step = trainer_ckpt.name.removeprefix("checkpoint-")
-    sealed = trainer_ckpt.parent.parent / "checkpoints" / f"step-{int(step):06d}" if step.isdigit() else None
+    sealed = sealed_twin(trainer_ckpt)
     if sealed is None or not is_checkpoint(sealed):
         log.warning("warning: %s has no sealed lmctl checkpoint; its tokenizer cannot be compared", trainer_ckpt)
         return

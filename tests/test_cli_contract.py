@@ -9,6 +9,8 @@ from pathlib import Path
 
 from conftest import run_subprocess
 
+COMMON_FLAGS = {"--json", "--traceback", "--help"}
+
 
 def test_help_imports_no_heavy_library() -> None:
     code = (
@@ -73,3 +75,29 @@ def test_subprocess_errors_have_no_traceback_unless_asked(tmp_path: Path) -> Non
     assert plain.stderr.strip().count("\n") == 0 and plain.stderr.startswith("lmctl: error:")
     traced = run_subprocess("train", str(tmp_path / "nope.yaml"), "--traceback")
     assert traced.returncode == 2 and "Traceback" in traced.stderr
+
+
+def test_eval_serve_deploy_flags_take_default_and_help_from_their_option_models() -> None:
+    """Each option of these commands is a field of the model the library takes: same help, same default."""
+    import typer
+
+    from lmctl.cli.app import app
+    from lmctl.deploy import DeployOptions
+    from lmctl.evaluate.options import EvalGates, EvalOptions
+    from lmctl.serve.settings import CanaryPolicy, ServeSettings
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    own = {"eval": {"--data"}, "deploy": {"--target", "--out", "--force"}, "serve": set()}
+    models = {"eval": (EvalOptions, EvalGates), "serve": (ServeSettings, CanaryPolicy), "deploy": (DeployOptions,)}
+    for name, classes in models.items():
+        fields = {f.description: f for cls in classes for f in cls.model_fields.values()}
+        options = [p for p in commands[name].params if p.param_type_name == "option"]
+        checked = 0
+        for param in options:
+            if set(param.opts) & (COMMON_FLAGS | own[name]):
+                continue
+            assert param.help in fields, (name, param.opts, param.help)
+            default = fields[param.help].get_default(call_default_factory=True)
+            assert param.default == default or (param.default is None and default in ([], {})), (name, param.opts)
+            checked += 1
+        assert checked >= 12, (name, checked)

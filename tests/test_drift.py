@@ -18,7 +18,7 @@ import yaml
 from conftest import ASSETS
 from lmctl.config import DriftConfig, load_config
 from lmctl.errors import DataError
-from lmctl.monitor import stats
+from lmctl import stats
 from lmctl.monitor.drift import load_input, read_sample_log
 
 REFERENCE = ASSETS / "tiny_train.jsonl"  # the data the checkpoint was trained on

@@ -81,3 +81,19 @@ def test_html_report_renders_in_headless_chromium(cli, trained_checkpoint: Path,
     for rgb in ((0x3B, 0x6E, 0xA5), (0x4F, 0x8F, 0x5B), (0xA5, 0x67, 0x3B)):
         assert rgb in colours, f"chart colour {rgb} not rendered"
     assert sum(1 for p in pixels if p != (255, 255, 255)) > 0.02 * len(pixels)
+
+
+def test_report_written_before_the_typed_schema_loads_unchanged() -> None:
+    """tests/assets/old_eval_report.json was written by `lmctl eval --baseline ... --report` before
+    the report's registry and baseline were typed: it loads, reads back typed, and dumps the same JSON."""
+    from lmctl.evaluate import load_eval_report
+    from lmctl.evaluate.schema import RegistryRef
+
+    path = ASSETS / "old_eval_report.json"
+    loaded = load_eval_report(path)
+    report = loaded.report
+    assert report.registry == RegistryRef(name="tiny", version="2") and str(report.registry) == "models:/tiny/2"
+    assert report.baseline is not None and report.baseline.is_version("tiny", "1", None)
+    assert not report.identity.is_version("tiny", "1", report.manifest_sha256 + "x")
+    assert report.baseline.perplexity == json.loads(path.read_text())["baseline"]["perplexity"]
+    assert json.dumps(report.model_dump(mode="json"), indent=2) + "\n" == path.read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,38 @@ def test_untied_output_head_saves_the_added_rows_too(cli, tiny_config: Path, tin
     with torch.no_grad():  # the head's new row comes from the adapter, not a random resize
         assert torch.equal(first.model(input_ids=ids).logits, second.model(input_ids=ids).logits)
     assert cli("register", ckpt, "--name", "untied").code == 0
+
+
+def test_checkpoint_sealed_by_the_untyped_manifest_code_still_loads_byte_for_byte(tmp_path: Path) -> None:
+    """tests/assets/old_checkpoint was written by lmctl before Manifest.data/config/training were
+    typed: it verifies, its typed fields read back, and sealing the same facts again with the
+    typed models writes the very same lmctl.json bytes."""
+    old = ASSETS / "old_checkpoint"
+    manifest = checkpoint.verify(old)
+    raw = json.loads((old / "lmctl.json").read_text())
+    assert manifest.trust_remote_code is False
+    assert manifest.data.train is not None and manifest.data.train.sha256 == raw["data"]["train"]["sha256"]
+    assert [split for split, _ in manifest.data.splits()] == ["train", "validation"]
+    assert manifest.training.step == raw["training"]["step"] == 6
+    assert manifest.training.mlflow_run_id == raw["training"]["mlflow_run_id"]
+    assert manifest.config.lora.r == raw["config"]["lora"]["r"] and manifest.config.registry.name == "tiny"
+
+    resealed = tmp_path / "resealed"
+    shutil.copytree(old, resealed)
+    (resealed / "lmctl.json").unlink()
+    facts = {"created_at": manifest.created_at, "lmctl_version": manifest.lmctl_version, "tokenizer": manifest.tokenizer,
+             "base_model": manifest.base_model, "libraries": manifest.libraries,
+             "data": checkpoint.ManifestData(train=manifest.data.train, validation=manifest.data.validation),
+             "config": raw["config"], "training": checkpoint.TrainingInfo(**raw["training"])}
+    checkpoint.seal(resealed, facts)
+    assert (resealed / "lmctl.json").read_bytes() == (old / "lmctl.json").read_bytes()
+
+
+def test_manifest_keeps_keys_it_does_not_type() -> None:
+    """An int alpha stays an int and unknown config/training keys survive a read and a write."""
+    raw = json.loads((ASSETS / "old_checkpoint" / "lmctl.json").read_text())
+    raw["config"]["lora"]["alpha"] = 16
+    raw["config"]["some_future_section"] = {"key": [1, 2]}
+    raw["training"]["learning_rate"] = 0.001
+    raw["data"] = {"train": raw["data"]["train"], "validation": None}
+    assert checkpoint.Manifest.model_validate(raw).model_dump(mode="json") == raw

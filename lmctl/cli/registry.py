@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -12,18 +11,18 @@ from lmctl.cli.output import JsonOpt, TracebackOpt, emit
 from lmctl.errors import BadInputError
 
 app = typer.Typer(no_args_is_help=True)
-_SPEC_RE = re.compile(r"^(?:models:/)?(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))?$")
 
 
 def _parse_spec(spec: str) -> tuple[str, str | None]:
     """NAME, NAME/VERSION or NAME@ALIAS (with or without models:/) -> (name, version or None)."""
     from lmctl import registry
+    from lmctl.modelref import parse_registry_ref
 
-    m = _SPEC_RE.match(spec)
-    if not m:
+    parsed = parse_registry_ref(spec, bare=True)
+    if parsed is None:
         raise BadInputError(f"{spec!r}: expected NAME, NAME/VERSION or NAME@ALIAS")
-    version = m["version"] or (registry.version_for_alias(m["name"], m["alias"]) if m["alias"] else None)
-    return m["name"], version
+    version = parsed.version or (registry.version_for_alias(parsed.name, parsed.alias) if parsed.alias else None)
+    return parsed.name, version
 
 
 def register(
@@ -79,22 +78,17 @@ def verify(
     traceback: TracebackOpt = False,
 ) -> None:
     """Re-hash every artifact against lmctl.json (and the registry's lock tags and model card hash); exit 4 on mismatch."""
-    from pathlib import Path as _Path
-
-    from lmctl import checkpoint, registry
+    from lmctl import registry
+    from lmctl.modelref import resolve_checkpoint
     from lmctl.registry import model_card
-    from lmctl.modelref import resolve
 
-    resolved = resolve(model_ref)
-    if resolved.kind != "checkpoint":
-        raise BadInputError(f"{model_ref}: not an lmctl checkpoint; nothing to verify")
-    manifest = checkpoint.verify(_Path(resolved.path))
+    verified = resolve_checkpoint(model_ref, "nothing to verify")
     card = None
-    if resolved.registry_name and resolved.registry_version:
-        info = registry.get_version(resolved.registry_name, resolved.registry_version)
+    if verified.registry_name and verified.registry_version:
+        info = registry.get_version(verified.registry_name, verified.registry_version)
         card = model_card.verify(info.tags, registry.tracking_uri())
-    emit({"ref": model_ref, "verified": True, "files": len(manifest.files),
-          "tokenizer_fingerprint": manifest.tokenizer.fingerprint, "model_card": card}, json_out)
+    emit({"ref": model_ref, "verified": True, "files": len(verified.manifest.files),
+          "tokenizer_fingerprint": verified.manifest.tokenizer.fingerprint, "model_card": card}, json_out)
 
 
 @app.command("history")

@@ -10,7 +10,6 @@ Problems are DataError (exit 2) naming the file, the row and the field.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,9 +154,8 @@ def load_texts(path: Path, text_field: str = "text") -> list[str]:
 
 
 def fingerprint(path: Path, text_field: str, rows: int, fmt: str = "text") -> DataFingerprint:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    from lmctl.checkpoint import file_digest  # checkpoint imports this module: import at call time
+
+    digest = file_digest(path)
     digest.update(f"\0{text_field}\0{fmt}".encode())
     return DataFingerprint(path=str(path), sha256=digest.hexdigest(), rows=rows, text_field=text_field, format=fmt)

@@ -16,12 +16,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmctl import data, pii
+from lmctl import data, pii, stats
 
 
 class TokenStats(BaseModel):
-    p50: int
-    p95: int
+    p50: float
+    p95: float
     max: int
     mean: float
     truncation_rate: float
@@ -64,16 +64,13 @@ def record_key(rec: dict[str, Any], fmt: str, text_field: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _percentile(sorted_values: list[int], q: float) -> int:
-    return sorted_values[min(len(sorted_values) - 1, int(q * (len(sorted_values) - 1) + 0.5))]
-
-
 def _token_stats(texts: list[str], tokenizer: Any, max_length: int) -> TokenStats | None:
     lengths = sorted(len(ids) for ids in tokenizer([t for t in texts if t], add_special_tokens=True)["input_ids"])
     if not lengths:
         return None
     over = sum(max(0, n - max_length) for n in lengths)
-    return TokenStats(p50=_percentile(lengths, 0.5), p95=_percentile(lengths, 0.95), max=lengths[-1],
+    p50, p95 = stats.percentiles(lengths, (0.5, 0.95))
+    return TokenStats(p50=p50, p95=p95, max=lengths[-1],
                       mean=round(sum(lengths) / len(lengths), 2), truncation_rate=round(over / sum(lengths), 6),
                       max_length=max_length)
 

@@ -16,17 +16,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from lmctl import __version__, atomic, checkpoint
+from lmctl.clock import utc_now
 from lmctl.errors import BadInputError
+from lmctl.modelref import VerifiedCheckpoint, resolve_checkpoint
 
 log = logging.getLogger("lmctl.deploy")
-TARGETS: tuple[str, ...] = ("local", "vllm", "kubernetes")
+Target = Literal["local", "vllm", "kubernetes"]
+TARGETS: tuple[Target, ...] = ("local", "vllm", "kubernetes")
 DEPLOY_FORMAT = "lmctl.deploy/1"
 
 
@@ -54,7 +56,7 @@ class DeployOptions(BaseModel):
 
 
 class DeployResult(BaseModel):
-    target: str
+    target: Target
     out: str
     source: str
     registry_name: str | None = None
@@ -65,22 +67,7 @@ class DeployResult(BaseModel):
     warnings: list[str] = Field(default_factory=list)
 
 
-@dataclass
-class Source:
-    """A verified checkpoint and what it was resolved from."""
-
-    ref: str
-    path: Path
-    manifest: checkpoint.Manifest
-    manifest_sha256: str
-    registry_name: str | None
-    registry_version: str | None
-
-    @property
-    def display_name(self) -> str:
-        """Registry name, else the config's registry.name, else the checkpoint directory name."""
-        configured = (self.manifest.config.get("registry") or {}).get("name")
-        return self.registry_name or configured or self.path.name
+Source = VerifiedCheckpoint  # what every target renders from
 
 
 @dataclass
@@ -93,18 +80,9 @@ class Rendered:
 
 
 def load_source(ref: str) -> Source:
-    """Resolve MODEL_REF and verify its checkpoint lock (IntegrityError, exit 4)."""
-    from lmctl.modelref import resolve
-
-    resolved = resolve(ref)
-    if resolved.kind != "checkpoint":
-        raise BadInputError(f"{ref}: not an lmctl checkpoint; deploy takes a checkpoint or a registry version",
-                            hint="train and register an adapter first")
-    path = Path(resolved.path)
-    manifest = checkpoint.verify(path)
-    return Source(ref=ref, path=path, manifest=manifest,
-                  manifest_sha256=checkpoint.sha256_file(path / checkpoint.MANIFEST),
-                  registry_name=resolved.registry_name, registry_version=resolved.registry_version)
+    """Resolve MODEL_REF to a verified checkpoint (exit 2 for a plain model, exit 4 on a lock mismatch)."""
+    return resolve_checkpoint(ref, "deploy takes a checkpoint or a registry version",
+                              hint="train and register an adapter first")
 
 
 def adapter_config(source: Source) -> dict[str, Any]:
@@ -136,7 +114,7 @@ def manifest_doc(source: Source, target: str, target_info: dict[str, Any]) -> di
     return {
         "format": DEPLOY_FORMAT,
         "target": target,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": utc_now(),
         "lmctl_version": __version__,
         "model_ref": source.ref,
         "registry": ({"name": source.registry_name, "version": source.registry_version}

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from lmctl import __version__, atomic, checkpoint
-from lmctl.errors import BadInputError, IntegrityError
+from lmctl.clock import utc_now
+from lmctl.errors import IntegrityError
 
 PROBE = ("The registry keeps every checkpoint with its tokenizer. A rollback returns the alias to the "
          "previous version.\ndef add(a, b):\n    return a + b\n")
@@ -48,20 +48,16 @@ def _probe(model: Any, tokenizer: Any) -> tuple[Any, float]:
 
 
 def export(ref: str, out: Path, merge: bool = False, force: bool = False) -> ExportResult:
-    from lmctl.loading import load_for_inference
-    from lmctl.modelref import resolve
+    from lmctl.loading import load_checkpoint
+    from lmctl.modelref import resolve_checkpoint
 
     atomic.require_empty_output(out, force)
-    resolved = resolve(ref)
-    if resolved.kind != "checkpoint":
-        raise BadInputError(f"{ref}: not an lmctl checkpoint; export takes a checkpoint or registry version")
-    source = Path(resolved.path)
+    verified = resolve_checkpoint(ref, "export takes a checkpoint or registry version")
     if not merge:
-        checkpoint.verify(source)
         with atomic.staging_dir(out) as stage:
-            shutil.copytree(source, stage, dirs_exist_ok=True)
+            shutil.copytree(verified.path, stage, dirs_exist_ok=True)
         return ExportResult(out=str(out), merged=False, source=ref, files=len(list(out.iterdir())))
-    loaded = load_for_inference(resolved, dtype="float32")
+    loaded = load_checkpoint(verified, dtype="float32")
     adapter_logits, adapter_ppl = _probe(loaded.model, loaded.tokenizer)
     merged = loaded.model.merge_and_unload()
     merged_logits, merged_ppl = _probe(merged, loaded.tokenizer)
@@ -72,12 +68,12 @@ def export(ref: str, out: Path, merge: bool = False, force: bool = False) -> Exp
     with atomic.staging_dir(out) as stage:
         merged.save_pretrained(stage, safe_serialization=True)
         for name in checkpoint.TOKENIZER_FILES:  # the checkpoint's tokenizer files, byte for byte
-            if (source / name).is_file():
-                shutil.copy2(source / name, stage / name)
-        manifest = loaded.manifest or checkpoint.read_manifest(source)
+            if (verified.path / name).is_file():
+                shutil.copy2(verified.path / name, stage / name)
+        manifest = verified.manifest
         atomic.write_json_atomic(stage / "lmctl-export.json", {
-            "format": "lmctl.export/1", "source": ref, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "lmctl_version": __version__, "source_manifest_sha256": checkpoint.sha256_file(source / checkpoint.MANIFEST),
+            "format": "lmctl.export/1", "source": ref, "created_at": utc_now(),
+            "lmctl_version": __version__, "source_manifest_sha256": verified.manifest_sha256,
             "base_model": manifest.base_model.model_dump(), "tokenizer": manifest.tokenizer.model_dump(),
             "equivalence": {"max_logit_diff": diff, "perplexity_adapter": adapter_ppl, "perplexity_merged": merged_ppl},
             "files": {k: v.model_dump() for k, v in checkpoint.hash_files(stage).items()},

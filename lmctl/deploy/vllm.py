@@ -100,8 +100,7 @@ def _resolve_base(source: Source, override: str | None) -> tuple[str, bool]:
     base = resolve_base(override or source.manifest.base_model.id)
     if not Path(base).is_dir():
         return base, False  # a hub id: checking it would need the hub
-    trust = bool((source.manifest.config.get("model") or {}).get("trust_remote_code", False))
-    actual = base_config_sha256(base, source.manifest.base_model.revision, trust)
+    actual = base_config_sha256(base, source.manifest.base_model.revision, source.manifest.trust_remote_code)
     if actual != source.manifest.base_model.config_sha256:
         raise IntegrityError(f"base model {base} has config hash {actual[:16]}…, the adapter was trained on "
                              f"{source.manifest.base_model.config_sha256[:16]}…", hint="pass the right --base")
@@ -123,7 +122,7 @@ class Renderer:
         self.name = _check_name(self.opts.name or source.display_name)
         self.base, self.base_verified = _resolve_base(source, self.opts.base)
         manifest = source.manifest
-        trust = bool((manifest.config.get("model") or {}).get("trust_remote_code", False))
+        trust = manifest.trust_remote_code
         if self.base_verified:  # a local base: its config.json names the architecture vLLM will load
             check_lora_architecture(base_architectures(self.base, manifest.base_model.revision, trust))
         added = self.base_verified and manifest.tokenizer.vocab_size > model_vocab_size(

@@ -5,46 +5,27 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from lmctl import data
 from lmctl.atomic import write_text_atomic
+from lmctl.clock import utc_now
 from lmctl.errors import BadInputError
-from lmctl.evaluate.compare import Comparison, Gate, check_gates, compare, latency_gate
+from lmctl.evaluate.compare import Comparison, check_gates, compare, latency_gate
 from lmctl.evaluate.latency import LatencyReport
 from lmctl.evaluate.latency import measure as measure_latency
 from lmctl.evaluate.options import EvalGates, EvalOptions, Method
 from lmctl.evaluate.perplexity import PerplexitySums
+from lmctl.evaluate.schema import (REPORT_SCHEMA, BaselineSummary, EvalMethod, EvalReport, LoadedReport, ModelIdentity,
+                                   RegistryRef, load_eval_report)
 from lmctl.evaluate.suites import Suite, SuiteResult, load_suite, run_suite
+from lmctl.modelref import ResolvedRef
 
-__all__ = ["REPORT_SCHEMA", "EvalGates", "EvalOptions", "EvalReport", "Method", "evaluate"]
+__all__ = ["REPORT_SCHEMA", "EvalGates", "EvalOptions", "EvalReport", "LoadedReport", "Method", "evaluate",
+           "load_eval_report"]
 log = logging.getLogger("lmctl.eval")
-REPORT_SCHEMA = "lmctl.eval/1"
-
-
-class EvalReport(BaseModel):
-    schema_version: str = REPORT_SCHEMA
-    model: str
-    model_kind: str
-    registry: dict[str, str] | None
-    manifest_sha256: str | None = None  # of the checkpoint's lmctl.json: which exact model was measured
-    data: dict[str, object]
-    method: dict[str, object]
-    perplexity: float
-    metrics: dict[str, float]
-    sums: dict[str, float | int]
-    seconds: float
-    created_at: str
-    documents: list[dict[str, float | int]] | None = None
-    baseline: dict[str, object] | None = None
-    comparison: Comparison | None = None
-    suites: list[SuiteResult] = []
-    latency: LatencyReport | None = None
-    lm_eval: dict[str, dict[str, object]] | None = None
-    gates: list[Gate] = []
 
 
 def _model_max_length(model: object) -> int:
@@ -62,7 +43,7 @@ def _per_document(texts: list[str], doc_nll: list[float], doc_tokens: list[int])
 
 
 class _Measured(BaseModel):
-    resolved: dict[str, object]
+    resolved: ResolvedRef
     sums: PerplexitySums
     doc_nll: list[float]
     doc_tokens: list[int]
@@ -93,20 +74,22 @@ def _measure(ref: str, texts: list[str], length: int | None, method: Method, str
     timing = measure_latency(loaded.model, loaded.tokenizer, texts, *latency) if latency else None
     del loaded
     gc.collect()  # the next model (a baseline) should not have to share memory with this one
-    return _Measured(resolved=resolved.model_dump(), sums=scored.sums, doc_nll=scored.doc_nll, doc_tokens=scored.doc_tokens,
+    return _Measured(resolved=resolved, sums=scored.sums, doc_nll=scored.doc_nll, doc_tokens=scored.doc_tokens,
                      batch_size=scored.batch_size,
                      seconds=seconds, suites=suite_results, latency=timing), length, step
 
 
-def _identity(resolved: dict[str, object]) -> dict[str, object]:
+def _identity(ref: str, resolved: ResolvedRef) -> ModelIdentity:
     """Which exact model a measurement is about: its registry version and lock-manifest hash,
     so `lmctl promote --eval` can match a report to a version and its baseline."""
     from lmctl.checkpoint import MANIFEST, sha256_file
 
-    path = Path(str(resolved["path"])) / MANIFEST
-    return {"registry": {"name": str(resolved["registry_name"]), "version": str(resolved["registry_version"])}
-            if resolved["registry_name"] else None,
-            "manifest_sha256": sha256_file(path) if resolved["kind"] == "checkpoint" and path.is_file() else None}
+    path = Path(resolved.path) / MANIFEST
+    return ModelIdentity(
+        model=ref,
+        registry=RegistryRef(name=resolved.registry_name, version=str(resolved.registry_version))
+        if resolved.registry_name else None,
+        manifest_sha256=sha256_file(path) if resolved.kind == "checkpoint" and path.is_file() else None)
 
 
 def _comparison(cand: _Measured, base: _Measured, texts: list[str]) -> Comparison:
@@ -149,23 +132,20 @@ def evaluate(ref: str, data_path: Path, options: EvalOptions | None = None, gate
     if opts.baseline is not None:
         base, _, _ = _measure(opts.baseline, texts, length, opts.method, step, opts.batch_size)
         comparison = _comparison(cand, base, texts)
-        base_summary = {"model": opts.baseline, **_identity(base.resolved), "perplexity": base.sums.metrics["perplexity"],
-                        **base.sums.metrics}
+        base_summary = BaselineSummary(**_identity(opts.baseline, base.resolved).model_dump(), **base.sums.metrics)
     lm_eval_results = None
     if opts.lm_eval_tasks:
         from lmctl.evaluate.lm_eval_bridge import run_tasks
-        from lmctl.modelref import ResolvedRef
 
-        lm_eval_results = run_tasks(ResolvedRef(**cand.resolved), list(opts.lm_eval_tasks), opts.lm_eval_include)  # type: ignore[arg-type]
+        lm_eval_results = run_tasks(cand.resolved, list(opts.lm_eval_tasks), opts.lm_eval_include)
     metrics = cand.sums.metrics
-    resolved = cand.resolved
     result = EvalReport(
-        model=ref, model_kind=str(resolved["kind"]), **_identity(resolved),  # type: ignore[arg-type]
-        data=data.fingerprint(data_path, opts.text_field, len(texts)).model_dump(),
-        method={"name": opts.method, "max_length": length, "stride": step, "prefix_token": "bos, else eos",
-                "batch_size": cand.batch_size},
+        **_identity(ref, cand.resolved).model_dump(), model_kind=cand.resolved.kind,
+        data=data.fingerprint(data_path, opts.text_field, len(texts)),
+        method=EvalMethod(name=opts.method, max_length=length, stride=step, prefix_token="bos, else eos",
+                          batch_size=cand.batch_size),
         perplexity=metrics["perplexity"], metrics=metrics, sums=cand.sums.model_dump(), seconds=round(cand.seconds, 3),
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_at=utc_now(),
         documents=_per_document(texts, cand.doc_nll, cand.doc_tokens) if opts.per_document else None,
         baseline=base_summary, comparison=comparison, suites=cand.suites, latency=cand.latency, lm_eval=lm_eval_results,
         gates=check_gates(comparison, gates.max_ppl_regression, cand.suites, gates.min_scores, gates.max_safety_violations)
@@ -198,6 +178,6 @@ def _write_reports(result: EvalReport, json_path: Path | None, markdown_path: Pa
     if staging is not None and result.registry:
         from lmctl import registry
 
-        registry.attach_eval(result.registry["name"], result.registry["version"], staging, result.metrics)
+        registry.attach_eval(result.registry.name, result.registry.version, staging, result.metrics)
 
 

@@ -1,8 +1,9 @@
 """Candidate vs. baseline on the same documents: a paired bootstrap interval and gates.
 
 Documents are resampled with replacement (the same indices for both models, hence
-"paired"), and perplexity is recomputed from the resampled sums each time, so the
-interval reflects how much the difference depends on which documents were drawn.
+"paired"; `lmctl.stats.bootstrap`), and perplexity is recomputed from the resampled sums
+each time, so the interval reflects how much the difference depends on which documents
+were drawn.
 When the two tokenizers split the data differently, token perplexities are not
 comparable and byte perplexity (tokenizer-independent) is compared instead.
 """
@@ -10,7 +11,6 @@ comparable and byte perplexity (tokenizer-independent) is compared instead.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 
 from pydantic import BaseModel
@@ -40,23 +40,20 @@ class Gate(BaseModel):
     passed: bool
 
 
-def _ppl(nll: list[float], units: list[int], idx: list[int]) -> float:
-    return math.exp(sum(nll[i] for i in idx) / max(1, sum(units[i] for i in idx)))
-
-
 def compare(cand_nll: list[float], cand_units: list[int], base_nll: list[float], base_units: list[int],
             metric: str, seed: int = 0) -> Comparison:
     """Per-document NLL sums and units (tokens or bytes) of both models -> difference with a 95% interval."""
-    n = len(cand_nll)
-    everything = list(range(n))
-    cand, base = _ppl(cand_nll, cand_units, everything), _ppl(base_nll, base_units, everything)
-    rng = random.Random(seed)
-    diffs = []
-    for _ in range(BOOTSTRAP_SAMPLES):
-        idx = [rng.randrange(n) for _ in range(n)]
-        diffs.append(_ppl(cand_nll, cand_units, idx) - _ppl(base_nll, base_units, idx))
-    diffs.sort()
-    low, high = diffs[int(0.025 * len(diffs))], diffs[int(0.975 * len(diffs)) - 1]
+    import numpy as np
+
+    from lmctl import stats
+
+    cn, cu = np.asarray(cand_nll, dtype=float), np.asarray(cand_units, dtype=float)
+    bn, bu = np.asarray(base_nll, dtype=float), np.asarray(base_units, dtype=float)
+    n = len(cn)
+    cand, base = math.exp(cn.sum() / max(1.0, cu.sum())), math.exp(bn.sum() / max(1.0, bu.sum()))
+    diffs = stats.bootstrap(lambda idx: stats.resampled_ppl(cn, cu, idx) - stats.resampled_ppl(bn, bu, idx),
+                            n, BOOTSTRAP_SAMPLES, np.random.default_rng(seed))
+    low, high = stats.ci95(diffs)
     return Comparison(metric=metric, candidate=cand, baseline=base, difference=cand - base, ci95=(low, high),
                       regression_pct=100 * (cand / base - 1), documents=n, bootstrap_samples=BOOTSTRAP_SAMPLES)
 

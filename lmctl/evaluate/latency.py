@@ -26,12 +26,11 @@ class LatencyReport(BaseModel):
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
+    """p50/p95/p99 (lmctl.stats.percentiles, the one definition) and the mean."""
+    from lmctl import stats
 
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-    return {"p50": at(0.5), "p95": at(0.95), "p99": at(0.99), "mean": sum(ordered) / len(ordered)}
+    p50, p95, p99 = stats.percentiles(values, (0.5, 0.95, 0.99))
+    return {"p50": p50, "p95": p95, "p99": p99, "mean": sum(values) / len(values)}
 
 
 class _FirstToken:

@@ -17,13 +17,11 @@ from lmctl.errors import BadInputError
 
 def model_args(resolved: Any) -> str:
     """lm-eval's `hf` model_args for a resolved MODEL_REF (adapters via peft=)."""
-    from lmctl import checkpoint
-    from lmctl.modelref import resolve_base
+    from lmctl.modelref import resolve_base, verified_checkpoint
 
     if resolved.kind != "checkpoint":
         return f"pretrained={resolved.path},dtype=float32"
-    manifest = checkpoint.verify(Path(resolved.path))
-    base = resolve_base(manifest.base_model.id)
+    base = resolve_base(verified_checkpoint(resolved).manifest.base_model.id)
     return f"pretrained={base},peft={resolved.path},tokenizer={resolved.path},dtype=float32"
 
 

@@ -8,18 +8,21 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lmctl.evaluate.schema import EvalReport
 
 
-def markdown(report: Any) -> str:
+def markdown(report: EvalReport) -> str:
     lines = [f"# Eval report: `{report.model}`", "",
-             f"- data: `{report.data['path']}` ({report.data['rows']} documents, sha256 `{report.data['sha256'][:16]}`)",
-             f"- method: {report.method['name']}, window {report.method['max_length']}, stride {report.method['stride']}",
+             f"- data: `{report.data.path}` ({report.data.rows} documents, sha256 `{report.data.sha256[:16]}`)",
+             f"- method: {report.method.name}, window {report.method.max_length}, stride {report.method.stride}",
              "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.6g} |" for k, v in report.metrics.items()]
     if report.comparison:
         c = report.comparison
-        lines += ["", f"## Against `{report.baseline['model']}`", "",
+        lines += ["", f"## Against `{report.baseline.model}`", "",
                   f"{c.metric}: candidate {c.candidate:.4f}, baseline {c.baseline:.4f}, difference {c.difference:+.4f} "
                   f"(95% paired bootstrap interval {c.ci95[0]:+.4f} .. {c.ci95[1]:+.4f}; {c.regression_pct:+.2f}%)"]
     if report.suites:
@@ -52,7 +55,7 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _plots(report: Any) -> list[tuple[str, str]]:
+def _plots(report: EvalReport) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,7 +87,7 @@ def _plots(report: Any) -> list[tuple[str, str]]:
     return plots
 
 
-def html_page(report: Any) -> str:
+def html_page(report: EvalReport) -> str:
     """One self-contained HTML page: the Markdown summary as preformatted text, then the plots."""
     figures = "".join(f"<figure><img alt='{html.escape(t)}' src='data:image/png;base64,{b64}'>"
                       f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, b64 in _plots(report))

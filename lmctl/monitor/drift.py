@@ -39,18 +39,17 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from lmctl import data
+from lmctl import data, stats
 from lmctl.atomic import write_bytes_atomic, write_text_atomic
+from lmctl.clock import utc_now
 from lmctl.config import DriftConfig
 from lmctl.errors import BadInputError, DataError
 from lmctl.evaluate.compare import Gate
-from lmctl.monitor import stats
 
 log = logging.getLogger("lmctl.drift")
 REPORT_SCHEMA = "lmctl.drift/1"
@@ -350,7 +349,7 @@ def detect_drift(model_ref: str, reference: Path, current: Path, cfg: DriftConfi
         if resolved.registry_name else None,
         reference=ref_in.meta, current=cur_in.meta, perplexity=ppl, token_length=lengths, tokens=tokens,
         embedding=emb, embedding_skipped=skipped, checks=checks, drift_detected=any(not c.passed for c in checks),
-        seconds=round(time.perf_counter() - started, 3), created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        seconds=round(time.perf_counter() - started, 3), created_at=utc_now(),
     )
     _write_outputs(result, ref, cur, report, plot)
     log.info("%s: perplexity %+.1f%%, length PSI %.3f, KS %.3f", "drift detected" if result.drift_detected

@@ -25,11 +25,12 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from lmctl import atomic, checkpoint
+from lmctl.clock import utc_stamp
 from lmctl.errors import BadInputError, BusyError, IntegrityError, ModelRefError, PolicyError, UnavailableError
 from lmctl.home import cache_dir, lmctl_home
 from lmctl.registry.audit import Action, AliasMove
@@ -43,13 +44,18 @@ STATUS_TAG = "lmctl.status"  # pending while `lmctl register` works on a version
 STALE_AFTER_S = 6 * 3600  # a pending version registered from another host counts as failed after this
 
 
+# READY, or lmctl's view of an unfinished registration: PENDING (its process is alive) or FAILED
+# (killed); MLflow's own PENDING_/FAILED_REGISTRATION pass through as MLflow reports them.
+VersionStatus = Literal["READY", "PENDING", "FAILED", "PENDING_REGISTRATION", "FAILED_REGISTRATION"]
+
+
 class RegisteredVersion(BaseModel):
     name: str
     version: str
     aliases: list[str]
     source: str
     run_id: str | None
-    status: str  # READY, PENDING (being registered) or FAILED (its register was killed)
+    status: VersionStatus
     usable: bool = True
     created_at: str
     model_card: str | None = None  # runs:/RUN_ID/README.md, generated at register
@@ -224,7 +230,7 @@ def registrar_gone(tags: dict[str, str]) -> bool:
 def _to_version(mv: Any) -> RegisteredVersion:
     created = datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc).isoformat()
     tags = dict(mv.tags or {})
-    status = str(mv.status)
+    status: VersionStatus = str(mv.status)  # type: ignore[assignment]  # MLflow's ModelVersionStatus names
     if tags.get(STATUS_TAG, "ready") != "ready":
         status = "FAILED" if registrar_gone(tags) else "PENDING"
     return RegisteredVersion(
@@ -394,7 +400,7 @@ def attach_eval(name: str, version: str, directory: Path, metrics: dict[str, flo
     if not info.run_id:
         raise BadInputError(f"models:/{name}/{version} has no MLflow run to attach the report to")
     mlflow_client = client()
-    artifact_path = f"eval/{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
+    artifact_path = f"eval/{utc_stamp()}"
     mlflow_client.log_artifacts(info.run_id, str(directory), artifact_path)
     with registry_lock():
         for key, value in metrics.items():

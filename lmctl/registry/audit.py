@@ -27,10 +27,11 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel
+
+from lmctl.clock import utc_now
 
 EXPERIMENT_PREFIX = "lmctl-audit/"
 LEGACY_TAG = "lmctl.alias_history"  # the capped JSON history of lmctl before the audit trail
@@ -61,10 +62,6 @@ class AliasMove(BaseModel):
     seq: int | None = None  # position in the model's audit trail (1 = first); None for unmigrated entries
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def user() -> str:
     """Who acts: LMCTL_USER, then USER/LOGNAME, else uid<N>@host (never 'unknown')."""
     for key in ("LMCTL_USER", "USER", "LOGNAME"):
@@ -83,7 +80,7 @@ def ci_job() -> str | None:
 
 def new_record(name: str, alias: str | None, version: str, previous: str | None, action: Action, *,
                reason: str | None = None, report: dict[str, str] | None = None, forced: bool = False) -> AliasMove:
-    return AliasMove(name=name, alias=alias, version=str(version), previous_version=previous, at=now_iso(),
+    return AliasMove(name=name, alias=alias, version=str(version), previous_version=previous, at=utc_now(),
                      user=user(), host=socket.gethostname(), ci_job=ci_job(), reason=reason, action=action,
                      report=report, forced=forced)
 

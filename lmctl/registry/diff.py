@@ -7,7 +7,6 @@ size, chat template) and, for registry versions, the `eval.*` metric tags.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -48,27 +47,23 @@ def _changes(a: dict[str, Any], b: dict[str, Any]) -> list[Change]:
 
 def _side(ref: str) -> tuple[checkpoint.Manifest, dict[str, Any]]:
     from lmctl import registry
-    from lmctl.errors import BadInputError
-    from lmctl.modelref import resolve
+    from lmctl.modelref import resolve_checkpoint
 
-    resolved = resolve(ref)
-    if resolved.kind != "checkpoint":
-        raise BadInputError(f"{ref}: not an lmctl checkpoint or registry version")
-    manifest = checkpoint.verify(Path(resolved.path))
+    verified = resolve_checkpoint(ref, "diff compares checkpoints or registry versions")
     metrics: dict[str, Any] = {}
-    if resolved.registry_name and resolved.registry_version:
-        tags = registry.get_version(resolved.registry_name, resolved.registry_version).tags
+    if verified.registry_name and verified.registry_version:
+        tags = registry.get_version(verified.registry_name, verified.registry_version).tags
         metrics = {k.removeprefix("eval."): float(v) for k, v in tags.items() if k.startswith("eval.")}
-    return manifest, metrics
+    return verified.manifest, metrics
 
 
 def diff(ref_a: str, ref_b: str) -> DiffResult:
     (ma, metrics_a), (mb, metrics_b) = _side(ref_a), _side(ref_b)
     tok_a, tok_b = ma.tokenizer.model_dump(exclude={"files"}), mb.tokenizer.model_dump(exclude={"files"})
     parts = {
-        "config": _changes(ma.config, mb.config),
+        "config": _changes(ma.config.model_dump(mode="json"), mb.config.model_dump(mode="json")),
         "base_model": _changes(ma.base_model.model_dump(), mb.base_model.model_dump()),
-        "data": _changes(ma.data, mb.data),
+        "data": _changes(ma.data.model_dump(mode="json"), mb.data.model_dump(mode="json")),
         "tokenizer": _changes(tok_a, tok_b),
         "metrics": _changes(metrics_a, metrics_b),
     }

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from lmctl.checkpoint import Manifest, sha256_file
 from lmctl.errors import IntegrityError
+from lmctl.evaluate.schema import EvalReport
 
 CARD = "README.md"
 # MLflow stores registered-model and version descriptions in 5000-character columns.
@@ -36,7 +37,7 @@ class CardFacts(BaseModel):
     description: str | None
     manifest: Manifest
     manifest_sha256: str
-    report: dict[str, Any] | None
+    report: EvalReport | None
     report_path: str | None
     parent_version: str | None  # what held `production` when this version was registered
     run_id: str
@@ -54,45 +55,42 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _model(facts: CardFacts) -> list[str]:
-    m, lora = facts.manifest, facts.manifest.config.get("lora", {})
+    m, lora = facts.manifest, facts.manifest.config.lora
     added = ", ".join(f"`{t}` ({i})" for t, i in facts.added_tokens.items()) or "none"
     return ["## Model", "",
             f"- Base model: `{m.base_model.id}` at revision `{m.base_model.revision or 'as found'}` "
             f"(config sha256 `{m.base_model.config_sha256}`)",
-            f"- Adapter: {m.kind}, LoRA r={lora.get('r')}, alpha={lora.get('alpha')}, "
-            f"targets `{lora.get('target_modules')}`, DoRA {lora.get('use_dora', False)}",
+            f"- Adapter: {m.kind}, LoRA r={lora.r}, alpha={lora.alpha}, "
+            f"targets `{lora.target_modules}`, DoRA {lora.use_dora}",
             f"- Tokenizer fingerprint `{m.tokenizer.fingerprint}`, {m.tokenizer.vocab_size} tokens; "
             f"special tokens added to the base's: {added}", ""]
 
 
 def _data(facts: CardFacts) -> list[str]:
-    splits = [(split, fp) for split, fp in facts.manifest.data.items() if isinstance(fp, dict)]
-    rows = [[split, f"`{fp.get('path')}`", fp.get("format"), fp.get("rows"), f"`{fp.get('sha256')}`"] for split, fp in splits]
+    rows = [[split, f"`{fp.path}`", fp.format, fp.rows, f"`{fp.sha256}`"] for split, fp in facts.manifest.data.splits()]
     training = facts.manifest.training
 
-    def loss(key: str) -> str:
-        value = training.get(key)
-        return f"{value:.4f}" if isinstance(value, (int, float)) else "not measured"
+    def loss(value: float | None) -> str:
+        return "not measured" if value is None else f"{value:.4f}"
 
     return ["## Training data", "", *_table(["split", "file", "format", "rows", "sha256 (data fingerprint)"], rows), "",
-            f"Trained for {training.get('step', '?')} steps; last train loss {loss('train_loss')}, "
-            f"last validation loss {loss('eval_loss')}.", ""]
+            f"Trained for {'?' if training.step is None else training.step} steps; last train loss "
+            f"{loss(training.train_loss)}, last validation loss {loss(training.eval_loss)}.", ""]
 
 
 def _metrics(facts: CardFacts) -> list[str]:
     report = facts.report
     if not report:
         return ["## Evaluation", "", "No eval report was attached at registration: quality is unmeasured.", ""]
-    data = report.get("data") or {}
-    lines = ["## Evaluation", "", f"Report `{facts.report_path}` on `{data.get('path')}` "
-             f"(sha256 `{data.get('sha256')}`, {data.get('rows')} rows).", "",
-             *_table(["metric", "value"], sorted((report.get("metrics") or {}).items())), ""]
-    if report.get("comparison"):
-        c = report["comparison"]
-        lines += [f"Against `{(report.get('baseline') or {}).get('model')}`: {c['metric']} {c['candidate']:.4f} vs "
-                  f"{c['baseline']:.4f} ({c['regression_pct']:+.2f}%).", ""]
-    if report.get("gates"):
-        gates = [[g["name"], g["threshold"], g["value"], "pass" if g["passed"] else "FAIL"] for g in report["gates"]]
+    lines = ["## Evaluation", "", f"Report `{facts.report_path}` on `{report.data.path}` "
+             f"(sha256 `{report.data.sha256}`, {report.data.rows} rows).", "",
+             *_table(["metric", "value"], sorted(report.metrics.items())), ""]
+    if report.comparison:
+        c = report.comparison
+        lines += [f"Against `{report.baseline.model if report.baseline else None}`: {c.metric} {c.candidate:.4f} vs "
+                  f"{c.baseline:.4f} ({c.regression_pct:+.2f}%).", ""]
+    if report.gates:
+        gates = [[g.name, g.threshold, g.value, "pass" if g.passed else "FAIL"] for g in report.gates]
         lines += _table(["gate", "threshold", "measured", "result"], gates) + [""]
     return lines
 
@@ -114,7 +112,7 @@ def _lineage(facts: CardFacts) -> list[str]:
     return ["## Lineage", "",
             f"- Registry: `models:/{facts.name}/{facts.version}`, registration run `{facts.run_id}`, "
             f"artifacts `{facts.source}`",
-            f"- Training run (MLflow): `{m.training.get('mlflow_run_id') or 'unknown'}`",
+            f"- Training run (MLflow): `{m.training.mlflow_run_id or 'unknown'}`",
             f"- Parent (held `production` at registration): {parent}",
             f"- Checkpoint lock: lmctl.json sha256 `{facts.manifest_sha256}`, written {m.created_at} "
             f"by lmctl {m.lmctl_version}",

@@ -17,15 +17,14 @@ holder once the registry lock is held.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from lmctl import registry
-from lmctl.errors import BadInputError, DataError, PolicyError
+from lmctl.errors import BadInputError, PolicyError
+from lmctl.evaluate.compare import Gate, enforce_gates
+from lmctl.evaluate.schema import LoadedReport, ModelIdentity, load_eval_report
 
 
 class PromotionResult(BaseModel):
@@ -37,63 +36,27 @@ class PromotionResult(BaseModel):
     why: str
     forced: bool
     reason: str | None
-    report: dict[str, str] | None
-    gates: list[dict[str, Any]]
+    report: dict[str, str] | None  # the gating report's path and sha256, as the history records them
+    gates: list[Gate]
     at: str
     user: str
 
 
-def _load_report(path: Path) -> tuple[Any, dict[str, str]]:
-    """The validated EvalReport and what the history records of it (path, sha256)."""
-    from lmctl.evaluate import REPORT_SCHEMA, EvalReport
-
-    try:
-        raw = path.read_bytes()
-        data = json.loads(raw)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"eval report {path} cannot be read: {exc}") from None
-    if not isinstance(data, dict) or data.get("schema_version") != REPORT_SCHEMA:
-        raise DataError(f"{path} is not an lmctl eval report (schema {REPORT_SCHEMA})",
-                        hint="write one with `lmctl eval ... --report FILE`")
-    try:
-        report = EvalReport.model_validate(data)
-    except ValidationError as exc:
-        raise DataError(f"eval report {path} is malformed: {str(exc).splitlines()[0]}") from None
-    return report, {"path": str(path.resolve()), "sha256": hashlib.sha256(raw).hexdigest()}
-
-
-def _describe(identity: dict[str, Any] | None) -> str:
-    identity = identity or {}
-    reg, sha = identity.get("registry"), identity.get("manifest_sha256")
-    if reg:
-        return f"models:/{reg.get('name')}/{reg.get('version')}"
-    return f"a checkpoint with lmctl.json sha256 {sha[:16]}…" if sha else f"{identity.get('model', 'an unidentified model')}"
-
-
-def _is_version(identity: dict[str, Any] | None, info: registry.RegisteredVersion) -> bool:
+def _is_version(identity: ModelIdentity, info: registry.RegisteredVersion) -> bool:
     """Whether a report's candidate or baseline identity names this registry version."""
-    identity = identity or {}
-    reg = identity.get("registry")
-    if reg:
-        return reg.get("name") == info.name and str(reg.get("version")) == info.version
-    sha = identity.get("manifest_sha256")
-    return bool(sha) and sha == info.tags.get("lmctl.manifest_sha256")
+    return identity.is_version(info.name, info.version, info.tags.get("lmctl.manifest_sha256"))
 
 
-def check_report(report: Any, record: dict[str, str], info: registry.RegisteredVersion, alias: str,
-                 holder: str | None) -> None:
-    """Raise PolicyError (one line, then the gate table) unless the report clears `info` for `alias`."""
-    from lmctl.evaluate.compare import enforce_gates
-
-    path = record["path"]
-    candidate = {"registry": report.registry, "manifest_sha256": report.manifest_sha256, "model": report.model}
-    if not _is_version(candidate, info):
-        raise PolicyError(f"report {path} is about {_describe(candidate)}, not models:/{info.name}/{info.version}")
+def check_report(loaded: LoadedReport, info: registry.RegisteredVersion, alias: str, holder: str | None) -> None:
+    """Raise PolicyError (with the gate table) unless the report clears `info` for `alias`."""
+    report, path = loaded.report, loaded.path
+    if not _is_version(report.identity, info):
+        raise PolicyError(f"report {path} is about {report.identity.describe()}, not models:/{info.name}/{info.version}")
     if holder is not None:
         current = registry.get_version(info.name, holder)
         if not report.baseline or not _is_version(report.baseline, current):
             raise PolicyError(
-                f"report {path} compares against {_describe(report.baseline) if report.baseline else 'no baseline'}, "
+                f"report {path} compares against {report.baseline.describe() if report.baseline else 'no baseline'}, "
                 f"but {alias!r} is held by models:/{info.name}/{holder}",
                 hint=f"re-run the eval with --baseline models:/{info.name}@{alias}")
         if not report.gates:
@@ -110,29 +73,30 @@ def promote(name: str, version: str, alias: str = "production", report_path: Pat
     if force and not (reason and reason.strip()):
         raise BadInputError("--force needs --reason TEXT: a forced promotion must say why")
     info = registry.require_usable(registry.get_version(name, version))
-    report, record = _load_report(report_path) if report_path is not None else (None, None)
+    loaded = load_eval_report(report_path) if report_path is not None else None
     holder = registry.alias_holder(name, alias)
     if holder == info.version:
         raise BadInputError(f"alias {alias!r} of {name!r} already points at version {holder}; nothing to promote")
     gated = False
     if force:
         why = "forced past the promotion policy"
-    elif report is None and holder is not None:
+    elif loaded is None and holder is not None:
         raise PolicyError(
             f"promoting to {alias!r} (held by v{holder}) needs an eval report whose gates pass against it",
             hint=f"run `lmctl eval models:/{name}/{version} --data FILE --baseline models:/{name}@{alias} "
                  f"--max-ppl-regression PCT --report R`, then `lmctl promote {name} {version} --eval R`; "
                  "or use --force --reason TEXT")
-    elif report is None:
+    elif loaded is None:
         why = "first promotion"
     else:
-        check_report(report, record, info, alias, holder)  # type: ignore[arg-type]
+        check_report(loaded, info, alias, holder)
         gated = True
         why = "first promotion; report gates passed" if holder is None else f"report gates passed against v{holder}"
+    record = loaded.record() if loaded is not None else None
     move = registry.move_alias(name, alias, info.version, reason=reason, report=record, forced=force,
                                check_previous=True, expected_previous=holder)
     return PromotionResult(
         name=name, alias=alias, version=move.version, previous_version=move.previous_version, gated=gated,
         why=why, forced=force, reason=reason, report=record,
-        gates=[g.model_dump() for g in report.gates] if report is not None else [], at=move.at, user=move.user,
+        gates=loaded.report.gates if loaded is not None else [], at=move.at, user=move.user,
     )

@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -29,8 +27,10 @@ from urllib.parse import urlparse
 from pydantic import BaseModel
 
 from lmctl import __version__, checkpoint, registry, tokenizer_lock
+from lmctl.atomic import crash_point
 from lmctl.registry import model_card
-from lmctl.errors import BadInputError, DataError, IntegrityError
+from lmctl.errors import BadInputError, IntegrityError
+from lmctl.evaluate.schema import load_eval_report
 
 log = logging.getLogger("lmctl.registry.register")
 EXPERIMENT = "lmctl-registry"
@@ -52,25 +52,6 @@ class RegisterResult(BaseModel):
     cleaned: list[str]
 
 
-def _crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _read_report(report: Path | None) -> tuple[dict[str, Any] | None, dict[str, float]]:
-    """The eval report (as written by `lmctl eval --report`) and its numeric metrics."""
-    if report is None:
-        return None, {}
-    try:
-        data = json.loads(report.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"eval report {report} cannot be read: {exc}") from None
-    metrics = data.get("metrics") if isinstance(data, dict) else None
-    if not isinstance(metrics, dict):
-        raise DataError(f"eval report {report} has no metrics object; write it with `lmctl eval --report`")
-    return data, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def check_tokenizer(ckpt: Path, manifest: checkpoint.Manifest) -> dict[str, int]:
     """The checkpoint's tokenizer against its lock and against its base model's tokenizer;
     returns the added tokens (whose rows the adapter must carry). IntegrityError otherwise."""
@@ -85,7 +66,7 @@ def check_tokenizer(ckpt: Path, manifest: checkpoint.Manifest) -> dict[str, int]
     diffs = tokenizer_lock.behaviour_differences(tokenizer_lock.tokenizer_behaviour(tokenizer), locked)
     if diffs:
         raise IntegrityError(f"{ckpt}: the tokenizer files do not behave as locked in lmctl.json: {'; '.join(diffs)}")
-    trust = bool(manifest.config.get("model", {}).get("trust_remote_code", False))
+    trust = manifest.trust_remote_code
     base, revision = resolve_base(manifest.base_model.id), manifest.base_model.revision
     diffs, added = tokenizer_lock.tokenizer_delta(tokenizer, load_tokenizer(base, trust, revision))
     if diffs:
@@ -109,8 +90,8 @@ def _tags(manifest: checkpoint.Manifest, manifest_sha: str, metrics: dict[str, f
         "lmctl.base_revision": manifest.base_model.revision or "",
         "lmctl.base_config_sha256": manifest.base_model.config_sha256,
         "lmctl.tokenizer_fingerprint": manifest.tokenizer.fingerprint,
-        "lmctl.data_fingerprint": str(manifest.data.get("train", {}).get("sha256", "")),
-        "lmctl.training_run_id": str(manifest.training.get("mlflow_run_id", "")),
+        "lmctl.data_fingerprint": manifest.data.train.sha256 if manifest.data.train else "",
+        "lmctl.training_run_id": manifest.training.mlflow_run_id or "",
     }
     tags.update({f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()})
     return tags
@@ -178,22 +159,24 @@ def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path 
         raise BadInputError(f"{ckpt}: not an lmctl checkpoint directory (no lmctl.json)")
     manifest = checkpoint.verify(ckpt)
     added = check_tokenizer(ckpt, manifest)
-    report, metrics = _read_report(eval_report)
+    loaded = load_eval_report(eval_report) if eval_report is not None else None
+    metrics = loaded.report.metrics if loaded is not None else {}
     manifest_sha = checkpoint.sha256_file(ckpt / checkpoint.MANIFEST)
-    what = f"LoRA adapter on {manifest.base_model.id}, step {manifest.training.get('step', '?')}"
+    step = "?" if manifest.training.step is None else manifest.training.step
+    what = f"LoRA adapter on {manifest.base_model.id}, step {step}"
     summary = f"{description.strip().splitlines()[0]} ({what})" if description and description.strip() else what
     client = registry.client()
     cleaned = clean_failed(client)
     run = client.create_run(registry.experiment_id(client, EXPERIMENT), run_name=f"register-{name}",
                             tags=registry.registrar_tags())
     run_id = run.info.run_id
-    _crash_point("after_run")
+    crash_point(CRASH_ENV, "after_run")
     version: Any = None
     try:
         client.log_artifacts(run_id, str(ckpt), "checkpoint")
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
-        _crash_point("after_upload")
+        crash_point(CRASH_ENV, "after_upload")
         with registry.registry_lock():
             registry.ensure_registered_model(client, name, model_card.model_description(name, manifest))
             parent = registry.alias_holder(name, "production")
@@ -203,13 +186,14 @@ def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path 
                       registry.STATUS_TAG: "pending", "lmctl.parent_version": parent or ""},
                 description=summary,
             )
-        _crash_point("after_version")
+        crash_point(CRASH_ENV, "after_version")
         card = model_card.render(model_card.CardFacts(
             name=name, version=str(version.version), description=description, manifest=manifest,
-            manifest_sha256=manifest_sha, report=report, report_path=str(eval_report) if eval_report else None,
+            manifest_sha256=manifest_sha, report=loaded.report if loaded else None,
+            report_path=str(eval_report) if eval_report else None,
             parent_version=parent, run_id=run_id, source=version.source, added_tokens=added))
         card_tags = model_card.publish(client, run_id, card)
-        _crash_point("after_card")
+        crash_point(CRASH_ENV, "after_card")
         with registry.registry_lock():
             client.update_model_version(name, str(version.version),
                                         description=model_card.version_description(summary, card, card_tags[model_card.CARD_TAG]))

@@ -26,10 +26,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from lmctl import atomic, checkpoint, registry
+from lmctl.clock import utc_now
 from lmctl.config import LmctlConfig, config_dump
 from lmctl.errors import BadInputError, BusyError, ConfigError, LmctlError, PolicyError
 from lmctl.evaluate.compare import Gate
-from lmctl.retrain.state import (Outcome, RetrainState, StageRecord, begin_stage, end_stage, new_run_id, now_utc,
+from lmctl.retrain.state import (Outcome, RetrainState, StageRecord, begin_stage, end_stage, new_run_id,
                                  open_store, run_lock)
 
 log = logging.getLogger("lmctl.retrain")
@@ -110,7 +111,7 @@ def retrain(cfg: LmctlConfig, config_path: Path | None = None, force: bool = Fal
             with run_lock(ctx.name) as lost_lock:
                 state = ctx.store.unfinished()
                 if state is None:
-                    state = RetrainState(run_id=new_run_id(), name=ctx.name, force=force, started_at=now_utc(),
+                    state = RetrainState(run_id=new_run_id(), name=ctx.name, force=force, started_at=utc_now(),
                                          config=str(config_path) if config_path else None)
                 else:
                     state.invocations += 1
@@ -277,7 +278,7 @@ def _train(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
     ckpt = Path(result.checkpoint)
     manifest = checkpoint.read_manifest(ckpt)
     # the data read by training is what the version will be tagged with; keep the state truthful
-    state.data_fingerprint = str(manifest.data.get("train", {}).get("sha256", state.data_fingerprint))
+    state.data_fingerprint = manifest.data.train.sha256 if manifest.data.train else state.data_fingerprint
     state.checkpoint, state.train_run_dir = str(ckpt), result.run_dir
     state.training = {"steps": result.steps, "train_loss": result.train_loss, "eval_loss": result.eval_loss,
                       "resumed_from": result.resumed_from, "seconds": result.seconds}
@@ -302,7 +303,7 @@ def _evaluate(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
     )
     state.gates = report.gates
     state.evaluation = {"perplexity": report.perplexity, "baseline": baseline,
-                        "baseline_perplexity": report.baseline["perplexity"] if report.baseline else None,
+                        "baseline_perplexity": report.baseline.perplexity if report.baseline else None,
                         "regression_pct": report.comparison.regression_pct if report.comparison else None,
                         "suites": {s.name: s.score for s in report.suites}}
     failed = sum(not g.passed for g in report.gates)

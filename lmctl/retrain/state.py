@@ -19,17 +19,16 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from lmctl.atomic import write_json_atomic
+from lmctl.atomic import crash_point, write_json_atomic
+from lmctl.clock import utc_now, utc_stamp
 from lmctl.errors import BusyError
 from lmctl.evaluate.compare import Gate
 from lmctl.home import lmctl_home
@@ -86,13 +85,9 @@ class RetrainState(BaseModel):
         return next(r for r in self.stages if r.name == name)
 
 
-def now_utc() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def new_run_id() -> str:
     """Sortable by start time (UTC), unique across processes started in the same second."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    return utc_stamp() + "Z-" + secrets.token_hex(3)
 
 
 class RunStore:
@@ -173,7 +168,7 @@ def versions_in_use(name: str, state_dir: Path | None = None) -> dict[str, str]:
 
 def begin_stage(store: RunStore, state: RetrainState, name: str) -> float:
     rec = state.record(name)
-    rec.status, rec.attempts, rec.started_at = "running", rec.attempts + 1, now_utc()
+    rec.status, rec.attempts, rec.started_at = "running", rec.attempts + 1, utc_now()
     store.save(state)
     return time.perf_counter()
 
@@ -186,9 +181,7 @@ def end_stage(store: RunStore, state: RetrainState, name: str, started: float, n
     for skipped in STAGES[STAGES.index(name) + 1: STAGES.index(next_stage) if next_stage in STAGES else None]:
         state.record(skipped).status = "skipped"
     store.save(state)
-    if os.environ.get(CRASH_ENV) == name:
-        log.warning("%s=%s: killing this process now (fault injection)", CRASH_ENV, name)
-        os.kill(os.getpid(), signal.SIGKILL)
+    crash_point(CRASH_ENV, name)
 
 
 def lock_path(name: str) -> Path:
@@ -224,7 +217,7 @@ def run_lock(name: str) -> Iterator[Callable[[], bool]]:
     except Timeout:
         raise BusyError(f"{busy} ({_describe_holder(holder)})", hint=hint) from None
     try:
-        write_json_atomic(holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": now_utc()})
+        write_json_atomic(holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": utc_now()})
         yield lambda: False  # the OS holds a file lock for as long as this process lives
     finally:
         with contextlib.suppress(OSError):

@@ -193,7 +193,7 @@ def create_app(ctx: Context, api_keys: list[str], follower: Any = None) -> FastA
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        reloads = list(follower.events[-10:]) if follower is not None else []
+        reloads = list(follower.events)[-10:] if follower is not None else []
         return {"status": "ok", **ctx.router.state(), "reloads": reloads}
 
     @app.get("/readyz")

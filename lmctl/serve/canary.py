@@ -16,13 +16,17 @@ import random
 import threading
 import time
 from collections import deque
-from datetime import datetime, timezone
 from typing import Any, Callable
 
+from lmctl import stats
+from lmctl.clock import utc_now
 from lmctl.serve.settings import CanaryPolicy
 from lmctl.serve.slots import Slot
 
 log = logging.getLogger("lmctl.serve")
+# Canary and reload events kept in memory for /healthz (each is also logged); a server that
+# runs for months must not grow a list of every event it ever had.
+EVENTS_KEPT = 100
 
 
 class Window:
@@ -44,9 +48,8 @@ class Window:
         n = len(self.items)
         if n == 0:
             return {"requests": 0, "error_rate": 0.0, "p95_ms": 0.0}
-        latencies = sorted(item[2] for item in self.items)
         errors = sum(1 for item in self.items if not item[1])
-        p95 = latencies[min(n - 1, int(0.95 * n))]  # nearest-rank
+        p95 = stats.percentile([item[2] for item in self.items], 0.95)  # the same p95 as `eval --latency`
         return {"requests": n, "error_rate": errors / n, "p95_ms": p95 * 1000.0}
 
 
@@ -59,7 +62,7 @@ class Router:
         self.policy = policy
         self.on_rollback = on_rollback
         self.canary_active = canary is not None
-        self.events: list[dict[str, Any]] = []
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self._lock = threading.Lock()
         self._random = random.Random()
         self._reset_windows()
@@ -117,7 +120,7 @@ class Router:
 
     def _rollback_event(self, reason: str) -> dict[str, Any]:
         assert self.canary is not None
-        return {"event": "canary_rollback", "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        return {"event": "canary_rollback", "at": utc_now(),
                 "model": self.primary.model_name, "canary_ref": self.canary.ref, "canary_version": self.canary.version,
                 "baseline_version": self.primary.version, "reason": reason,
                 "canary": self._windows["canary"].summary(), "baseline": self._windows["primary"].summary()}
@@ -141,4 +144,4 @@ class Router:
                           "state": "active" if self.canary_active else "rolled_back",
                           "window": self._windows["canary"].summary()}
             return {"primary": {**self.primary.describe(), "window": self._windows["primary"].summary()},
-                    "canary": canary, "events": list(self.events[-10:])}
+                    "canary": canary, "events": list(self.events)[-10:]}

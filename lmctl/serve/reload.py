@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
+from collections import deque
 from typing import Any
 
-from lmctl.serve.canary import Router
+from lmctl.modelref import parse_registry_ref
+from lmctl.serve.canary import EVENTS_KEPT, Router
 from lmctl.serve.settings import ServeSettings
 from lmctl.serve.slots import load_slot
 
 log = logging.getLogger("lmctl.serve")
-_ALIAS_REF = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[\w.-]+)$")
 
 
 def alias_of(ref: str | None) -> tuple[str, str] | None:
-    match = _ALIAS_REF.match(ref or "")
-    return (match["name"], match["alias"]) if match else None
+    """(NAME, ALIAS) of a models:/NAME@ALIAS reference: the references hot reload follows."""
+    spec = parse_registry_ref(ref or "")
+    return (spec.name, spec.alias) if spec is not None and spec.alias else None
 
 
 class AliasFollower:
@@ -35,7 +36,7 @@ class AliasFollower:
         self.targets = {role: alias_of(ref) for role, ref in refs.items() if alias_of(ref)}
         self.metrics = metrics
         self.refused: dict[str, set[str]] = {role: set() for role in self.targets}
-        self.events: list[dict[str, Any]] = []
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="alias-follower")
 

@@ -11,10 +11,10 @@ import json
 import random
 import threading
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lmctl.clock import utc_now
 from lmctl.errors import BadInputError
 from lmctl.pii import redact
 
@@ -48,7 +48,7 @@ class SampleLog:
             return redacted
 
         row: dict[str, Any] = {
-            "schema": SCHEMA, "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "schema": SCHEMA, "ts": utc_now("milliseconds"),
             "request_id": request_id, "model": model, "version": version, "endpoint": endpoint,
             "prompt": clean(prompt),
             "messages": [{"role": m["role"], "content": clean(m["content"])} for m in messages] if messages else None,

@@ -12,13 +12,13 @@ import os
 import platform
 import shutil
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from lmctl import __version__, atomic, checkpoint, data, tokenizer_lock
+from lmctl.clock import utc_now, utc_stamp
 from lmctl.train import preflight
 from lmctl.config import LmctlConfig, config_dump
 from lmctl.data.examples import ExampleSet, build_examples, collate
@@ -74,10 +74,9 @@ def complete_trainer_checkpoints(run_dir: Path) -> list[Path]:
     """
     found = []
     for path in (run_dir / "trainer").glob("checkpoint-*"):
-        step = path.name.removeprefix("checkpoint-")
-        sealed = run_dir / "checkpoints" / f"step-{int(step):06d}" if step.isdigit() else None
+        sealed = checkpoint.sealed_twin(path)
         if sealed and (path / "trainer_state.json").is_file() and checkpoint.is_checkpoint(sealed):
-            found.append((int(step), path))
+            found.append((int(path.name.removeprefix("checkpoint-")), path))
     return [path for _, path in sorted(found, reverse=True)]
 
 
@@ -96,7 +95,7 @@ def _resume_point(run_dir: Path, resume: str) -> str | None:
 def _archive_previous(run_dir: Path) -> None:
     """`--resume never` on a used run directory: keep the old run, start in a clean one."""
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stamp = utc_stamp()
         archived = run_dir.with_name(f"{run_dir.name}.{stamp}")
         run_dir.rename(archived)
         log.info("previous run moved to %s", archived)
@@ -132,13 +131,13 @@ def _lora_config(cfg: LmctlConfig, new_token_ids: list[int] | dict[str, list[int
     )
 
 
-def _load_examples(path: Path | None, cfg: LmctlConfig, tokenizer: Any) -> tuple[ExampleSet, dict[str, Any] | None]:
+def _load_examples(path: Path | None, cfg: LmctlConfig, tokenizer: Any) -> tuple[ExampleSet, data.DataFingerprint | None]:
     """Read, check and tokenize one data file; (empty set, None) when the path is unset."""
     if path is None:
         return ExampleSet(), None
     records, fmt, text_field = data.load_checked(path, cfg.data.text_field, cfg.data.format)
     examples = build_examples(path, records, fmt, text_field, tokenizer, cfg.data.max_length)
-    return examples, data.fingerprint(path, text_field, len(records), fmt).model_dump()
+    return examples, data.fingerprint(path, text_field, len(records), fmt)
 
 
 class _Run:
@@ -157,12 +156,13 @@ class _Run:
         self.tokenizer = load_tokenizer(self.base_path, cfg.model.trust_remote_code, cfg.model.revision)
         self.new_token_ids = add_tokens(self.tokenizer, cfg.model.add_special_tokens)
         self.train_set, train_fp = _load_examples(cfg.data.train, cfg, self.tokenizer)
+        assert train_fp is not None  # data.train is set (checked above)
         self.val_set, val_fp = _load_examples(cfg.data.validation, cfg, self.tokenizer)
         if not self.train_set.examples:
             raise DataError(f"{cfg.data.train}: no training sequence of at least 2 tokens")
         if cfg.train.early_stopping_patience and not self.val_set.examples:
             raise BadInputError("train.early_stopping_patience needs validation data (data.validation)")
-        self.data_info = {"train": train_fp, "validation": val_fp}
+        self.data_info = checkpoint.ManifestData(train=train_fp, validation=val_fp)
         vocab_size = model_vocab_size(self.base_path, cfg.model.revision, cfg.model.trust_remote_code)
         # added tokens grow the embedding to the tokenizer's size before training
         self.lint = preflight.lint(self.train_set, self.tokenizer, max(vocab_size, len(self.tokenizer))
@@ -178,8 +178,8 @@ class _Run:
         per_step = cfg.train.batch_size * cfg.train.grad_accum
         steps = _max_steps(cfg, len(self.train_rows))
         self.plan = TrainPlan(
-            run_dir=str(self.run_dir), base_model=self.base_path, data_format=str(train_fp["format"]),
-            train_rows=int(train_fp["rows"]), validation_rows=int(val_fp["rows"]) if val_fp else 0,
+            run_dir=str(self.run_dir), base_model=self.base_path, data_format=train_fp.format,
+            train_rows=train_fp.rows, validation_rows=val_fp.rows if val_fp else 0,
             train_examples=len(self.train_set.examples), train_sequences=len(self.train_rows),
             packing=cfg.data.packing, max_steps=steps,
             tokens_per_step=per_step * cfg.data.max_length, resume_from=self.resume_from, lint=self.lint,
@@ -190,19 +190,19 @@ class _Run:
         )
 
     def export(self, model: Any, step: int, metrics: dict[str, Any], run_id: str) -> Path:
-        final = self.run_dir / "checkpoints" / f"step-{step:06d}"
+        final = checkpoint.step_dir(self.run_dir, step)
         with atomic.staging_dir(final) as stage:
             # added tokens' rows are in the trainable-tokens delta; the full matrices need not be saved
             model.save_pretrained(stage, safe_serialization=True, save_embedding_layers=False)
             self.tokenizer.save_pretrained(stage)
             checkpoint.seal(stage, {
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created_at": utc_now(),
                 "lmctl_version": __version__,
                 "tokenizer": tokenizer_lock.tokenizer_fingerprint(self.tokenizer, stage),
                 "base_model": self.base_info,
                 "data": self.data_info,
                 "config": config_dump(self.cfg),
-                "training": {"step": step, "mlflow_run_id": run_id, **metrics},
+                "training": checkpoint.TrainingInfo(step=step, mlflow_run_id=run_id, **metrics),
                 "libraries": _libraries(),
             })
         log.info("checkpoint written: %s", final)
@@ -213,10 +213,9 @@ class _Run:
         keep = self.cfg.train.keep_last
         if keep is None:
             return
-        steps = sorted(int(p.name.removeprefix("step-")) for p in (self.run_dir / "checkpoints").glob("step-*"))
-        for step in steps[:-keep]:
+        for step in checkpoint.sealed_steps(self.run_dir)[:-keep]:
             if step != best_step:
-                shutil.rmtree(self.run_dir / "checkpoints" / f"step-{step:06d}")
+                shutil.rmtree(checkpoint.step_dir(self.run_dir, step))
 
 
 def _max_steps(cfg: LmctlConfig, sequences: int) -> int:
@@ -237,6 +236,9 @@ def _training_args(cfg: LmctlConfig, run: _Run, sequences: int, packing: bool) -
         gradient_accumulation_steps=cfg.train.grad_accum,
         learning_rate=cfg.train.lr,
         lr_scheduler_type="cosine",
+        # a ratio on purpose: transformers 5 dropped `warmup_ratio` and reads a warmup_steps below 1
+        # as a share of the total steps (TrainingArguments.get_warmup_steps: ceil(total x ratio));
+        # train.warmup_ratio is validated to lie in [0, 1), so it is never taken as a step count
         warmup_steps=cfg.train.warmup_ratio,
         weight_decay=cfg.train.weight_decay,
         seed=cfg.train.seed,
@@ -370,7 +372,7 @@ def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
         raise
     seconds = time.perf_counter() - started
     history, step = trainer.state.log_history, trainer.state.global_step
-    final = run.run_dir / "checkpoints" / f"step-{step:06d}"
+    final = checkpoint.step_dir(run.run_dir, step)
     if is_primary() and not checkpoint.is_checkpoint(final):
         exporter.exported.append(run.export(model, step, _last_metrics(history), tracking.run_id))
     tracking.finish("FINISHED", history, run.run_dir)
@@ -381,7 +383,7 @@ def _result(run: _Run, state: Any, final: Path, exported: list[Path], seconds: f
     metrics = _last_metrics(state.log_history)
     tokens = int(state.num_input_tokens_seen or 0)
     best = state.best_global_step
-    best_dir = run.run_dir / "checkpoints" / f"step-{best:06d}" if best else None
+    best_dir = checkpoint.step_dir(run.run_dir, best) if best else None
     return TrainResult(
         run_dir=str(run.run_dir), checkpoint=str(final),
         checkpoints=[str(p) for p in exported if checkpoint.is_checkpoint(p)],

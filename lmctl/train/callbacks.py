@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from lmctl.checkpoint import ManifestData
 from lmctl.config import LmctlConfig, config_dump
 
 log = logging.getLogger("lmctl.train")
@@ -94,20 +95,18 @@ class ExportCheckpoints(TrainerCallback):
             self.exported.append(self.export(model, state))
 
 
-def log_data_inputs(client: Any, run_id: str, data_info: dict[str, Any]) -> None:
+def log_data_inputs(client: Any, run_id: str, data_info: ManifestData) -> None:
     """Record the training and validation files on the MLflow run, with their fingerprints."""
     import json
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     inputs = []
-    for context, fp in data_info.items():
-        if not fp:
-            continue
+    for context, fp in data_info.splits():
         dataset = Dataset(
-            name=Path(fp["path"]).name, digest=fp["sha256"][:32], source_type="local",
-            source=json.dumps({"uri": fp["path"]}),
-            profile=json.dumps({"num_rows": fp["rows"], "format": fp["format"], "sha256": fp["sha256"]}),
+            name=Path(fp.path).name, digest=fp.sha256[:32], source_type="local",
+            source=json.dumps({"uri": fp.path}),
+            profile=json.dumps({"num_rows": fp.rows, "format": fp.format, "sha256": fp.sha256}),
         )
         inputs.append(DatasetInput(dataset=dataset, tags=[InputTag(key="mlflow.data.context", value=context)]))
     if inputs:
@@ -143,7 +142,7 @@ class Tracking:
     """The MLflow run of a training run: params, data inputs, metrics, loss curve. Only the
     primary process tracks; under torchrun the other ranks get a no-op."""
 
-    def __init__(self, cfg: LmctlConfig, data_info: dict[str, Any], primary: bool) -> None:
+    def __init__(self, cfg: LmctlConfig, data_info: ManifestData, primary: bool) -> None:
         self.client: Any = None
         self.run_id = ""
         if not primary:

@@ -1,20 +1,63 @@
-"""Two-sample statistics of the drift checks: PSI, KS, MMD, cosine distance of means, an
-unpaired bootstrap of the perplexity ratio, and the Good-Turing rare-token baseline.
+"""The statistics lmctl reports, each defined once: percentiles, the bootstrap over documents,
+and the two-sample measures of the drift checks (PSI, KS, MMD, cosine distance of means,
+the Good-Turing rare-token baseline).
 
 Plain numpy (and scipy's KS test, which mlflow already requires), so each function can be
-checked against values computed by hand (tests/test_drift.py).
+checked against numpy itself or against values computed by hand (tests/test_stats.py,
+tests/test_drift.py). One percentile definition means `eval --latency`'s p95, the serving
+canary's p95 and `data validate`'s token-length p95 agree on the same numbers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 PSI_EPSILON = 1e-4  # share given to an empty bin, so ln(cur/ref) stays finite
 BOOTSTRAP_CELLS = 2_000_000  # resampled indices held in memory at once (samples x documents)
+
+
+def percentiles(values: ArrayLike, qs: Sequence[float]) -> list[float]:
+    """The `qs` quantiles (0-1) of `values`, linearly interpolated between order statistics
+    (numpy.quantile's default; Hyndman-Fan type 7, as R and pandas). ValueError when empty."""
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        raise ValueError("percentiles of an empty sample")
+    return [float(v) for v in np.quantile(arr, list(qs))]
+
+
+def percentile(values: ArrayLike, q: float) -> float:
+    return percentiles(values, [q])[0]
+
+
+def ci95(values: ArrayLike) -> tuple[float, float]:
+    """The central 95% of bootstrap replicates: the percentile interval."""
+    low, high = percentiles(values, (0.025, 0.975))
+    return low, high
+
+
+def bootstrap(statistic: Callable[[np.ndarray], np.ndarray], n: int, samples: int,
+              rng: np.random.Generator) -> np.ndarray:
+    """`statistic` over `samples` resamples (with replacement) of n documents.
+
+    `statistic` maps a matrix of resampled indices (one resample per row) to one value per
+    row; evaluating two statistics inside one call pairs them (same documents drawn for
+    both), separate calls leave them unpaired. Resamples are drawn in chunks of at most
+    BOOTSTRAP_CELLS indices, so memory stays bounded on large sample logs.
+    """
+    chunk = max(1, BOOTSTRAP_CELLS // max(n, 1))
+    out = []
+    for start in range(0, samples, chunk):
+        out.append(statistic(rng.integers(0, n, size=(min(chunk, samples - start), n))))
+    return np.concatenate(out)
+
+
+def resampled_ppl(nll: np.ndarray, units: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Perplexity of each resample (row of `idx`) from per-document NLL sums and units (tokens or bytes)."""
+    return np.exp(nll[idx].sum(1) / np.maximum(units[idx].sum(1), 1))
 
 
 def psi_bins_for(n_reference: int, n_current: int, max_bins: int) -> int:
@@ -90,17 +133,6 @@ def cosine_distance_of_means(x: ArrayLike, y: ArrayLike) -> float:
     return 1.0 - float(mx @ my) / denom if denom > 0 else 1.0
 
 
-def _resampled_ppl(nll: np.ndarray, tokens: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
-    """Token-weighted perplexity of `samples` bootstrap resamples of the documents."""
-    n = len(nll)
-    chunk = max(1, BOOTSTRAP_CELLS // n)  # bounded memory on large sample logs
-    out = []
-    for start in range(0, samples, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, samples - start), n))
-        out.append(np.exp(nll[idx].sum(1) / np.maximum(tokens[idx].sum(1), 1)))
-    return np.concatenate(out)
-
-
 def bootstrap_ppl_increase(ref_nll: Sequence[float], ref_tokens: Sequence[int], cur_nll: Sequence[float],
                            cur_tokens: Sequence[int], samples: int = 1000, seed: int = 0
                            ) -> tuple[float, float, float, tuple[float, float]]:
@@ -114,9 +146,9 @@ def bootstrap_ppl_increase(ref_nll: Sequence[float], ref_tokens: Sequence[int], 
     cn, ct = np.asarray(cur_nll, dtype=float), np.asarray(cur_tokens, dtype=float)
     ref_ppl, cur_ppl = math.exp(rn.sum() / rt.sum()), math.exp(cn.sum() / ct.sum())
     rng = np.random.default_rng(seed)
-    increases = 100 * (_resampled_ppl(cn, ct, samples, rng) / _resampled_ppl(rn, rt, samples, rng) - 1)
-    low, high = np.quantile(increases, [0.025, 0.975])
-    return ref_ppl, cur_ppl, 100 * (cur_ppl / ref_ppl - 1), (float(low), float(high))
+    cur_boot = bootstrap(lambda idx: resampled_ppl(cn, ct, idx), len(cn), samples, rng)
+    ref_boot = bootstrap(lambda idx: resampled_ppl(rn, rt, idx), len(rn), samples, rng)
+    return ref_ppl, cur_ppl, 100 * (cur_ppl / ref_ppl - 1), ci95(100 * (cur_boot / ref_boot - 1))
 
 
 def rare_token_rates(ref_ids: Sequence[Sequence[int]], cur_ids: Sequence[Sequence[int]], max_count: int
@@ -149,5 +181,5 @@ def token_rate(ids: Sequence[Sequence[int]], token_id: int | None) -> float:
 def summary(values: Sequence[float]) -> dict[str, float]:
     """mean, p50, p95 and max of a list of numbers (token lengths, per-document perplexity)."""
     arr = np.asarray(values, dtype=float)
-    return {"mean": float(arr.mean()), "p50": float(np.quantile(arr, 0.5)),
-            "p95": float(np.quantile(arr, 0.95)), "max": float(arr.max())}
+    p50, p95 = percentiles(arr, (0.5, 0.95))
+    return {"mean": float(arr.mean()), "p50": p50, "p95": p95, "max": float(arr.max())}
