@@ -101,3 +101,17 @@ def test_eval_serve_deploy_flags_take_default_and_help_from_their_option_models(
             assert param.default == default or (param.default is None and default in ([], {})), (name, param.opts)
             checked += 1
         assert checked >= 12, (name, checked)
+
+
+def test_option_model_errors_name_the_flag(cli, tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    cases = [(("eval", tmp_path, "--data", data, "--batch-size", "0"), "--batch-size: "),
+             (("eval", tmp_path, "--data", data, "--method", "sliding"), "--method: "),
+             (("serve", tmp_path, "--canary-window", "-1"), "--canary-window: "),
+             (("serve", tmp_path, "--request-timeout", "0"), "--request-timeout: "),
+             (("deploy", tmp_path, "--target", "local", "--out", tmp_path / "o", "--port", "0"), "--port: ")]
+    for args, expected in cases:
+        result = cli(*args)
+        assert result.code == 2 and expected in result.err and "Traceback" not in result.err, (args, result.err)
+    assert not (tmp_path / "o").exists()

@@ -34,8 +34,10 @@ def options_from(model: type[M], values: Mapping[str, Any], flags: Mapping[str, 
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            path = ".".join(str(p) for p in error["loc"])
-            flag = (flags or {}).get(path, f"--{error['loc'][-1]}".replace("_", "-")) if path else ""
+            loc = [str(p) for p in error["loc"]]
+            path, names = ".".join(loc), flags or {}
+            # canary_policy.window_s -> its own flag; suites.0 (a list item) -> the list's flag
+            flag = (names.get(path) or names.get(loc[0]) or f"--{loc[0]}".replace("_", "-")) if loc else ""
             message = str(error["msg"]).removeprefix("Value error, ")
             problems.append(f"{flag}: {message}" if flag else message)
         raise BadInputError("; ".join(problems)) from None
