@@ -13,7 +13,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import ASSETS, REPO, free_port
+from conftest import ASSETS, free_port, wait_until_up
 
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -101,19 +100,12 @@ def test_local_bundle_starts_and_answers_healthz(cli, checkpoint: Path, tmp_path
     port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # the venv's lmctl
            "LMCTL_PORT": str(port), "LMCTL_HOST": "127.0.0.1"}
-    proc = subprocess.Popen([str(moved / "start.sh")], env=env, cwd=tmp_path, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    log = tmp_path / "start.log"
+    proc = subprocess.Popen([str(moved / "start.sh")], env=env, cwd=tmp_path, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
     started.append(proc)
-    deadline, body = time.monotonic() + 180, None
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-            if response.status_code == 200:
-                body = response.text
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
-    assert body is not None, f"server never became healthy: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}"
+    wait_until_up(proc, f"http://127.0.0.1:{port}/healthz", log, timeout=180)
+    body = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).text
     assert manifest["tokenizer_fingerprint"] in body  # it serves the locked checkpoint, not something else
 
 

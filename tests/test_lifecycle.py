@@ -5,24 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from conftest import free_port
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, server.stderr.read() if server.stderr else "server exited"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise AssertionError("server did not become healthy")
+from conftest import free_port, wait_until_up
 
 
 def test_full_lifecycle(cli, tiny_config: Path, tmp_path: Path, lmctl_home: Path) -> None:
@@ -71,11 +58,12 @@ def test_full_lifecycle(cli, tiny_config: Path, tmp_path: Path, lmctl_home: Path
     assert abs(via_registry.json["perplexity"] - tuned_eval.json["perplexity"]) < 1e-6
 
     port = free_port()
+    log = tmp_path / "serve.log"
     server = subprocess.Popen([sys.executable, "-m", "lmctl", "serve", "models:/tiny@production", "--port", str(port)],
-                              stderr=subprocess.PIPE, text=True)
+                              stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, server)
+        wait_until_up(server, f"{url}/healthz", log, timeout=120)
         body = {"prompt": "The model", "max_tokens": 5, "temperature": 0}
         response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert response.status_code == 200, response.text
