@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmctl-installed
 
-.PHONY: demo test test-all install clean browser
+.PHONY: demo test test-all install clean browser peers
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: $(STAMP) browser
 
 test-all: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# lmctl against TRL, lm-eval-harness and transformers serve (scripts/bench_peers.py): the peer table.
+peers: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,peers]'
+	$(PY) -m lmctl models pull smollm2-135m
+	$(PY) scripts/bench_peers.py
 
 clean:
 	rm -rf $(VENV) .lmctl runs

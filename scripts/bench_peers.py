@@ -85,6 +85,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every run")
     parser.add_argument("--quick", action="store_true", help="smaller workloads (a smoke run, ratios noisier)")
     args = parser.parse_args()
+    sys.path.insert(0, str(HERE.parent))
+    from lmctl.home import lmctl_home
+
+    # The parts run as children: they must find the model where `lmctl models pull` put it.
+    os.environ["LMCTL_HOME"] = str(lmctl_home())
     py, parts = sys.executable, args.only.split(",")
     table: list[tuple[str, list[str]]] = []
     quick = args.quick

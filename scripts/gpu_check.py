@@ -56,8 +56,7 @@ def train_row(path: str, texts_file: Path, quant: str, steps: int, work: Path, p
                              "train.save_every=100000", "train.eval_every=100000", f"output.dir={work / quant}"])
     result = train(cfg, resume="never")
     params = sum(p.numel() for p in load_base_model(path, "bfloat16").parameters())
-    tokens = getattr(result, "tokens", None) or steps * 8 * 1024  # packed rows of <= max_length tokens
-    tps = tokens / result.seconds
+    tps = result.tokens_per_s
     name = "QLoRA 4-bit" if quant == "4bit" else "bf16 LoRA"
     return [f"train {name}", f"{tps:,.0f} tok/s", f"MFU {6 * params * tps / peak:.1%}", f"{result.steps} steps"]
 
