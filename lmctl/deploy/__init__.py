@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from lmctl import __version__, atomic, checkpoint
 from lmctl.clock import utc_now
 from lmctl.errors import BadInputError
-from lmctl.modelref import VerifiedCheckpoint, resolve_checkpoint
+from lmctl.modelref import VerifiedCheckpoint, parse_registry_ref, resolve_checkpoint
 
 log = logging.getLogger("lmctl.deploy")
 Target = Literal["local", "vllm", "kubernetes"]
@@ -135,12 +135,18 @@ def _make_readable(root: Path) -> None:
         path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
 
 
+def require_registry_ref(ref: str, flag: str) -> None:
+    """Kubernetes pods load their model from the registry: `ref` must be a models:/ reference."""
+    if parse_registry_ref(ref) is None:
+        raise BadInputError(f"{flag} {ref!r}: pods load models from the registry; give models:/NAME/VERSION or "
+                            "models:/NAME@ALIAS", hint="register the checkpoint first (lmctl register)")
+
+
 def _check_options(ref: str, target: str, opts: DeployOptions) -> None:
     if target not in TARGETS:
         raise BadInputError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
-    if target == "kubernetes" and not ref.startswith("models:/"):
-        raise BadInputError(f"{ref!r}: pods load models from the registry; give models:/NAME/VERSION or "
-                            "models:/NAME@ALIAS", hint="register the checkpoint first (lmctl register)")
+    if target == "kubernetes":
+        require_registry_ref(ref, "MODEL_REF")
     k8s_only = {"canary": opts.canary, "canary_weight": opts.canary_weight}
     given = [k.replace("_", "-") for k, v in k8s_only.items() if v is not None]
     if target != "kubernetes" and given:

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from lmctl.deploy import DeployOptions, Rendered, Source, load_source
+from lmctl.deploy import DeployOptions, Rendered, Source, load_source, require_registry_ref
 from lmctl.errors import BadInputError
 
 CONTAINER_PORT_NAME = "http"
@@ -63,12 +63,6 @@ def _quantity(flag: str, value: str) -> str:
     if not _QUANTITY.match(value):
         raise BadInputError(f"--{flag} {value!r} is not a Kubernetes quantity", hint="e.g. 500m, 2, 4Gi")
     return value
-
-
-def _require_registry_ref(ref: str, flag: str) -> None:
-    if not ref.startswith("models:/"):
-        raise BadInputError(f"{flag} {ref!r}: pods load models from the registry; give models:/NAME/VERSION or "
-                            "models:/NAME@ALIAS", hint="register the checkpoint first (lmctl register)")
 
 
 def _labels(app: str, track: str, source: Source) -> dict[str, str]:
@@ -118,10 +112,10 @@ class Renderer:
         self.share = 0.1 if opts.canary_weight is None else opts.canary_weight
         self.weight = canary_percent(self.share)
         if opts.canary is not None:
-            _require_registry_ref(opts.canary, "--canary")
+            require_registry_ref(opts.canary, "--canary")
 
     def prepare(self, source: Source) -> None:
-        _require_registry_ref(source.ref, "MODEL_REF")
+        require_registry_ref(source.ref, "MODEL_REF")
         self.stable = source
         self.app = self.opts.name or dns_label(source.display_name)
         self.canary = load_source(self.opts.canary) if self.opts.canary is not None else None
