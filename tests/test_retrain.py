@@ -109,6 +109,9 @@ def test_scheduled_runs_promote_skip_reject_and_promote_again(cli, config: Path,
     assert (result["production_before"], result["production_after"], result["candidate_version"]) == (None, "1", "1")
     assert [s["status"] for s in result["stages"]] == ["done"] * 6 and result["gates"] == []
     assert versions() == {"1": ["candidate", "production"]}
+    status = cli("retrain", "--status", "tiny", "--json").json  # nothing runs now; the last run is shown
+    assert status["running"] is False and status["holder"] is None
+    assert (status["run"]["run_id"], status["run"]["stage"], status["run"]["result"]) == (result["run_id"], "done", "promoted")
     report = json.loads(Path(result["report"]).read_text())
     assert report["result"] == "promoted" and report["run_id"] == result["run_id"]
     assert report["evaluation"]["perplexity"] == result["evaluation"]["perplexity"] > 1
@@ -181,7 +184,7 @@ def _wait_for_holder(holder: Path, proc: subprocess.Popen[str]) -> None:
         time.sleep(0.05)
 
 
-def test_killed_after_each_stage_resumes_there_without_duplicates(config: Path, lmctl_home: Path) -> None:
+def test_killed_after_each_stage_resumes_there_without_duplicates(cli, config: Path, lmctl_home: Path) -> None:
     """Real processes, each SIGKILLed right after one stage (and one inside `register`); each
     next one resumes there. While one of them trains, a concurrent `lmctl retrain` gets exit 5."""
     from lmctl import registry
@@ -203,6 +206,8 @@ def test_killed_after_each_stage_resumes_there_without_duplicates(config: Path, 
             busy = run_subprocess("retrain", str(config), "--json")
             assert busy.returncode == 5 and busy.stdout == "", busy.stderr[-2000:]
             assert f"pid {proc.pid}" in busy.stderr and busy.stderr.count("\n") == 1
+            status = cli("retrain", "--status", "tiny", "--json").json
+            assert status["running"] is True and f"pid {proc.pid}" in status["holder"]
         _killed(proc, stage)
         state = states(lmctl_home)[0]
         done = [s["name"] for s in state["stages"] if s["status"] == "done"]
