@@ -45,8 +45,11 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: Path | None = Field(None, description="Training data: .txt, .jsonl, .json, .csv or .parquet.")
-    validation: Path | None = Field(None, description="Held-out data in the same formats, for eval loss.")
+    train: Path | None = Field(
+        None, description="Training data: a .txt, .jsonl, .json, .csv, .parquet or .arrow file, a glob of such "
+        "shards (train-*.parquet), a directory of shards, or a `save_to_disk` dataset directory.",
+    )
+    validation: Path | None = Field(None, description="Held-out data in the same forms, for eval loss.")
     text_field: str = Field("text", description="Column holding the text in jsonl/csv/parquet files.")
     format: Literal["auto", "text", "completion", "chat"] = Field(
         "auto",
@@ -58,6 +61,16 @@ class DataConfig(Section):
         True,
         description="Pack short examples into rows of max_length without cross-example attention "
         "(checked on the model at start; falls back to padding where the architecture cannot isolate them).",
+    )
+    streaming: bool = Field(
+        False,
+        description="Train from a stream (datasets IterableDataset) instead of the tokenization cache, for data "
+        "bigger than the disk: needs train.max_steps; rows are shape-checked as they arrive; packing fills rows "
+        "within batches of 1000 examples; resume skips exactly the examples already trained on.",
+    )
+    num_proc: int | None = Field(
+        None, ge=1, description="Processes that tokenize (Dataset.map num_proc); null = every core for files of "
+        "20k+ rows, one process for smaller ones.",
     )
 
 

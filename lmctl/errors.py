@@ -82,3 +82,7 @@ class UnavailableError(LmctlError):
     request, so, like a held lock, it is exit 5: run again later (a retrain resumes)."""
 
     exit_code = ExitCode.BUSY
+
+
+class StorageError(BadInputError):
+    """The disk lmctl must write to is full (exit 2: free space or point LMCTL_HOME elsewhere)."""

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import datasets
 import psutil
 import torch
 
@@ -148,10 +149,10 @@ def main() -> int:
     train_texts, val_texts = paragraphs(tokenizer, args.max_length, args.examples)
     work = Path(tempfile.mkdtemp())
     (work / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in train_texts))
-    examples = build_examples(work / "train.jsonl", [{"text": t} for t in train_texts], "text", "text",
-                              tokenizer, args.max_length).examples
-    args.val_examples = build_examples(work / "v.jsonl", [{"text": t} for t in val_texts], "text", "text",
-                                       tokenizer, args.max_length).examples
+    examples = list(build_examples(work / "train.jsonl", datasets.Dataset.from_list([{"text": t} for t in train_texts]),
+                                   "text", "text", tokenizer, args.max_length).examples)
+    args.val_examples = list(build_examples(work / "train.jsonl", datasets.Dataset.from_list([{"text": t} for t in val_texts]),
+                                            "text", "text", tokenizer, args.max_length).examples)
     tokens = sum(len(e["input_ids"]) for e in examples)
     lengths = sorted(len(e["input_ids"]) for e in examples)
     print(f"data: {len(examples)} examples, {tokens} tokens, length p50 {lengths[len(lengths)//2]} max {lengths[-1]}",

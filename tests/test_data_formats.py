@@ -94,13 +94,23 @@ def test_parquet_and_csv_text_load(tmp_path: Path) -> None:
 
 
 def test_lint_refuses_unlearnable_eos_and_oversized_tokenizer(tok) -> None:  # type: ignore[no-untyped-def]
-    no_eos = ExampleSet(examples=[{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}])
+    no_eos = ExampleSet(examples=[{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}], eos_labels=0)
     with pytest.raises(BadInputError, match="EOS can never be learned"):
         preflight.lint(no_eos, tok, model_vocab_size=len(tok))
-    ok = ExampleSet(examples=[{"input_ids": [5, tok.eos_token_id], "labels": [IGNORE, tok.eos_token_id]}])
+    ok = ExampleSet(examples=[{"input_ids": [5, tok.eos_token_id], "labels": [IGNORE, tok.eos_token_id]}], eos_labels=1)
     assert preflight.lint(ok, tok, model_vocab_size=len(tok)).eos_labels == 1
     with pytest.raises(BadInputError, match="embeds only"):
         preflight.lint(ok, tok, model_vocab_size=len(tok) - 1)
+
+
+@pytest.mark.parametrize(("name", "max_length"), [("tiny_train.jsonl", 16), ("tiny_completion.jsonl", 12),
+                                                 ("tiny_chat.jsonl", 40), ("tiny_chat.jsonl", 256)])
+def test_learned_eos_are_counted_while_tokenizing(tok, name: str, max_length: int) -> None:  # type: ignore[no-untyped-def]
+    """The lint's EOS count comes from the tokenizing pass; it must equal the EOS labels the examples carry."""
+    _, examples = _examples(ASSETS / name, tok, max_length=max_length)
+    counted = sum(ex["labels"].count(tok.eos_token_id) for ex in examples.examples)
+    assert examples.eos_labels == counted
+    assert counted > 0 or max_length < 64  # short limits may cut every EOS off
 
 
 def test_lint_warns_on_heavy_truncation(tok) -> None:  # type: ignore[no-untyped-def]

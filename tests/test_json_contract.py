@@ -55,6 +55,7 @@ def test_json_keys_of_every_command(cli, tiny_config: Path, tmp_path: Path) -> N
     run("models list", "models", "list")
     run("data validate", "data", "validate", tiny_config)
     run("data prepare", "data", "prepare", ASSETS / "tiny_train.jsonl", "--out", tmp_path / "prepared")
+    run("data cache list", "data", "cache", "list")
     run("train --dry-run", "train", tiny_config, "--dry-run")
     ckpt = run("train", "train", tiny_config)["checkpoint"]
     first = run("eval", "eval", ckpt, "--data", VALIDATION, "--report", tmp_path / "first.json")
@@ -86,6 +87,7 @@ def test_json_keys_of_every_command(cli, tiny_config: Path, tmp_path: Path) -> N
     cfg["retrain"] = {"eval_data": str(VALIDATION)}
     tiny_config.write_text(yaml.safe_dump(cfg))
     run("retrain", "retrain", tiny_config, "--set", "train.max_steps=3", codes=(0, 3))  # promoted or not: same keys
+    run("data cache clear", "data", "cache", "clear")
     assert sorted(got) == sorted(EXPECTED)
     changed = {label: {"added": sorted(got[label] - keys), "dropped": sorted(keys - got[label])}
                for label, keys in EXPECTED.items() if got[label] != keys}
@@ -94,8 +96,8 @@ def test_json_keys_of_every_command(cli, tiny_config: Path, tmp_path: Path) -> N
 
 EXPECTED: dict[str, set[str]] = {
     'config show': {
-        'data', 'data.format', 'data.max_length', 'data.packing', 'data.text_field', 'data.train',
-        'data.validation', 'drift', 'drift.bootstrap_samples', 'drift.embedding_model', 'drift.ks_p_value',
+        'data', 'data.format', 'data.max_length', 'data.num_proc', 'data.packing', 'data.streaming',
+        'data.text_field', 'data.train', 'data.validation', 'drift', 'drift.bootstrap_samples', 'drift.embedding_model', 'drift.ks_p_value',
         'drift.max_documents', 'drift.max_embedding_cosine', 'drift.max_embedding_mmd',
         'drift.max_ks_statistic', 'drift.max_ppl_increase', 'drift.max_psi', 'drift.max_rare_rate_increase',
         'drift.max_unk_rate_increase', 'drift.min_documents', 'drift.psi_bins', 'drift.rare_max_count',
@@ -212,9 +214,15 @@ EXPECTED: dict[str, set[str]] = {
         'best_checkpoint', 'best_eval_loss', 'checkpoint', 'checkpoints', 'eval_loss', 'mlflow_run_id',
         'resumed_from', 'run_dir', 'seconds', 'steps', 'stopped_early', 'tokens', 'tokens_per_s', 'train_loss'},
     'train --dry-run': {
-        'base_model', 'data_format', 'lint', 'lint.eos_labels', 'lint.rows_dropped', 'lint.truncation_rate',
-        'lint.warnings', 'max_steps', 'memory', 'memory.activations_gb', 'memory.estimated_peak_gb',
+        'base_model', 'cache_hit', 'data_format', 'lint', 'lint.eos_labels', 'lint.rows_dropped',
+        'lint.truncation_rate', 'lint.warnings', 'max_steps', 'memory', 'memory.activations_gb', 'memory.data_gb',
+        'memory.estimated_peak_gb',
         'memory.logits_gb', 'memory.optimizer_gb', 'memory.runtime_gb', 'memory.total_params',
-        'memory.trainable_params', 'memory.weights_gb', 'packing', 'resume_from', 'run_dir', 'tokens_per_step',
-        'train_examples', 'train_rows', 'train_sequences', 'validation_rows'},
+        'memory.trainable_params', 'memory.weights_gb', 'packing', 'resume_from', 'run_dir', 'streaming',
+        'tokens_per_step', 'train_examples', 'train_rows', 'train_sequences', 'validation_rows'},
+    # added by issue 13 (the tokenization cache)
+    'data cache list': {'entries', 'entries[].bytes', 'entries[].created_at', 'entries[].format', 'entries[].key',
+                        'entries[].max_length', 'entries[].rows', 'entries[].source', 'entries[].status', 'entries[].tokenized',
+                        'partial', 'path', 'total_bytes'},
+    'data cache clear': {'freed_bytes', 'path', 'removed'},
 }

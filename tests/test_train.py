@@ -191,7 +191,8 @@ def test_dry_run_estimates_memory_from_shapes(cli, tiny_config: Path) -> None:
     # q 32->32, k 32->16, v 32->16, o 32->32, gate 32->64, up 32->64, down 64->32
     per_block = 4 * sum(i + o for i, o in [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)])
     assert memory["trainable_params"] == 2 * per_block == 4096
-    parts = memory["weights_gb"] + memory["optimizer_gb"] + memory["activations_gb"] + memory["logits_gb"]
+    parts = (memory["weights_gb"] + memory["optimizer_gb"] + memory["activations_gb"] + memory["logits_gb"]
+             + memory["data_gb"])
     assert abs(memory["estimated_peak_gb"] - parts - memory["runtime_gb"]) < 0.01
     with_ckpt = cli("train", tiny_config, "--set", "train.gradient_checkpointing=true", "--dry-run", "--json").json
     assert with_ckpt["memory"]["activations_gb"] < memory["activations_gb"]

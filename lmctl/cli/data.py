@@ -10,6 +10,8 @@ import typer
 from lmctl.cli.output import JsonOpt, TracebackOpt, emit
 
 app = typer.Typer(no_args_is_help=True)
+cache_app = typer.Typer(no_args_is_help=True, help="The tokenization cache under LMCTL_HOME/cache/tokens.")
+app.add_typer(cache_app, name="cache")
 FormatOpt = Annotated[str, typer.Option("--format", help="auto, text, completion or chat.")]
 TextFieldOpt = Annotated[str, typer.Option("--text-field", help="Column with the text (text format).")]
 
@@ -38,8 +40,11 @@ def validate(
             raise BadInputError(f"{source}: data.train is not set")
         source, validation, model = cfg.data.train, cfg.data.validation, model or cfg.model.base
         max_length, text_field, fmt = cfg.data.max_length, cfg.data.text_field, cfg.data.format
+    num_proc = None
+    if source.suffix.lower() in (".yaml", ".yml"):
+        num_proc = cfg.data.num_proc
     tokenizer = load_tokenizer(resolve_base(model)) if model else None
-    emit(run_validate(source, validation, text_field, fmt, tokenizer, max_length), json_out)
+    emit(run_validate(source, validation, text_field, fmt, tokenizer, max_length, num_proc), json_out)
 
 
 @app.command("prepare")
@@ -59,3 +64,19 @@ def prepare(
     from lmctl.data.prepare import prepare as run_prepare
 
     emit(run_prepare(source, out, text_field, fmt, validation_share, seed, not no_redact, force), json_out)
+
+
+@cache_app.command("list")
+def cache_list(json_out: JsonOpt = False, traceback: TracebackOpt = False) -> None:
+    """Every cached tokenization: its source, rows and size on disk."""
+    from lmctl.data.cache import listing
+
+    emit(listing(), json_out)
+
+
+@cache_app.command("clear")
+def cache_clear(json_out: JsonOpt = False, traceback: TracebackOpt = False) -> None:
+    """Remove every cached tokenization (the next run tokenizes again)."""
+    from lmctl.data.cache import clear
+
+    emit(clear(), json_out)

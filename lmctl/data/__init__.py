@@ -1,7 +1,9 @@
 """Load data with `datasets`, check its shape row by row, and fingerprint it.
 
-Supported files: .txt (one document per blank-line-separated paragraph), .jsonl/.json,
-.csv and .parquet. Three record shapes (`data.format`, default auto-detected):
+Inputs (lmctl.data.sources): a .txt (one document per blank-line-separated paragraph),
+.jsonl/.json, .csv, .parquet or .arrow file, a glob or directory of such shards, or a
+`save_to_disk` directory. Rows stay in memory-mapped Arrow; checks walk them in batches.
+Three record shapes (`data.format`, default auto-detected):
 - text: a text column (`data.text_field`),
 - completion: `prompt` and `completion` columns (loss on the completion only),
 - chat: a `messages` column of {role, content} turns (loss on assistant turns only).
@@ -10,17 +12,20 @@ Problems are DataError (exit 2) naming the file, the row and the field.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from lmctl.data.sources import Source, resolve
 from lmctl.errors import DataError
 from lmctl.home import cache_dir
 
-_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 Format = Literal["auto", "text", "completion", "chat"]
 ROLES = ("system", "user", "assistant", "tool")
+BATCH = 1000  # rows per batch when walking a data set
 
 
 class DataFingerprint(BaseModel):
@@ -57,34 +62,40 @@ def _small_jsonl(path: Path) -> list[dict[str, Any]] | None:
     return rows
 
 
-def load_records(path: Path) -> list[dict[str, Any]]:
-    """Every row of `path` as a dict (a .txt paragraph becomes {"text": ...})."""
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty")
-    builder = _BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise DataError(f"{path}: unsupported data format {path.suffix!r}", hint=f"use one of {', '.join(_BUILDERS)}")
-    small = _small_jsonl(path)
-    if small is not None:
-        return small
-    from datasets import load_dataset
+@dataclass
+class RowNamer:
+    """Turns a row index of the (concatenated) dataset into `file: row N` (1-based, per shard)."""
 
-    kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
-    try:
-        ds = load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir() / "datasets"), **kwargs)
-    except Exception as exc:  # datasets raises many types for malformed files
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"{path}: cannot be read as {builder}: {why}") from None
-    if ds.num_rows == 0:
-        raise DataError(f"{path}: no rows")
-    return ds.to_list()
+    source: Source
+    offsets: list[int] = field(default_factory=lambda: [0])
+
+    def __call__(self, index: int) -> str:
+        path, row = self.source.name_row(index, self.offsets)
+        return f"{path}: row {row}"
 
 
-def detect_format(path: Path, records: list[dict[str, Any]], text_field: str, declared: Format = "auto") -> str:
+def field_for(source: Source | Path, text_field: str) -> str:
+    """The text column: a .txt file's paragraphs are always in "text"."""
+    src = source if isinstance(source, Source) else resolve(source)
+    return "text" if src.builder == "text" else text_field
+
+
+def load_records(path: Path) -> Any:
+    """The rows of `path` (file, glob, shard directory or saved dataset) as a memory-mapped `Dataset`."""
+    return load_named(path)[0]
+
+
+def load_named(path: Path) -> tuple[Any, RowNamer]:
+    from lmctl.data.sources import load
+
+    source = resolve(path)
+    ds, offsets = load(source, cache_dir() / "datasets")
+    return ds, RowNamer(source, offsets)
+
+
+def detect_format(path: Path, records: Any, text_field: str, declared: Format = "auto") -> str:
     """The record shape: the declared one, else chat / completion / text by the columns present."""
-    columns = set(records[0])
+    columns = set(records.column_names or next(iter(records)))  # a stream may not know its columns yet
     if declared != "auto":
         return declared
     if "messages" in columns:
@@ -97,65 +108,93 @@ def detect_format(path: Path, records: list[dict[str, Any]], text_field: str, de
                     hint=f"columns are {sorted(columns)}; set data.text_field or data.format")
 
 
-def _check_chat(path: Path, row: int, messages: Any) -> None:
+def _check_chat(where: str, messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{path}: row {row}: field 'messages' must be a non-empty list of turns")
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of turns")
     for i, turn in enumerate(messages):
         if not isinstance(turn, dict) or turn.get("role") not in ROLES:
-            raise DataError(f"{path}: row {row}: field 'messages'[{i}].role must be one of {', '.join(ROLES)}")
+            raise DataError(f"{where}: field 'messages'[{i}].role must be one of {', '.join(ROLES)}")
         if not isinstance(turn.get("content"), str):
-            raise DataError(f"{path}: row {row}: field 'messages'[{i}].content must be a string")
+            raise DataError(f"{where}: field 'messages'[{i}].content must be a string")
     if not any(t["role"] == "assistant" for t in messages):
-        raise DataError(f"{path}: row {row}: field 'messages' has no assistant turn to learn from")
+        raise DataError(f"{where}: field 'messages' has no assistant turn to learn from")
 
 
-def check_rows(path: Path, records: list[dict[str, Any]], fmt: str, text_field: str) -> None:
-    """Raise DataError naming the first row (1-based) whose fields have the wrong shape."""
-    for row, rec in enumerate(records, start=1):
-        if fmt == "chat":
-            _check_chat(path, row, rec.get("messages"))
-            continue
-        fields = ("prompt", "completion") if fmt == "completion" else (text_field,)
-        for field in fields:
-            value = rec.get(field)
-            if field not in rec:
-                raise DataError(f"{path}: row {row}: no field {field!r}")
+def check_batch(batch: dict[str, list[Any]], indices: list[int], fmt: str, text_field: str, name: RowNamer) -> None:
+    """Raise DataError naming the first row of a columnar batch whose fields have the wrong shape."""
+    if fmt == "chat":
+        if "messages" not in batch:
+            raise DataError(f"{name(indices[0])}: no field 'messages'")
+        for index, messages in zip(indices, batch["messages"]):
+            _check_chat(name(index), messages)
+        return
+    fields = ("prompt", "completion") if fmt == "completion" else (text_field,)
+    for f in fields:
+        if f not in batch:
+            raise DataError(f"{name(indices[0])}: no field {f!r}")
+        for index, value in zip(indices, batch[f]):
             if value is not None and not isinstance(value, str):
-                raise DataError(f"{path}: row {row}: field {field!r} must be a string, got {type(value).__name__}")
-        if fmt == "completion" and not (rec.get("completion") or "").strip():
-            raise DataError(f"{path}: row {row}: field 'completion' is empty")
+                raise DataError(f"{name(index)}: field {f!r} must be a string, got {type(value).__name__}")
+    if fmt == "completion":
+        for index, value in zip(indices, batch["completion"]):
+            if not (value or "").strip():
+                raise DataError(f"{name(index)}: field 'completion' is empty")
 
 
-def field_for(path: Path, text_field: str) -> str:
-    """The text column of `path`: a .txt file's paragraphs are always in "text"."""
-    return "text" if path.suffix.lower() == ".txt" else text_field
+def batches(ds: Any) -> Iterator[tuple[dict[str, list[Any]], list[int]]]:
+    """(columnar batch, row indices) over a dataset, without materialising it."""
+    start = 0
+    for batch in ds.iter(batch_size=BATCH):
+        n = len(next(iter(batch.values())))
+        yield batch, list(range(start, start + n))
+        start += n
 
 
-def load_checked(path: Path, text_field: str, declared: Format = "auto") -> tuple[list[dict[str, Any]], str, str]:
-    """Read `path`, settle its record shape and check every row: (records, format, text field)."""
-    records = load_records(path)
-    field = field_for(path, text_field)
-    fmt = detect_format(path, records, field, declared)
-    check_rows(path, records, fmt, field)
-    return records, fmt, field
+def check_rows(path: Path, records: Any, fmt: str, text_field: str, name: RowNamer | None = None) -> None:
+    """Raise DataError naming the first row (1-based) whose fields have the wrong shape."""
+    name = name or RowNamer(resolve(path))
+    for batch, indices in batches(records):
+        check_batch(batch, indices, fmt, text_field, name)
+
+
+def load_checked(path: Path, text_field: str, declared: Format = "auto") -> tuple[Any, str, str]:
+    """Read `path`, settle its record shape and check every row: (dataset, format, text field)."""
+    records, name = load_named(path)
+    text = field_for(name.source, text_field)
+    fmt = detect_format(path, records, text, declared)
+    check_rows(path, records, fmt, text, name)
+    return records, fmt, text
 
 
 def load_texts(path: Path, text_field: str = "text") -> list[str]:
-    """The non-empty documents of a text-shaped file (for perplexity and drift)."""
-    records = load_records(path)
-    field = field_for(path, text_field)
-    if field not in records[0]:
-        raise DataError(f"{path}: no field {field!r}", hint=f"columns are {sorted(records[0])}; set --text-field")
-    check_rows(path, records, "text", field)
-    texts = [r[field] for r in records if isinstance(r[field], str) and r[field].strip()]
+    """The non-empty documents of a text-shaped file (for perplexity and drift). A small, regular
+    .jsonl is read with the json module (eval then never imports datasets); anything else goes
+    through datasets in batches."""
+    small = _small_jsonl(path) if path.is_file() else None
+    if small is not None:
+        name, text = RowNamer(resolve(path)), text_field
+        columns: dict[str, list[Any]] = {k: [r[k] for r in small] for k in small[0]}
+        if text not in columns:
+            raise DataError(f"{path}: no field {text!r}", hint=f"columns are {sorted(columns)}; set --text-field")
+        check_batch(columns, list(range(len(small))), "text", text, name)
+        texts = [t for t in columns[text] if isinstance(t, str) and t.strip()]
+    else:
+        records, name = load_named(path)
+        text = field_for(name.source, text_field)
+        if text not in records.column_names:
+            raise DataError(f"{path}: no field {text!r}", hint=f"columns are {sorted(records.column_names)}; set --text-field")
+        check_rows(path, records, "text", text, name)
+        texts = [t for batch in records.select_columns([text]).iter(batch_size=BATCH)
+                 for t in batch[text] if isinstance(t, str) and t.strip()]
     if not texts:
-        raise DataError(f"{path}: no non-empty text in field {field!r}")
+        raise DataError(f"{path}: no non-empty text in field {text!r}")
     return texts
 
 
-def fingerprint(path: Path, text_field: str, rows: int, fmt: str = "text") -> DataFingerprint:
-    from lmctl.checkpoint import file_digest  # checkpoint imports this module: import at call time
-
-    digest = file_digest(path)
+def fingerprint(path: Path, text_field: str, rows: int, fmt: str = "text", source: Source | None = None,
+                digest: Any = None) -> DataFingerprint:
+    """sha256 over the bytes of every shard (sorted) plus how they were read; `digest` reuses
+    a bytes digest already taken (Source.bytes_digest) instead of reading the files again."""
+    digest = (digest or (source or resolve(path)).bytes_digest()).copy()
     digest.update(f"\0{text_field}\0{fmt}".encode())
     return DataFingerprint(path=str(path), sha256=digest.hexdigest(), rows=rows, text_field=text_field, format=fmt)

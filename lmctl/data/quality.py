@@ -2,21 +2,24 @@
 
 Rows, empty and duplicate rows, token-length percentiles and the truncation rate at
 `max_length` (when a tokenizer is given), train/validation overlap, and PII findings by
-kind (lmctl.pii). The report describes; it does not fail on findings (exit 0), so a CI
+kind (lmctl.pii). Every statistic is an aggregate over the columns of the cached tokenized
+table (lmctl.data.cache), so memory does not grow with the file: duplicates and overlap use
+16-byte content hashes, token lengths one int per row. Token lengths are counted as
+training tokenizes the rows (EOS, chat template). The report describes; it does not fail on findings (exit 0), so a CI
 step reads `ok` and `issues` from `--json`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 
-from lmctl import data, pii, stats
+from lmctl import stats
+from lmctl.data.cache import tokenized
+from lmctl.data.examples import column
 
 
 class TokenStats(BaseModel):
@@ -47,46 +50,37 @@ class DataReport(BaseModel):
     overlap_rows: int | None
 
 
-def record_text(rec: dict[str, Any], fmt: str, text_field: str) -> str:
-    """The text a record contributes, in reading order, for stats and PII scanning."""
-    if fmt == "chat":
-        return "\n".join(str(m.get("content") or "") for m in rec.get("messages") or [])
-    if fmt == "completion":
-        return f"{rec.get('prompt') or ''}{rec.get('completion') or ''}"
-    value = rec.get(text_field)
-    return value if isinstance(value, str) else ""
-
-
-def record_key(rec: dict[str, Any], fmt: str, text_field: str) -> str:
-    """Identity of a record for de-duplication and overlap: a hash of its learned fields."""
-    fields = {"chat": ["messages"], "completion": ["prompt", "completion"]}.get(fmt, [text_field])
-    canonical = json.dumps([rec.get(f) for f in fields], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _token_stats(texts: list[str], tokenizer: Any, max_length: int) -> TokenStats | None:
-    lengths = sorted(len(ids) for ids in tokenizer([t for t in texts if t], add_special_tokens=True)["input_ids"])
-    if not lengths:
+def _token_stats(table: Any, empty: np.ndarray, max_length: int) -> TokenStats | None:
+    lengths = np.sort(column(table, "n_tokens")[~empty])
+    lengths = lengths[lengths > 0]
+    if not len(lengths):
         return None
-    over = sum(max(0, n - max_length) for n in lengths)
+    total = int(lengths.sum())
     p50, p95 = stats.percentiles(lengths, (0.5, 0.95))
-    return TokenStats(p50=p50, p95=p95, max=lengths[-1],
-                      mean=round(sum(lengths) / len(lengths), 2), truncation_rate=round(over / sum(lengths), 6),
+    over = int(np.maximum(lengths - max_length, 0).sum())
+    return TokenStats(p50=p50, p95=p95, max=int(lengths[-1]),
+                      mean=round(total / len(lengths), 2), truncation_rate=round(over / total, 6),
                       max_length=max_length)
 
 
-def describe(path: Path, text_field: str, fmt: str, tokenizer: Any | None, max_length: int) -> tuple[FileReport, set[str]]:
-    records, fmt, field = data.load_checked(path, text_field, fmt)  # type: ignore[arg-type]
-    texts = [record_text(r, fmt, field) for r in records]
-    keys = [record_key(r, fmt, field) for r in records]
-    findings = Counter(f.kind for t in texts for f in pii.find_pii(t))
+def describe(path: Path, text_field: str, fmt: str, tokenizer: Any | None, max_length: int,
+             num_proc: int | None = None) -> tuple[FileReport, Any]:
+    """One file's report and its distinct content keys, from the (cached) tokenized table."""
+    import pyarrow.compute as pc
+
+    tokens = tokenized(path, text_field, fmt, tokenizer, max_length, num_proc)  # type: ignore[arg-type]
+    table = tokens.table
+    empty = table.data.column("empty").to_numpy(zero_copy_only=False)
+    keys = pc.unique(table.data.column("key"))
+    kinds = pc.value_counts(pc.list_flatten(table.data.column("pii"))).to_pylist()
     report = FileReport(
-        path=str(path), format=fmt, rows=len(records), empty_rows=sum(1 for t in texts if not t.strip()),
-        duplicate_rows=len(keys) - len(set(keys)),
-        tokens=_token_stats(texts, tokenizer, max_length) if tokenizer is not None else None,
-        pii=dict(sorted(findings.items())), fingerprint=data.fingerprint(path, field, len(records), fmt).sha256,
+        path=str(path), format=tokens.entry.format, rows=table.num_rows, empty_rows=int(empty.sum()),
+        duplicate_rows=table.num_rows - len(keys),
+        tokens=_token_stats(table, empty, max_length) if tokenizer is not None else None,
+        pii={k["values"]: k["counts"] for k in sorted(kinds, key=lambda k: k["values"])},
+        fingerprint=tokens.fingerprint.sha256,
     )
-    return report, set(keys)
+    return report, keys
 
 
 def _issues(train: FileReport, validation: FileReport | None, overlap: int | None) -> list[str]:
@@ -108,11 +102,13 @@ def _issues(train: FileReport, validation: FileReport | None, overlap: int | Non
 
 
 def validate(train: Path, validation: Path | None = None, text_field: str = "text", fmt: str = "auto",
-             tokenizer: Any | None = None, max_length: int = 512) -> DataReport:
-    train_report, train_keys = describe(train, text_field, fmt, tokenizer, max_length)
+             tokenizer: Any | None = None, max_length: int = 512, num_proc: int | None = None) -> DataReport:
+    import pyarrow.compute as pc
+
+    train_report, train_keys = describe(train, text_field, fmt, tokenizer, max_length, num_proc)
     val_report, overlap = None, None
     if validation is not None:
-        val_report, val_keys = describe(validation, text_field, fmt, tokenizer, max_length)
-        overlap = len(train_keys & val_keys)
+        val_report, val_keys = describe(validation, text_field, fmt, tokenizer, max_length, num_proc)
+        overlap = int(pc.sum(pc.is_in(val_keys, value_set=train_keys)).as_py() or 0)
     issues = _issues(train_report, val_report, overlap)
     return DataReport(ok=not issues, issues=issues, train=train_report, validation=val_report, overlap_rows=overlap)

@@ -17,13 +17,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmctl import __version__, atomic, checkpoint, data, tokenizer_lock
+from lmctl import __version__, atomic, checkpoint, tokenizer_lock
 from lmctl.clock import utc_now, utc_stamp
 from lmctl.train import preflight
 from lmctl.config import LmctlConfig, config_dump
-from lmctl.data.examples import ExampleSet, build_examples, collate
-from lmctl.data.packing import collate_packed, pack, packing_is_isolated
+from lmctl.data.examples import collate
+from lmctl.data.packing import collate_packed, packing_is_isolated
 from lmctl.errors import BadInputError, BusyError, DataError
+from lmctl.train.inputs import TrainData, open_stream, stream_sample
 from lmctl.train.memory import MemoryEstimate
 from lmctl.train.memory import estimate as estimate_memory
 
@@ -38,9 +39,11 @@ class TrainPlan(BaseModel):
     data_format: str
     train_rows: int
     validation_rows: int
-    train_examples: int
+    train_examples: int  # 0 when streaming: a stream is not counted ahead
     train_sequences: int
     packing: bool
+    streaming: bool = False
+    cache_hit: bool | None = None  # the training data's tokenization came from the cache (None: streaming)
     max_steps: int
     tokens_per_step: int
     resume_from: str | None
@@ -131,15 +134,6 @@ def _lora_config(cfg: LmctlConfig, new_token_ids: list[int] | dict[str, list[int
     )
 
 
-def _load_examples(path: Path | None, cfg: LmctlConfig, tokenizer: Any) -> tuple[ExampleSet, data.DataFingerprint | None]:
-    """Read, check and tokenize one data file; (empty set, None) when the path is unset."""
-    if path is None:
-        return ExampleSet(), None
-    records, fmt, text_field = data.load_checked(path, cfg.data.text_field, cfg.data.format)
-    examples = build_examples(path, records, fmt, text_field, tokenizer, cfg.data.max_length)
-    return examples, data.fingerprint(path, text_field, len(records), fmt)
-
-
 class _Run:
     """Everything one training run needs, prepared and validated before anything is written."""
 
@@ -155,17 +149,23 @@ class _Run:
         self.base_path = resolve_base(cfg.model.base)
         self.tokenizer = load_tokenizer(self.base_path, cfg.model.trust_remote_code, cfg.model.revision)
         self.new_token_ids = add_tokens(self.tokenizer, cfg.model.add_special_tokens)
-        self.train_set, train_fp = _load_examples(cfg.data.train, cfg, self.tokenizer)
-        assert train_fp is not None  # data.train is set (checked above)
-        self.val_set, val_fp = _load_examples(cfg.data.validation, cfg, self.tokenizer)
-        if not self.train_set.examples:
-            raise DataError(f"{cfg.data.train}: no training sequence of at least 2 tokens")
-        if cfg.train.early_stopping_patience and not self.val_set.examples:
+        self.stream: Any = None
+        if cfg.data.streaming:
+            self.stream, train_fp = open_stream(cfg, self.tokenizer)
+            self.train = TrainData(None, cfg, self.tokenizer)
+            self.train.examples = stream_sample(self.stream, self.tokenizer)
+        else:
+            self.train = TrainData(cfg.data.train, cfg, self.tokenizer)
+            train_fp = self.train.fingerprint
+            if not self.train.examples.examples:
+                raise DataError(f"{cfg.data.train}: no training sequence of at least 2 tokens")
+        self.val = TrainData(cfg.data.validation, cfg, self.tokenizer)
+        if cfg.train.early_stopping_patience and not self.val.examples.examples:
             raise BadInputError("train.early_stopping_patience needs validation data (data.validation)")
-        self.data_info = checkpoint.ManifestData(train=train_fp, validation=val_fp)
+        self.data_info = checkpoint.ManifestData(train=train_fp, validation=self.val.fingerprint)
         vocab_size = model_vocab_size(self.base_path, cfg.model.revision, cfg.model.trust_remote_code)
         # added tokens grow the embedding to the tokenizer's size before training
-        self.lint = preflight.lint(self.train_set, self.tokenizer, max(vocab_size, len(self.tokenizer))
+        self.lint = preflight.lint(self.train.examples, self.tokenizer, max(vocab_size, len(self.tokenizer))
                                    if self.new_token_ids else vocab_size)
         self.base_info = checkpoint.BaseModelInfo(
             id=portable_base_id(cfg.model.base, self.base_path), revision=cfg.model.revision,
@@ -174,20 +174,25 @@ class _Run:
         self.resume_from = _resume_point(self.run_dir, resume)
         if self.resume_from:
             tokenizer_lock.check_resume_tokenizer(Path(self.resume_from), self.tokenizer)
-        self.train_rows = pack(self.train_set.examples, cfg.data.max_length) if cfg.data.packing else self.train_set.examples
         per_step = cfg.train.batch_size * cfg.train.grad_accum
-        steps = _max_steps(cfg, len(self.train_rows))
+        sequences = len(self.train.rows_for(cfg.data.packing))
+        val_fp = self.val.fingerprint
         self.plan = TrainPlan(
             run_dir=str(self.run_dir), base_model=self.base_path, data_format=train_fp.format,
             train_rows=train_fp.rows, validation_rows=val_fp.rows if val_fp else 0,
-            train_examples=len(self.train_set.examples), train_sequences=len(self.train_rows),
-            packing=cfg.data.packing, max_steps=steps,
+            train_examples=0 if self.stream is not None else len(self.train.examples.examples), train_sequences=sequences,
+            packing=cfg.data.packing, streaming=cfg.data.streaming, cache_hit=self.train.hit,
+            max_steps=_max_steps(cfg, sequences),
             tokens_per_step=per_step * cfg.data.max_length, resume_from=self.resume_from, lint=self.lint,
             memory=estimate_memory(
                 self.base_path, _lora_config(cfg, self.new_token_ids), 4 if cfg.model.dtype in ("auto", "float32") else 2,
                 cfg.train.batch_size, cfg.data.max_length, cfg.train.gradient_checkpointing, cfg.model.trust_remote_code,
+                data_bytes=self.train.memory_bytes + self.val.memory_bytes,
             ),
         )
+
+    def train_dataset(self, packing: bool) -> Any:
+        return self.stream if self.stream is not None else self.train.rows_for(packing)
 
     def export(self, model: Any, step: int, metrics: dict[str, Any], run_id: str) -> Path:
         final = checkpoint.step_dir(self.run_dir, step)
@@ -227,7 +232,7 @@ def _training_args(cfg: LmctlConfig, run: _Run, sequences: int, packing: bool) -
     import torch
     from transformers import TrainingArguments
 
-    has_val = bool(run.val_set.examples)
+    has_val = bool(run.val.examples.examples)
     return TrainingArguments(
         output_dir=str(run.run_dir / "trainer"),
         max_steps=_max_steps(cfg, sequences),
@@ -281,11 +286,6 @@ def _packing_works(model: Any, run: _Run) -> bool:
     return isolated
 
 
-def _eval_rows(run: _Run, packing: bool) -> list[dict[str, list[int]]]:
-    examples = run.val_set.examples
-    return pack(examples, run.cfg.data.max_length) if packing and examples else examples
-
-
 def train(cfg: LmctlConfig, resume: str = "auto", dry_run: bool = False) -> TrainResult | TrainPlan:
     """Validate everything, then fine-tune; returns the plan on --dry-run, else the result."""
     from filelock import FileLock, Timeout
@@ -334,7 +334,6 @@ def _build_model(cfg: LmctlConfig, run: _Run) -> Any:
 
 
 def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
-    import datasets
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
 
     from lmctl.train.callbacks import ExportCheckpoints, Progress, Tracking
@@ -343,7 +342,9 @@ def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     model = _build_model(cfg, run)
     packing = cfg.data.packing and _packing_works(model, run)
-    train_rows = run.train_rows if packing else run.train_set.examples
+    if run.stream is not None and packing != cfg.data.packing:
+        raise BadInputError("this architecture cannot isolate packed examples; set data.packing=false to stream")
+    train_rows = run.train_dataset(packing)
     tracking = Tracking(cfg, run.data_info, primary=is_primary())
 
     def export(model: Any, state: Any) -> Path:
@@ -357,9 +358,9 @@ def _fit(cfg: LmctlConfig, run: _Run) -> TrainResult:
         callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
     trainer = Trainer(
         model=model,
-        args=_training_args(cfg, run, len(train_rows), packing),
-        train_dataset=datasets.Dataset.from_list(train_rows),
-        eval_dataset=datasets.Dataset.from_list(val_rows) if (val_rows := _eval_rows(run, packing)) else None,
+        args=_training_args(cfg, run, len(train_rows) if run.stream is None else 0, packing),
+        train_dataset=train_rows,
+        eval_dataset=run.val.rows_for(packing) if run.val.examples.examples else None,
         data_collator=lambda rows: (collate_packed if packing else collate)(rows, run.tokenizer.pad_token_id),
         callbacks=callbacks,
     )

@@ -44,8 +44,7 @@ def check_tokenizer_fits(tokenizer: Any, model_vocab_size: int) -> None:
 def lint(train: ExampleSet, tokenizer: Any, model_vocab_size: int) -> LintReport:
     """Raise BadInputError on a setup that cannot work; return warnings for ones that work badly."""
     check_tokenizer_fits(tokenizer, model_vocab_size)
-    eos = tokenizer.eos_token_id
-    eos_labels = sum(label == eos for ex in train.examples for label in ex["labels"]) if eos is not None else 0
+    eos_labels = train.eos_labels if tokenizer.eos_token_id is not None else 0
     if eos_labels == 0:
         raise BadInputError("EOS can never be learned: no training example has an unmasked EOS label",
                             hint="the tokenizer needs an eos_token, and completions must end with it")

@@ -1,0 +1,306 @@
+"""The tokenization cache under `LMCTL_HOME/cache/tokens`: tokenize a data set once, reuse it
+in `train`, `--resume`, `--dry-run`, `retrain`, `data validate` and `eval`.
+
+An entry is keyed by a sha256 over: the data's bytes (every shard, sorted), the tokenizer's
+full serialization and behaviour (lmctl.tokenizer_lock), the declared format, the text
+field, max_length and the shaping rules (SHAPING). It holds the Arrow files that
+`Dataset.map(cache_file_name=...)` wrote, plus `entry.json` with each file's sha256 and size.
+
+Writes are atomic: the entry is built in a hidden `.tmp-*` sibling, `entry.json` is written
+last and the directory is renamed into place. A reader re-hashes the files against
+`entry.json`; an entry that fails (partial, corrupt, edited) is removed and rebuilt, never
+trusted. A data file that changed while it was read is refused (exit 2) and not cached. A
+full disk fails with StorageError (exit 2) and leaves no entry. The raw Arrow conversion
+that `load_dataset` makes is built inside the staging directory and dropped: an entry holds
+only what later runs read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from lmctl.atomic import write_json_atomic
+from lmctl.checkpoint import FileEntry, sha256_file, sha256_json
+from lmctl.data import DataFingerprint, Format, RowNamer, check_rows, detect_format, field_for, fingerprint
+from lmctl.data.examples import Tokenize, check_tokenizer, features
+from lmctl.data.sources import Source, load, no_space_cause, resolve
+from lmctl.errors import StorageError
+from lmctl.home import cache_dir
+
+log = logging.getLogger("lmctl.data.cache")
+SCHEMA = "lmctl.tokens/1"
+# Bump when Tokenize changes what it writes: every older entry then misses.
+SHAPING = {"text": "document + EOS, add_special_tokens", "completion": "prompt(+special) completion EOS, truncate",
+           "chat": "chat template, assistant spans, truncate", "version": 1}
+STALE_STAGING_S = 6 * 3600  # `cache clear` leaves younger staging dirs alone: a build may be running
+
+
+class CacheEntry(BaseModel):
+    schema_version: str = SCHEMA
+    key: str
+    created_at: str
+    source: str
+    rows: int
+    format: str
+    text_field: str
+    tokenizer: str | None
+    max_length: int
+    data: DataFingerprint
+    files: dict[str, FileEntry]
+
+
+@dataclass
+class Tokenized:
+    """A data set's tokenized table (memory-mapped) and how it was read."""
+
+    table: Any
+    entry: CacheEntry
+    path: Path
+    hit: bool
+
+    @property
+    def fingerprint(self) -> DataFingerprint:
+        return self.entry.data
+
+
+def root() -> Path:
+    return cache_dir() / "tokens"
+
+
+def tokenizer_key(tokenizer: Any) -> str:
+    """sha256 over everything that decides how a tokenizer splits text: its serialized model
+    (vocabulary, merges, normalizer, added tokens) and its behaviour fingerprint."""
+    from lmctl.tokenizer_lock import tokenizer_behaviour
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    serialized = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    return sha256_json({"serialized": serialized, "behaviour": tokenizer_behaviour(tokenizer)})
+
+
+def default_num_proc(rows_hint: int) -> int | None:
+    """All cores this process may use, for files big enough to pay for worker start-up."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores if cores > 1 and rows_hint >= 20_000 else None
+
+
+def tokenized(spec: Path, text_field: str, declared: Format, tokenizer: Any | None, max_length: int,
+              num_proc: int | None = None) -> Tokenized:
+    """The cached table for these inputs, built (atomically) on a miss."""
+    source = resolve(spec)
+    digest = source.bytes_digest()
+    tok_key = tokenizer_key(tokenizer) if tokenizer is not None else None
+    key = sha256_json({"schema": SCHEMA, "data": digest.hexdigest(), "text_field": text_field, "format": declared,
+                       "tokenizer": tok_key, "max_length": max_length if tok_key else None, "shaping": SHAPING})
+    entry_dir = root() / key[:32]
+    found = _open(entry_dir, key)
+    if found is not None:
+        return found
+    _build(entry_dir, key, source, digest, text_field, declared, tokenizer, tok_key, max_length, num_proc)
+    built = _open(entry_dir, key, hit=False)
+    if built is None:  # only if someone corrupted it between our rename and our read
+        raise StorageError(f"{entry_dir}: the cache entry just written does not verify")
+    return built
+
+
+def _open(entry_dir: Path, key: str, hit: bool = True) -> Tokenized | None:
+    """The verified entry, or None (a bad entry is removed so it is rebuilt)."""
+    from datasets import Dataset, concatenate_datasets
+
+    if not entry_dir.is_dir():
+        return None
+    problem = _problem(entry_dir, key)
+    if problem:
+        log.warning("warning: cache entry %s is %s; rebuilding it", entry_dir.name, problem)
+        shutil.rmtree(entry_dir, ignore_errors=True)
+        return None
+    entry = CacheEntry.model_validate_json((entry_dir / "entry.json").read_text())
+    parts = [Dataset.from_file(str(entry_dir / name)) for name in sorted(entry.files)]
+    table = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    return Tokenized(table=table, entry=entry, path=entry_dir, hit=hit)
+
+
+def _problem(entry_dir: Path, key: str) -> str | None:
+    try:
+        entry = CacheEntry.model_validate_json((entry_dir / "entry.json").read_text())
+    except (OSError, ValueError):
+        return "partial (no valid entry.json)"
+    if entry.key != key:
+        return "filed under the wrong key"
+    for name, want in entry.files.items():
+        path = entry_dir / name
+        if not path.is_file() or path.stat().st_size != want.size:
+            return f"partial ({name} is missing or truncated)"
+        if sha256_file(path) != want.sha256:
+            return f"corrupt ({name} does not match its sha256)"
+    return None
+
+
+def _build(entry_dir: Path, key: str, source: Source, digest: Any, text_field: str, declared: Format,
+           tokenizer: Any | None, tok_key: str | None, max_length: int, num_proc: int | None) -> None:
+    entry_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=entry_dir.parent, prefix=f".tmp-{entry_dir.name}-"))
+    try:
+        with _no_space_is_storage_error(entry_dir.parent):
+            entry = _tokenize_into(stage, key, source, digest, text_field, declared, tokenizer, tok_key, max_length,
+                                   num_proc)
+            source.check_unchanged()
+            write_json_atomic(stage / "entry.json", entry.model_dump(mode="json"))
+            _publish(stage, entry_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _tokenize_into(stage: Path, key: str, source: Source, digest: Any, text_field: str, declared: Format,
+                   tokenizer: Any | None, tok_key: str | None, max_length: int, num_proc: int | None) -> CacheEntry:
+    raw, offsets = load(source, stage / "raw")
+    field = field_for(source, text_field)
+    fmt = detect_format(source.spec, raw, field, declared)
+    if tokenizer is not None:
+        check_tokenizer(source.spec, fmt, tokenizer)
+    namer = RowNamer(source, offsets)
+    check_rows(source.spec, raw, fmt, field, namer)  # a bad row fails in seconds, before any tokenizing
+    procs = num_proc if num_proc is not None else default_num_proc(raw.num_rows)
+    fn = Tokenize(fmt, field, namer, tokenizer, max_length)
+    table = raw.map(fn, batched=True, with_indices=True, remove_columns=raw.column_names,
+                    features=features(tokenizer is not None), num_proc=procs if procs and procs > 1 else None,
+                    cache_file_name=str(stage / "tokens.arrow"), desc=f"Tokenizing {source.spec.name}")
+    rows = table.num_rows
+    del table, raw  # release the memory maps before the raw conversion is deleted
+    shutil.rmtree(stage / "raw", ignore_errors=True)
+    files = {p.name: FileEntry(sha256=sha256_file(p), size=p.stat().st_size)
+             for p in sorted(stage.glob("tokens*.arrow"))}
+    return CacheEntry(key=key, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      source=str(source.spec), rows=rows, format=fmt, text_field=field, tokenizer=tok_key,
+                      max_length=max_length, data=fingerprint(source.spec, field, rows, fmt, digest=digest),
+                      files=files)
+
+
+def _publish(stage: Path, entry_dir: Path) -> None:
+    """Rename the finished stage into place; if another process won the race, keep theirs."""
+    for path in stage.iterdir():
+        if path.name.startswith("cache-") or path.is_dir():  # datasets' own scratch files
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+    with contextlib.suppress(OSError):
+        os.replace(stage, entry_dir)
+
+
+@contextlib.contextmanager
+def _no_space_is_storage_error(where: Path) -> Any:
+    try:
+        yield
+    except Exception as exc:  # datasets may wrap the OSError of a failed write in its own errors
+        if no_space_cause(exc) is None:
+            raise
+        raise StorageError(f"no space left to write the tokenization cache in {where}; nothing was cached",
+                           hint="free disk space, `lmctl data cache clear`, or set LMCTL_HOME to a larger disk") from None
+
+
+class EntryInfo(BaseModel):
+    key: str
+    bytes: int
+    status: str  # "ok", or "partial" for a directory without a valid entry.json
+    source: str | None = None
+    format: str | None = None
+    rows: int | None = None
+    max_length: int | None = None
+    tokenized: bool | None = None  # False: only the scan columns (validate without a tokenizer)
+    created_at: str | None = None
+
+
+class CacheListing(BaseModel):
+    path: str
+    entries: list[EntryInfo]
+    partial: int  # unfinished staging directories (a running build, or one a kill interrupted)
+    total_bytes: int
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _info(path: Path) -> EntryInfo:
+    try:
+        entry = CacheEntry.model_validate_json((path / "entry.json").read_text())
+    except (OSError, ValueError):
+        return EntryInfo(key=path.name, bytes=_size(path), status="partial")
+    return EntryInfo(key=path.name, bytes=_size(path), status="ok", source=entry.source, format=entry.format,
+                     rows=entry.rows, max_length=entry.max_length, tokenized=entry.tokenizer is not None,
+                     created_at=entry.created_at)
+
+
+def listing() -> CacheListing:
+    """Every entry with its source, rows and size; `partial` counts unfinished staging dirs."""
+    base = root()
+    paths = sorted(base.iterdir()) if base.is_dir() else []
+    staging = [p for p in paths if p.name.startswith(".tmp-")]
+    entries = [_info(p) for p in paths if p not in staging]
+    return CacheListing(path=str(base), entries=entries, partial=len(staging),
+                        total_bytes=sum(e.bytes for e in entries) + sum(_size(p) for p in staging))
+
+
+class CacheCleared(BaseModel):
+    path: str
+    removed: int
+    freed_bytes: int
+
+
+def clear() -> CacheCleared:
+    """Remove every entry and stale staging directory (a fresh one may belong to a running build)."""
+    base = root()
+    removed, freed = 0, 0
+    for path in list(base.iterdir()) if base.is_dir() else []:
+        if path.name.startswith(".tmp-") and time.time() - path.stat().st_mtime < STALE_STAGING_S:
+            continue
+        size = _size(path)
+        shutil.rmtree(path, ignore_errors=True)
+        removed, freed = removed + 1, freed + size
+    return CacheCleared(path=str(base), removed=removed, freed_bytes=freed)
+
+
+def packing_plan(tokens: Tokenized, lengths: Any, max_length: int) -> tuple[Any, Any]:
+    """The best-fit packing plan of an entry's examples, computed once and kept next to it.
+
+    The plan file is derived data: it is checked on every read (a permutation of the
+    examples, no row longer than max_length) and recomputed when it fails, or when it cannot
+    be written (a full disk only costs the recomputation next time).
+    """
+    import io
+
+    import numpy as np
+
+    from lmctl.atomic import write_bytes_atomic
+    from lmctl.data.packing import pack_plan
+
+    path = tokens.path / "pack.npz"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        with np.load(path) as saved:
+            order, starts = saved["order"], saved["starts"]
+        if _plan_fits(order, starts, lengths, max_length):
+            return order, starts
+    order, starts = pack_plan(lengths, max_length)
+    buffer = io.BytesIO()
+    np.savez(buffer, order=order, starts=starts)
+    with contextlib.suppress(OSError):
+        write_bytes_atomic(path, buffer.getvalue())
+    return order, starts
+
+
+def _plan_fits(order: Any, starts: Any, lengths: Any, max_length: int) -> bool:
+    import numpy as np
+
+    if len(order) != len(lengths) or starts[0] != 0 or starts[-1] != len(order) or np.any(np.diff(starts) <= 0):
+        return False
+    if len(order) and (order.min() < 0 or order.max() >= len(lengths) or np.any(np.bincount(order) != 1)):
+        return False
+    return not len(order) or bool((np.add.reduceat(lengths[order], starts[:-1]) <= max_length).all())

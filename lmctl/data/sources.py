@@ -1,0 +1,173 @@
+"""Where a data set lives (one file, a glob, a directory of shards, a `save_to_disk` directory),
+how it is read into memory-mapped Arrow, and how its bytes are fingerprinted.
+
+The fingerprint is a sha256 over the bytes of every shard in sorted order (for one file:
+exactly its bytes, as lmctl has always recorded, so registry tags of older versions still
+match). `Source.unchanged()` compares each shard's (size, mtime, inode) with what it was
+when the fingerprint was taken: a file rewritten while it was read is refused, never
+cached under the old key.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmctl.errors import DataError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota exceeded, file size limit
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+SAVED_MARKERS = ("state.json", "dataset_info.json")  # what Dataset.save_to_disk writes next to its shards
+
+
+def _stat(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+@dataclass
+class Source:
+    """The files of one data set, in the order their rows are read."""
+
+    spec: Path  # what the user wrote: a file, a glob or a directory
+    files: list[Path]
+    saved: bool = False  # a save_to_disk directory (files are its shards and metadata)
+    stats: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def builder(self) -> str:
+        return "arrow" if self.saved else BUILDERS[self.files[0].suffix.lower()]
+
+    def bytes_digest(self) -> Any:
+        """sha256 over the shards' bytes; a hashlib object so callers can extend a copy."""
+        from lmctl.checkpoint import file_digest  # checkpoint imports lmctl.data: import at call time
+
+        self.stats = [_stat(f) for f in self.files]
+        if len(self.files) == 1 and not self.saved:
+            return file_digest(self.files[0])
+        digest = hashlib.sha256()
+        base = self.spec if self.spec.is_dir() else self.spec.parent
+        for path in self.files:  # name and content of each shard: renaming or reordering shards changes it
+            digest.update(f"{os.path.relpath(path, base)}\0{file_digest(path).hexdigest()}\0".encode())
+        return digest
+
+    def unchanged(self) -> bool:
+        return bool(self.stats) and self.stats == [_stat(f) for f in self.files if f.exists()]
+
+    def check_unchanged(self) -> None:
+        if not self.unchanged():
+            raise DataError(f"{self.spec}: changed while it was being read; nothing was cached",
+                            hint="run again once the file is no longer being written")
+
+    def name_row(self, index: int, offsets: list[int]) -> tuple[Path, int]:
+        """(shard file, 1-based row in it) of the dataset's 0-based row `index`."""
+        import bisect
+
+        if self.saved or len(offsets) != len(self.files):  # one dataset, or a stream over every shard
+            return self.spec, index + 1
+        shard = bisect.bisect_right(offsets, index) - 1
+        return self.files[shard], index - offsets[shard] + 1
+
+
+def _shards(paths: list[Path], spec: Path) -> list[Path]:
+    suffixes = {p.suffix.lower() for p in paths}
+    if len(suffixes) > 1:
+        raise DataError(f"{spec}: shards of different formats ({', '.join(sorted(suffixes))})",
+                        hint="keep one format per data set")
+    suffix = suffixes.pop()
+    if suffix not in BUILDERS:
+        raise DataError(f"{spec}: unsupported data format {suffix!r}", hint=f"use one of {', '.join(BUILDERS)}")
+    return sorted(paths)
+
+
+def resolve(spec: Path) -> Source:
+    """The files behind `spec`: a file, a glob (`train-*.parquet`), a directory of shards, or a
+    `save_to_disk` directory. Shards are read in sorted order."""
+    if spec.is_dir():
+        if any((spec / m).is_file() for m in SAVED_MARKERS):
+            return Source(spec, sorted(p for p in spec.rglob("*") if p.is_file()), saved=True)
+        found = [p for p in spec.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in BUILDERS]
+        if not found:
+            raise DataError(f"{spec}: no data files in the directory", hint=f"expected {', '.join(BUILDERS)} shards")
+        return Source(spec, _shards(found, spec))
+    if glob.has_magic(str(spec)):
+        found = [Path(p) for p in glob.glob(str(spec)) if Path(p).is_file()]
+        if not found:
+            raise DataError(f"{spec}: no file matches the pattern")
+        return Source(spec, _shards(found, spec))
+    if not spec.is_file():
+        raise DataError(f"data file not found: {spec}")
+    if spec.stat().st_size == 0:
+        raise DataError(f"{spec}: the file is empty")
+    return Source(spec, _shards([spec], spec))
+
+
+def load(source: Source, cache_dir: Path, num_proc: int | None = None) -> tuple[Any, list[int]]:
+    """The rows as one memory-mapped Arrow `Dataset`, plus the first row index of each shard.
+
+    Shards are loaded one by one (then concatenated, which copies nothing), so an error can
+    name the shard and the row inside it.
+    """
+    from datasets import concatenate_datasets, load_dataset, load_from_disk
+
+    if source.saved:
+        try:
+            ds = load_from_disk(str(source.spec))
+        except Exception as exc:  # datasets raises many types for a damaged directory
+            raise DataError(f"{source.spec}: cannot be read as a saved dataset: {_first_line(exc)}") from None
+        return _only_split(ds, source.spec), [0]
+    parts, offsets = [], []
+    builder = source.builder
+    kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
+    for path in source.files:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the file is empty")
+        try:
+            part = load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir),
+                                num_proc=num_proc if num_proc and num_proc > 1 else None, **kwargs)
+        except Exception as exc:  # datasets raises many types for malformed files
+            if no_space_cause(exc) is not None:
+                raise  # not the file's fault: the disk the Arrow conversion goes to is full
+            raise DataError(f"{path}: cannot be read as {builder}: {_first_line(exc)}") from None
+        offsets.append(sum(len(p) for p in parts))
+        parts.append(part)
+    try:
+        ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    except ValueError as exc:  # shards whose columns or types differ
+        raise DataError(f"{source.spec}: the shards do not have the same columns: {_first_line(exc)}") from None
+    if ds.num_rows == 0:
+        raise DataError(f"{source.spec}: no rows")
+    return ds, offsets
+
+
+def _only_split(ds: Any, spec: Path) -> Any:
+    from datasets import DatasetDict
+
+    if isinstance(ds, DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{spec}: a saved DatasetDict without a 'train' split", hint="point at one split's directory")
+        ds = ds["train"]
+    if ds.num_rows == 0:
+        raise DataError(f"{spec}: no rows")
+    return ds
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def no_space_cause(exc: BaseException) -> OSError | None:
+    """The out-of-space OSError behind `exc` (itself, or anywhere in its cause/context chain)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in NO_SPACE:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

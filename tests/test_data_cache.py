@@ -1,0 +1,158 @@
+"""The tokenization cache: keyed by data, tokenizer, max_length; atomic; corrupt entries rebuilt;
+sharded inputs fingerprinted in order; bad rows, changing files and full disks leave no entry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ASSETS, REPO
+from lmctl import data
+from lmctl.data.cache import root, tokenized
+from lmctl.errors import DataError
+from lmctl.loading import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_base: Path):  # type: ignore[no-untyped-def]
+    return load_tokenizer(str(tiny_base))
+
+
+def _entries() -> list[Path]:
+    return sorted(root().iterdir()) if root().is_dir() else []
+
+
+def _rows(path: Path, n: int, bad_row: int | None = None) -> Path:
+    """n completion rows; row `bad_row` (1-based) has an empty completion."""
+    with path.open("w") as fh:
+        for i in range(1, n + 1):
+            fh.write(json.dumps({"prompt": f"Question {i}?", "completion": "" if i == bad_row else f" Answer {i}."}) + "\n")
+    return path
+
+
+def test_hits_and_misses_are_keyed_by_data_tokenizer_and_max_length(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    train = tmp_path / "train.jsonl"
+    shutil.copy(ASSETS / "tiny_train.jsonl", train)
+    first = tokenized(train, "text", "auto", tok, 64)
+    assert not first.hit and first.fingerprint.sha256 == data.fingerprint(train, "text", 48, "text").sha256
+    again = tokenized(train, "text", "auto", tok, 64)
+    assert again.hit and again.table["input_ids"] == first.table["input_ids"]
+    assert not tokenized(train, "text", "auto", tok, 32).hit  # max_length
+    other = tok.__class__.from_pretrained(tok.name_or_path)
+    other.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    assert not tokenized(train, "text", "auto", other, 64).hit  # tokenizer
+    raw = bytearray(train.read_bytes())
+    raw[raw.index(b"The") : raw.index(b"The") + 3] = b"Thy"  # one byte of the data
+    train.write_bytes(bytes(raw))
+    changed = tokenized(train, "text", "auto", tok, 64)
+    assert not changed.hit and changed.fingerprint.sha256 != first.fingerprint.sha256
+    assert len(_entries()) == 4
+
+
+def test_a_corrupt_or_partial_entry_is_rebuilt(tok, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    first = tokenized(ASSETS / "tiny_train.jsonl", "text", "auto", tok, 64)
+    expected = list(first.table["input_ids"])  # read now: the file is changed in place below
+    arrow = next(first.path.glob("tokens*.arrow"))
+    blob = bytearray(arrow.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # a flipped bit inside the token ids
+    arrow.write_bytes(bytes(blob))
+    rebuilt = tokenized(ASSETS / "tiny_train.jsonl", "text", "auto", tok, 64)
+    assert not rebuilt.hit and list(rebuilt.table["input_ids"]) == expected
+    assert "corrupt" in caplog.text
+    (rebuilt.path / "entry.json").unlink()  # what a kill before the final rename would look like
+    assert not tokenized(ASSETS / "tiny_train.jsonl", "text", "auto", tok, 64).hit
+    assert tokenized(ASSETS / "tiny_train.jsonl", "text", "auto", tok, 64).hit
+
+
+def test_sharded_input_is_read_and_fingerprinted_in_sorted_order(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    lines = (ASSETS / "tiny_train.jsonl").read_text().splitlines(keepends=True)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for name in ["train-2.jsonl", "train-0.jsonl", "train-1.jsonl"]:  # created out of order
+        (shards / name).write_text("".join(lines[16 * int(name[6]) : 16 * int(name[6]) + 16]))
+    by_dir = tokenized(shards, "text", "auto", tok, 64)
+    by_glob = tokenized(shards / "train-*.jsonl", "text", "auto", tok, 64)
+    single = tokenized(ASSETS / "tiny_train.jsonl", "text", "auto", tok, 64)
+    assert by_dir.table["input_ids"] == by_glob.table["input_ids"] == single.table["input_ids"]
+    assert by_dir.fingerprint.rows == 48 and by_dir.fingerprint.sha256 == by_glob.fingerprint.sha256
+    # swapping two shards' contents keeps every byte but changes the order: a new fingerprint
+    a, b = (shards / "train-0.jsonl").read_text(), (shards / "train-1.jsonl").read_text()
+    (shards / "train-0.jsonl").write_text(b)
+    (shards / "train-1.jsonl").write_text(a)
+    swapped = tokenized(shards, "text", "auto", tok, 64)
+    assert not swapped.hit and swapped.fingerprint.sha256 != by_dir.fingerprint.sha256
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    _rows(pairs / "part-a.jsonl", 5)
+    _rows(pairs / "part-b.jsonl", 5, bad_row=2)
+    with pytest.raises(DataError, match=r"part-b\.jsonl: row 2: field 'completion' is empty"):
+        data.load_checked(pairs, "text")
+
+
+def test_save_to_disk_directory_is_an_input(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from datasets import load_dataset
+
+    ds = load_dataset("json", data_files=str(ASSETS / "tiny_train.jsonl"), split="train", cache_dir=str(tmp_path / "c"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    saved = tokenized(tmp_path / "saved", "text", "auto", tok, 64)
+    assert saved.table["input_ids"] == tokenized(ASSETS / "tiny_train.jsonl", "text", "auto", tok, 64).table["input_ids"]
+
+
+def test_shape_error_in_100k_rows_names_the_row_and_caches_nothing(cli, tmp_path: Path) -> None:
+    path = _rows(tmp_path / "big.jsonl", 100_000, bad_row=73_457)
+    result = cli("data", "validate", path, "--json")
+    assert result.code == 2, result.err
+    assert f"{path}: row 73457: field 'completion' is empty" in result.err
+    assert _entries() == []  # neither an entry nor a staging directory is left
+
+
+def test_a_file_changing_while_read_is_refused_and_not_cached(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = _rows(tmp_path / "growing.jsonl", 60_000)
+
+    def append_once_the_build_started() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(p.name.startswith(".tmp-") for p in _entries()):
+            time.sleep(0.002)
+        with path.open("a") as fh:
+            fh.write(json.dumps({"prompt": "late?", "completion": " row"}) + "\n")
+
+    writer = threading.Thread(target=append_once_the_build_started)
+    writer.start()
+    with pytest.raises(DataError, match="changed while it was being read"):
+        tokenized(path, "text", "auto", tok, 64)
+    writer.join()
+    assert _entries() == []
+
+
+def test_a_full_disk_fails_clearly_and_leaves_no_entry(tmp_path: Path, lmctl_home: Path) -> None:
+    """A real write failure: the child may not write files over 256 KiB (RLIMIT_FSIZE, EFBIG)."""
+    path = _rows(tmp_path / "rows.jsonl", 30_000)
+    child = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))\n"
+        "from lmctl.cli import main\n"
+        f"sys.exit(main(['data', 'validate', {str(path)!r}, '--json']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert "no space left to write the tokenization cache" in proc.stderr
+    assert not (lmctl_home / "cache" / "tokens").is_dir() or not any((lmctl_home / "cache" / "tokens").iterdir())
+
+
+def test_cache_list_and_clear_show_sizes(cli, tiny_config: Path) -> None:
+    assert cli("data", "validate", tiny_config, "--json").code == 0
+    listed = cli("data", "cache", "list", "--json").json
+    assert len(listed["entries"]) == 2  # train and validation files
+    assert all(e["bytes"] > 0 and e["tokenized"] and e["status"] == "ok" for e in listed["entries"])
+    assert listed["total_bytes"] == sum(e["bytes"] for e in listed["entries"])
+    cleared = cli("data", "cache", "clear", "--json").json
+    assert cleared["removed"] == 2 and cleared["freed_bytes"] == listed["total_bytes"]
+    assert cli("data", "cache", "list", "--json").json["entries"] == []
