@@ -39,7 +39,7 @@ class NonFiniteLogitsError(RuntimeError):
     """The model's output had NaN or inf for a row: that request fails, the batch goes on."""
 
 log = logging.getLogger("lmctl.serve.engine")
-CPU_BATCH_CAP = 16  # on CPU a decode step is compute-bound past ~16 rows: more only stretches every step (p95)
+CPU_BATCH_CAP = 64  # measured: at 32 clients a cap of 16 gave 0.38x transformers serve (which batches all 32)
 
 
 def auto_max_batch_size(model: Any, tokens_per_row: int) -> int:
