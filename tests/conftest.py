@@ -133,6 +133,36 @@ def wait_until_up(proc: subprocess.Popen, url: str, log: Path, timeout: float = 
         time.sleep(0.3)
 
 
+def trainer_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss, from the Trainer state of the run's newest Trainer checkpoint."""
+    newest = max((run_dir / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    history = json.loads((newest / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def assert_same_losses(expected_run: Path, actual_run: Path) -> None:
+    """Both runs logged the same steps with the same losses (CPU: equal to 1e-5 relative)."""
+    expected, actual = trainer_losses(expected_run), trainer_losses(actual_run)
+    assert sorted(actual) == sorted(expected)
+    for step, loss in expected.items():
+        assert abs(actual[step] - loss) <= 1e-5 * abs(loss), (step, actual[step], loss)
+
+
+def train_killed_at(config: Path, args: list[str], sealed: Path, timeout: float = 180) -> None:
+    """Run `lmctl train CONFIG ARGS` in a child process and SIGKILL it once checkpoint `sealed` exists."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "lmctl", "train", str(config), *args],
+                            stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.monotonic() + timeout
+    while not (sealed / "lmctl.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, f"training ended before {sealed.name}"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from conftest import ASSETS
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    newest = max((run_dir / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    history = json.loads((newest / "trainer_state.json").read_text())["log_history"]
-    return {h["step"]: h["loss"] for h in history if "loss" in h}
+from conftest import ASSETS, assert_same_losses, train_killed_at
 
 
 def test_streaming_plan_and_max_steps(cli, tiny_config: Path) -> None:
@@ -39,20 +27,10 @@ def test_streaming_resumes_after_sigkill_at_the_same_example(cli, tiny_config: P
     assert straight.code == 0, straight.err
 
     run_dir = tmp_path / "runs" / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "lmctl", "train", str(tiny_config), *common,
-                             "--set", "output.run_name=killed"], stderr=subprocess.DEVNULL, env=os.environ.copy())
-    deadline = time.monotonic() + 180
-    while not (run_dir / "checkpoints" / "step-000004" / "lmctl.json").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "training ended before its checkpoint"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    train_killed_at(tiny_config, [*common, "--set", "output.run_name=killed"], run_dir / "checkpoints" / "step-000004")
     assert max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")) < 40
 
     resumed = cli("train", tiny_config, *common, "--set", "output.run_name=killed", "--json")
     assert resumed.code == 0, resumed.err
     assert resumed.json["steps"] == 40 and resumed.json["resumed_from"] is not None
-    expected, actual = _losses(Path(straight.json["run_dir"])), _losses(run_dir)
-    assert sorted(actual) == sorted(expected)
-    for step, loss in expected.items():
-        assert abs(actual[step] - loss) <= 1e-5 * abs(loss), (step, actual[step], loss)
+    assert_same_losses(Path(straight.json["run_dir"]), run_dir)

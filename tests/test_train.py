@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
+from conftest import assert_same_losses, train_killed_at
+
 
 def test_dry_run_validates_and_writes_nothing(cli, tiny_config: Path, tmp_path: Path) -> None:
     result = cli("train", tiny_config, "--dry-run", "--json")
@@ -67,46 +69,24 @@ def test_resume_auto_continues_from_the_trainer_checkpoint(cli, tiny_config: Pat
     assert len(archived) == 1 and (archived[0] / "checkpoints" / "step-000006" / "lmctl.json").is_file()
 
 
-def _log_losses(run_dir: Path) -> dict[int, float]:
-    """step -> training loss, from the Trainer state of the newest Trainer checkpoint."""
-    newest = max((run_dir / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    history = json.loads((newest / "trainer_state.json").read_text())["log_history"]
-    return {h["step"]: h["loss"] for h in history if "loss" in h}
-
-
 def test_sigkill_then_resume_matches_an_uninterrupted_run(cli, tiny_config: Path, tmp_path: Path) -> None:
     """Kill a real training process after its first checkpoint; resuming must finish the run
     with the same losses as a run that was never interrupted (CPU: equal to 1e-5 relative)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     common = ["--set", "train.max_steps=60", "--set", "train.save_every=2", "--set", "train.eval_every=1000",
               "--set", "train.log_every=2", "--set", "data.validation=null"]
     straight = cli("train", tiny_config, *common, "--set", "output.run_name=straight", "--json")
     assert straight.code == 0, straight.err
 
     run_dir = tmp_path / "runs" / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "lmctl", "train", str(tiny_config), *common,
-                             "--set", "output.run_name=killed"], stderr=subprocess.DEVNULL, env=os.environ.copy())
-    deadline = time.monotonic() + 120
-    while not (run_dir / "checkpoints" / "step-000002" / "lmctl.json").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    train_killed_at(tiny_config, [*common, "--set", "output.run_name=killed"], run_dir / "checkpoints" / "step-000002",
+                    timeout=120)
     killed_at = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
     assert killed_at < 60, "the process finished before it was killed"
 
     resumed = cli("train", tiny_config, *common, "--set", "output.run_name=killed", "--json")
     assert resumed.code == 0, resumed.err
     assert resumed.json["steps"] == 60 and resumed.json["resumed_from"] is not None
-    expected, actual = _log_losses(Path(straight.json["run_dir"])), _log_losses(run_dir)
-    assert sorted(actual) == sorted(expected)
-    for step, loss in expected.items():
-        assert abs(actual[step] - loss) <= 1e-5 * abs(loss), (step, actual[step], loss)
+    assert_same_losses(Path(straight.json["run_dir"]), run_dir)
 
 
 def test_resume_auto_skips_a_checkpoint_killed_mid_save(cli, tiny_config: Path) -> None:
