@@ -33,8 +33,11 @@ def test_every_reported_p95_is_the_same_number() -> None:
     window = Window(span_s=1e9)
     for v in values:
         window.add(True, v / 1000.0, now=0.0)
-    tokenizer = lambda texts, add_special_tokens: {"input_ids": [[0] * int(v) for v in values]}  # noqa: E731
-    token_stats = _token_stats(["x"] * len(values), tokenizer, 1024)
+    from datasets import Dataset
+
+    # data validate reads token lengths from the tokenized Arrow table (n_tokens per row)
+    table = Dataset.from_dict({"n_tokens": [int(v) for v in values]})
+    token_stats = _token_stats(table, np.zeros(len(values), dtype=bool), 1024)
     assert token_stats is not None
     assert percentiles(values)["p95"] == expected
     assert window.summary()["p95_ms"] == pytest.approx(expected)  # seconds in, ms out
