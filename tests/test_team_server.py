@@ -255,6 +255,7 @@ def test_killed_on_host_a_resumed_on_host_b(cli, team: dict, retrain_config: tup
     disk; host B breaks the stale lock, resumes the run from the server (state and the uploaded
     checkpoint) and finishes with exactly one new version."""
     import signal
+    import time
 
     from lmctl import registry
 
@@ -264,6 +265,9 @@ def test_killed_on_host_a_resumed_on_host_b(cli, team: dict, retrain_config: tup
     out, err = host_a.communicate(timeout=900)
     assert host_a.returncode == -signal.SIGKILL and out == "", err[-2000:]
     shutil.rmtree(tmp_path / "host-a")  # a rescheduled pod: the old node's disk is gone
+    # A's last heartbeat may be a moment old: within the stale limit the lock counts as held
+    # (host B would exit 5 at once, as a live holder's rival must). Wait the limit out.
+    time.sleep(float(fast_stale["LMCTL_LOCK_STALE_S"]) + 1)
 
     status = cli("retrain", "--status", name, "--json")  # from a third machine: this test's LMCTL_HOME
     assert status.code == 0, status.err
@@ -313,6 +317,7 @@ def test_killed_mid_training_on_host_a_continues_on_host_b(cli, team: dict, retr
     host_a.kill()
     host_a.communicate()
     shutil.rmtree(tmp_path / "host-a")
+    time.sleep(float(fast_stale["LMCTL_LOCK_STALE_S"]) + 1)  # until A's last heartbeat is stale
 
     args, env = _host(tmp_path, "host-b", fast_stale, sets)
     resumed = run_subprocess("retrain", str(config), *args, env=env, timeout=900)
