@@ -1,20 +1,28 @@
-"""Rendered Kubernetes manifests checked by `kubernetes-validate --strict`, the validator users run.
+"""Rendered Kubernetes manifests checked by `kubernetes-validate --strict`, the validator users run,
+and the canary HTTPRoute by the `jsonschema` library against Gateway API's published v1 schema.
 
 kubernetes-validate ships the Kubernetes JSON schemas inside its package, so this runs offline.
-Each check is also shown to fail on a broken copy, so a validator that silently passes nothing
-cannot make these tests green.
+kubernetes-validate has no schema for CRDs, so the HTTPRoute schema is vendored:
+tests/assets/gateway-api/ (Gateway API v1.0.0, from an npm package; its README and
+scripts/gateway_api_schema.py say which and how to refresh it). Each check is also shown to fail
+on a broken copy, so a validator that silently passes nothing cannot make these tests green.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 K8S_VERSION = "1.37.0"
+HTTPROUTE_SCHEMA = Path(__file__).parent / "assets" / "gateway-api" / "httproute-v1.schema.json"
+OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"  # the schema's $ref for `metadata`
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +59,76 @@ def test_deployments_and_services_pass_strict_validation(manifests: Path) -> Non
     broken.write_text(yaml.safe_dump(deployment))
     refused = kubernetes_validate(broken)
     assert refused.returncode != 0 and "readinesProbe" in refused.stdout + refused.stderr
+
+
+def forbid_unknown_fields(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` on every object that lists its properties.
+
+    A CRD schema leaves unknown fields open because the API server prunes them, but kubectl (1.27+,
+    --validate=strict by default) asks the server to refuse them instead, which is what a user
+    applying these files meets; kubernetes-validate --strict does the same to its schemas."""
+    if isinstance(schema, list):
+        return [forbid_unknown_fields(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: forbid_unknown_fields(value) if key not in ("default", "enum") else value
+           for key, value in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="module")
+def httproute_errors() -> Any:
+    """A function listing the Gateway API v1 schema's complaints about an HTTPRoute document."""
+    import jsonschema
+    import kubernetes_validate
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    schema = forbid_unknown_fields(json.loads(HTTPROUTE_SCHEMA.read_text(encoding="utf-8")))
+    # `metadata` is checked against Kubernetes' own ObjectMeta, from the schemas kubernetes-validate ships
+    schemas = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{K8S_VERSION}-local-strict"
+    definitions = Resource.from_contents(json.loads((schemas / "_definitions.json").read_text(encoding="utf-8")))
+    meta = Resource.from_contents({"$ref": f"{definitions.id()}#/$defs/{OBJECT_META}"},
+                                  default_specification=DRAFT202012)
+    registry = Registry().with_resources([(definitions.id(), definitions), (OBJECT_META, meta)])
+    validator = jsonschema.Draft202012Validator(schema, registry=registry,
+                                                format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    return lambda doc: sorted(f"{e.json_path}: {e.message}" for e in leaves(validator.iter_errors(doc)))
+
+
+def leaves(errors: Any) -> Any:
+    """The innermost errors: `metadata` is oneOf [ObjectMeta, null], whose own message names neither."""
+    for error in errors:
+        yield from leaves(error.context) if error.context else [error]
+
+
+def test_httproute_passes_the_gateway_api_v1_schema(manifests: Path, httproute_errors: Any) -> None:
+    route = yaml.safe_load((manifests / "httproute.yaml").read_text())
+    assert httproute_errors(route) == []
+    assert (route["apiVersion"], route["kind"]) == ("gateway.networking.k8s.io/v1", "HTTPRoute")
+    assert route["metadata"]["name"] == "tiny" and route["metadata"]["namespace"]
+    backends = route["spec"]["rules"][0]["backendRefs"]
+    assert [b["weight"] for b in backends] == [75, 25]  # --canary-weight 0.25
+
+
+@pytest.mark.parametrize(("path", "value", "complaint"), [
+    (("spec", "rules", 0, "backendRefs", 1, "weight"), 1_000_001, "greater than the maximum"),
+    (("spec", "rules", 0, "backendRefs", 1, "wieght"), 25, "Additional properties"),  # a typo: unknown field
+    (("spec", "rules", 0, "matches", 0, "path", "type"), "Prefix", "is not one of"),
+    (("spec", "parentRefs", 0, "name"), "", "should be non-empty"),
+    (("metadata", "labels", "app.kubernetes.io/name"), 7, "is not of type 'string'"),  # ObjectMeta's own rules
+    (("metadata", "lables"), {}, "Additional properties"),
+    (("kind",), "HTTPRoutes", "is not one of"),
+    (("apiVersion",), "gateway.networking.k8s.io/v1beta2", "is not one of"),
+])
+def test_gateway_api_schema_refuses_a_broken_route(manifests: Path, httproute_errors: Any, path: tuple[Any, ...],
+                                                   value: Any, complaint: str) -> None:
+    route = copy.deepcopy(yaml.safe_load((manifests / "httproute.yaml").read_text()))
+    parent = route
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    errors = httproute_errors(route)
+    assert errors and any(complaint in e for e in errors), errors
