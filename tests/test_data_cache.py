@@ -156,3 +156,33 @@ def test_cache_list_and_clear_show_sizes(cli, tiny_config: Path) -> None:
     cleared = cli("data", "cache", "clear", "--json").json
     assert cleared["removed"] == 2 and cleared["freed_bytes"] == listed["total_bytes"]
     assert cli("data", "cache", "list", "--json").json["entries"] == []
+
+
+def test_eval_reuses_the_cache_and_misses_on_a_changed_byte_or_tokenizer(  # type: ignore[no-untyped-def]
+        cli, tok, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small .jsonl is tokenized in process (no cache, no datasets import); above the size
+    limit (set to 0 here) eval reads its documents from the cache, with the same numbers."""
+    from lmctl.data.documents import documents
+
+    path = tmp_path / "docs.jsonl"
+    shutil.copy(ASSETS / "tiny_validation.jsonl", path)
+    args = ("eval", tiny_base, "--data", path, "--max-length", "32", "--per-document", "--json")
+    in_process = cli(*args).json
+    assert _entries() == []
+    monkeypatch.setattr(data, "SMALL_JSONL_BYTES", 0)
+    first, second = cli(*args), cli(*args)
+    assert "tokenization cache miss" in first.err and "tokenization cache hit" in second.err and len(_entries()) == 1
+    first, second = first.json, second.json
+    for report in (first, second):
+        assert report["sums"] == in_process["sums"] and report["documents"] == in_process["documents"]
+        assert report["data"] == in_process["data"]
+    listed = cli("data", "cache", "list", "--json").json["entries"]
+    assert [e["purpose"] for e in listed] == ["eval"] and listed[0]["rows"] == in_process["sums"]["documents"]
+    other = tok.__class__.from_pretrained(tok.name_or_path)
+    other.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    assert not documents(path, "text", other).hit and documents(path, "text", tok).hit  # tokenizer
+    path.write_bytes(path.read_bytes().replace(b"The", b"Thy", 1))  # one byte of the data
+    changed = cli(*args)
+    assert "tokenization cache miss" in changed.err and len(_entries()) == 3
+    changed = changed.json
+    assert changed["data"]["sha256"] != first["data"]["sha256"] and changed["sums"] != first["sums"]

@@ -166,29 +166,46 @@ def load_checked(path: Path, text_field: str, declared: Format = "auto") -> tupl
     return records, fmt, text
 
 
-def load_texts(path: Path, text_field: str = "text") -> list[str]:
-    """The non-empty documents of a text-shaped file (for perplexity and drift). A small, regular
-    .jsonl is read with the json module (eval then never imports datasets); anything else goes
-    through datasets in batches."""
+def _texts_of(column: list[Any]) -> list[str]:
+    return [t for t in column if isinstance(t, str) and t.strip()]
+
+
+def small_texts(path: Path, text_field: str = "text") -> list[str] | None:
+    """The non-empty documents of a small, regular .jsonl, read with the json module (eval then
+    never imports datasets); None for any other input, which goes through datasets."""
     small = _small_jsonl(path) if path.is_file() else None
-    if small is not None:
-        name, text = RowNamer(resolve(path)), text_field
-        columns: dict[str, list[Any]] = {k: [r[k] for r in small] for k in small[0]}
-        if text not in columns:
-            raise DataError(f"{path}: no field {text!r}", hint=f"columns are {sorted(columns)}; set --text-field")
-        check_batch(columns, list(range(len(small))), "text", text, name)
-        texts = [t for t in columns[text] if isinstance(t, str) and t.strip()]
-    else:
-        records, name = load_named(path)
-        text = field_for(name.source, text_field)
-        if text not in records.column_names:
-            raise DataError(f"{path}: no field {text!r}", hint=f"columns are {sorted(records.column_names)}; set --text-field")
-        check_rows(path, records, "text", text, name)
-        texts = [t for batch in records.select_columns([text]).iter(batch_size=BATCH)
-                 for t in batch[text] if isinstance(t, str) and t.strip()]
+    if small is None:
+        return None
+    columns: dict[str, list[Any]] = {k: [r[k] for r in small] for k in small[0]}
+    if text_field not in columns:
+        raise DataError(f"{path}: no field {text_field!r}", hint=f"columns are {sorted(columns)}; set --text-field")
+    check_batch(columns, list(range(len(small))), "text", text_field, RowNamer(resolve(path)))
+    return _nonempty(path, text_field, _texts_of(columns[text_field]))
+
+
+def _nonempty(path: Path, text_field: str, texts: list[str]) -> list[str]:
     if not texts:
-        raise DataError(f"{path}: no non-empty text in field {text!r}")
+        raise DataError(f"{path}: no non-empty text in field {text_field!r}")
     return texts
+
+
+def check_text_field(path: Path, records: Any, text_field: str) -> None:
+    if text_field not in records.column_names:
+        raise DataError(f"{path}: no field {text_field!r}", hint=f"columns are {sorted(records.column_names)}; set --text-field")
+
+
+def load_texts(path: Path, text_field: str = "text") -> list[str]:
+    """The non-empty documents of a text-shaped file (for drift): a small .jsonl with the json
+    module (`small_texts`), anything else through datasets in batches."""
+    small = small_texts(path, text_field)
+    if small is not None:
+        return small
+    records, name = load_named(path)
+    text = field_for(name.source, text_field)
+    check_text_field(path, records, text)
+    check_rows(path, records, "text", text, name)
+    return _nonempty(path, text, [t for batch in records.select_columns([text]).iter(batch_size=BATCH)
+                                  for t in _texts_of(batch[text])])
 
 
 def fingerprint(path: Path, text_field: str, rows: int, fmt: str = "text", source: Source | None = None,

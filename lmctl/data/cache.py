@@ -3,8 +3,11 @@ in `train`, `--resume`, `--dry-run`, `retrain`, `data validate` and `eval`.
 
 An entry is keyed by a sha256 over: the data's bytes (every shard, sorted), the tokenizer's
 full serialization and behaviour (lmctl.tokenizer_lock), the declared format, the text
-field, max_length and the shaping rules (SHAPING). It holds the Arrow files that
-`Dataset.map(cache_file_name=...)` wrote, plus `entry.json` with each file's sha256 and size.
+field, max_length and the shaping rules (SHAPING). `eval`'s entries (purpose "eval",
+lmctl.data.documents) hold whole documents instead of training examples: their key has
+EVAL_SHAPING and no max_length, since windows are cut from the documents when scoring.
+An entry holds the Arrow files that `Dataset.map(cache_file_name=...)` wrote, plus
+`entry.json` with each file's sha256 and size.
 
 Writes are atomic: the entry is built in a hidden `.tmp-*` sibling, `entry.json` is written
 last and the directory is renamed into place. A reader re-hashes the files against
@@ -26,16 +29,18 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from lmctl.atomic import write_json_atomic
 from lmctl.checkpoint import FileEntry, sha256_file, sha256_json
-from lmctl.data import DataFingerprint, Format, RowNamer, check_rows, detect_format, field_for, fingerprint
+from lmctl.data import (DataFingerprint, Format, RowNamer, check_rows, check_text_field, detect_format, field_for,
+                        fingerprint)
+from lmctl.data.documents import EVAL_SHAPING, DocumentsTokenize, document_features
 from lmctl.data.examples import Tokenize, check_tokenizer, features
 from lmctl.data.sources import Source, load, no_space_cause, resolve
-from lmctl.errors import StorageError
+from lmctl.errors import DataError, StorageError
 from lmctl.home import cache_dir
 
 log = logging.getLogger("lmctl.data.cache")
@@ -43,6 +48,7 @@ SCHEMA = "lmctl.tokens/1"
 # Bump when Tokenize changes what it writes: every older entry then misses.
 SHAPING = {"text": "document + EOS, add_special_tokens", "completion": "prompt(+special) completion EOS, truncate",
            "chat": "chat template, assistant spans, truncate", "version": 1}
+Purpose = Literal["train", "eval"]  # train: examples (lmctl.data.examples); eval: documents (lmctl.data.documents)
 STALE_STAGING_S = 6 * 3600  # `cache clear` leaves younger staging dirs alone: a build may be running
 
 
@@ -58,6 +64,7 @@ class CacheEntry(BaseModel):
     max_length: int
     data: DataFingerprint
     files: dict[str, FileEntry]
+    purpose: str = "train"  # entries written before eval used the cache are training entries
 
 
 @dataclass
@@ -95,18 +102,23 @@ def default_num_proc(rows_hint: int) -> int | None:
 
 
 def tokenized(spec: Path, text_field: str, declared: Format, tokenizer: Any | None, max_length: int,
-              num_proc: int | None = None) -> Tokenized:
-    """The cached table for these inputs, built (atomically) on a miss."""
+              num_proc: int | None = None, purpose: Purpose = "train") -> Tokenized:
+    """The cached table for these inputs, built (atomically) on a miss. An eval entry holds
+    whole documents: it does not depend on max_length (windows are cut when scoring)."""
     source = resolve(spec)
     digest = source.bytes_digest()
     tok_key = tokenizer_key(tokenizer) if tokenizer is not None else None
+    if purpose == "eval":
+        declared, max_length = "text", 0
     key = sha256_json({"schema": SCHEMA, "data": digest.hexdigest(), "text_field": text_field, "format": declared,
-                       "tokenizer": tok_key, "max_length": max_length if tok_key else None, "shaping": SHAPING})
+                       "tokenizer": tok_key, "max_length": max_length if tok_key else None,
+                       "shaping": SHAPING if purpose == "train" else EVAL_SHAPING})
     entry_dir = root() / key[:32]
     found = _open(entry_dir, key)
     if found is not None:
         return found
-    _build(entry_dir, key, source, digest, text_field, declared, tokenizer, tok_key, max_length, num_proc)
+    recipe = _Recipe(purpose, text_field, declared, tokenizer, tok_key, max_length, num_proc)
+    _build(entry_dir, key, source, digest, recipe)
     built = _open(entry_dir, key, hit=False)
     if built is None:  # only if someone corrupted it between our rename and our read
         raise StorageError(f"{entry_dir}: the cache entry just written does not verify")
@@ -146,14 +158,38 @@ def _problem(entry_dir: Path, key: str) -> str | None:
     return None
 
 
-def _build(entry_dir: Path, key: str, source: Source, digest: Any, text_field: str, declared: Format,
-           tokenizer: Any | None, tok_key: str | None, max_length: int, num_proc: int | None) -> None:
+@dataclass(frozen=True)
+class _Recipe:
+    """What an entry is made from, besides the data: how its rows are checked and tokenized."""
+
+    purpose: Purpose
+    text_field: str
+    declared: Format
+    tokenizer: Any | None
+    tok_key: str | None
+    max_length: int
+    num_proc: int | None
+
+    def map_fn(self, source: Source, raw: Any, namer: RowNamer) -> tuple[str, Any, Any]:
+        """(format, batched map function, output features); raises DataError on a bad row."""
+        field = field_for(source, self.text_field)
+        fmt = detect_format(source.spec, raw, field, self.declared)
+        if self.purpose == "eval":
+            check_text_field(source.spec, raw, field)
+        elif self.tokenizer is not None:
+            check_tokenizer(source.spec, fmt, self.tokenizer)
+        check_rows(source.spec, raw, fmt, field, namer)  # a bad row fails in seconds, before any tokenizing
+        if self.purpose == "eval":
+            return fmt, DocumentsTokenize(field, self.tokenizer), document_features()
+        return fmt, Tokenize(fmt, field, namer, self.tokenizer, self.max_length), features(self.tokenizer is not None)
+
+
+def _build(entry_dir: Path, key: str, source: Source, digest: Any, recipe: _Recipe) -> None:
     entry_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=entry_dir.parent, prefix=f".tmp-{entry_dir.name}-"))
     try:
         with _no_space_is_storage_error(entry_dir.parent):
-            entry = _tokenize_into(stage, key, source, digest, text_field, declared, tokenizer, tok_key, max_length,
-                                   num_proc)
+            entry = _tokenize_into(stage, key, source, digest, recipe)
             source.check_unchanged()
             write_json_atomic(stage / "entry.json", entry.model_dump(mode="json"))
             _publish(stage, entry_dir)
@@ -161,29 +197,27 @@ def _build(entry_dir: Path, key: str, source: Source, digest: Any, text_field: s
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _tokenize_into(stage: Path, key: str, source: Source, digest: Any, text_field: str, declared: Format,
-                   tokenizer: Any | None, tok_key: str | None, max_length: int, num_proc: int | None) -> CacheEntry:
+def _tokenize_into(stage: Path, key: str, source: Source, digest: Any, recipe: _Recipe) -> CacheEntry:
     raw, offsets = load(source, stage / "raw")
-    field = field_for(source, text_field)
-    fmt = detect_format(source.spec, raw, field, declared)
-    if tokenizer is not None:
-        check_tokenizer(source.spec, fmt, tokenizer)
     namer = RowNamer(source, offsets)
-    check_rows(source.spec, raw, fmt, field, namer)  # a bad row fails in seconds, before any tokenizing
-    procs = num_proc if num_proc is not None else default_num_proc(raw.num_rows)
-    fn = Tokenize(fmt, field, namer, tokenizer, max_length)
-    table = raw.map(fn, batched=True, with_indices=True, remove_columns=raw.column_names,
-                    features=features(tokenizer is not None), num_proc=procs if procs and procs > 1 else None,
+    fmt, fn, out_features = recipe.map_fn(source, raw, namer)
+    field = field_for(source, recipe.text_field)
+    procs = recipe.num_proc if recipe.num_proc is not None else default_num_proc(raw.num_rows)
+    eval_ = recipe.purpose == "eval"  # an eval map drops empty documents: no row indices to pass
+    table = raw.map(fn, batched=True, with_indices=not eval_, remove_columns=raw.column_names, features=out_features,
+                    num_proc=procs if procs and procs > 1 else None,
                     cache_file_name=str(stage / "tokens.arrow"), desc=f"Tokenizing {source.spec.name}")
     rows = table.num_rows
     del table, raw  # release the memory maps before the raw conversion is deleted
     shutil.rmtree(stage / "raw", ignore_errors=True)
+    if eval_ and rows == 0:
+        raise DataError(f"{source.spec}: no non-empty text in field {field!r}")
     files = {p.name: FileEntry(sha256=sha256_file(p), size=p.stat().st_size)
              for p in sorted(stage.glob("tokens*.arrow"))}
     return CacheEntry(key=key, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      source=str(source.spec), rows=rows, format=fmt, text_field=field, tokenizer=tok_key,
-                      max_length=max_length, data=fingerprint(source.spec, field, rows, fmt, digest=digest),
-                      files=files)
+                      source=str(source.spec), rows=rows, format=fmt, text_field=field, tokenizer=recipe.tok_key,
+                      max_length=recipe.max_length, data=fingerprint(source.spec, field, rows, fmt, digest=digest),
+                      files=files, purpose=recipe.purpose)
 
 
 def _publish(stage: Path, entry_dir: Path) -> None:
@@ -215,6 +249,7 @@ class EntryInfo(BaseModel):
     rows: int | None = None
     max_length: int | None = None
     tokenized: bool | None = None  # False: only the scan columns (validate without a tokenizer)
+    purpose: str | None = None  # "train" (examples) or "eval" (whole documents)
     created_at: str | None = None
 
 
@@ -236,7 +271,7 @@ def _info(path: Path) -> EntryInfo:
         return EntryInfo(key=path.name, bytes=_size(path), status="partial")
     return EntryInfo(key=path.name, bytes=_size(path), status="ok", source=entry.source, format=entry.format,
                      rows=entry.rows, max_length=entry.max_length, tokenized=entry.tokenizer is not None,
-                     created_at=entry.created_at)
+                     purpose=entry.purpose, created_at=entry.created_at)
 
 
 def listing() -> CacheListing:

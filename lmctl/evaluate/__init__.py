@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -12,6 +13,8 @@ from pydantic import BaseModel
 from lmctl import data
 from lmctl.atomic import write_text_atomic
 from lmctl.clock import utc_now
+from lmctl.data import DataFingerprint
+from lmctl.data.sources import resolve as resolve_data
 from lmctl.errors import BadInputError
 from lmctl.evaluate.compare import Comparison, check_gates, compare, latency_gate
 from lmctl.evaluate.latency import LatencyReport
@@ -33,17 +36,27 @@ def _model_max_length(model: object) -> int:
     return int(getattr(config, "max_position_embeddings", 0) or 2048)
 
 
-def _per_document(texts: list[str], doc_nll: list[float], doc_tokens: list[int]) -> list[dict[str, float | int]]:
+def _per_document(doc_bytes: list[int], doc_nll: list[float], doc_tokens: list[int]) -> list[dict[str, float | int]]:
     """Sums and perplexity of each document, in file order, so results can be paired or re-aggregated."""
     import math
 
-    return [{"index": i, "tokens": n, "bytes": len(text.encode("utf-8")), "nll_sum": nll,
-             "perplexity": math.exp(nll / max(n, 1))}
-            for i, (text, nll, n) in enumerate(zip(texts, doc_nll, doc_tokens))]
+    return [{"index": i, "tokens": n, "bytes": size, "nll_sum": nll, "perplexity": math.exp(nll / max(n, 1))}
+            for i, (size, nll, n) in enumerate(zip(doc_bytes, doc_nll, doc_tokens))]
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The eval data as read before any model loads: a small .jsonl's texts, else only its path."""
+
+    path: Path
+    text_field: str
+    texts: list[str] | None
 
 
 class _Measured(BaseModel):
     resolved: ResolvedRef
+    data: DataFingerprint
+    doc_bytes: list[int]
     sums: PerplexitySums
     doc_nll: list[float]
     doc_tokens: list[int]
@@ -53,13 +66,16 @@ class _Measured(BaseModel):
     latency: LatencyReport | None = None
 
 
-def _measure(ref: str, texts: list[str], length: int | None, method: Method, stride: int | None,
+def _measure(ref: str, source: _Data, length: int | None, method: Method, stride: int | None,
              batch_size: int | None, suites: list[Suite] = (),  # type: ignore[assignment]
              latency: tuple[int, int, int] | None = None) -> tuple[_Measured, int, int]:
-    """Load `ref` (verified), score `texts`; returns the measurement and the window/stride used."""
+    """Load `ref` (verified), score the data's documents (tokenized by this model's tokenizer,
+    through the tokenization cache unless the file is small); returns the measurement and the
+    window/stride used."""
     import gc
 
-    from lmctl.evaluate.perplexity import perplexity
+    from lmctl.data.documents import documents
+    from lmctl.evaluate.perplexity import score_documents
     from lmctl.loading import load_for_inference
     from lmctl.modelref import resolve
 
@@ -68,13 +84,17 @@ def _measure(ref: str, texts: list[str], length: int | None, method: Method, str
     length = min(length or 1024, _model_max_length(loaded.model))
     step = length if method == "rolling" else (stride or length // 2)
     started = time.perf_counter()
-    scored = perplexity(loaded.model, loaded.tokenizer, texts, length, step, batch_size)
+    docs = documents(source.path, source.text_field, loaded.tokenizer, source.texts)
+    if docs.hit is not None:
+        log.info("documents: tokenization cache %s", "hit" if docs.hit else "miss (now cached)")
+    scored = score_documents(loaded.model, loaded.tokenizer, docs, length, step, batch_size)
     seconds = time.perf_counter() - started
     suite_results = [run_suite(loaded.model, loaded.tokenizer, suite) for suite in suites]
-    timing = measure_latency(loaded.model, loaded.tokenizer, texts, *latency) if latency else None
+    timing = measure_latency(loaded.model, loaded.tokenizer, docs, *latency) if latency else None
     del loaded
     gc.collect()  # the next model (a baseline) should not have to share memory with this one
-    return _Measured(resolved=resolved, sums=scored.sums, doc_nll=scored.doc_nll, doc_tokens=scored.doc_tokens,
+    return _Measured(resolved=resolved, data=docs.fingerprint, doc_bytes=docs.byte_counts,
+                     sums=scored.sums, doc_nll=scored.doc_nll, doc_tokens=scored.doc_tokens,
                      batch_size=scored.batch_size,
                      seconds=seconds, suites=suite_results, latency=timing), length, step
 
@@ -92,11 +112,10 @@ def _identity(ref: str, resolved: ResolvedRef) -> ModelIdentity:
         manifest_sha256=sha256_file(path) if resolved.kind == "checkpoint" and path.is_file() else None)
 
 
-def _comparison(cand: _Measured, base: _Measured, texts: list[str]) -> Comparison:
+def _comparison(cand: _Measured, base: _Measured) -> Comparison:
     if cand.doc_tokens == base.doc_tokens:
         return compare(cand.doc_nll, cand.doc_tokens, base.doc_nll, base.doc_tokens, "perplexity")
-    doc_bytes = [len(t.encode("utf-8")) for t in texts]
-    return compare(cand.doc_nll, doc_bytes, base.doc_nll, doc_bytes, "byte_perplexity")
+    return compare(cand.doc_nll, cand.doc_bytes, base.doc_nll, cand.doc_bytes, "byte_perplexity")
 
 
 def _check(ref: str, opts: EvalOptions, gates: EvalGates) -> list[Suite]:
@@ -119,19 +138,23 @@ def evaluate(ref: str, data_path: Path, options: EvalOptions | None = None, gate
     `options` are written too. Gates are evaluated, not enforced: see `enforce_gates`."""
     opts, gates = options or EvalOptions(), gates or EvalGates()
     loaded_suites = _check(ref, opts, gates)
-    texts = data.load_texts(data_path, opts.text_field)
+    # a small .jsonl is read (and its rows checked) now; anything else is checked as the cache reads it
+    texts = data.small_texts(data_path, opts.text_field)
+    if texts is None:
+        resolve_data(data_path)
+    source = _Data(data_path, opts.text_field, texts)
     if opts.log_to_registry and not ref.startswith("models:/"):
         raise BadInputError("--log-to-registry needs a models:/NAME/VERSION or models:/NAME@ALIAS reference")
     if gates.max_p95_latency_ms is not None and not opts.latency:
         raise BadInputError("--max-p95-latency needs --latency")
     latency = (opts.prompt_tokens, opts.output_tokens, opts.latency_runs) if opts.latency else None
-    cand, length, step = _measure(ref, texts, opts.max_length, opts.method, opts.stride, opts.batch_size,
+    cand, length, step = _measure(ref, source, opts.max_length, opts.method, opts.stride, opts.batch_size,
                                   loaded_suites, latency)
     comparison = None
     base_summary = None
     if opts.baseline is not None:
-        base, _, _ = _measure(opts.baseline, texts, length, opts.method, step, opts.batch_size)
-        comparison = _comparison(cand, base, texts)
+        base, _, _ = _measure(opts.baseline, source, length, opts.method, step, opts.batch_size)
+        comparison = _comparison(cand, base)
         base_summary = BaselineSummary(**_identity(opts.baseline, base.resolved).model_dump(), **base.sums.metrics)
     lm_eval_results = None
     if opts.lm_eval_tasks:
@@ -141,12 +164,12 @@ def evaluate(ref: str, data_path: Path, options: EvalOptions | None = None, gate
     metrics = cand.sums.metrics
     result = EvalReport(
         **_identity(ref, cand.resolved).model_dump(), model_kind=cand.resolved.kind,
-        data=data.fingerprint(data_path, opts.text_field, len(texts)),
+        data=cand.data,
         method=EvalMethod(name=opts.method, max_length=length, stride=step, prefix_token="bos, else eos",
                           batch_size=cand.batch_size),
         perplexity=metrics["perplexity"], metrics=metrics, sums=cand.sums.model_dump(), seconds=round(cand.seconds, 3),
         created_at=utc_now(),
-        documents=_per_document(texts, cand.doc_nll, cand.doc_tokens) if opts.per_document else None,
+        documents=_per_document(cand.doc_bytes, cand.doc_nll, cand.doc_tokens) if opts.per_document else None,
         baseline=base_summary, comparison=comparison, suites=cand.suites, latency=cand.latency, lm_eval=lm_eval_results,
         gates=check_gates(comparison, gates.max_ppl_regression, cand.suites, gates.min_scores, gates.max_safety_violations)
         + latency_gate(cand.latency, gates.max_p95_latency_ms),

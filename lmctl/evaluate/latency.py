@@ -9,9 +9,13 @@ prompt's forward pass. One warm-up request is not counted.
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from lmctl.data.documents import Document
 
 
 class LatencyReport(BaseModel):
@@ -45,14 +49,20 @@ class _FirstToken:
         return scores
 
 
-def measure(model: Any, tokenizer: Any, texts: list[str], prompt_tokens: int, output_tokens: int,
+def measure(model: Any, tokenizer: Any, docs: Iterable[Document], prompt_tokens: int, output_tokens: int,
             runs: int) -> LatencyReport:
+    """Latency of `runs` generations whose prompts repeat the first documents' tokens up to
+    prompt_tokens; input_tokens describes every document (read once, as they stream)."""
     import torch
     from transformers import LogitsProcessorList
 
-    encoded = [ids for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if ids]
-    lengths = [float(len(ids)) for ids in encoded]
-    pool = [ids * (prompt_tokens // len(ids) + 1) for ids in encoded]
+    lengths: list[float] = []
+    pool: list[list[int]] = []
+    for doc in docs:
+        if doc.ids:
+            lengths.append(float(len(doc.ids)))
+            if len(pool) <= runs:  # only the first runs + 1 prompts are ever used
+                pool.append(doc.ids * (prompt_tokens // len(doc.ids) + 1))
     device = next(model.parameters()).device
     totals, ttfts = [], []
     for i in range(runs + 1):

@@ -14,8 +14,9 @@ Memory and speed (why this is not `model(...).logits` + `log_softmax`): a 49k vo
 makes `batch x window x vocab` fp32 logits, plus a log-softmax copy, the largest tensors by
 far (1.6 GB at batch 8, window 1024), and a strided window scores only `stride` of its
 positions. So the model's body runs on the window and the output head runs only on the
-scored positions, a few hundred at a time, straight into `cross_entropy`. Documents are
-tokenized and cut into windows as they stream by: memory holds one look-ahead buffer of
+scored positions, a few hundred at a time, straight into `cross_entropy`. Documents
+(lmctl.data.documents: tokenized from the cache, or a chunk at a time) are cut into
+windows as they stream by: memory holds one look-ahead buffer of
 windows and the per-document sums, whatever the number of documents. The batch size
 comes from a memory budget (`auto_batch_size`), not a fixed count. transformers has no
 scorer that does this (its `logits_to_keep` keeps the same positions in every row, and
@@ -27,7 +28,6 @@ The sums (NLL in nats, tokens, words, UTF-8 bytes) are returned so results aggre
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -35,11 +35,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from lmctl.data.documents import Document, tokenize_documents
 from lmctl.errors import BadInputError
 
 HEAD_CHUNK = 256  # scored positions per output-head matmul: 256 x 49k fp32 logits = 50 MB
 LOOKAHEAD_BATCHES = 16  # windows are sorted by length within this many batches, to cut padding
-TOKENIZE_CHUNK = 64  # documents tokenized per call (the fast tokenizer batches; memory stays flat)
 # Configs whose forward transforms the head's output (soft-capping, scaling): for those the
 # full forward runs and only its logits are gathered, so the numbers stay the model's own.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -162,19 +162,15 @@ def _score_batch(model: Any, parts: tuple[Any, Any] | None, batch: list[Window],
     return nll.tolist()
 
 
-def _windows(texts: Iterable[str], tokenizer: Any, prefix: int, max_length: int, stride: int,
-             stats: Scored) -> Iterator[Window]:
-    """Tokenize documents a chunk at a time and yield their windows; record per-document sums."""
-    it = iter(texts)
-    while chunk := list(islice(it, TOKENIZE_CHUNK)):
-        encoded = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-        for text, ids in zip(chunk, encoded):
-            doc = len(stats.doc_tokens)
-            stats.doc_tokens.append(len(ids))
-            stats.doc_nll.append(0.0)
-            stats.sums.words += len(re.split(r"\s+", text))
-            stats.sums.bytes += len(text.encode("utf-8"))
-            yield from make_windows(doc, list(ids), prefix, max_length, stride)
+def _windows(docs: Iterable[Document], prefix: int, max_length: int, stride: int, stats: Scored) -> Iterator[Window]:
+    """Windows of each document as it streams by; record the per-document sums."""
+    for d in docs:
+        doc = len(stats.doc_tokens)
+        stats.doc_tokens.append(len(d.ids))
+        stats.doc_nll.append(0.0)
+        stats.sums.words += d.words
+        stats.sums.bytes += d.bytes
+        yield from make_windows(doc, d.ids, prefix, max_length, stride)
 
 
 def _batches(windows: Iterator[Window], batch_size: int) -> Iterator[list[Window]]:
@@ -188,6 +184,12 @@ def _batches(windows: Iterator[Window], batch_size: int) -> Iterator[list[Window
 def perplexity(model: Any, tokenizer: Any, texts: Iterable[str], max_length: int, stride: int,
                batch_size: int | None = None) -> Scored:
     """Score `texts` (any iterable: read once, as it streams); batch_size None = from the budget."""
+    return score_documents(model, tokenizer, tokenize_documents(texts, tokenizer), max_length, stride, batch_size)
+
+
+def score_documents(model: Any, tokenizer: Any, docs: Iterable[Document], max_length: int, stride: int,
+                    batch_size: int | None = None) -> Scored:
+    """Score documents already tokenized (lmctl.data.documents: from the cache, or as they stream)."""
     import torch
 
     if not 1 <= stride <= max_length:
@@ -199,7 +201,7 @@ def perplexity(model: Any, tokenizer: Any, texts: Iterable[str], max_length: int
     size = batch_size or auto_batch_size(model, max_length)
     out = Scored(PerplexitySums(documents=0, tokens=0, words=0, bytes=0, nll_sum=0.0), batch_size=size)
     with torch.inference_mode():
-        for batch in _batches(_windows(texts, tokenizer, prefix, max_length, stride, out), size):
+        for batch in _batches(_windows(docs, prefix, max_length, stride, out), size):
             for w, nll in zip(batch, _score_batch(model, parts, batch, pad_id, device)):
                 out.doc_nll[w.doc] += nll
     out.sums.documents, out.sums.tokens = len(out.doc_tokens), sum(out.doc_tokens)
