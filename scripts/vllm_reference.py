@@ -21,13 +21,27 @@ How to refresh (a CPU machine is enough; nothing is loaded on a GPU):
     PYTHONPATH=/tmp/vllm/src VLLM_TARGET_DEVICE=cpu /tmp/vllm/venv/bin/python scripts/vllm_reference.py \
         --version 0.33.0
 
-VLLM_TARGET_DEVICE=cpu only lets vLLM pick a platform object on a machine without a GPU; the
-parser and the registry are the same on every platform.
+VLLM_TARGET_DEVICE=cpu only lets vLLM pick a platform object on a machine without a GPU. The
+parser and the registry's list are the same on every platform, but a few architectures have one
+implementation per platform (vllm/models/X/{nvidia,amd,cpu,xpu}/) and the registry imports the CPU
+one here; so every answer is also read from the source (below), and an architecture whose
+implementations differ is refused and named in the file.
+
+A model class that cannot be imported here (an optional dependency such as torchvision missing)
+is settled from the same wheel's source instead: SourceReader follows the class's bases through
+the modules' imports (into every definition an entry module can pick, e.g. its nvidia/ and amd/
+implementations) to a class body that sets `supports_lora`, which is how SupportsLoRA marks a
+class. Any disagreement between the source and an answer of the registry aborts the refresh.
+To settle the "not inspected" lines of the current file without a working vLLM import:
+
+    python scripts/vllm_reference.py --version 0.33.0 --settle-from-source /tmp/vllm/src
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,37 +68,165 @@ def serve_flags(version: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def lora_architectures(version: str) -> str:
+class SourceReader:
+    """vLLM's `supports_lora(cls)` answered from the wheel's source, without importing the class."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root  # the directory holding the `vllm` package
+        self.trees: dict[str, tuple[ast.Module, bool] | None] = {}
+
+    def architectures(self) -> dict[str, tuple[str, str]]:
+        """registry._TEXT_GENERATION_MODELS: architecture -> (module, class), module names resolved as
+        registry._resolve_module_name does."""
+        tree, _ = self._tree("vllm.model_executor.models.registry") or (None, False)
+        for node in tree.body if tree else []:
+            target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+            if isinstance(target, ast.Name) and target.id == "_TEXT_GENERATION_MODELS":
+                table = ast.literal_eval(node.value)  # type: ignore[union-attr]
+                return {arch: (mod if mod.startswith("vllm.") else f"vllm.model_executor.models.{mod}", cls)
+                        for arch, (mod, cls) in table.items()}
+        raise SystemExit(f"no _TEXT_GENERATION_MODELS in {self.root}/vllm/model_executor/models/registry.py")
+
+    def verdicts(self, module: str, name: str) -> dict[str, bool]:
+        """supports_lora for each definition of `name` reachable from `module`, by defining module."""
+        found = {f"{mod}.{cls.name}": self._class_supports(mod, cls, frozenset())
+                 for mod, cls in self._definitions(module, name, frozenset())}
+        if not found:
+            raise ValueError(f"no definition of {name} found from {module}")
+        return found
+
+    def _tree(self, module: str) -> tuple[ast.Module, bool] | None:
+        """The module's syntax tree and whether it is a package; None outside vLLM (torch, transformers)."""
+        if module not in self.trees:
+            base = self.root / module.replace(".", "/")
+            found = [(p, p.name == "__init__.py") for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()]
+            self.trees[module] = (ast.parse(found[0][0].read_text(encoding="utf-8")), found[0][1]) if found else None
+        return self.trees[module]
+
+    def _definitions(self, module: str, name: str, seen: frozenset[str]) -> list[tuple[str, ast.ClassDef]]:
+        """Every class statement `name` can be bound to in `module`: its own, or through any import of it,
+        in every branch (platform switches import the same name from nvidia/ and amd/)."""
+        loaded, key = self._tree(module), f"{module}:{name}"
+        if loaded is None or key in seen:
+            return []
+        tree, package = loaded
+        own = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name]
+        if own:
+            return [(module, own[0])]
+        found: list[tuple[str, ast.ClassDef]] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                for alias in node.names:
+                    if (alias.asname or alias.name) == name:
+                        found += self._definitions(_absolute(module, package, node), alias.name, seen | {key})
+        return found
+
+    def _class_supports(self, module: str, cls: ast.ClassDef, seen: frozenset[str]) -> bool:
+        """The class's own `supports_lora = ...` if it sets one (it comes first in the MRO), else any base's."""
+        for stmt in cls.body:
+            target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
+            if isinstance(target, ast.Name) and target.id == "supports_lora" and isinstance(stmt.value, ast.Constant):
+                return bool(stmt.value.value)
+        for base in cls.bases:
+            if isinstance(base, ast.Name):  # nn.Module and Generic[...] are torch/typing: no flag there
+                for mod, node in self._definitions(module, base.id, seen):
+                    if f"{mod}:{node.name}" not in seen and self._class_supports(mod, node, seen | {f"{mod}:{node.name}"}):
+                        return True
+        return False
+
+
+def _absolute(module: str, package: bool, node: ast.ImportFrom) -> str:
+    """The module an `from X import ...` statement in `module` names, relative levels resolved."""
+    if not node.level:
+        return node.module or ""
+    parts = module.split(".") if package else module.split(".")[:-1]
+    parts = parts[: len(parts) - (node.level - 1)]
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
+LORA_HEAD = """# Generated by scripts/vllm_reference.py from vLLM {version} -- do not edit.
+# Text-generation architectures of vllm.model_executor.models.registry._TEXT_GENERATION_MODELS whose
+# model class passes vllm.model_executor.models.interfaces.supports_lora, i.e. those `vllm serve
+# --enable-lora` can serve with an adapter. Others fail at start-up ("... does not support LoRA yet").
+"""
+
+
+def lora_file(version: str, runtime: dict[str, bool | str], reader: SourceReader) -> str:
+    """The LoRA list from the registry's answers (`runtime`: True/False, or why the class did not import),
+    each checked against the source; classes that did not import are settled from the source."""
+    table = reader.architectures()
+    capable, refused, notes = [], [], []
+    for arch, answer in sorted(runtime.items()):
+        try:
+            verdicts = reader.verdicts(*table[arch])
+        except ValueError as exc:
+            verdicts = {}
+            unread = str(exc)
+        if len(set(verdicts.values())) > 1:  # per-platform implementations (nvidia/, amd/, cpu/, xpu/) differ
+            shown = ", ".join(f"{mod.split('.')[-3] if mod.startswith('vllm.models.') else mod}: "
+                              f"{'yes' if ok else 'no'}" for mod, ok in sorted(verdicts.items()))
+            notes.append(f"# refused, LoRA on some platforms only: {arch} ({shown})")
+            refused.append(arch)
+        elif isinstance(answer, bool):
+            if verdicts and answer not in verdicts.values():
+                raise SystemExit(f"{arch}: the source reads {verdicts}, the registry said {answer}: fix SourceReader")
+            (capable if answer else refused).append(arch)
+        elif verdicts:
+            ok = next(iter(verdicts.values()))
+            notes.append(f"# settled from the source ({'capable' if ok else 'no LoRA'}; the import failed: {answer}): {arch}")
+            (capable if ok else refused).append(arch)
+        else:
+            notes.append(f"# not inspected (refused by lmctl): {arch} ({answer}; source: {unread})")
+    return (LORA_HEAD.format(version=version) + f"# {len(capable)} capable; without LoRA: {', '.join(refused) or 'none'}\n"
+            + "\n".join(notes + capable) + "\n")
+
+
+def lora_architectures(version: str, reader: SourceReader) -> str:
     from vllm.model_executor.models.interfaces import supports_lora
     from vllm.model_executor.models.registry import _TEXT_GENERATION_MODELS, ModelRegistry
 
-    capable, refused, broken = [], [], []
+    runtime: dict[str, bool | str] = {}
     for arch in sorted(_TEXT_GENERATION_MODELS):
         try:
-            cls = ModelRegistry.models[arch].load_model_cls()  # the registry's own import of the class
-        except Exception as exc:  # an optional kernel dependency missing here: say so, never guess
-            broken.append(f"# not inspected (refused by lmctl): {arch} ({type(exc).__name__}: {exc})")
-            continue
-        (capable if supports_lora(cls) else refused).append(arch)
-    head = (f"# Generated by scripts/vllm_reference.py from vLLM {version} -- do not edit.\n"
-            "# Text-generation architectures of vllm.model_executor.models.registry._TEXT_GENERATION_MODELS whose\n"
-            "# model class passes vllm.model_executor.models.interfaces.supports_lora, i.e. those `vllm serve\n"
-            "# --enable-lora` can serve with an adapter. Others fail at start-up (\"... does not support LoRA yet\").\n"
-            f"# {len(capable)} capable; without LoRA: {', '.join(refused) or 'none'}\n")
-    return head + "\n".join(broken + capable) + "\n"
+            runtime[arch] = supports_lora(ModelRegistry.models[arch].load_model_cls())  # the registry's own import
+        except Exception as exc:  # an optional dependency missing here: the source settles it
+            runtime[arch] = f"{type(exc).__name__}: {exc}"
+    return lora_file(version, runtime, reader)
+
+
+def settle_from_source(version: str, reader: SourceReader, current: str) -> str:
+    """The current file rebuilt from the registry answers it records, its "not inspected" lines settled
+    from the source (every recorded answer is checked against the source on the way)."""
+    if not current.startswith(LORA_HEAD.format(version=version)):
+        raise SystemExit(f"the current file is not vLLM {version}'s; run the full refresh")
+    runtime: dict[str, bool | str] = {line: True for line in current.splitlines() if line and not line.startswith("#")}
+    refused = re.search(r"^# \d+ capable; without LoRA: (.*)$", current, re.M).group(1)  # type: ignore[union-attr]
+    runtime.update({arch: False for arch in refused.split(", ") if arch != "none"})
+    runtime.update(re.findall(r"^# not inspected \(refused by lmctl\): (\S+) \((.*)\)$", current, re.M))
+    if set(runtime) != set(reader.architectures()):
+        raise SystemExit("the current file and the source list different architectures")
+    return lora_file(version, runtime, reader)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version", required=True, help="the vLLM version on PYTHONPATH (checked)")
     parser.add_argument("--out", type=Path, default=REPO / "tests" / "assets", help="directory for vllm_serve_flags.txt")
+    parser.add_argument("--settle-from-source", type=Path, metavar="SRC",
+                        help="only settle the current LoRA file's 'not inspected' lines from the unzipped wheel at SRC")
     args = parser.parse_args()
+    lora = REPO / "lmctl" / "deploy" / "vllm_lora_architectures.txt"
+    if args.settle_from_source:
+        lora.write_text(settle_from_source(args.version, SourceReader(args.settle_from_source),
+                                           lora.read_text(encoding="utf-8")), encoding="utf-8")
+        return
     import vllm
 
     if vllm.__version__.split("+")[0] != args.version:
         raise SystemExit(f"vllm on PYTHONPATH is {vllm.__version__}, not {args.version}")
     (args.out / "vllm_serve_flags.txt").write_text(serve_flags(args.version), encoding="utf-8")
-    (REPO / "lmctl" / "deploy" / "vllm_lora_architectures.txt").write_text(lora_architectures(args.version), encoding="utf-8")
+    reader = SourceReader(Path(vllm.__file__).resolve().parent.parent)
+    lora.write_text(lora_architectures(args.version, reader), encoding="utf-8")
 
 
 if __name__ == "__main__":

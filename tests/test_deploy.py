@@ -241,6 +241,39 @@ def test_vllm_refuses_a_base_it_serves_without_lora(cli, tiny_base: Path, tmp_pa
 # ---------------------------------------------------------------- kubernetes
 
 
+def test_lora_list_source_reader_follows_bases_imports_and_platforms(tmp_path: Path) -> None:
+    """scripts/vllm_reference.py settles a class that cannot be imported from vLLM's source: bases
+    followed through imports to `supports_lora`, an own `supports_lora = False` first, per-platform
+    implementations that differ refused, and a disagreement with the registry's answer fatal."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vllm_reference", Path(__file__).parent.parent / "scripts" / "vllm_reference.py")
+    ref = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(ref)  # type: ignore[union-attr]
+    files = {
+        "vllm/model_executor/models/registry.py":
+            '_TEXT_GENERATION_MODELS = {"A": ("a", "A"), "C": ("a", "C"), "B": ("vllm.models.b", "B")}',
+        "vllm/model_executor/models/interfaces.py": "class SupportsLoRA(Protocol):\n    supports_lora: ClassVar = True",
+        "vllm/model_executor/models/a.py": "from torch import nn\nfrom .interfaces import SupportsLoRA as Lora\n"
+                                           "class Base(nn.Module, Lora): pass\nclass A(Base): pass\n"
+                                           "class C(Base):\n    supports_lora = False",
+        "vllm/models/b/__init__.py": "if rocm():\n    from .amd.model import B\nelse:\n    from .nvidia.model import B",
+        "vllm/models/b/nvidia/model.py": "from vllm.model_executor.models.interfaces import SupportsLoRA\nclass B(SupportsLoRA): pass",
+        "vllm/models/b/amd/model.py": "class B: pass",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    reader = ref.SourceReader(tmp_path)
+    made = ref.lora_file("0.0", {"A": "ImportError: no torchvision", "B": True, "C": False}, reader)
+    assert [line for line in made.splitlines() if not line.startswith("#")] == ["A"]
+    assert "# 1 capable; without LoRA: B, C" in made
+    assert "settled from the source (capable; the import failed: ImportError: no torchvision): A" in made
+    assert "LoRA on some platforms only: B (amd: no, nvidia: yes)" in made
+    with pytest.raises(SystemExit, match="C: the source reads"):
+        ref.lora_file("0.0", {"A": True, "B": False, "C": True}, reader)
+
+
 def _check_object(doc: dict[str, Any], kind: str, api_version: str) -> None:
     assert doc["kind"] == kind and doc["apiVersion"] == api_version
     assert DNS1123.match(doc["metadata"]["name"]) and len(doc["metadata"]["name"]) <= 63
