@@ -9,6 +9,7 @@ to keep the screenshots.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -84,5 +85,12 @@ def test_registered_model_and_version_pages_read_well(cli, sealed_checkpoint: Pa
         assert f">{heading}</h2>" in version_dom, heading
     assert "<table" in version_dom and "## Intended use" not in version_dom
     assert ">tiny version 1</h1>" not in version_dom  # the page has its own title
+    # digests are shortened in the description (a 64-character word widened the data table past the page)
+    assert re.search(r"<code>[0-9a-f]{12}…</code>", version_dom)
+    from lmctl import registry
+
+    described = registry.client().get_model_version("tiny", "1").description
+    assert not re.search(r"[0-9a-f]{64}", described), described
+    assert f"`runs:/{registered.json['run_id']}/checkpoint`" in described and "file://" not in described
     for shot in ("model-page.png", "version-page.png"):
         assert (tmp_path / shot).stat().st_size > 20_000  # a painted page, not a blank one

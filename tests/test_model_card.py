@@ -64,3 +64,17 @@ def test_version_description_fits_mlflow_and_keeps_whole_sections() -> None:
     assert "Shortened" in text and "runs:/r/README.md" in text and not text.startswith("#")
     whole = version_description("S", card[:200], "runs:/r/README.md")
     assert "## Training data" in whole and "Shortened" not in whole
+
+
+def test_version_description_shows_short_digests_and_the_card_keeps_them_whole() -> None:
+    from lmctl.registry.model_card import version_description
+
+    digest = "397bd643f90437afec55c43d7977b28fc" + "0" * 31
+    card = f"# m version 1\n\nGenerated...\n\n## Training data\n\n| split | sha256 |\n|---|---|\n| train | `{digest}` |\n"
+    text = version_description("S", card, "runs:/r/README.md")
+    assert f"| train | `{digest[:12]}…` |" in text and digest not in text
+    assert "shortened to 12 characters" in text and digest in card
+    storage = "file:///srv/mlflow/mlartifacts/0123456789abcdef0123456789abcdef/artifacts/checkpoint"
+    lineage = version_description("S", card + f"\n## Lineage\n\n- artifacts `{storage}`\n", "runs:/r/README.md",
+                                  shown={storage: "runs:/r/checkpoint"})
+    assert "- artifacts `runs:/r/checkpoint`" in lineage and storage not in lineage

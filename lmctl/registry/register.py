@@ -34,6 +34,7 @@ from lmctl.evaluate.schema import load_eval_report
 
 log = logging.getLogger("lmctl.registry.register")
 EXPERIMENT = "lmctl-registry"
+CHECKPOINT_ARTIFACT = "checkpoint"  # the registration run's artifact folder holding the checkpoint (the version's source)
 CRASH_ENV = "LMCTL_REGISTER_CRASH_AT"
 
 
@@ -173,7 +174,7 @@ def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path 
     crash_point(CRASH_ENV, "after_run")
     version: Any = None
     try:
-        client.log_artifacts(run_id, str(ckpt), "checkpoint")
+        client.log_artifacts(run_id, str(ckpt), CHECKPOINT_ARTIFACT)
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
         crash_point(CRASH_ENV, "after_upload")
@@ -181,7 +182,7 @@ def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path 
             registry.ensure_registered_model(client, name, model_card.model_description(name, manifest))
             parent = registry.alias_holder(name, "production")
             version = client.create_model_version(
-                name, source=f"{run.info.artifact_uri}/checkpoint", run_id=run_id,
+                name, source=f"{run.info.artifact_uri}/{CHECKPOINT_ARTIFACT}", run_id=run_id,
                 tags={**_tags(manifest, manifest_sha, metrics), **registry.registrar_tags(),
                       registry.STATUS_TAG: "pending", "lmctl.parent_version": parent or ""},
                 description=summary,
@@ -196,7 +197,9 @@ def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path 
         crash_point(CRASH_ENV, "after_card")
         with registry.registry_lock():
             client.update_model_version(name, str(version.version),
-                                        description=model_card.version_description(summary, card, card_tags[model_card.CARD_TAG]))
+                                        description=model_card.version_description(
+                                            summary, card, card_tags[model_card.CARD_TAG],
+                                            shown={version.source: f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}"}))
             for key, value in card_tags.items():
                 client.set_model_version_tag(name, str(version.version), key, value)
             # last: only now does the version count as usable
