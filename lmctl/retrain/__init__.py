@@ -213,13 +213,13 @@ def _config_sha(cfg: LmctlConfig) -> str:
 
 
 def _check_data(ctx: _Ctx, state: RetrainState) -> tuple[str, str | None]:
-    from lmctl import data
+    from lmctl.train.inputs import train_fingerprint
 
-    cfg, train = ctx.cfg, ctx.cfg.data.train
-    assert train is not None  # checked by _Ctx
-    # the same fingerprint `lmctl train` writes into the checkpoint and register tags the version with
-    records, fmt, field = data.load_checked(train, cfg.data.text_field, cfg.data.format)
-    state.data_fingerprint = data.fingerprint(train, field, len(records), fmt).sha256
+    cfg = ctx.cfg
+    # the fingerprint `lmctl train` writes into the checkpoint and register tags the version
+    # with, taken the same way: the rows are checked and tokenized once, into the cache entry
+    # the training stage then reads (an unchanged file is a cache hit, not a second read)
+    state.data_fingerprint = train_fingerprint(cfg).sha256
     state.config_sha256 = _config_sha(cfg)
     state.production_before = _production(ctx)
     reason = None if state.force else _skip_reason(ctx, state) or _no_drift_reason(ctx, state)

@@ -24,7 +24,7 @@ from lmctl.config import LmctlConfig, config_dump
 from lmctl.data.examples import collate
 from lmctl.data.packing import collate_packed, packing_is_isolated
 from lmctl.errors import BadInputError, BusyError, DataError
-from lmctl.train.inputs import TrainData, open_stream, stream_sample
+from lmctl.train.inputs import TrainData, open_stream, stream_sample, training_tokenizer
 from lmctl.train.memory import MemoryEstimate
 from lmctl.train.memory import estimate as estimate_memory
 
@@ -138,17 +138,15 @@ class _Run:
     """Everything one training run needs, prepared and validated before anything is written."""
 
     def __init__(self, cfg: LmctlConfig, resume: str) -> None:
-        from lmctl.loading import add_tokens, base_config_sha256, load_tokenizer, model_vocab_size
-        from lmctl.modelref import portable_base_id, resolve_base
+        from lmctl.loading import base_config_sha256, model_vocab_size
+        from lmctl.modelref import portable_base_id
 
         if cfg.data.train is None:
             raise DataError("data.train is not set", hint="set it in the config or with --set data.train=PATH")
         preflight.check_hardware(cfg)
         self.cfg = cfg
         self.run_dir = Path(cfg.output.dir) / str(cfg.output.run_name)
-        self.base_path = resolve_base(cfg.model.base)
-        self.tokenizer = load_tokenizer(self.base_path, cfg.model.trust_remote_code, cfg.model.revision)
-        self.new_token_ids = add_tokens(self.tokenizer, cfg.model.add_special_tokens)
+        self.base_path, self.tokenizer, self.new_token_ids = training_tokenizer(cfg)
         self.stream: Any = None
         if cfg.data.streaming:
             self.stream, train_fp = open_stream(cfg, self.tokenizer)
