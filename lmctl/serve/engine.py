@@ -2,10 +2,12 @@
 
 One worker thread owns the model. Jobs wait in a bounded queue; the worker admits up to
 `max_batch_size`, prefills newcomers together (left-padded, attention mask, position ids
-counting real tokens) and decodes one token per step for every row with a `DynamicCache`.
-Newcomers join between decode steps: prefilled on their own cache, which is left-padded and
-concatenated onto the running one. Finished or cancelled rows leave at once
-(`batch_select_indices`) and all-padding columns are trimmed, so compute follows live rows.
+counting real tokens) and decodes one token per step for every row with a KV cache that
+appends into buffers grown by doubling (lmctl.serve.kvcache: transformers' DynamicCache copies
+the whole cache every step). Newcomers join between decode steps: prefilled on their own
+cache, whose rows are appended, left-padded, to the running one. Finished or cancelled rows
+leave at once (`batch_select_indices`) and all-padding columns are dropped, so compute
+follows live rows. Attention uses torch's grouped-query SDPA (kvcache.use_gqa_attention).
 Sampling is transformers' temperature then top-p warper, then `torch.multinomial` with the
 job's own `torch.Generator`; temperature 0 is argmax, as `generate(do_sample=False)`.
 
@@ -15,7 +17,7 @@ requests cannot share a batch); sampling uses the global torch RNG (no per-reque
 the manager calls `torch.manual_seed`), so a request's seed cannot give the same text
 whatever else is batched; it switches the shared model to a `paged|...` attention in place;
 and a full queue blocks `add_request` 10 s, then drops the request with a warning. So the
-loop is written here over transformers' own `DynamicCache` and forward; at scale, vLLM.
+loop is written here over transformers' cache API and forward; at scale, vLLM.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class _Batch:
     """The running rows; row i of every tensor (and of the cache) belongs to jobs[i]."""
 
     jobs: list[Job]
-    cache: Any  # DynamicCache, batch x heads x mask.shape[1] x head_dim per layer
+    cache: Any  # GrowingCache, batch x heads x mask.shape[1] x head_dim per layer
     mask: Any  # (B, L) attention mask, 0 on left padding
     last: Any  # (B,) last sampled token, the next decode input
     pos: Any  # (B,) position id of that token
@@ -89,6 +91,9 @@ class Engine:
         keep_last = "logits_to_keep" in inspect.signature(base.forward).parameters
         self._logits_kw = {"logits_to_keep": 1} if keep_last else {}
         self._device = next(model.parameters()).device
+        from lmctl.serve.kvcache import use_gqa_attention
+
+        use_gqa_attention(model)  # same numbers as sdpa, without expanding grouped K/V every step
         self._cv = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []  # rows of the current batch (what `running` counts)
@@ -237,7 +242,7 @@ class Engine:
 
     def _prefill(self, jobs: list[Job]) -> _Batch | None:
         import torch
-        from transformers import DynamicCache
+        from lmctl.serve.kvcache import GrowingCache
 
         for job in jobs:
             job.generator = torch.Generator(device=self._device)
@@ -252,7 +257,7 @@ class Engine:
         ids, mask = ids.to(self._device), mask.to(self._device)
         # Positions count real tokens only, as generate() does, so padding never shifts RoPE.
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()  # all full-attention layers: rows can be padded and concatenated
+        cache = GrowingCache()  # all full-attention layers: rows can be padded and concatenated
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True, **self._logits_kw)
         self.forward_passes += 1
@@ -321,8 +326,7 @@ class Engine:
             lead = int(batch.mask.any(dim=0).int().argmax())  # first column any row attends to
             if lead > 0:
                 batch.mask = batch.mask[:, lead:]
-                for layer in batch.cache.layers:
-                    layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+                batch.cache.drop_leading(lead)
         return batch
 
     def _merge(self, old: _Batch | None, new: _Batch | None) -> _Batch | None:
@@ -334,9 +338,7 @@ class Engine:
             return new if old is None else old
         width = max(old.mask.shape[1], new.mask.shape[1])
         grow_old, grow_new = width - old.mask.shape[1], width - new.mask.shape[1]
-        for lo, ln in zip(old.cache.layers, new.cache.layers, strict=True):
-            lo.keys = torch.cat([pad(lo.keys, (0, 0, grow_old, 0)), pad(ln.keys, (0, 0, grow_new, 0))])
-            lo.values = torch.cat([pad(lo.values, (0, 0, grow_old, 0)), pad(ln.values, (0, 0, grow_new, 0))])
+        old.cache.append_rows(new.cache)
         old.mask = torch.cat([pad(old.mask, (grow_old, 0)), pad(new.mask, (grow_new, 0))])
         old.jobs = old.jobs + new.jobs
         old.last, old.pos = torch.cat([old.last, new.last]), torch.cat([old.pos, new.pos])

@@ -1,0 +1,159 @@
+"""The serving engine's KV cache layer and grouped-query attention, over transformers' cache API.
+
+Why hand-written (both measured on SmolLM2-135M, 32 rows, CPU, 1 thread):
+- transformers 5.17's `DynamicLayer.update` concatenates each layer's keys and values into a
+  new tensor on every decode step, a copy of the whole cache per step that grows with
+  rows x length; `StaticLayer` preallocates, but for a batch size and length fixed at creation,
+  while the engine's batch gains and loses rows between steps. `GrowingLayer` is a
+  `DynamicLayer` (same `update` / `get_seq_length` / `get_mask_sizes` / `batch_select_indices`
+  contract, so the model code sees no difference) that appends into a preallocated buffer
+  grown by doubling, and adds the two row operations the engine needs (append another
+  cache's rows; drop leading all-padding columns) without rebuilding anything per step.
+- transformers' `sdpa` attention expands grouped-query keys and values to every query head
+  (`repeat_kv`: a copy of n_rep x the cache per layer per step, 3x for SmolLM2) whenever an
+  attention mask is passed, which the engine's left-padded batch always does; torch's
+  `scaled_dot_product_attention(enable_gqa=True)` takes the mask directly. The result is
+  bitwise identical, and the attention ~3-5x faster at 32 rows. `use_gqa_attention` registers
+  it under its own name in transformers' `AttentionInterface` and switches a model that uses
+  `sdpa` to it; anything else (eager, flash, no mask) goes through transformers' own code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+GQA_ATTENTION = "lmctl_sdpa_gqa"
+_MIN_COLUMNS = 16  # smallest buffer: a short prompt plus a few decode steps without regrowing
+
+
+class GrowingLayer(DynamicLayer):
+    """Keys/values live in `_k`/`_v` (batch, heads, capacity, head_dim); columns [start, end) are
+    the cache. `keys`/`values` are views of that window, as DynamicLayer's callers expect."""
+
+    is_croppable = False  # the engine never rolls back; crop() would desynchronise the views
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._start = self._end = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._k = key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[-1]))
+        self._v = value_states.new_zeros((*value_states.shape[:2], 0, value_states.shape[-1]))
+        self._start = self._end = 0
+        self._sync()
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        assert self._k is not None and self._v is not None
+        n = key_states.shape[-2]
+        if self._end + n > self._k.shape[-2]:
+            self._relayout(self._k.shape[0], room=n)
+        self._k[:, :, self._end:self._end + n] = key_states
+        self._v[:, :, self._end:self._end + n] = value_states
+        self._end += n
+        self._sync()
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("GrowingLayer does not roll back")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("GrowingLayer serves one sequence per row")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices`: one gather of the buffer (its spare columns included, so the
+        next steps still append without regrowing)."""
+        if self.is_initialized and self._k is not None:
+            self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
+            self._sync()
+
+    def drop_leading(self, columns: int) -> None:
+        """Forget the first `columns` columns (padding in every row): a view change, no copy."""
+        self._start = min(self._end, self._start + columns)
+        self._sync()
+
+    def append_rows(self, other: "GrowingLayer") -> None:
+        """Add `other`'s rows below these, right-aligned: the shorter side gets zero columns on
+        the left (finite, and masked out by the engine's attention mask)."""
+        assert self._k is not None and self._v is not None and other._k is not None and other._v is not None
+        mine, theirs = self._end - self._start, other._end - other._start
+        width = max(mine, theirs)
+        rows = self._k.shape[0] + other._k.shape[0]
+        k, v = self._alloc(rows, 2 * width), self._alloc(rows, 2 * width, values=True)
+        top = self._k.shape[0]
+        k[:top, :, width - mine:width], v[:top, :, width - mine:width] = self.keys, self.values
+        k[top:, :, width - theirs:width], v[top:, :, width - theirs:width] = other.keys, other.values
+        self._k, self._v, self._start, self._end = k, v, 0, width
+        self._sync()
+
+    def _relayout(self, rows: int, room: int) -> None:
+        """Move the live columns to the front of buffers with space for twice (live + room)."""
+        live = self._end - self._start
+        k, v = self._alloc(rows, 2 * (live + room)), self._alloc(rows, 2 * (live + room), values=True)
+        k[:, :, :live], v[:, :, :live] = self.keys, self.values
+        self._k, self._v, self._start, self._end = k, v, 0, live
+
+    def _alloc(self, rows: int, columns: int, values: bool = False) -> torch.Tensor:
+        like = self._v if values else self._k
+        assert like is not None
+        # Zeros, not empty: left-padding columns are read by attention (masked, but NaN * 0 is NaN).
+        return like.new_zeros((rows, like.shape[1], max(_MIN_COLUMNS, columns), like.shape[3]))
+
+    def _sync(self) -> None:
+        assert self._k is not None and self._v is not None
+        self.keys = self._k[:, :, self._start:self._end]
+        self.values = self._v[:, :, self._start:self._end]
+
+
+class GrowingCache(Cache):
+    """A Cache of GrowingLayer, one per model layer, created as the model first writes each."""
+
+    def __init__(self) -> None:
+        super().__init__(layer_class_to_replicate=GrowingLayer)
+
+    def drop_leading(self, columns: int) -> None:
+        for layer in self.layers:
+            layer.drop_leading(columns)
+
+    def append_rows(self, other: "GrowingCache") -> None:
+        for mine, theirs in zip(self.layers, other.layers, strict=True):
+            mine.append_rows(theirs)
+
+
+def _gqa_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+              is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, but grouped-query keys/values are never expanded."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (attention_mask is None or query.shape[1] == key.shape[1] or kwargs.get("position_bias") is not None
+            or kwargs.get("output_attentions")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_gqa_attention(model: Any) -> bool:
+    """Switch a model on transformers' `sdpa` attention to `_gqa_sdpa` (same numbers, no K/V
+    expansion). Other implementations are left alone. Returns whether it switched."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PeftModel -> HF model
+    if getattr(base.config, "_attn_implementation", None) != "sdpa" or not hasattr(base, "set_attn_implementation"):
+        return False
+    AttentionInterface.register(GQA_ATTENTION, _gqa_sdpa)
+    AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)  # the masks sdpa gets, built the same way
+    base.set_attn_implementation(GQA_ATTENTION)
+    return True
