@@ -4,6 +4,7 @@ sharded inputs fingerprinted in order; bad rows, changing files and full disks l
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -60,15 +61,45 @@ def test_a_corrupt_or_partial_entry_is_rebuilt(tok, tmp_path: Path, caplog: pyte
     first = tokenized(ASSETS / "tiny_train.jsonl", "text", "auto", tok, 64)
     expected = list(first.table["input_ids"])  # read now: the file is changed in place below
     arrow = next(first.path.glob("tokens*.arrow"))
+    sealed = arrow.stat()
     blob = bytearray(arrow.read_bytes())
     blob[len(blob) // 2] ^= 0xFF  # a flipped bit inside the token ids
     arrow.write_bytes(bytes(blob))
+    os.utime(arrow, ns=(sealed.st_atime_ns, sealed.st_mtime_ns))  # same size, mtime put back: ctime still moved
     rebuilt = tokenized(ASSETS / "tiny_train.jsonl", "text", "auto", tok, 64)
     assert not rebuilt.hit and list(rebuilt.table["input_ids"]) == expected
     assert "corrupt" in caplog.text
     (rebuilt.path / "entry.json").unlink()  # what a kill before the final rename would look like
     assert not tokenized(ASSETS / "tiny_train.jsonl", "text", "auto", tok, 64).hit
     assert tokenized(ASSETS / "tiny_train.jsonl", "text", "auto", tok, 64).hit
+
+
+def test_a_warm_hit_reads_no_bytes_and_a_same_size_rewrite_still_misses(  # type: ignore[no-untyped-def]
+        tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warm runs trust the stat an unchanged file was hashed with (data) or sealed with (entry);
+    any write moves ctime, so a rewrite of the same size with its mtime put back still misses,
+    and a touched but intact entry file is re-hashed once, kept and sealed again."""
+    from lmctl import checkpoint
+
+    train = tmp_path / "train.jsonl"
+    shutil.copy(ASSETS / "tiny_train.jsonl", train)
+    old = time.time_ns() - 3_600 * 10**9
+    os.utime(train, ns=(old, old))  # a file last written an hour ago: its hash may be remembered
+    first = tokenized(train, "text", "auto", tok, 64)
+    reads: list[Path] = []
+    real = checkpoint.file_digest
+    monkeypatch.setattr(checkpoint, "file_digest", lambda path: reads.append(path) or real(path))
+    assert tokenized(train, "text", "auto", tok, 64).hit and reads == []
+    arrow = next(first.path.glob("tokens*.arrow"))
+    os.utime(arrow)  # touched, not changed
+    assert tokenized(train, "text", "auto", tok, 64).hit and reads == [arrow]
+    assert tokenized(train, "text", "auto", tok, 64).hit and reads == [arrow]  # sealed again
+    raw = train.read_bytes()
+    train.write_bytes(raw.replace(b"The", b"Thy", 1))
+    os.utime(train, ns=(old, old))
+    changed = tokenized(train, "text", "auto", tok, 64)
+    assert not changed.hit and changed.fingerprint.sha256 != first.fingerprint.sha256
+    assert changed.fingerprint.sha256 == data.fingerprint(train, "text", 48, "text").sha256
 
 
 def test_sharded_input_is_read_and_fingerprinted_in_sorted_order(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

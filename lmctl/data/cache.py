@@ -10,9 +10,22 @@ An entry holds the Arrow files that `Dataset.map(cache_file_name=...)` wrote, pl
 `entry.json` with each file's sha256 and size.
 
 Writes are atomic: the entry is built in a hidden `.tmp-*` sibling, `entry.json` is written
-last and the directory is renamed into place. A reader re-hashes the files against
-`entry.json`; an entry that fails (partial, corrupt, edited) is removed and rebuilt, never
-trusted. A data file that changed while it was read is refused (exit 2) and not cached. A
+last and the directory is renamed into place. An entry that fails verification (partial,
+corrupt, edited) is removed and rebuilt, never trusted.
+
+Verification is stat-based with a content hash behind it, because re-hashing the data and
+a GB of Arrow on every warm run cost seconds of a dry-run that should take a few. The data's
+sha256 is remembered with its stat (lmctl.data.sources: git's index rule; ctime cannot be
+set back, so a changed file always misses). Each Arrow file's sha256 is taken when it is
+written, and the file is then *sealed*: its mtime is set a second into the past and its
+stat recorded in `entry.json`. A reader trusts a file whose size and stat are still the
+sealed ones; any write since (a flipped byte, a truncation, a copy put in place, even
+within the same timestamp tick) changes mtime and ctime, so the file is re-hashed against
+its recorded sha256 and the entry rebuilt on a mismatch, or re-sealed when it still matches
+(an entry copied with the cache, or written before sealing existed). What this gives up
+against re-hashing on every read is the detection of media corruption that bypasses the
+filesystem: the same trust `datasets` puts in its own Arrow cache, which it never re-hashes.
+A data file that changed while it was read is refused (exit 2) and not cached. A
 full disk fails with StorageError (exit 2) and leaves no entry. The raw Arrow conversion
 that `load_dataset` makes is built inside the staging directory and dropped: an entry holds
 only what later runs read.
@@ -39,7 +52,7 @@ from lmctl.data import (DataFingerprint, Format, RowNamer, check_rows, check_tex
                         fingerprint)
 from lmctl.data.documents import EVAL_SHAPING, DocumentsTokenize, document_features
 from lmctl.data.examples import Tokenize, check_tokenizer, features
-from lmctl.data.sources import Source, load, no_space_cause, resolve
+from lmctl.data.sources import Source, Stat, file_stat, load, no_space_cause, resolve
 from lmctl.errors import DataError, StorageError
 from lmctl.home import cache_dir
 
@@ -64,6 +77,7 @@ class CacheEntry(BaseModel):
     max_length: int
     data: DataFingerprint
     files: dict[str, FileEntry]
+    sealed: dict[str, Stat] = {}  # each file's stat once hashed and sealed (_seal); older entries: none
     purpose: str = "train"  # entries written before eval used the cache are training entries
 
 
@@ -106,11 +120,11 @@ def tokenized(spec: Path, text_field: str, declared: Format, tokenizer: Any | No
     """The cached table for these inputs, built (atomically) on a miss. An eval entry holds
     whole documents: it does not depend on max_length (windows are cut when scoring)."""
     source = resolve(spec)
-    digest = source.bytes_digest()
+    data_hex, read = source.content_hex()
     tok_key = tokenizer_key(tokenizer) if tokenizer is not None else None
     if purpose == "eval":
         declared, max_length = "text", 0
-    key = sha256_json({"schema": SCHEMA, "data": digest.hexdigest(), "text_field": text_field, "format": declared,
+    key = sha256_json({"schema": SCHEMA, "data": data_hex, "text_field": text_field, "format": declared,
                        "tokenizer": tok_key, "max_length": max_length if tok_key else None,
                        "shaping": SHAPING if purpose == "train" else EVAL_SHAPING})
     entry_dir = root() / key[:32]
@@ -118,7 +132,7 @@ def tokenized(spec: Path, text_field: str, declared: Format, tokenizer: Any | No
     if found is not None:
         return found
     recipe = _Recipe(purpose, text_field, declared, tokenizer, tok_key, max_length, num_proc)
-    _build(entry_dir, key, source, digest, recipe)
+    _build(entry_dir, key, source, data_hex, read, recipe)
     built = _open(entry_dir, key, hit=False)
     if built is None:  # only if someone corrupted it between our rename and our read
         raise StorageError(f"{entry_dir}: the cache entry just written does not verify")
@@ -131,31 +145,53 @@ def _open(entry_dir: Path, key: str, hit: bool = True) -> Tokenized | None:
 
     if not entry_dir.is_dir():
         return None
-    problem = _problem(entry_dir, key)
-    if problem:
+    entry, problem = _verified(entry_dir, key)
+    if entry is None or problem:
         log.warning("warning: cache entry %s is %s; rebuilding it", entry_dir.name, problem)
         shutil.rmtree(entry_dir, ignore_errors=True)
         return None
-    entry = CacheEntry.model_validate_json((entry_dir / "entry.json").read_text())
     parts = [Dataset.from_file(str(entry_dir / name)) for name in sorted(entry.files)]
     table = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
     return Tokenized(table=table, entry=entry, path=entry_dir, hit=hit)
 
 
-def _problem(entry_dir: Path, key: str) -> str | None:
+def _verified(entry_dir: Path, key: str) -> tuple[CacheEntry | None, str | None]:
+    """(entry, None) when every file is whole and unchanged, else (entry or None, problem).
+    A file whose stat is still the sealed one is trusted; any other is re-hashed, then sealed."""
     try:
         entry = CacheEntry.model_validate_json((entry_dir / "entry.json").read_text())
     except (OSError, ValueError):
-        return "partial (no valid entry.json)"
+        return None, "partial (no valid entry.json)"
     if entry.key != key:
-        return "filed under the wrong key"
+        return entry, "filed under the wrong key"
+    rehashed = []
     for name, want in entry.files.items():
         path = entry_dir / name
         if not path.is_file() or path.stat().st_size != want.size:
-            return f"partial ({name} is missing or truncated)"
+            return entry, f"partial ({name} is missing or truncated)"
+        if entry.sealed.get(name) == file_stat(path):
+            continue  # untouched since it was hashed and sealed
         if sha256_file(path) != want.sha256:
-            return f"corrupt ({name} does not match its sha256)"
-    return None
+            return entry, f"corrupt ({name} does not match its sha256)"
+        rehashed.append(name)
+    if rehashed:  # an older entry, or one copied or touched: the next read needs no re-hash
+        with contextlib.suppress(OSError):  # a read-only cache stays correct, only slower
+            entry.sealed |= _seal(entry_dir, rehashed)
+            write_json_atomic(entry_dir / "entry.json", entry.model_dump(mode="json"))
+    return entry, None
+
+
+def _seal(directory: Path, names: list[str]) -> dict[str, Stat]:
+    """Set each file's mtime to a second before now and return its stat. Any later write sets
+    mtime to the time of that write and moves ctime, so the file never matches this stat
+    again, even when the write falls in the same timestamp tick as the seal."""
+    past = (time.time_ns() // 1_000_000_000 - 1) * 1_000_000_000
+    sealed = {}
+    for name in names:
+        path = directory / name
+        os.utime(path, ns=(path.stat().st_atime_ns, past))
+        sealed[name] = file_stat(path)
+    return sealed
 
 
 @dataclass(frozen=True)
@@ -184,13 +220,19 @@ class _Recipe:
         return fmt, Tokenize(fmt, field, namer, self.tokenizer, self.max_length), features(self.tokenizer is not None)
 
 
-def _build(entry_dir: Path, key: str, source: Source, digest: Any, recipe: _Recipe) -> None:
+def _build(entry_dir: Path, key: str, source: Source, data_hex: str, read: Any, recipe: _Recipe) -> None:
+    """`read`: the data's digest if the key's hex was just read, else it is read now, and must
+    be the bytes the key was made from (a remembered hex is checked before anything is cached)."""
+    digest = read if read is not None else source.bytes_digest()
+    if digest.hexdigest() != data_hex:
+        raise source.changed()
     entry_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=entry_dir.parent, prefix=f".tmp-{entry_dir.name}-"))
     try:
         with _no_space_is_storage_error(entry_dir.parent):
             entry = _tokenize_into(stage, key, source, digest, recipe)
             source.check_unchanged()
+            entry.sealed = _seal(stage, list(entry.files))
             write_json_atomic(stage / "entry.json", entry.model_dump(mode="json"))
             _publish(stage, entry_dir)
     finally:

@@ -3,31 +3,89 @@ how it is read into memory-mapped Arrow, and how its bytes are fingerprinted.
 
 The fingerprint is a sha256 over the bytes of every shard in sorted order (for one file:
 exactly its bytes, as lmctl has always recorded, so registry tags of older versions still
-match). `Source.unchanged()` compares each shard's (size, mtime, inode) with what it was
-when the fingerprint was taken: a file rewritten while it was read is refused, never
-cached under the old key.
+match). `Source.unchanged()` compares each shard's stat (size, mtime, ctime, inode,
+device) with what it was when the fingerprint was taken: a file rewritten while it was
+read is refused, never cached under the old key.
+
+Re-hashing a GB file on every warm run costs seconds (more when it has left the page
+cache), so a file's sha256 is remembered with its stat (`file_hex`, under
+LMCTL_HOME/cache/digests) and re-read only when the stat differs. This is git's index
+rule, and stricter than `datasets`, which identifies a data file by path and mtime alone:
+any write through the filesystem changes mtime and ctime, and ctime cannot be set back
+(`touch -d`, `cp -p` and `rsync -t` restore mtime but move ctime), so a changed file never
+matches a remembered stat. Racy writes are excluded as git does: a hash is remembered only
+if the stat did not change while the file was read and the file's last change is older
+than RACY_NS, so a write in the same timestamp tick as the hashing cannot go unnoticed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
 
 from lmctl.errors import DataError
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota exceeded, file size limit
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 SAVED_MARKERS = ("state.json", "dataset_info.json")  # what Dataset.save_to_disk writes next to its shards
+RACY_NS = 2_000_000_000  # a file changed this recently may change again within the same timestamp tick
+
+Stat = tuple[int, int, int, int, int]
 
 
-def _stat(path: Path) -> tuple[int, int, int]:
+def file_stat(path: Path) -> Stat:
+    """What any write to the file changes: size, mtime, ctime (not settable), inode, device."""
     st = path.stat()
-    return st.st_size, st.st_mtime_ns, st.st_ino
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
+class DigestMemo(BaseModel):
+    path: str
+    stat: Stat
+    sha256: str
+
+
+def _memo_path(path: Path) -> Path:
+    from lmctl.home import cache_dir
+
+    return cache_dir() / "digests" / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]}.json"
+
+
+def hash_file(path: Path) -> Any:
+    """A sha256 object over the file's bytes (read in full), remembered with its stat when safe."""
+    from lmctl.atomic import write_json_atomic
+    from lmctl.checkpoint import file_digest  # checkpoint imports lmctl.data: import at call time
+
+    before, started = file_stat(path), time.time_ns()
+    digest = file_digest(path)
+    if file_stat(path) == before and min(before[1], before[2]) < started - RACY_NS:
+        memo = DigestMemo(path=str(path.resolve()), stat=before, sha256=digest.hexdigest())
+        with contextlib.suppress(OSError):  # a memo that cannot be written only costs a re-read
+            write_json_atomic(_memo_path(path), memo.model_dump(mode="json"))
+    return digest
+
+
+def remembered_hex(path: Path) -> str | None:
+    """The file's sha256 (hex) as remembered, if its stat is still the one it was hashed with."""
+    with contextlib.suppress(OSError, ValueError):
+        memo = DigestMemo.model_validate_json(_memo_path(path).read_text())
+        if memo.path == str(path.resolve()) and memo.stat == file_stat(path):
+            return memo.sha256
+    return None
+
+
+def file_hex(path: Path) -> str:
+    """The file's sha256 (hex): the remembered one while its stat is unchanged, else read."""
+    return remembered_hex(path) or hash_file(path).hexdigest()
 
 
 @dataclass
@@ -37,32 +95,52 @@ class Source:
     spec: Path  # what the user wrote: a file, a glob or a directory
     files: list[Path]
     saved: bool = False  # a save_to_disk directory (files are its shards and metadata)
-    stats: list[tuple[int, int, int]] = field(default_factory=list)
+    stats: list[Stat] = field(default_factory=list)
 
     @property
     def builder(self) -> str:
         return "arrow" if self.saved else BUILDERS[self.files[0].suffix.lower()]
 
-    def bytes_digest(self) -> Any:
-        """sha256 over the shards' bytes; a hashlib object so callers can extend a copy."""
-        from lmctl.checkpoint import file_digest  # checkpoint imports lmctl.data: import at call time
+    @property
+    def _one_file(self) -> bool:
+        return len(self.files) == 1 and not self.saved
 
-        self.stats = [_stat(f) for f in self.files]
-        if len(self.files) == 1 and not self.saved:
-            return file_digest(self.files[0])
+    def bytes_digest(self) -> Any:
+        """sha256 over the shards' bytes; a hashlib object so callers can extend a copy. One
+        file is read in full (its fingerprint extends the stream of its bytes); the shards of
+        a set are combined from their sha256s, which unchanged shards need not re-read."""
+        self.stats = [file_stat(f) for f in self.files]
+        return hash_file(self.files[0]) if self._one_file else self._shards_digest()
+
+    def content_hex(self) -> tuple[str, Any]:
+        """bytes_digest's hex, from remembered digests for files whose stat is unchanged; plus
+        the digest itself when one file had to be read for it (None otherwise)."""
+        self.stats = [file_stat(f) for f in self.files]
+        if not self._one_file:
+            return self._shards_digest().hexdigest(), None
+        known = remembered_hex(self.files[0])
+        if known is not None:
+            return known, None
+        digest = hash_file(self.files[0])
+        return digest.hexdigest(), digest
+
+    def _shards_digest(self) -> Any:
         digest = hashlib.sha256()
         base = self.spec if self.spec.is_dir() else self.spec.parent
         for path in self.files:  # name and content of each shard: renaming or reordering shards changes it
-            digest.update(f"{os.path.relpath(path, base)}\0{file_digest(path).hexdigest()}\0".encode())
+            digest.update(f"{os.path.relpath(path, base)}\0{file_hex(path)}\0".encode())
         return digest
 
     def unchanged(self) -> bool:
-        return bool(self.stats) and self.stats == [_stat(f) for f in self.files if f.exists()]
+        return bool(self.stats) and self.stats == [file_stat(f) for f in self.files if f.exists()]
 
     def check_unchanged(self) -> None:
         if not self.unchanged():
-            raise DataError(f"{self.spec}: changed while it was being read; nothing was cached",
-                            hint="run again once the file is no longer being written")
+            raise self.changed()
+
+    def changed(self) -> DataError:
+        return DataError(f"{self.spec}: changed while it was being read; nothing was cached",
+                         hint="run again once the file is no longer being written")
 
     def name_row(self, index: int, offsets: list[int]) -> tuple[Path, int]:
         """(shard file, 1-based row in it) of the dataset's 0-based row `index`."""
