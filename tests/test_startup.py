@@ -40,3 +40,15 @@ def test_eval_on_a_local_model_imports_neither_mlflow_nor_datasets(tiny_base: Pa
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
     assert "lmctl.evaluate.perplexity" in imported  # the measurement really ran in this process
     assert not {m for m in imported if m.split(".")[0] in ("mlflow", "datasets")}
+
+
+def test_cli_import_pulls_neither_eval_run_nor_torch() -> None:
+    """Every command imports the CLI app (all flags' defaults and help come from the options
+    models); the evaluation machinery, yaml and torch come only with the command that runs."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    probe = ("import sys, lmctl.cli.app\n"
+             "print(sorted(m for m in ('lmctl.evaluate.run', 'lmctl.evaluate.suites', 'yaml', 'torch', 'transformers')"
+             " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from lmctl.errors import BadInputError
@@ -67,6 +66,8 @@ class SuiteResult(BaseModel):
 
 
 def load_suite(path: Path) -> Suite:
+    import yaml  # only when a suite is given: `lmctl eval` without one need not pay for it
+
     if not path.is_file():
         raise BadInputError(f"suite file not found: {path}")
     try:
