@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lmctl.evaluate.perplexity import make_windows, perplexity
+from lmctl.evaluate.perplexity import MIN_LENGTH_SHARE, Window, _batches, make_windows, perplexity
 
 
 @pytest.mark.parametrize(("n", "max_length", "stride"), [(1, 4, 2), (10, 4, 2), (10, 4, 4), (9, 8, 3), (100, 16, 1)])
@@ -20,6 +20,19 @@ def test_windows_score_each_token_once_with_bounded_context(n: int, max_length: 
         assert w.input_ids[w.score_from :] == ([1] + ids)[len(scored) : len(scored) + len(w.targets)]
         scored.extend(w.targets)
     assert scored == ids
+
+
+def test_batches_bound_padding_and_keep_every_window() -> None:
+    lengths = [1024, 259, 1024, 1000, 950, 30, 31, 1024, 12, 1]
+    windows = [Window(i, [0] * n, 0, [0]) for i, n in enumerate(lengths)]
+    batches = list(_batches(iter(windows), 3))
+    assert sorted(w.doc for b in batches for w in b) == list(range(len(lengths)))
+    for batch in batches:
+        longest = len(batch[0].input_ids)
+        assert 1 <= len(batch) <= 3
+        assert all(MIN_LENGTH_SHARE * longest <= len(w.input_ids) <= longest for w in batch)
+    # the 259-token window is never padded to 1024, as a plain sort-and-chunk would
+    assert [len(w.input_ids) for w in next(b for b in batches if b[0].doc == 1)] == [259]
 
 
 def _reference_nll(model, ids: list[int], prefix: int) -> float:  # type: ignore[no-untyped-def]
@@ -36,10 +49,14 @@ def test_matches_full_sequence_loss_and_ignores_padding(tiny_base: Path) -> None
 
     tok = load_tokenizer(str(tiny_base))
     model = load_base_model(str(tiny_base)).eval()
-    texts = ["The model reads the adapter quickly.", "A tokenizer hashes each token twice. The server serves one request."]
+    long = "A tokenizer hashes each token twice. The server serves one request."
+    texts = ["The model reads the adapter quickly.", long, long + "!"]
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     expected = sum(_reference_nll(model, ids, tok.bos_token_id) for ids in encoded)
-    # Window covers each document whole; batching two different lengths pads the shorter one.
+    # Window covers each document whole; the two long ones (within 10% of each other) are
+    # batched together, the shorter one padded; the short document gets a batch of its own.
+    windows = [w for i, ids in enumerate(encoded) for w in make_windows(i, ids, tok.bos_token_id, 128, 128)]
+    assert [[w.doc for w in b] for b in _batches(iter(windows), 2)] == [[2, 1], [0]]
     scored = perplexity(model, tok, texts, max_length=128, stride=128, batch_size=2)
     sums = scored.sums
     assert scored.doc_tokens == [len(ids) for ids in encoded]

@@ -40,6 +40,11 @@ from lmctl.errors import BadInputError
 
 HEAD_CHUNK = 256  # scored positions per output-head matmul: 256 x 49k fp32 logits = 50 MB
 LOOKAHEAD_BATCHES = 16  # windows are sorted by length within this many batches, to cut padding
+# A window joins a batch only if it is at least this share of the batch's longest: padded
+# positions cost a full forward each and make attention take a masked (non-causal) kernel.
+# rolling over documents of 2.6k, 1.2k and 259 tokens at window 1024 and batch 2 paired the
+# 259-token window with a 1024 one: 14% of all forwarded tokens were padding.
+MIN_LENGTH_SHARE = 0.9
 # Configs whose forward transforms the head's output (soft-capping, scaling): for those the
 # full forward runs and only its logits are gathered, so the numbers stay the model's own.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -174,11 +179,17 @@ def _windows(docs: Iterable[Document], prefix: int, max_length: int, stride: int
 
 
 def _batches(windows: Iterator[Window], batch_size: int) -> Iterator[list[Window]]:
-    """Batches of similar-length windows, sorted within a bounded look-ahead buffer."""
+    """Batches of at most `batch_size` similar-length windows (each at least MIN_LENGTH_SHARE
+    of its batch's longest), sorted within a bounded look-ahead buffer."""
     while buffer := list(islice(windows, batch_size * LOOKAHEAD_BATCHES)):
         buffer.sort(key=lambda w: len(w.input_ids), reverse=True)
-        for i in range(0, len(buffer), batch_size):
-            yield buffer[i : i + batch_size]
+        batch: list[Window] = []
+        for w in buffer:
+            if batch and (len(batch) == batch_size or len(w.input_ids) < MIN_LENGTH_SHARE * len(batch[0].input_ids)):
+                yield batch
+                batch = []
+            batch.append(w)
+        yield batch
 
 
 def perplexity(model: Any, tokenizer: Any, texts: Iterable[str], max_length: int, stride: int,
