@@ -222,7 +222,7 @@ EXPECTED: dict[str, set[str]] = {
         'tokens_per_step', 'train_examples', 'train_rows', 'train_sequences', 'validation_rows'},
     # added by issue 13 (the tokenization cache)
     'data cache list': {'entries', 'entries[].bytes', 'entries[].created_at', 'entries[].format', 'entries[].key',
-                        'entries[].max_length', 'entries[].rows', 'entries[].source', 'entries[].status', 'entries[].tokenized',
+                        'entries[].max_length', 'entries[].purpose', 'entries[].rows', 'entries[].source', 'entries[].status', 'entries[].tokenized',
                         'partial', 'path', 'total_bytes'},
     'data cache clear': {'freed_bytes', 'path', 'removed'},
 }
