@@ -217,3 +217,15 @@ def test_eval_reuses_the_cache_and_misses_on_a_changed_byte_or_tokenizer(  # typ
     assert "tokenization cache miss" in changed.err and len(_entries()) == 3
     changed = changed.json
     assert changed["data"]["sha256"] != first["data"]["sha256"] and changed["sums"] != first["sums"]
+
+
+def test_validate_of_a_config_tokenizes_with_its_num_proc(cli, tiny_config: Path) -> None:
+    """data.num_proc reaches the map: two workers write two Arrow shards, even for 48 rows."""
+    import yaml
+
+    cfg = yaml.safe_load(tiny_config.read_text())
+    cfg["data"] |= {"num_proc": 2, "validation": None}
+    tiny_config.write_text(yaml.safe_dump(cfg))
+    assert cli("data", "validate", tiny_config, "--json").code == 0
+    [entry] = _entries()
+    assert len(list(entry.glob("tokens*.arrow"))) == 2

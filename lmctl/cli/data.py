@@ -34,14 +34,13 @@ def validate(
     from lmctl.loading import load_tokenizer
     from lmctl.modelref import resolve_base
 
+    num_proc = None  # a data file: all cores for a big one (lmctl.data.cache.default_num_proc)
     if source.suffix.lower() in (".yaml", ".yml"):
         cfg = load_config(source)
         if cfg.data.train is None:
             raise BadInputError(f"{source}: data.train is not set")
         source, validation, model = cfg.data.train, cfg.data.validation, model or cfg.model.base
         max_length, text_field, fmt = cfg.data.max_length, cfg.data.text_field, cfg.data.format
-    num_proc = None
-    if source.suffix.lower() in (".yaml", ".yml"):
         num_proc = cfg.data.num_proc
     tokenizer = load_tokenizer(resolve_base(model)) if model else None
     emit(run_validate(source, validation, text_field, fmt, tokenizer, max_length, num_proc), json_out)

@@ -117,15 +117,16 @@ class Tokenize:
         keep = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
         encoded = self.tokenizer([texts[i] for i in keep], add_special_tokens=True)["input_ids"] if keep else []
         pairs: list[tuple[list[int], list[int] | None]] = [([], None)] * len(records)
+        eos = self._eos()  # once per batch: the tokenizer's eos_token_id is a lookup, not a field
         for i, ids in zip(keep, encoded):
-            pairs[i] = (list(ids) + self._eos(), None)  # labels are the ids themselves
+            pairs[i] = (ids + eos, None)  # labels are the ids themselves
         return pairs
 
     def _completion(self, records: list[dict[str, Any]]) -> list[tuple[list[int], list[int] | None]]:
         prompts = self.tokenizer([r.get("prompt") or "" for r in records], add_special_tokens=True)["input_ids"]
         completions = self.tokenizer([r["completion"] for r in records], add_special_tokens=False)["input_ids"]
-        return [(list(p) + list(c) + self._eos(), [IGNORE] * len(p) + list(c) + self._eos())
-                for p, c in zip(prompts, completions)]
+        eos = self._eos()
+        return [(p + c + eos, [IGNORE] * len(p) + c + eos) for p, c in zip(prompts, completions)]
 
     def _chat(self, records: list[dict[str, Any]]) -> list[tuple[list[int], list[int] | None]]:
         rendered = [assistant_spans(r["messages"], self.tokenizer) for r in records]
