@@ -100,11 +100,12 @@ def serve_rows(path: str) -> list[list[str]]:
     from bench_serve import baseline, engine_client, make_prompts, run_level
 
     from lmctl.loading import load_base_model, load_tokenizer
-    from lmctl.serve.engine import Engine, auto_max_batch_size
+    from lmctl.serve.engine import Engine, auto_batch_limits
 
     tok, model = load_tokenizer(path), load_base_model(path, "bfloat16").to("cuda").eval()
     prompts = make_prompts(tok, 0, 64, 128)
-    engine = Engine(model, tok, max_batch_size=auto_max_batch_size(model, 2048))
+    cap, kv_budget = auto_batch_limits(model)
+    engine = Engine(model, tok, max_batch_size=cap, kv_budget_tokens=kv_budget)
     engine.start()
     modes = {"one-at-a-time": baseline(model, tok, 64), "lmctl engine": engine_client(engine, tok, 64)}
     rows = []

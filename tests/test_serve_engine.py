@@ -263,10 +263,25 @@ def test_bad_requests_are_refused_before_queueing(base: tuple[Any, Any]) -> None
     assert eng.queue_depth == 0
 
 
-def test_default_max_batch_follows_kv_memory_and_the_cpu_cap(base: tuple[Any, Any]) -> None:
-    from lmctl.serve.engine import CPU_BATCH_CAP, auto_max_batch_size
+def test_default_limits_are_the_cpu_cap_and_a_kv_budget(base: tuple[Any, Any]) -> None:
+    from lmctl.serve.engine import CPU_BATCH_CAP, auto_batch_limits
 
-    model, _ = base
-    assert auto_max_batch_size(model, 256) == CPU_BATCH_CAP  # a tiny model's short rows: the CPU cap decides
-    assert auto_max_batch_size(model, 10**12) == 1  # rows whose KV cache cannot fit: one at a time, never 0
-    assert 1 <= auto_max_batch_size(model, 10**8) <= CPU_BATCH_CAP
+    rows, tokens = auto_batch_limits(base[0])
+    assert rows == CPU_BATCH_CAP
+    assert tokens > CPU_BATCH_CAP * 256  # the tiny model's KV cache is a few KB per token
+
+
+def test_rows_join_only_while_their_kv_cache_fits_the_budget(base: tuple[Any, Any]) -> None:
+    """Budget 60 tokens: two rows of 10 + 20 (padded: 2 x 30) fit, a third does not; a lone
+    request bigger than the budget still runs (alone), and everything completes."""
+    model, tok = base
+    eng = Engine(model, tok, max_batch_size=8, batch_wait_ms=0, kv_budget_tokens=60)
+    small = [eng.submit([5] * 10, greedy(20)) for _ in range(4)]
+    big = eng.submit([5] * 10, greedy(70))
+    eng.start()
+    try:
+        assert all(len(job.wait(60).token_ids) == 20 for job in small)
+        assert len(big.wait(60).token_ids) == 70
+    finally:
+        eng.stop()
+    assert eng.peak_batch == 2

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import itertools
 import logging
 import random
 import threading
@@ -41,14 +42,30 @@ class NonFiniteLogitsError(RuntimeError):
     """The model's output had NaN or inf for a row: that request fails, the batch goes on."""
 
 log = logging.getLogger("lmctl.serve.engine")
-CPU_BATCH_CAP = 64  # measured: at 32 clients a cap of 16 gave 0.38x transformers serve (which batches all 32)
+# Rows decoded together at most. Measured on CPU: at 32 clients a cap of 16 gave 0.38x
+# transformers serve (which batches all 32); a CPU decode step at these sizes is bound by
+# reading the weights, so more rows are nearly free until the KV budget below says no.
+CPU_BATCH_CAP, GPU_BATCH_CAP = 64, 256
 
 
-def auto_max_batch_size(model: Any, tokens_per_row: int) -> int:
-    """Rows whose KV cache at `tokens_per_row` fits a memory budget (half the free GPU memory,
-    a quarter of the available RAM on CPU), capped at CPU_BATCH_CAP on CPU and 256 on a GPU."""
+def _available_ram() -> int:
+    """MemAvailable (free + reclaimable page cache), not MemFree, which a busy page cache hides."""
     import os
 
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def auto_batch_limits(model: Any) -> tuple[int, int]:
+    """(most rows per batch, KV-cache tokens that fit the memory budget: half the free GPU memory,
+    a quarter of the available RAM). The engine admits rows while the batch's padded cache,
+    counted at every row's prompt + max_tokens, stays within the token budget."""
     import torch
 
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -58,10 +75,10 @@ def auto_max_batch_size(model: Any, tokens_per_row: int) -> int:
     param = next(model.parameters())
     per_token = int(config.num_hidden_layers) * 2 * kv_heads * head_dim * param.element_size()
     if param.device.type == "cuda":
-        budget, cap = torch.cuda.mem_get_info(param.device)[0] // 2, 256
+        budget, cap = torch.cuda.mem_get_info(param.device)[0] // 2, GPU_BATCH_CAP
     else:
-        budget, cap = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4, CPU_BATCH_CAP
-    return max(1, min(cap, budget // (per_token * max(1, tokens_per_row))))
+        budget, cap = _available_ram() // 4, CPU_BATCH_CAP
+    return cap, max(1, budget // per_token)
 
 
 @dataclass
@@ -77,10 +94,11 @@ class _Batch:
 
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 8, max_queue: int = 64,
-                 batch_wait_ms: float = 5.0) -> None:
-        if max_batch_size < 1 or max_queue < 0 or batch_wait_ms < 0:
-            raise ValueError("max_batch_size must be >= 1, max_queue and batch_wait_ms >= 0")
+                 batch_wait_ms: float = 5.0, kv_budget_tokens: int | None = None) -> None:
+        if max_batch_size < 1 or max_queue < 0 or batch_wait_ms < 0 or (kv_budget_tokens or 1) < 1:
+            raise ValueError("max_batch_size and kv_budget_tokens must be >= 1, max_queue and batch_wait_ms >= 0")
         self.model, self.tokenizer = model, tokenizer
+        self.kv_budget_tokens = kv_budget_tokens  # None: no memory bound beyond max_batch_size
         self.max_batch_size, self.max_queue, self.batch_wait_s = max_batch_size, max_queue, batch_wait_ms / 1000
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._pad_id = int(pad or 0)  # masked everywhere, so any valid id does
@@ -179,7 +197,7 @@ class Engine:
         batch: _Batch | None = None
         try:
             with torch.inference_mode():
-                while (newcomers := self._admit(len(batch.jobs) if batch else 0)) is not None:
+                while (newcomers := self._admit(batch.jobs if batch else [])) is not None:
                     batch = self._step(batch, newcomers)
         except BaseException as exc:  # a bug in the loop itself: fail everything, never hang clients
             log.exception("generation engine crashed")
@@ -214,31 +232,46 @@ class Engine:
         self._active = list(batch.jobs) if batch else []
         return batch
 
-    def _admit(self, active: int) -> list[Job] | None:
+    def _admit(self, running: list[Job]) -> list[Job] | None:
         """Jobs to add to the batch now ([] = keep decoding), or None when it is time to exit.
         An idle worker waits up to batch_wait_ms for a fuller first batch; a busy one never waits."""
+        active = len(running)
         with self._cv:
             while True:
-                free = self.max_batch_size - active
-                if self._waiting and free > 0:
-                    if active == 0 and len(self._waiting) < free and self.batch_wait_s > 0:
+                room = self.max_batch_size - active
+                if self._waiting and room > 0:
+                    if active == 0 and len(self._waiting) < room and self.batch_wait_s > 0:
                         deadline = time.monotonic() + self.batch_wait_s
-                        while len(self._waiting) < free and self._state == "running":
+                        while len(self._waiting) < room and self._state == "running":
                             left = deadline - time.monotonic()
                             if left <= 0 or not self._cv.wait(left):
                                 break
                         if not self._waiting:  # all cancelled meanwhile
                             continue
-                    now = time.perf_counter()
-                    taken = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-                    for job in taken:
-                        job.admitted = now
-                    return taken
+                    take = self._fits(running) - active  # 0: the queue's head waits for KV memory
+                    if take > 0:
+                        now = time.perf_counter()
+                        taken = [self._waiting.popleft() for _ in range(take)]
+                        for job in taken:
+                            job.admitted = now
+                        return taken
                 if active:
                     return []
                 if self._state == "stopping":
                     return None
                 self._cv.wait()
+
+    def _fits(self, running: list[Job]) -> int:
+        """How many rows the batch may hold once the next waiting jobs (FIFO) join: at most
+        max_batch_size, and the padded cache (rows x the longest prompt + max_tokens) within
+        kv_budget_tokens. A lone job always fits (submit() checked it against the context)."""
+        rows = list(running)
+        for job in itertools.islice(self._waiting, self.max_batch_size - len(rows)):
+            need = (len(rows) + 1) * max(j.prompt_tokens + j.params.max_tokens for j in [*rows, job])
+            if rows and self.kv_budget_tokens is not None and need > self.kv_budget_tokens:
+                break
+            rows.append(job)
+        return len(rows)
 
     def _prefill(self, jobs: list[Job]) -> _Batch | None:
         import torch

@@ -35,8 +35,9 @@ class ServeSettings(BaseModel):
     insecure: bool = Field(False, description="Allow a non-loopback address with no API key configured.")
     api_keys_file: Path | None = Field(None, description="File with one API key per line; else LMCTL_API_KEYS.")
     max_batch_size: int | None = Field(
-        None, ge=1, le=256, description="Most requests generated together in one batch; default: as many as the KV "
-        "cache of a full-length request fits (half the free GPU memory, a quarter of the free RAM), at most 64 on CPU.")
+        None, ge=1, le=256, description="Most requests generated together in one batch (default: 64 on CPU, 256 on "
+        "a GPU). Whatever it is, a request joins only while the batch's KV cache, counted at every row's prompt + "
+        "max_tokens, fits half the free GPU memory or a quarter of the available RAM.")
     max_queue: int = Field(64, ge=1, description="Requests that may wait for a batch slot; more get 429.")
     batch_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits for more requests to fill a batch.")
     max_input_tokens: int | None = Field(None, ge=1, description="Longest prompt accepted (tokens); default: the model context; prompt + max_tokens must fit it too.")

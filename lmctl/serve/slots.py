@@ -77,15 +77,16 @@ def load_slot(ref: str, role: str, settings: ServeSettings, model_name: str | No
     """Resolve, verify (IntegrityError, exit 4) and load `ref`, then start its engine."""
     from lmctl.loading import load_for_inference
     from lmctl.modelref import resolve
-    from lmctl.serve.engine import Engine, auto_max_batch_size
+    from lmctl.serve.engine import Engine, auto_batch_limits
 
     loaded = load_for_inference(resolve(ref))
     config = getattr(loaded.model, "config", None)
     context = int(getattr(config, "max_position_embeddings", 0) or 2048)
-    longest = min(context, (settings.max_input_tokens or context) + settings.max_tokens_cap)
-    batch = settings.max_batch_size or auto_max_batch_size(loaded.model, longest)
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=batch,
-                    max_queue=settings.max_queue, batch_wait_ms=settings.batch_wait_ms)
+    # Rows are admitted by what the requests need (prompt + max_tokens) against the memory budget,
+    # not by a full-context worst case: at 8k context that capped a CPU batch at ~8 rows.
+    cap, kv_budget = auto_batch_limits(loaded.model)
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=settings.max_batch_size or cap,
+                    max_queue=settings.max_queue, batch_wait_ms=settings.batch_wait_ms, kv_budget_tokens=kv_budget)
     engine.start()
     slot = Slot(ref=ref, model_name=model_name or default_model_name(ref, loaded), version=version_label(loaded),
                 role=role, loaded=loaded, engine=engine, stop_ids=_stop_ids(loaded), context_length=context)
