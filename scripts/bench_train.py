@@ -119,11 +119,14 @@ def trl_run(base_path: str, tokenizer, texts: list[str], args, rows: int, mode: 
     from trl import SFTConfig, SFTTrainer
 
     set_seed(0)
-    extra = {"packing": True} if mode == "packing" else {"padding_free": True}
+    # TRL 1.16 refuses padding_free with a max_length it would not enforce; every text here
+    # is shorter than max_length (paragraphs() keeps only those), so None truncates nothing.
+    extra = ({"packing": True, "max_length": args.max_length} if mode == "packing"
+             else {"padding_free": True, "max_length": None})
     cfg = SFTConfig(output_dir=tempfile.mkdtemp(), num_train_epochs=1, per_device_train_batch_size=rows,
                     learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, seed=0, data_seed=0,
                     report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True, use_cpu=True,
-                    max_length=args.max_length, dataset_text_field="text", **extra)
+                    dataset_text_field="text", **extra)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=load_base_model(base_path), args=cfg, processing_class=tokenizer, peft_config=lora,
                          train_dataset=datasets.Dataset.from_list([{"text": t} for t in texts]))
