@@ -100,7 +100,8 @@ def serve_rows(path: str) -> list[list[str]]:
     from bench_serve import baseline, engine_client, make_prompts, run_level
 
     from lmctl.loading import load_base_model, load_tokenizer
-    from lmctl.serve.engine import Engine, auto_batch_limits
+    from lmctl.serve.engine import Engine
+    from lmctl.serve.kvcache import auto_batch_limits
 
     tok, model = load_tokenizer(path), load_base_model(path, "bfloat16").to("cuda").eval()
     prompts = make_prompts(tok, 0, 64, 128)

@@ -264,7 +264,7 @@ def test_bad_requests_are_refused_before_queueing(base: tuple[Any, Any]) -> None
 
 
 def test_default_limits_are_the_cpu_cap_and_a_kv_budget(base: tuple[Any, Any]) -> None:
-    from lmctl.serve.engine import CPU_BATCH_CAP, auto_batch_limits
+    from lmctl.serve.kvcache import CPU_BATCH_CAP, auto_batch_limits
 
     rows, tokens = auto_batch_limits(base[0])
     assert rows == CPU_BATCH_CAP

@@ -42,45 +42,6 @@ class NonFiniteLogitsError(RuntimeError):
     """The model's output had NaN or inf for a row: that request fails, the batch goes on."""
 
 log = logging.getLogger("lmctl.serve.engine")
-# Rows decoded together at most. Measured on CPU: at 32 clients a cap of 16 gave 0.38x
-# transformers serve (which batches all 32); a CPU decode step at these sizes is bound by
-# reading the weights, so more rows are nearly free until the KV budget below says no.
-CPU_BATCH_CAP, GPU_BATCH_CAP = 64, 256
-
-
-def _available_ram() -> int:
-    """MemAvailable (free + reclaimable page cache), not MemFree, which a busy page cache hides."""
-    import os
-
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def auto_batch_limits(model: Any) -> tuple[int, int]:
-    """(most rows per batch, KV-cache tokens that fit the memory budget: half the free GPU memory,
-    a quarter of the available RAM). The engine admits rows while the batch's padded cache,
-    counted at every row's prompt + max_tokens, stays within the token budget."""
-    import torch
-
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    param = next(model.parameters())
-    per_token = int(config.num_hidden_layers) * 2 * kv_heads * head_dim * param.element_size()
-    if param.device.type == "cuda":
-        budget, cap = torch.cuda.mem_get_info(param.device)[0] // 2, GPU_BATCH_CAP
-    else:
-        budget, cap = _available_ram() // 4, CPU_BATCH_CAP
-    return cap, max(1, budget // per_token)
-
-
 @dataclass
 class _Batch:
     """The running rows; row i of every tensor (and of the cache) belongs to jobs[i]."""

@@ -77,7 +77,8 @@ def load_slot(ref: str, role: str, settings: ServeSettings, model_name: str | No
     """Resolve, verify (IntegrityError, exit 4) and load `ref`, then start its engine."""
     from lmctl.loading import load_for_inference
     from lmctl.modelref import resolve
-    from lmctl.serve.engine import Engine, auto_batch_limits
+    from lmctl.serve.engine import Engine
+    from lmctl.serve.kvcache import auto_batch_limits
 
     loaded = load_for_inference(resolve(ref))
     config = getattr(loaded.model, "config", None)
