@@ -88,7 +88,7 @@ def test_greedy_with_trained_adapter_equals_generate(trained_checkpoint: Path) -
 
 def test_jobs_waiting_together_run_as_one_batch(base: tuple[Any, Any]) -> None:
     model, tok = base
-    eng = Engine(model, tok, max_batch_size=8)
+    eng = Engine(model, tok, max_batch_size=8, draft_tokens=0)
     jobs = [eng.submit(ids, greedy(10)) for ids in prompts(tok)[:4]]
     assert eng.queue_depth == 4 and eng.running == 0
     eng.start()
@@ -96,6 +96,81 @@ def test_jobs_waiting_together_run_as_one_batch(base: tuple[Any, Any]) -> None:
     eng.stop()
     # one prefill + 9 decode steps for all four, not 4 x 10 forward passes
     assert eng.forward_passes == 10 and eng.peak_batch == 4
+
+
+def run_staggered(model: Any, tok: Any) -> tuple[list[list[int]], int]:
+    """Four jobs, two rows at most, all queued before start: C and D join while B (then C) still
+    decode, at steps fixed by the budgets. Returns the outputs and the engine's forward passes."""
+    eng = Engine(model, tok, max_batch_size=2, batch_wait_ms=0, draft_tokens=0)
+    jobs = [eng.submit(ids, greedy(n)) for ids, n in zip(prompts(tok)[1:5], [3, 6, 4, 2])]
+    eng.start()
+    try:
+        return [job.wait(60).token_ids for job in jobs], eng.forward_passes
+    finally:
+        eng.stop()
+
+
+def test_newcomers_prefill_inside_the_decode_step(base: tuple[Any, Any]) -> None:
+    """With the engine's own attention (sdpa models) a newcomer's prompt rides in the running
+    rows' decode forward (lmctl.serve.ragged): A+B prefill, then 7 steps for 15 tokens in all,
+    with C and D joining mid-decode, where a prefill pass of their own made it 9 passes."""
+    model, tok = base
+    assert Engine(model, tok)._ragged
+    outputs, passes = run_staggered(model, tok)
+    for ids, n, got in zip(prompts(tok)[1:5], [3, 6, 4, 2], outputs):
+        assert got == reference(model, tok, ids, n)
+    assert passes == 8
+
+
+@pytest.mark.parametrize("wrong_last_guess", [False, True])
+def test_draft_tokens_save_forwards_and_never_change_outputs(base: tuple[Any, Any], wrong_last_guess: bool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts that repeat themselves (so prompt lookup has something to propose) beside others,
+    greedy and sampled rows mixed: every greedy output is still generate()'s, token for token,
+    and the sampled row keeps its seed's output. The tiny model loops, so its drafts are all
+    accepted; with the last token of every draft made wrong, rejected drafts (masked columns
+    in the cache, positions that advance by what was kept) must change nothing either."""
+    from lmctl.serve.drafts import NgramDrafter
+
+    model, tok = base
+    if wrong_last_guess:
+        honest = NgramDrafter.propose
+        monkeypatch.setattr(NgramDrafter, "propose", lambda self, limit: [
+            *(guess := honest(self, limit))[:-1], *[(t + 1) % len(tok) for t in guess[-1:]]])
+    loop = tok("the cat sat on the mat and the cat sat on the mat and the cat")["input_ids"]
+    texts, budgets = [loop, loop[3:], prompts(tok)[1], prompts(tok)[3]], [40, 33, 25, 30]
+    eng = Engine(model, tok, max_batch_size=3, batch_wait_ms=0, draft_tokens=4)
+    jobs = [eng.submit(ids, greedy(n)) for ids, n in zip(texts, budgets)]
+    seeded = SamplingParams(max_tokens=20, temperature=0.8, seed=7)
+    sampled = eng.submit(prompts(tok)[0], seeded)
+    eng.start()
+    try:
+        got = [job.wait(60).token_ids for job in jobs]
+        drawn = sampled.wait(60).token_ids
+    finally:
+        eng.stop()
+    for ids, n, out in zip(texts, budgets, got):
+        assert out == reference(model, tok, ids, n)
+    assert eng.accepted > 0 and eng.forward_passes < sum(budgets)  # 128 greedy tokens, fewer forwards
+    assert (eng.drafted > eng.accepted) == wrong_last_guess
+    alone = Engine(model, tok, draft_tokens=0)
+    alone.start()
+    try:
+        assert alone.submit(prompts(tok)[0], seeded).wait(60).token_ids == drawn
+    finally:
+        alone.stop()
+
+
+def test_models_on_other_attention_prefill_in_a_pass_of_their_own(tiny_base: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    assert not Engine(model, tok)._ragged
+    outputs, passes = run_staggered(model, tok)
+    for ids, n, got in zip(prompts(tok)[1:5], [3, 6, 4, 2], outputs):
+        assert got == reference(model, tok, ids, n)
+    assert passes == 9
 
 
 def test_seeded_sampling_is_reproducible_whatever_else_is_batched(engine: Engine, base: tuple[Any, Any]) -> None:

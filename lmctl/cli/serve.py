@@ -29,6 +29,7 @@ def serve(
     insecure: bool = option(S, "insecure", "--insecure"),
     served_model_name: str | None = option(S, "served_model_name"),
     max_batch_size: int | None = option(S, "max_batch_size", rich_help_panel=_LIMITS),
+    draft_tokens: int = option(S, "draft_tokens", rich_help_panel=_LIMITS),
     max_queue: int = option(S, "max_queue", rich_help_panel=_LIMITS),
     max_input_tokens: int | None = option(S, "max_input_tokens", rich_help_panel=_LIMITS),
     max_tokens_cap: int = option(S, "max_tokens_cap", rich_help_panel=_LIMITS),
@@ -51,7 +52,8 @@ def serve(
 
     settings = options_from(ServeSettings, {
         "host": host, "port": port, "api_keys_file": api_keys_file, "insecure": insecure,
-        "served_model_name": served_model_name, "max_batch_size": max_batch_size, "max_queue": max_queue,
+        "served_model_name": served_model_name, "max_batch_size": max_batch_size, "draft_tokens": draft_tokens,
+        "max_queue": max_queue,
         "max_input_tokens": max_input_tokens, "max_tokens_cap": max_tokens_cap, "max_body_bytes": max_body_bytes,
         "request_timeout_s": request_timeout, "sample_log": sample_log, "sample_rate": sample_rate,
         "canary": canary, "canary_weight": canary_weight, "reload_interval_s": reload_interval,

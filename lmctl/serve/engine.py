@@ -1,15 +1,16 @@
 """Dynamic (continuous) batching generation engine for `lmctl serve`.
 
 One worker thread owns the model. Jobs wait in a bounded queue; the worker admits up to
-`max_batch_size`, prefills newcomers together (left-padded, attention mask, position ids
-counting real tokens) and decodes one token per step for every row with a KV cache that
-appends into buffers grown by doubling (lmctl.serve.kvcache: transformers' DynamicCache copies
-the whole cache every step). Newcomers join between decode steps: prefilled on their own
-cache, whose rows are appended, left-padded, to the running one. Finished or cancelled rows
-leave at once (`batch_select_indices`) and all-padding columns are dropped, so compute
-follows live rows. Attention uses torch's grouped-query SDPA (kvcache.use_gqa_attention).
-Sampling is transformers' temperature then top-p warper, then `torch.multinomial` with the
-job's own `torch.Generator`; temperature 0 is argmax, as `generate(do_sample=False)`.
+`max_batch_size` (and what fits the KV budget) and decodes one token per step for every row
+with a KV cache that appends into buffers grown by doubling (lmctl.serve.kvcache:
+transformers' DynamicCache copies the whole cache every step). Newcomers prefill inside a
+decode step: one forward over the running rows' next tokens and the newcomers' prompts laid
+flat (lmctl.serve.ragged), after which their cache rows are appended, left-padded, to the
+running one. (A model whose attention the engine does not own, eager or flash, prefills
+newcomers in a left-padded pass of their own first.) Position ids count real tokens, as
+`generate` does. Finished or cancelled rows leave at once (`batch_select_indices`) and
+all-padding columns are dropped, so compute follows live rows. Attention is torch's
+grouped-query SDPA (kvcache.use_gqa_attention). Sampling: lmctl.serve.next_token.
 
 Why not transformers 5.17's continuous batching (`generate_batch`, `init_continuous_batching`,
 `ContinuousBatchingManager`)? From its source: `do_sample` is manager-wide (greedy and sampled
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmctl.serve.jobs import Completion, EngineStoppedError, Job, QueueFullError, SamplingParams
+from lmctl.serve.next_token import pick_next_tokens
 
 __all__ = ["Completion", "Engine", "EngineStoppedError", "Job", "NonFiniteLogitsError", "QueueFullError", "SamplingParams"]
 
@@ -55,9 +57,14 @@ class _Batch:
 
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 8, max_queue: int = 64,
-                 batch_wait_ms: float = 5.0, kv_budget_tokens: int | None = None) -> None:
-        if max_batch_size < 1 or max_queue < 0 or batch_wait_ms < 0 or (kv_budget_tokens or 1) < 1:
-            raise ValueError("max_batch_size and kv_budget_tokens must be >= 1, max_queue and batch_wait_ms >= 0")
+                 batch_wait_ms: float = 5.0, kv_budget_tokens: int | None = None, draft_tokens: int = 3,
+                 draft_rows: int = 16) -> None:
+        if (max_batch_size < 1 or max_queue < 0 or batch_wait_ms < 0 or (kv_budget_tokens or 1) < 1
+                or draft_tokens < 0):
+            raise ValueError("max_batch_size and kv_budget_tokens must be >= 1, max_queue, batch_wait_ms and "
+                             "draft_tokens >= 0")
+        self.draft_tokens = draft_tokens  # prompt-lookup drafts per greedy row and step (lmctl.serve.drafts)
+        self.draft_rows = draft_rows  # no drafts in a batch of this many rows or more
         self.model, self.tokenizer = model, tokenizer
         self.kv_budget_tokens = kv_budget_tokens  # None: no memory bound beyond max_batch_size
         self.max_batch_size, self.max_queue, self.batch_wait_s = max_batch_size, max_queue, batch_wait_ms / 1000
@@ -71,8 +78,11 @@ class Engine:
         self._logits_kw = {"logits_to_keep": 1} if keep_last else {}
         self._device = next(model.parameters()).device
         from lmctl.serve.kvcache import use_gqa_attention
+        from lmctl.serve.ragged import full_attention_only
 
-        use_gqa_attention(model)  # same numbers as sdpa, without expanding grouped K/V every step
+        # Same numbers as sdpa without expanding grouped K/V every step; and where the engine owns
+        # the attention of full-attention layers, newcomers prefill inside a decode step (ragged.py).
+        self._ragged = use_gqa_attention(model) and full_attention_only(base.config)
         self._cv = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []  # rows of the current batch (what `running` counts)
@@ -82,6 +92,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         # Counters for metrics and tests (written by the worker only).
         self.forward_passes = 0  # prefills + decode steps
+        self.drafted = self.accepted = 0  # draft tokens fed to the model, and those it agreed with
         self.peak_batch = 0  # most rows ever decoded together
 
     @property
@@ -172,8 +183,20 @@ class Engine:
                 self._cancel_waiting()
 
     def _step(self, batch: _Batch | None, newcomers: list[Job]) -> _Batch | None:
-        """Prefill newcomers into the batch, then decode one token for every row. A model error
-        fails only the jobs in the forward that raised it; the engine keeps serving."""
+        """Decode one token for every row and prefill the newcomers: in one ragged forward where the
+        engine owns the attention, else a prefill pass of their own merged in before the decode
+        step. A model error fails only the jobs in the forward that raised it; the engine goes on."""
+        if self._ragged:
+            jobs = [*(batch.jobs if batch else []), *newcomers]
+            try:
+                batch = self._ragged_step(batch, newcomers)
+            except Exception as exc:
+                log.exception("decode step failed for %d job(s)", len(jobs))
+                for job in jobs:
+                    job._finish("cancelled", exc)
+                batch = None
+            self._active = list(batch.jobs) if batch else []
+            return batch
         if newcomers:
             try:
                 batch = self._merge(batch, self._prefill(newcomers))
@@ -234,14 +257,69 @@ class Engine:
             rows.append(job)
         return len(rows)
 
+    def _seed(self, jobs: list[Job]) -> None:
+        import torch
+        from lmctl.serve.drafts import NgramDrafter
+
+        for job in jobs:
+            greedy = self.draft_tokens and self._ragged and job.params.temperature == 0
+            job.drafter = NgramDrafter(job.prompt_ids) if greedy else None
+            job.generator = torch.Generator(device=self._device)
+            job.generator.manual_seed(job.params.seed if job.params.seed is not None
+                                      else random.SystemRandom().getrandbits(63))
+
+    def _ragged_step(self, batch: _Batch | None, newcomers: list[Job]) -> _Batch | None:
+        """One forward over the running rows' next tokens (each followed by its draft tokens) and
+        the newcomers' whole prompts, laid flat (lmctl.serve.ragged); the newcomers' cache then
+        joins the batch's, left-padded."""
+        import torch
+        from lmctl.serve.ragged import RAGGED_KWARG, RaggedStep, decode_mask
+
+        self._seed(newcomers)
+        if batch is not None:
+            batch = self._select(batch, [i for i, j in enumerate(batch.jobs) if not self._dropped(j)])
+        running = batch.jobs if batch else []
+        self._active = [*running, *newcomers]
+        drafts = self._drafts(running)
+        queries, lengths, dev = [1 + len(d) for d in drafts], [job.prompt_tokens for job in newcomers], self._device
+        ids = [t for row, draft in zip(batch.last.tolist() if batch else [], drafts) for t in (row, *draft)]
+        ids += [t for job in newcomers for t in job.prompt_ids]
+        positions = [p + j for p, q in zip(batch.pos.tolist() if batch else [], queries) for j in range(q)]
+        positions += [j for n in lengths for j in range(n)]
+        if batch is not None:  # this step's columns: a row's own tokens, then zeros up to the widest row
+            fed = torch.arange(max(queries), device=dev)[None] < torch.tensor(queries, device=dev)[:, None]
+            batch.mask = torch.cat([batch.mask, fed.to(batch.mask.dtype)], dim=-1)
+        step = RaggedStep(batch.cache if batch else None, queries, lengths, dev)
+        keep = step.logit_positions()
+        out = self.model(input_ids=torch.tensor([ids], device=dev), position_ids=torch.tensor([positions], device=dev),
+                         attention_mask=decode_mask(batch.mask if batch else None, max(queries, default=1)).to(dev),
+                         past_key_values=step, use_cache=True, **{RAGGED_KWARG: step},
+                         **({"logits_to_keep": keep} if self._logits_kw else {}))
+        logits = out.logits[0] if self._logits_kw else out.logits[0, keep]
+        self.forward_passes += 1
+        self.peak_batch = max(self.peak_batch, len(self._active))
+        new = None
+        if newcomers:
+            new = _Batch(jobs=list(newcomers), cache=step.prefilled, mask=step.prefilled_mask, last=None,
+                         pos=torch.tensor(lengths, device=dev))
+            new = self._advance(new, logits[step.decoded:])
+        if batch is not None:
+            batch = self._squeeze(self._advance(batch, logits[:step.decoded], drafts))
+        return self._merge(batch, new)
+
+    def _drafts(self, running: list[Job]) -> list[list[int]]:
+        """Each greedy row's draft tokens (lmctl.serve.drafts), up to draft_tokens, while the batch
+        has fewer than draft_rows rows: a draft token costs a step's per-token compute, and saves
+        the per-row share of the step's fixed cost (reading the weights), which shrinks as rows grow."""
+        if len(running) >= self.draft_rows:
+            return [[] for _ in running]
+        return [job.drafter.propose(self.draft_tokens) if job.drafter else [] for job in running]
+
     def _prefill(self, jobs: list[Job]) -> _Batch | None:
         import torch
         from lmctl.serve.kvcache import GrowingCache
 
-        for job in jobs:
-            job.generator = torch.Generator(device=self._device)
-            job.generator.manual_seed(job.params.seed if job.params.seed is not None
-                                      else random.SystemRandom().getrandbits(63))
+        self._seed(jobs)
         width = max(j.prompt_tokens for j in jobs)
         ids = torch.full((len(jobs), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
@@ -278,33 +356,84 @@ class Engine:
             job._finish("cancelled")
         return job.done
 
-    def _advance(self, batch: _Batch, logits: Any) -> _Batch | None:
-        """Sample one token per row, stream it, finish rows that are done and drop them."""
+    def _advance(self, batch: _Batch, logits: Any, drafts: list[list[int]] | None = None) -> _Batch | None:
+        """Pick one token per row and stream it; a row that fed `drafts[row]` after its token (the
+        logits then hold 1 + len(draft) positions for it) also streams each draft token the
+        model's own argmax agreed with, and the model's token after the last of them. Finishes
+        rows that are done and drops them. With `drafts` (the ragged step), positions advance
+        by what each row kept and its rejected draft columns are masked out."""
         import torch
 
+        starts = list(itertools.accumulate((1 + len(d) for d in drafts or []), initial=0))
+        first = logits[starts[:-1]] if drafts and starts[-1] > len(drafts) else logits
         # A diverged adapter (NaN/inf weights) must fail its requests, not stream argmax garbage
         # or crash torch.multinomial for every row it shares the batch with.
-        broken = (~torch.isfinite(logits).all(dim=-1)).tolist()
+        broken = (~torch.isfinite(first).all(dim=-1)).tolist()
         if any(broken):
-            logits = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))
+            first = torch.where(torch.isfinite(first), first, torch.zeros_like(first))
             for job, bad in zip(batch.jobs, broken):
                 if bad:
                     job._finish("cancelled", NonFiniteLogitsError("the model produced non-finite logits"))
-        tokens = _sample(logits, batch.jobs)
-        keep = []
+        tokens = pick_next_tokens(first, batch.jobs)
+        greedy = logits.argmax(dim=-1).tolist() if first is not logits else []
+        keep, kept_drafts, last = [], [], []
         for row, (job, token) in enumerate(zip(batch.jobs, tokens)):
+            out = [token]
+            for j, guess in enumerate(drafts[row] if drafts else []):  # guess j was fed after out[j]
+                if guess != out[j]:
+                    break
+                out.append(greedy[starts[row] + j + 1])
+            kept_drafts.append(len(out) - 1)
+            last.append(out[-1])
+            if self._stream(job, out):
+                keep.append(row)
+        batch.last = torch.tensor(last, dtype=torch.long, device=logits.device)
+        if drafts is not None:
+            self.drafted, self.accepted = self.drafted + starts[-1] - len(drafts), self.accepted + sum(kept_drafts)
+            kept = torch.tensor(kept_drafts, device=logits.device)
+            batch.pos = batch.pos + 1 + kept
+            width = max(len(d) for d in drafts) + 1  # this step's columns, the last of the mask
+            batch.mask[:, -width:] *= torch.arange(width, device=logits.device)[None] <= kept[:, None]
+        return self._select(batch, keep)
+
+    def _stream(self, job: Job, tokens: list[int]) -> bool:
+        """Emit `tokens` in order until the job stops or reaches max_tokens; False once it is done."""
+        for token in tokens:
             if self._dropped(job):
-                continue
+                return False
             if token in job.params.stop_token_ids:
                 job._finish("stop")
-                continue
+                return False
             job._emit(token)
+            if job.drafter is not None:
+                job.drafter.extend([token])
             if len(job._tokens) >= job.params.max_tokens:
                 job._finish("length")
-                continue
-            keep.append(row)
-        batch.last = torch.tensor(tokens, dtype=torch.long, device=logits.device)
-        return self._select(batch, keep)
+                return False
+        return True
+
+    def _squeeze(self, batch: _Batch | None) -> _Batch | None:
+        """Drop trailing columns no row attends to (rejected drafts); once masked columns between
+        live ones make the cache a quarter wider than the longest row needs, gather each row's
+        live columns to the right (left-padded again), so the KV memory follows the tokens."""
+        import torch
+
+        if batch is None:
+            return None
+        live = batch.mask.any(dim=0)
+        trailing = int(live.flip(0).int().argmax())
+        if trailing:
+            batch.mask = batch.mask[:, :-trailing]
+            batch.cache.drop_trailing(trailing)
+        counts = batch.mask.sum(dim=-1)
+        width = int(counts.max())
+        if batch.mask.shape[1] <= width + width // 4 + 8:
+            return batch
+        # Stable sort puts each row's masked columns first and its live ones last, in order.
+        order = torch.sort(batch.mask, dim=-1, stable=True).indices[:, -width:]
+        batch.cache.keep_columns(order)
+        batch.mask = (torch.arange(width, device=counts.device)[None] >= (width - counts)[:, None]).to(batch.mask.dtype)
+        return batch
 
     def _select(self, batch: _Batch, keep: list[int]) -> _Batch | None:
         """Keep only rows `keep`, then trim the columns that are now padding in every row."""
@@ -337,28 +466,3 @@ class Engine:
         old.jobs = old.jobs + new.jobs
         old.last, old.pos = torch.cat([old.last, new.last]), torch.cat([old.pos, new.pos])
         return old
-
-
-def _sample(logits: Any, jobs: list[Job]) -> list[int]:
-    """One token per row: argmax for temperature 0, else temperature + top-p + the job's generator."""
-    import torch
-
-    logits = logits.float()
-    tokens = logits.argmax(dim=-1).tolist()
-    rows = [i for i, job in enumerate(jobs) if job.params.temperature > 0 and not job.done]
-    if not rows:
-        return tokens
-    index = torch.tensor(rows, device=logits.device)
-    # A floor keeps logits / T finite (a tiny T is greedy in all but name; inf would make NaNs).
-    temps = torch.tensor([max(jobs[i].params.temperature, 1e-5) for i in rows], device=logits.device)[:, None]
-    top_p = torch.tensor([jobs[i].params.top_p for i in rows], device=logits.device)[:, None]
-    scores = logits[index] / temps
-    if bool((top_p < 1).any()):  # transformers' TopPLogitsWarper, one threshold per row
-        ascending, order = scores.sort(dim=-1)
-        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
-        drop[:, -1] = False  # always keep the most likely token
-        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = scores.softmax(dim=-1)
-    for k, i in enumerate(rows):
-        tokens[i] = int(torch.multinomial(probs[k], 1, generator=jobs[i].generator))
-    return tokens

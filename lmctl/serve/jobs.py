@@ -68,6 +68,7 @@ class Job:
         self.admitted: float | None = None
         self.first_token: float | None = None
         self.generator: Any = None  # torch.Generator, made by the worker on admission
+        self.drafter: Any = None  # lmctl.serve.drafts.NgramDrafter for a greedy job, when the engine drafts
         self.cancel_requested = False
         self._engine = engine
         self._lock = threading.Lock()
