@@ -38,6 +38,32 @@ def test_appends_past_the_initial_buffer_like_dynamic_layer() -> None:
     assert 2 <= len(buffers) <= 4 and mine._k.shape[-2] >= 45
 
 
+def test_squeeze_drops_trailing_holes_and_packs_each_rows_live_columns_to_the_right() -> None:
+    """Rejected draft tokens leave masked columns: trailing ones are forgotten at once; holes
+    between live columns are squeezed out once they widen the cache past the longest row."""
+    from lmctl.serve.batch import Batch, squeeze_columns
+
+    cache = GrowingCache()
+    k, v = kv(2, 40, 3)
+    cache.update(k, v, 0)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, 2:36:2] = 0  # 17 holes in row 0
+    mask[1, :20] = 0  # left padding of row 1
+    mask[:, 37:] = 0  # the last 3 columns are holes in both rows
+    batch = squeeze_columns(Batch(jobs=[], cache=cache, mask=mask.clone(), last=None, pos=None))
+    assert batch is not None
+    live = [mask[r].nonzero().flatten() for r in range(2)]  # 20 and 17 live columns
+    assert batch.mask.shape == (2, 20) and batch.mask.sum(dim=-1).tolist() == [20, 17]
+    assert batch.mask[1, :3].sum() == 0 and batch.mask[1, 3:].all()
+    layer = cache.layers[0]
+    for r in range(2):
+        assert torch.equal(layer.keys[r, :, 20 - len(live[r]):], k[r][:, live[r]])
+        assert torch.equal(layer.values[r, :, 20 - len(live[r]):], v[r][:, live[r]])
+    k2, v2 = kv(2, 1, 4)  # and the next step appends after the packed columns
+    keys, _ = cache.update(k2, v2, 0)
+    assert keys.shape[-2] == 21 and torch.equal(keys[:, :, -1:], k2)
+
+
 def test_select_drop_and_append_rows_match_concatenation() -> None:
     layer, ref = GrowingLayer(), DynamicLayer()
     k, v = kv(4, 6, 0)

@@ -31,9 +31,9 @@ import random
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from lmctl.serve.batch import Batch, merge_batches, select_rows, squeeze_columns
 from lmctl.serve.jobs import Completion, EngineStoppedError, Job, QueueFullError, SamplingParams
 from lmctl.serve.next_token import pick_next_tokens
 
@@ -43,28 +43,20 @@ __all__ = ["Completion", "Engine", "EngineStoppedError", "Job", "NonFiniteLogits
 class NonFiniteLogitsError(RuntimeError):
     """The model's output had NaN or inf for a row: that request fails, the batch goes on."""
 
-log = logging.getLogger("lmctl.serve.engine")
-@dataclass
-class _Batch:
-    """The running rows; row i of every tensor (and of the cache) belongs to jobs[i]."""
 
-    jobs: list[Job]
-    cache: Any  # GrowingCache, batch x heads x mask.shape[1] x head_dim per layer
-    mask: Any  # (B, L) attention mask, 0 on left padding
-    last: Any  # (B,) last sampled token, the next decode input
-    pos: Any  # (B,) position id of that token
+log = logging.getLogger("lmctl.serve.engine")
 
 
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 8, max_queue: int = 64,
                  batch_wait_ms: float = 5.0, kv_budget_tokens: int | None = None, draft_tokens: int = 3,
-                 draft_rows: int = 16) -> None:
+                 draft_rows: int = 4) -> None:
         if (max_batch_size < 1 or max_queue < 0 or batch_wait_ms < 0 or (kv_budget_tokens or 1) < 1
                 or draft_tokens < 0):
             raise ValueError("max_batch_size and kv_budget_tokens must be >= 1, max_queue, batch_wait_ms and "
                              "draft_tokens >= 0")
         self.draft_tokens = draft_tokens  # prompt-lookup drafts per greedy row and step (lmctl.serve.drafts)
-        self.draft_rows = draft_rows  # no drafts in a batch of this many rows or more
+        self.draft_rows = draft_rows  # drafts only in a batch of at most this many rows (kvcache.draft_row_limit)
         self.model, self.tokenizer = model, tokenizer
         self.kv_budget_tokens = kv_budget_tokens  # None: no memory bound beyond max_batch_size
         self.max_batch_size, self.max_queue, self.batch_wait_s = max_batch_size, max_queue, batch_wait_ms / 1000
@@ -166,7 +158,7 @@ class Engine:
     def _run(self) -> None:
         import torch
 
-        batch: _Batch | None = None
+        batch: Batch | None = None
         try:
             with torch.inference_mode():
                 while (newcomers := self._admit(batch.jobs if batch else [])) is not None:
@@ -182,7 +174,7 @@ class Engine:
                 self._active = []
                 self._cancel_waiting()
 
-    def _step(self, batch: _Batch | None, newcomers: list[Job]) -> _Batch | None:
+    def _step(self, batch: Batch | None, newcomers: list[Job]) -> Batch | None:
         """Decode one token for every row and prefill the newcomers: in one ragged forward where the
         engine owns the attention, else a prefill pass of their own merged in before the decode
         step. A model error fails only the jobs in the forward that raised it; the engine goes on."""
@@ -199,7 +191,7 @@ class Engine:
             return batch
         if newcomers:
             try:
-                batch = self._merge(batch, self._prefill(newcomers))
+                batch = merge_batches(batch, self._prefill(newcomers))
             except Exception as exc:
                 log.exception("prefill failed for %d job(s)", len(newcomers))
                 for job in newcomers:
@@ -268,7 +260,7 @@ class Engine:
             job.generator.manual_seed(job.params.seed if job.params.seed is not None
                                       else random.SystemRandom().getrandbits(63))
 
-    def _ragged_step(self, batch: _Batch | None, newcomers: list[Job]) -> _Batch | None:
+    def _ragged_step(self, batch: Batch | None, newcomers: list[Job]) -> Batch | None:
         """One forward over the running rows' next tokens (each followed by its draft tokens) and
         the newcomers' whole prompts, laid flat (lmctl.serve.ragged); the newcomers' cache then
         joins the batch's, left-padded."""
@@ -277,7 +269,7 @@ class Engine:
 
         self._seed(newcomers)
         if batch is not None:
-            batch = self._select(batch, [i for i, j in enumerate(batch.jobs) if not self._dropped(j)])
+            batch = select_rows(batch, [i for i, j in enumerate(batch.jobs) if not self._dropped(j)])
         running = batch.jobs if batch else []
         self._active = [*running, *newcomers]
         drafts = self._drafts(running)
@@ -300,22 +292,22 @@ class Engine:
         self.peak_batch = max(self.peak_batch, len(self._active))
         new = None
         if newcomers:
-            new = _Batch(jobs=list(newcomers), cache=step.prefilled, mask=step.prefilled_mask, last=None,
+            new = Batch(jobs=list(newcomers), cache=step.prefilled, mask=step.prefilled_mask, last=None,
                          pos=torch.tensor(lengths, device=dev))
             new = self._advance(new, logits[step.decoded:])
         if batch is not None:
-            batch = self._squeeze(self._advance(batch, logits[:step.decoded], drafts))
-        return self._merge(batch, new)
+            batch = squeeze_columns(self._advance(batch, logits[:step.decoded], drafts))
+        return merge_batches(batch, new)
 
     def _drafts(self, running: list[Job]) -> list[list[int]]:
-        """Each greedy row's draft tokens (lmctl.serve.drafts), up to draft_tokens, while the batch
-        has fewer than draft_rows rows: a draft token costs a step's per-token compute, and saves
-        the per-row share of the step's fixed cost (reading the weights), which shrinks as rows grow."""
-        if len(running) >= self.draft_rows:
+        """Draft tokens for greedy rows (lmctl.serve.drafts), up to draft_tokens each, while the batch
+        has at most draft_rows rows: every token fed makes the step slower for all of its rows, so
+        in a fuller batch a request whose text does not repeat waits on the others' guesses."""
+        if len(running) > self.draft_rows:
             return [[] for _ in running]
         return [job.drafter.propose(self.draft_tokens) if job.drafter else [] for job in running]
 
-    def _prefill(self, jobs: list[Job]) -> _Batch | None:
+    def _prefill(self, jobs: list[Job]) -> Batch | None:
         import torch
         from lmctl.serve.kvcache import GrowingCache
 
@@ -333,13 +325,13 @@ class Engine:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True, **self._logits_kw)
         self.forward_passes += 1
-        batch = _Batch(jobs=list(jobs), cache=cache, mask=mask, last=None, pos=mask.sum(-1))
+        batch = Batch(jobs=list(jobs), cache=cache, mask=mask, last=None, pos=mask.sum(-1))
         return self._advance(batch, out.logits[:, -1, :])
 
-    def _decode(self, batch: _Batch) -> _Batch | None:
+    def _decode(self, batch: Batch) -> Batch | None:
         import torch
 
-        batch = self._select(batch, [i for i, j in enumerate(batch.jobs) if not self._dropped(j)])
+        batch = select_rows(batch, [i for i, j in enumerate(batch.jobs) if not self._dropped(j)])
         if batch is None:
             return None
         ones = torch.ones((len(batch.jobs), 1), dtype=batch.mask.dtype, device=batch.mask.device)
@@ -356,7 +348,7 @@ class Engine:
             job._finish("cancelled")
         return job.done
 
-    def _advance(self, batch: _Batch, logits: Any, drafts: list[list[int]] | None = None) -> _Batch | None:
+    def _advance(self, batch: Batch, logits: Any, drafts: list[list[int]] | None = None) -> Batch | None:
         """Pick one token per row and stream it; a row that fed `drafts[row]` after its token (the
         logits then hold 1 + len(draft) positions for it) also streams each draft token the
         model's own argmax agreed with, and the model's token after the last of them. Finishes
@@ -394,7 +386,7 @@ class Engine:
             batch.pos = batch.pos + 1 + kept
             width = max(len(d) for d in drafts) + 1  # this step's columns, the last of the mask
             batch.mask[:, -width:] *= torch.arange(width, device=logits.device)[None] <= kept[:, None]
-        return self._select(batch, keep)
+        return select_rows(batch, keep)
 
     def _stream(self, job: Job, tokens: list[int]) -> bool:
         """Emit `tokens` in order until the job stops or reaches max_tokens; False once it is done."""
@@ -411,58 +403,3 @@ class Engine:
                 job._finish("length")
                 return False
         return True
-
-    def _squeeze(self, batch: _Batch | None) -> _Batch | None:
-        """Drop trailing columns no row attends to (rejected drafts); once masked columns between
-        live ones make the cache a quarter wider than the longest row needs, gather each row's
-        live columns to the right (left-padded again), so the KV memory follows the tokens."""
-        import torch
-
-        if batch is None:
-            return None
-        live = batch.mask.any(dim=0)
-        trailing = int(live.flip(0).int().argmax())
-        if trailing:
-            batch.mask = batch.mask[:, :-trailing]
-            batch.cache.drop_trailing(trailing)
-        counts = batch.mask.sum(dim=-1)
-        width = int(counts.max())
-        if batch.mask.shape[1] <= width + width // 4 + 8:
-            return batch
-        # Stable sort puts each row's masked columns first and its live ones last, in order.
-        order = torch.sort(batch.mask, dim=-1, stable=True).indices[:, -width:]
-        batch.cache.keep_columns(order)
-        batch.mask = (torch.arange(width, device=counts.device)[None] >= (width - counts)[:, None]).to(batch.mask.dtype)
-        return batch
-
-    def _select(self, batch: _Batch, keep: list[int]) -> _Batch | None:
-        """Keep only rows `keep`, then trim the columns that are now padding in every row."""
-        import torch
-
-        if not keep:
-            return None
-        if len(keep) < len(batch.jobs):
-            index = torch.tensor(keep, device=batch.mask.device)
-            batch.cache.batch_select_indices(index)
-            batch.jobs = [batch.jobs[i] for i in keep]
-            batch.mask, batch.last, batch.pos = batch.mask[index], batch.last[index], batch.pos[index]
-            lead = int(batch.mask.any(dim=0).int().argmax())  # first column any row attends to
-            if lead > 0:
-                batch.mask = batch.mask[:, lead:]
-                batch.cache.drop_leading(lead)
-        return batch
-
-    def _merge(self, old: _Batch | None, new: _Batch | None) -> _Batch | None:
-        """Concatenate two batches, left-padding the shorter one's mask and cache with zeros."""
-        import torch
-        from torch.nn.functional import pad
-
-        if old is None or new is None:
-            return new if old is None else old
-        width = max(old.mask.shape[1], new.mask.shape[1])
-        grow_old, grow_new = width - old.mask.shape[1], width - new.mask.shape[1]
-        old.cache.append_rows(new.cache)
-        old.mask = torch.cat([pad(old.mask, (grow_old, 0)), pad(new.mask, (grow_new, 0))])
-        old.jobs = old.jobs + new.jobs
-        old.last, old.pos = torch.cat([old.last, new.last]), torch.cat([old.pos, new.pos])
-        return old

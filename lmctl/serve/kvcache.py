@@ -40,12 +40,14 @@ _MIN_COLUMNS = 16  # smallest buffer: a short prompt plus a few decode steps wit
 CPU_BATCH_CAP, GPU_BATCH_CAP = 64, 256
 
 
-# Batches of fewer rows than this feed draft tokens (lmctl.serve.drafts). A forward costs a fixed
-# part (reading the weights) plus a part per token; a draft token pays when the step's fixed
-# cost per row exceeds what rejected drafts waste. Measured on CPU (SmolLM2-135M, 1 thread):
-# ~65 ms + ~4.5 ms per token, 74% of drafts accepted: 1.2x at 8 rows, 0.97x at 32. A GPU's
-# fixed part is far larger against its per-token cost.
-CPU_DRAFT_ROWS, GPU_DRAFT_ROWS = 16, 128
+# Batches of at most this many rows feed draft tokens (lmctl.serve.drafts). A forward costs a
+# fixed part (reading the weights) plus a part per token fed, so every draft token slows the
+# step for all its rows; the more rows, the more a request whose text does not repeat waits on
+# the others' guesses. Measured on CPU (SmolLM2-135M, 1 thread, greedy, 32 new tokens; a step
+# ~65 ms + ~4.5 ms per token; 74% of the drafts accepted), drafts on vs. off: 1 client 1.84x
+# tokens/s and p95 0.63x; 2 clients 2.0x, 0.56x; 4 clients 1.49x, 0.87x; 8 clients 1.15x but
+# p95 1.09x. On a GPU the fixed part dwarfs the per-token one (not measured here).
+CPU_DRAFT_ROWS, GPU_DRAFT_ROWS = 4, 32
 
 
 def draft_row_limit(model: Any) -> int:

@@ -40,8 +40,8 @@ class ServeSettings(BaseModel):
         "max_tokens, fits half the free GPU memory or a quarter of the available RAM.")
     draft_tokens: int = Field(
         3, ge=0, le=16, description="Prompt-lookup draft tokens per greedy request per decode step, verified by the "
-        "model in the same forward (the output is exactly greedy decoding's); used while fewer than 16 requests "
-        "(128 on a GPU) run. 0 turns drafting off.")
+        "model in the same forward (the output is greedy decoding's); used while at most 4 requests (32 on a GPU) "
+        "run, where it raises throughput and cuts latency on text that repeats itself. 0 turns drafting off.")
     max_queue: int = Field(64, ge=1, description="Requests that may wait for a batch slot; more get 429.")
     batch_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits for more requests to fill a batch.")
     max_input_tokens: int | None = Field(None, ge=1, description="Longest prompt accepted (tokens); default: the model context; prompt + max_tokens must fit it too.")
