@@ -212,6 +212,11 @@ def test_metrics_parse_and_count_what_was_sent(server: Server) -> None:
     assert delta("lmctl_tokens_out_total") == sum(u.completion_tokens for u in usages if u)
     assert delta("lmctl_time_to_first_token_seconds_count") == 4
     assert _value(after, "lmctl_requests_in_flight") == 0 and _value(after, "lmctl_queue_depth") == 0
+    # One request at a time: greedy rows feed drafts; what the model accepted is part of what it sent.
+    accepted = delta("lmctl_draft_tokens_total", outcome="accepted")
+    rejected = delta("lmctl_draft_tokens_total", outcome="rejected")
+    assert {"accepted", "rejected"} <= {dict(k)["outcome"] for k in after["lmctl_draft_tokens_total"]}
+    assert 0 <= accepted <= delta("lmctl_tokens_out_total") and rejected >= 0
 
     # Histograms are cumulative: counts never fall as `le` grows, and +Inf equals _count.
     for family in ("lmctl_request_latency_seconds", "lmctl_time_to_first_token_seconds"):

@@ -11,14 +11,14 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 # Buckets span a tiny test model's milliseconds up to a big model's minute-long completion.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class _EngineCollector:
-    """Queue depth and running requests of every live slot, sampled at scrape time."""
+    """Queue depth, running requests and draft tokens of every live slot, read at scrape time."""
 
     def __init__(self, slots: Callable[[], Iterable[Any]]) -> None:
         self._slots = slots
@@ -27,11 +27,17 @@ class _EngineCollector:
         queue = GaugeMetricFamily("lmctl_queue_depth", "Requests waiting for a batch slot.", labels=["model", "version"])
         running = GaugeMetricFamily("lmctl_batch_running", "Requests in the current generation batch.",
                                     labels=["model", "version"])
+        drafts = CounterMetricFamily("lmctl_draft_tokens", "Prompt-lookup draft tokens fed to the model, by whether "
+                                     "its own greedy choice accepted them.", labels=["model", "version", "outcome"])
         for slot in self._slots():
-            queue.add_metric([slot.model_name, slot.version], slot.engine.queue_depth)
-            running.add_metric([slot.model_name, slot.version], slot.engine.running)
+            labels, engine = [slot.model_name, slot.version], slot.engine
+            queue.add_metric(labels, engine.queue_depth)
+            running.add_metric(labels, engine.running)
+            drafts.add_metric([*labels, "accepted"], engine.accepted)
+            drafts.add_metric([*labels, "rejected"], engine.drafted - engine.accepted)
         yield queue
         yield running
+        yield drafts
 
 
 class ServeMetrics:
