@@ -50,13 +50,12 @@ log = logging.getLogger("lmctl.serve.engine")
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 8, max_queue: int = 64,
                  batch_wait_ms: float = 5.0, kv_budget_tokens: int | None = None, draft_tokens: int = 3,
-                 draft_rows: int = 4) -> None:
+                 draft_rows: int | None = None) -> None:
         if (max_batch_size < 1 or max_queue < 0 or batch_wait_ms < 0 or (kv_budget_tokens or 1) < 1
                 or draft_tokens < 0):
             raise ValueError("max_batch_size and kv_budget_tokens must be >= 1, max_queue, batch_wait_ms and "
                              "draft_tokens >= 0")
         self.draft_tokens = draft_tokens  # prompt-lookup drafts per greedy row and step (lmctl.serve.drafts)
-        self.draft_rows = draft_rows  # drafts only in a batch of at most this many rows (kvcache.draft_row_limit)
         self.model, self.tokenizer = model, tokenizer
         self.kv_budget_tokens = kv_budget_tokens  # None: no memory bound beyond max_batch_size
         self.max_batch_size, self.max_queue, self.batch_wait_s = max_batch_size, max_queue, batch_wait_ms / 1000
@@ -69,9 +68,12 @@ class Engine:
         keep_last = "logits_to_keep" in inspect.signature(base.forward).parameters
         self._logits_kw = {"logits_to_keep": 1} if keep_last else {}
         self._device = next(model.parameters()).device
-        from lmctl.serve.kvcache import use_gqa_attention
+        from lmctl.serve.kvcache import CPU_DRAFT_ROWS, GPU_DRAFT_ROWS, use_gqa_attention
         from lmctl.serve.ragged import full_attention_only
 
+        if draft_rows is None:  # drafts only in a batch of at most this many rows (measured: kvcache)
+            draft_rows = GPU_DRAFT_ROWS if self._device.type == "cuda" else CPU_DRAFT_ROWS
+        self.draft_rows = draft_rows
         # Same numbers as sdpa without expanding grouped K/V every step; and where the engine owns
         # the attention of full-attention layers, newcomers prefill inside a decode step (ragged.py).
         self._ragged = use_gqa_attention(model) and full_attention_only(base.config)
@@ -268,8 +270,7 @@ class Engine:
         from lmctl.serve.ragged import RAGGED_KWARG, RaggedStep, decode_mask
 
         self._seed(newcomers)
-        if batch is not None:
-            batch = select_rows(batch, [i for i, j in enumerate(batch.jobs) if not self._dropped(j)])
+        batch = self._without_dropped(batch)
         running = batch.jobs if batch else []
         self._active = [*running, *newcomers]
         drafts = self._drafts(running)
@@ -278,13 +279,13 @@ class Engine:
         ids += [t for job in newcomers for t in job.prompt_ids]
         positions = [p + j for p, q in zip(batch.pos.tolist() if batch else [], queries) for j in range(q)]
         positions += [j for n in lengths for j in range(n)]
-        if batch is not None:  # this step's columns: a row's own tokens, then zeros up to the widest row
-            fed = torch.arange(max(queries), device=dev)[None] < torch.tensor(queries, device=dev)[:, None]
-            batch.mask = torch.cat([batch.mask, fed.to(batch.mask.dtype)], dim=-1)
         step = RaggedStep(batch.cache if batch else None, queries, lengths, dev)
+        if batch is not None:  # this step's columns: a row's own tokens, then zeros up to the widest row
+            fed = torch.arange(step.width_q, device=dev)[None] < torch.tensor(queries, device=dev)[:, None]
+            batch.mask = torch.cat([batch.mask, fed.to(batch.mask.dtype)], dim=-1)
         keep = step.logit_positions()
         out = self.model(input_ids=torch.tensor([ids], device=dev), position_ids=torch.tensor([positions], device=dev),
-                         attention_mask=decode_mask(batch.mask if batch else None, max(queries, default=1)).to(dev),
+                         attention_mask=decode_mask(batch.mask if batch else None, step.width_q).to(dev),
                          past_key_values=step, use_cache=True, **{RAGGED_KWARG: step},
                          **({"logits_to_keep": keep} if self._logits_kw else {}))
         logits = out.logits[0] if self._logits_kw else out.logits[0, keep]
@@ -331,7 +332,7 @@ class Engine:
     def _decode(self, batch: Batch) -> Batch | None:
         import torch
 
-        batch = select_rows(batch, [i for i, j in enumerate(batch.jobs) if not self._dropped(j)])
+        batch = self._without_dropped(batch)
         if batch is None:
             return None
         ones = torch.ones((len(batch.jobs), 1), dtype=batch.mask.dtype, device=batch.mask.device)
@@ -342,6 +343,12 @@ class Engine:
         self.peak_batch = max(self.peak_batch, len(batch.jobs))
         batch.pos = batch.pos + 1
         return self._advance(batch, out.logits[:, -1, :])
+
+    def _without_dropped(self, batch: Batch | None) -> Batch | None:
+        """The batch without the rows cancelled (or aborted) since the last step."""
+        if batch is None:
+            return None
+        return select_rows(batch, [i for i, job in enumerate(batch.jobs) if not self._dropped(job)])
 
     def _dropped(self, job: Job) -> bool:
         if job.cancel_requested or self._abort:
@@ -357,7 +364,8 @@ class Engine:
         import torch
 
         starts = list(itertools.accumulate((1 + len(d) for d in drafts or []), initial=0))
-        first = logits[starts[:-1]] if drafts and starts[-1] > len(drafts) else logits
+        fed_drafts = drafts is not None and starts[-1] > len(drafts)
+        first = logits[starts[:-1]] if fed_drafts else logits
         # A diverged adapter (NaN/inf weights) must fail its requests, not stream argmax garbage
         # or crash torch.multinomial for every row it shares the batch with.
         broken = (~torch.isfinite(first).all(dim=-1)).tolist()
@@ -367,7 +375,7 @@ class Engine:
                 if bad:
                     job._finish("cancelled", NonFiniteLogitsError("the model produced non-finite logits"))
         tokens = pick_next_tokens(first, batch.jobs)
-        greedy = logits.argmax(dim=-1).tolist() if first is not logits else []
+        greedy = logits.argmax(dim=-1).tolist() if fed_drafts else []
         keep, kept_drafts, last = [], [], []
         for row, (job, token) in enumerate(zip(batch.jobs, tokens)):
             out = [token]

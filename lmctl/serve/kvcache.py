@@ -50,10 +50,6 @@ CPU_BATCH_CAP, GPU_BATCH_CAP = 64, 256
 CPU_DRAFT_ROWS, GPU_DRAFT_ROWS = 4, 32
 
 
-def draft_row_limit(model: Any) -> int:
-    return GPU_DRAFT_ROWS if next(model.parameters()).device.type == "cuda" else CPU_DRAFT_ROWS
-
-
 def _available_ram() -> int:
     """MemAvailable (free + reclaimable page cache), not MemFree, which a busy page cache hides."""
     try:

@@ -78,7 +78,7 @@ def load_slot(ref: str, role: str, settings: ServeSettings, model_name: str | No
     from lmctl.loading import load_for_inference
     from lmctl.modelref import resolve
     from lmctl.serve.engine import Engine
-    from lmctl.serve.kvcache import auto_batch_limits, draft_row_limit
+    from lmctl.serve.kvcache import auto_batch_limits
 
     loaded = load_for_inference(resolve(ref))
     config = getattr(loaded.model, "config", None)
@@ -88,7 +88,7 @@ def load_slot(ref: str, role: str, settings: ServeSettings, model_name: str | No
     cap, kv_budget = auto_batch_limits(loaded.model)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=settings.max_batch_size or cap,
                     max_queue=settings.max_queue, batch_wait_ms=settings.batch_wait_ms, kv_budget_tokens=kv_budget,
-                    draft_tokens=settings.draft_tokens, draft_rows=draft_row_limit(loaded.model))
+                    draft_tokens=settings.draft_tokens)
     engine.start()
     slot = Slot(ref=ref, model_name=model_name or default_model_name(ref, loaded), version=version_label(loaded),
                 role=role, loaded=loaded, engine=engine, stop_ids=_stop_ids(loaded), context_length=context)
