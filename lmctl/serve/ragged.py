@@ -39,7 +39,7 @@ class RaggedStep(Cache):
         super().__init__(layer_class_to_replicate=GrowingLayer)
         if queries and running is None:
             raise ValueError("decode rows need the running batch's cache")
-        self.running, self.queries, self.lengths = running, queries, lengths
+        self.running, self.lengths = running, lengths
         self.rows, self.decoded = len(queries), sum(queries)
         self.width_q, self.width = max(queries, default=0), max(lengths, default=0)
         self._decode_slots = torch.tensor([row * self.width_q + j for row, q in enumerate(queries) for j in range(q)],
@@ -90,7 +90,7 @@ class RaggedStep(Cache):
             q = _scatter(query[0, :, :self.decoded], self._decode_slots, self.rows, self.width_q)
             keys, values = self._decode_kv
             out = sdpa(q, keys, values, attn_mask=decode_mask, scale=scaling, enable_gqa=True)  # (rows, heads, Q, dim)
-            flat = out.transpose(1, 2).reshape(self.rows * self.width_q, *out.shape[1:2], out.shape[-1])
+            flat = out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[-1])  # (rows x Q, heads, dim)
             parts.append(flat.index_select(0, self._decode_slots))
         start = self.decoded
         for n in self.lengths:
