@@ -211,10 +211,11 @@ def test_added_special_tokens_are_trained_saved_and_loaded(cli, tiny_config: Pat
 def test_warmup_ratio_is_passed_as_a_share_of_the_steps(tiny_config: Path) -> None:
     """transformers 5 has no warmup_ratio; a warmup_steps below 1 is read as a share of the steps."""
     from lmctl.config import load_config
-    from lmctl.train import _Run, _training_args
+    from lmctl.train.prepare import PreparedRun
+    from lmctl.train.trainer import training_args
 
-    run = _Run(load_config(tiny_config), "never")
+    run = PreparedRun(load_config(tiny_config), "never")
     for ratio, total, expected in [(0.05, 6, 1), (0.1, 200, 20), (0.0, 50, 0), (0.5, 7, 4)]:
         cfg = load_config(tiny_config, [f"train.warmup_ratio={ratio}", f"train.max_steps={total}"])
-        args = _training_args(cfg, run, sequences=48, packing=True)
+        args = training_args(cfg, run, sequences=48, packing=True)
         assert args.max_steps == total and args.get_warmup_steps(total) == expected, (ratio, total)
