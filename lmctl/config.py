@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lmctl.errors import ConfigError
 
 
+PRODUCTION_ALIAS = "production"  # the alias that serves: promote/rollback default, retrain.production_alias default
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, not silently ignored."""
 
@@ -146,7 +148,7 @@ class RetrainConfig(Section):
         None, ge=0, description="Gate: at most this many safety violations across suites; null disables it.",
     )
     candidate_alias: str = Field("candidate", description="Alias set on every newly registered candidate version.")
-    production_alias: str = Field("production", description="Alias moved to the candidate when every gate passes.")
+    production_alias: str = Field(PRODUCTION_ALIAS, description="Alias moved to the candidate when every gate passes.")
     drift_current: Path | None = Field(
         None, description="Current production inputs (e.g. the `lmctl serve --sample-log` file). When set and "
         "production exists, a run goes on only if `lmctl drift` finds drift against drift_reference; "

@@ -24,7 +24,7 @@ class DoctorReport(BaseModel):
 
 
 def run_checks() -> DoctorReport:
-    from lmctl import registry
+    from lmctl import tracking
     from lmctl.models import CATALOG, pulled_path
 
     libraries, missing = {}, []
@@ -37,7 +37,7 @@ def run_checks() -> DoctorReport:
 
     accelerator = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     try:
-        registry.client().search_experiments(max_results=1)
+        tracking.client().search_experiments(max_results=1)
         reachable = True
     except Exception:  # noqa: BLE001 - doctor reports, it does not fail
         reachable = False
@@ -45,6 +45,6 @@ def run_checks() -> DoctorReport:
     return DoctorReport(
         ok=not missing and reachable, lmctl_home=str(home),
         free_disk_gb=round(shutil.disk_usage(home).free / 1e9, 1), libraries=libraries, missing=missing,
-        accelerator=accelerator, tracking_uri=registry.tracking_uri(), registry_reachable=reachable,
+        accelerator=accelerator, tracking_uri=tracking.tracking_uri(), registry_reachable=reachable,
         pulled_models=[name for name in CATALOG if pulled_path(name)],
     )

@@ -80,12 +80,12 @@ def resolve(ref: str) -> ResolvedRef:
     """Resolve a MODEL_REF; raise ModelRefError (exit 2) when it names nothing."""
     spec = parse_registry_ref(ref)
     if spec is not None:
-        from lmctl import registry
+        from lmctl import versions
 
         name, version = spec.name, spec.version
         if version is None:
-            version = registry.version_for_alias(name, str(spec.alias))
-        path = registry.download_version(name, version)
+            version = versions.version_for_alias(name, str(spec.alias))
+        path = versions.download_version(name, version)
         return ResolvedRef(ref=ref, kind="checkpoint", path=str(path), registry_name=name, registry_version=version)
     if ref.startswith("models:"):
         raise ModelRefError(f"malformed registry reference {ref!r}", hint="use models:/NAME/VERSION or models:/NAME@ALIAS")

@@ -33,13 +33,14 @@ def _median_ms(fn: Callable[[], object], rounds: int) -> float:
 
 def measure(label: str, rounds: int) -> dict[str, float]:
     from lmctl import registry
+    from lmctl import tracking
     from lmctl.registry import mutex
-    from lmctl.retrain.state import run_lock
+    from lmctl.retrain.lock import run_lock
 
-    client = registry.client()
+    client = tracking.client()
     name = f"bench-{os.getpid()}-{label}"
     client.create_registered_model(name)
-    exp = registry.experiment_id(client, "lmctl-bench")
+    exp = tracking.experiment_id(client, "lmctl-bench")
     for _ in range(2):  # a server accepts only a source inside the version's run
         run = client.create_run(exp)
         client.create_model_version(name, source=f"{run.info.artifact_uri}/m", run_id=run.info.run_id)
@@ -48,7 +49,7 @@ def measure(label: str, rounds: int) -> dict[str, float]:
     moved = _median_ms(lambda: registry.move_alias(name, "production", next(flip)), rounds)
 
     def file_lock() -> None:
-        with registry.registry_lock():
+        with tracking.registry_lock():
             pass
 
     def retrain_lock() -> None:

@@ -13,13 +13,14 @@ import socket
 import pytest
 
 from lmctl import registry
+from lmctl import tracking, versions
 from lmctl.registry import audit
 
 
 @pytest.fixture
 def model() -> str:
     """Model "a" with versions 1-4, registered as complete (no lmctl.status tag)."""
-    client = registry.client()
+    client = tracking.client()
     client.create_registered_model("a")
     for _ in range(4):
         client.create_model_version("a", source="file:///nonexistent")
@@ -27,7 +28,7 @@ def model() -> str:
 
 
 def _holder(name: str) -> str | None:
-    return registry.alias_holder(name, "production")
+    return versions.alias_holder(name, "production")
 
 
 def test_long_history_every_rollback_is_right(cli, model: str) -> None:
@@ -103,7 +104,7 @@ def test_legacy_tag_history_is_read_then_migrated(cli, model: str) -> None:
         entries.append({"name": model, "alias": "production", "version": version, "previous_version": previous,
                         "at": f"2026-01-02T00:00:{i:02d}+00:00", "user": "old", "action": "promote",
                         "reason": None, "report": None, "forced": False})
-    client = registry.client()
+    client = tracking.client()
     client.set_registered_model_tag(model, audit.LEGACY_TAG, json.dumps(entries))
     client.set_registered_model_alias(model, "production", entries[-1]["version"])
 
@@ -144,9 +145,9 @@ def test_gc_keeps_protected_versions_and_records_deletions(cli, lmctl_home) -> N
 
     from lmctl.retrain.state import RetrainState, RunStore
 
-    client = registry.client()
+    client = tracking.client()
     client.create_registered_model("g")
-    exp = registry.experiment_id(client, "lmctl-registry")
+    exp = tracking.experiment_id(client, "lmctl-registry")
     artifact_dirs = {}
     for i in range(1, 9):
         run = client.create_run(exp)
@@ -165,12 +166,12 @@ def test_gc_keeps_protected_versions_and_records_deletions(cli, lmctl_home) -> N
     kept = {k["version"]: k["why"] for k in plan.json["kept"]}
     assert sorted(kept, key=int) == ["2", "3", "5", "7", "8"]
     assert kept["2"] == "holds production" and "unfinished retrain run r1" in kept["5"]
-    assert len(registry.list_versions("g")) == 8 and all(d.is_dir() for d in artifact_dirs.values())
+    assert len(versions.list_versions("g")) == 8 and all(d.is_dir() for d in artifact_dirs.values())
 
     done = cli("registry", "gc", "g", "--keep", "2", "--recent-moves", "2", "--yes", "--json")
     assert done.code == 0, done.err
     assert done.json["deleted"] == ["1", "4", "6"]
-    assert [v.version for v in registry.list_versions("g")] == ["2", "3", "5", "7", "8"]
+    assert [v.version for v in versions.list_versions("g")] == ["2", "3", "5", "7", "8"]
     assert sorted(v for v, d in artifact_dirs.items() if not d.exists()) == ["1", "4", "6"]
     deletions = [m for m in registry.alias_history("g") if m.action == "delete"]
     assert [(m.version, m.alias, m.reason) for m in deletions] == [(v, None, "registry gc --keep 2") for v in "146"]

@@ -31,14 +31,14 @@ def test_markdown_and_html_reports(cli, trained_checkpoint: Path, tiny_base: Pat
 
 
 def test_log_to_registry_attaches_report_and_tags(cli, trained_checkpoint: Path) -> None:
-    from lmctl import registry
+    from lmctl import tracking, versions
 
     assert cli("register", trained_checkpoint, "--name", "m", "--alias", "candidate").code == 0
     result = cli("eval", "models:/m@candidate", "--data", DATA, "--max-length", "32", "--log-to-registry", "--json")
     assert result.code == 0, result.err
-    version = registry.get_version("m", "1")
+    version = versions.get_version("m", "1")
     assert float(version.tags["eval.perplexity"]) == float(f"{result.json['perplexity']:.6g}")
-    client = registry.client()
+    client = tracking.client()
     runs = [a.path for a in client.list_artifacts(version.run_id, "eval")]
     assert len(runs) == 1
     names = sorted(Path(a.path).name for a in client.list_artifacts(version.run_id, runs[0]))

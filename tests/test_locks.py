@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from lmctl import registry
+from lmctl import tracking
 from lmctl.errors import BadInputError, BusyError
 from lmctl.registry import mutex
 
@@ -22,7 +22,7 @@ def stale_1s(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_second_holder_is_busy_and_told_who_holds_it(stale_1s: None) -> None:
-    client = registry.client()
+    client = tracking.client()
     with mutex.server_lock(client, "lmctl-lock.t", wait_s=0, what="t is taken"):
         with pytest.raises(BusyError) as busy:
             with mutex.server_lock(client, "lmctl-lock.t", wait_s=0, what="t is taken"):
@@ -38,7 +38,7 @@ def test_second_holder_is_busy_and_told_who_holds_it(stale_1s: None) -> None:
 def test_a_slow_but_alive_holder_is_never_broken(monkeypatch: pytest.MonkeyPatch) -> None:
     """Held for more than twice the stale limit: its heartbeat keeps it; a waiter times out."""
     monkeypatch.setenv(mutex.STALE_ENV, "3")  # a beat every 0.6 s: margin for a loaded CI machine
-    client = registry.client()
+    client = tracking.client()
     holding, release = threading.Event(), threading.Event()
 
     def slow_holder() -> None:
@@ -63,7 +63,7 @@ def test_a_slow_but_alive_holder_is_never_broken(monkeypatch: pytest.MonkeyPatch
 
 def test_a_silent_lock_is_broken_whatever_its_age(stale_1s: None) -> None:
     """What a SIGKILLed holder leaves: the lock with a heartbeat that stopped."""
-    client = registry.client()
+    client = tracking.client()
     now = time.time()
     client.create_registered_model("lmctl-lock.dead", tags={
         mutex.OWNER_TAG: "gone-host:4242:x", mutex.SINCE_TAG: f"{now - 2:.3f}", mutex.HEARTBEAT_TAG: f"{now - 2:.3f}"})

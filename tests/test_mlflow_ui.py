@@ -87,9 +87,9 @@ def test_registered_model_and_version_pages_read_well(cli, sealed_checkpoint: Pa
     assert ">tiny version 1</h1>" not in version_dom  # the page has its own title
     # digests are shortened in the description (a 64-character word widened the data table past the page)
     assert re.search(r"<code>[0-9a-f]{12}…</code>", version_dom)
-    from lmctl import registry
+    from lmctl import tracking
 
-    described = registry.client().get_model_version("tiny", "1").description
+    described = tracking.client().get_model_version("tiny", "1").description
     assert not re.search(r"[0-9a-f]{64}", described), described
     assert f"`runs:/{registered.json['run_id']}/checkpoint`" in described and "file://" not in described
     for shot in ("model-page.png", "version-page.png"):

@@ -39,9 +39,9 @@ def test_model_card_is_generated_verified_and_tamper_evident(cli, trained_checkp
         assert expected in text, expected
     assert "quality is unmeasured" in _card_file(first.json["run_id"]).read_text()
 
-    from lmctl import registry
+    from lmctl import tracking
 
-    client = registry.client()  # what the MLflow UI shows first: descriptions, in words
+    client = tracking.client()  # what the MLflow UI shows first: descriptions, in words
     assert "LoRA adapters for the causal language model" in client.get_registered_model("card").description
     described = client.get_model_version("card", "2").description
     assert described.startswith("Answers questions about the tiny corpus. (LoRA adapter on ")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from conftest import ASSETS, run_subprocess
-from lmctl import registry
+from lmctl import tracking, versions
 
 
 def _killed_register(ckpt: Path, point: str) -> None:
@@ -32,7 +32,7 @@ def _deleted_runs() -> list[str]:
 
     from lmctl.registry.register import EXPERIMENT
 
-    client = registry.client()
+    client = tracking.client()
     experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     runs = client.search_runs([experiment], run_view_type=ViewType.DELETED_ONLY, order_by=["attributes.start_time ASC"])
     return [r.info.run_id for r in runs]
@@ -66,14 +66,14 @@ def test_sigkilled_registers_leave_nothing_usable_and_are_cleaned(cli, trained_c
 def test_a_live_registration_is_pending_not_failed() -> None:
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        alive = {**registry.registrar_tags(), "lmctl.register_pid": str(sleeper.pid),
-                 "lmctl.register_start": registry._process_start(sleeper.pid) or ""}
-        assert registry.registrar_gone(alive) is False
-        assert registry.registrar_gone({**alive, "lmctl.register_start": "1"}) is True  # pid reused by another process
+        alive = {**versions.registrar_tags(), "lmctl.register_pid": str(sleeper.pid),
+                 "lmctl.register_start": versions._process_start(sleeper.pid) or ""}
+        assert versions.registrar_gone(alive) is False
+        assert versions.registrar_gone({**alive, "lmctl.register_start": "1"}) is True  # pid reused by another process
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert registry.registrar_gone(alive) is True
+    assert versions.registrar_gone(alive) is True
     elsewhere = {**alive, "lmctl.register_host": socket.gethostname() + "-other"}
-    assert registry.registrar_gone(elsewhere) is False  # cannot ask another host: wait for the grace period
-    assert registry.registrar_gone({**elsewhere, "lmctl.register_at": f"{time.time() - registry.STALE_AFTER_S - 1:.0f}"})
+    assert versions.registrar_gone(elsewhere) is False  # cannot ask another host: wait for the grace period
+    assert versions.registrar_gone({**elsewhere, "lmctl.register_at": f"{time.time() - versions.STALE_AFTER_S - 1:.0f}"})

@@ -7,32 +7,33 @@ from pathlib import Path
 import pytest
 
 from lmctl import registry
+from lmctl import tracking, versions
 from lmctl.errors import BadInputError, ModelRefError
 
 
 @pytest.mark.parametrize("name", ["", "../etc", "a/b", "a" * 101, "..", "-x"])
 def test_bad_model_names_are_refused(name: str) -> None:
     with pytest.raises(BadInputError):
-        registry.validate_name(name)
+        versions.validate_name(name)
 
 
 @pytest.mark.parametrize("alias", ["", "v3", "1abc", "has space", "a/b"])
 def test_bad_aliases_are_refused(alias: str) -> None:
     with pytest.raises(BadInputError):
-        registry.validate_alias(alias)
+        versions.validate_alias(alias)
 
 
 def test_tracking_uri_is_absolute_under_home(lmctl_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert registry.tracking_uri() == f"sqlite:///{lmctl_home.resolve()}/mlflow.db"
+    assert tracking.tracking_uri() == f"sqlite:///{lmctl_home.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel.db")
-    assert registry.tracking_uri() == f"sqlite:///{Path('rel.db').resolve()}"
+    assert tracking.tracking_uri() == f"sqlite:///{Path('rel.db').resolve()}"
 
 
 def test_unknown_versions_and_aliases_are_bad_refs() -> None:
     with pytest.raises(ModelRefError):
-        registry.get_version("nothing", "1")
+        versions.get_version("nothing", "1")
     with pytest.raises(ModelRefError):
-        registry.version_for_alias("nothing", "production")
+        versions.version_for_alias("nothing", "production")
     with pytest.raises(ModelRefError):
         registry.alias_history("nothing")
 

@@ -45,9 +45,9 @@ def add_rows(config: Path, text: str) -> None:
 
 
 def versions() -> dict[str, list[str]]:
-    from lmctl import registry
+    from lmctl.versions import list_versions
 
-    return {v.version: v.aliases for v in registry.list_versions("tiny")}
+    return {v.version: v.aliases for v in list_versions("tiny")}
 
 
 def states(lmctl_home: Path) -> list[dict]:
@@ -189,6 +189,7 @@ def test_killed_after_each_stage_resumes_there_without_duplicates(cli, config: P
     next one resumes there. While one of them trains, a concurrent `lmctl retrain` gets exit 5."""
     from lmctl import registry
     from lmctl.registry.register import register
+    from lmctl.versions import list_versions
 
     holder = lmctl_home / "retrain" / "tiny.holder.json"
     for stage in STAGES:
@@ -196,7 +197,7 @@ def test_killed_after_each_stage_resumes_there_without_duplicates(cli, config: P
             # Killed inside `register`, after the version was created and before it was complete:
             # the version is FAILED, never adopted; the next register removes it.
             _killed(_start(config, {"LMCTL_REGISTER_CRASH_AT": "after_version"}), "mid-register")
-            assert [v.status for v in registry.list_versions("tiny")] == ["FAILED"]
+            assert [v.status for v in list_versions("tiny")] == ["FAILED"]
             # A register that completed but whose retrain died before saving the state leaves
             # exactly this behind; the resumed run must adopt it, not register again.
             register(Path(states(lmctl_home)[0]["checkpoint"]), "tiny")

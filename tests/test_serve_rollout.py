@@ -84,9 +84,9 @@ def test_canary_split_is_sticky_per_client_and_tracks_both_versions(checkpoint: 
 
 
 def _artifact_dir(version: str) -> Path:
-    from lmctl import registry
+    from lmctl import tracking, versions
 
-    run_uri = registry.client().get_run(registry.get_version("tiny", version).run_id).info.artifact_uri
+    run_uri = tracking.client().get_run(versions.get_version("tiny", version).run_id).info.artifact_uri
     path = Path(urlparse(run_uri).path) / "checkpoint"
     assert path.is_dir(), run_uri
     return path

@@ -193,14 +193,14 @@ def test_concurrent_registers_from_separate_machines(cli, team: dict, team_check
 
 def test_a_stale_server_lock_is_broken(cli, team: dict, team_checkpoint: Path) -> None:
     """A promoter killed while holding the server-side lock must not block promotions forever."""
-    from lmctl import registry
+    from lmctl import tracking
     from lmctl.registry.mutex import OWNER_TAG, PREFIX, SINCE_TAG
 
     name = _name("team-stale")
     assert cli("register", str(team_checkpoint), "--name", name).code == 0
-    registry.client().create_registered_model(PREFIX + name, tags={OWNER_TAG: "dead-host:1:x", SINCE_TAG: "0"})
+    tracking.client().create_registered_model(PREFIX + name, tags={OWNER_TAG: "dead-host:1:x", SINCE_TAG: "0"})
     assert cli(*_promote_args(name, "1")).code == 0
-    assert not registry.client().search_registered_models(f"name='{PREFIX + name}'")
+    assert not tracking.client().search_registered_models(f"name='{PREFIX + name}'")
 
 
 # --- issue 14: many hosts, one registry ---------------------------------------------------
@@ -235,7 +235,7 @@ def _retrain(config: Path, tmp_path: Path, host: str, extra: dict[str, str] | No
 
 def test_two_hosts_retrain_at_once_one_runs_the_other_exits_5(team: dict, retrain_config: tuple[Path, str],
                                                                tmp_path: Path) -> None:
-    from lmctl import registry
+    from lmctl import versions
 
     config, name = retrain_config
     procs = [_retrain(config, tmp_path, host) for host in ("host-a", "host-b")]
@@ -247,7 +247,7 @@ def test_two_hosts_retrain_at_once_one_runs_the_other_exits_5(team: dict, retrai
     assert f"pid {procs[winner].pid} on " in busy and "last heartbeat" in busy and busy.count("\n") == 1
     assert outs[loser][0] == ""  # the second host did nothing
     assert json.loads(outs[winner][0])["result"] == "promoted"
-    assert [v.version for v in registry.list_versions(name)] == ["1"]
+    assert [v.version for v in versions.list_versions(name)] == ["1"]
 
 
 def test_killed_on_host_a_resumed_on_host_b(cli, team: dict, retrain_config: tuple[Path, str], tmp_path: Path) -> None:
@@ -257,7 +257,7 @@ def test_killed_on_host_a_resumed_on_host_b(cli, team: dict, retrain_config: tup
     import signal
     import time
 
-    from lmctl import registry
+    from lmctl import versions
 
     config, name = retrain_config
     fast_stale = {"LMCTL_LOCK_STALE_S": "4"}
@@ -282,16 +282,16 @@ def test_killed_on_host_a_resumed_on_host_b(cli, team: dict, retrain_config: tup
     assert {s["name"]: s["attempts"] for s in result["stages"]}["train"] == 1  # not trained again
     assert str(tmp_path / "host-b") in result["checkpoint"]  # fetched from the server's artifact store
     assert "breaking the server lock" in resumed.stderr
-    assert [v.version for v in registry.list_versions(name)] == ["1"]
+    assert [v.version for v in versions.list_versions(name)] == ["1"]
     after = cli("retrain", "--status", name, "--json").json
     assert after["running"] is False and after["run"]["stage"] == "done" and after["run"]["invocations"] == 2
 
 
 def _uploaded_training_step(name: str) -> bool:
     """Whether a sealed training checkpoint of the model's retrain run is on the server."""
-    from lmctl import registry
+    from lmctl import tracking
 
-    client = registry.client()
+    client = tracking.client()
     exp = client.get_experiment_by_name(f"lmctl-retrain/{name}")
     runs = client.search_runs([exp.experiment_id]) if exp else []
     return bool(runs) and any(
@@ -333,11 +333,11 @@ def test_killed_mid_training_on_host_a_continues_on_host_b(cli, team: dict, retr
 def _bare_versions(name: str, count: int, with_artifacts: bool = False) -> dict[str, str]:
     """Versions made with the MLflow client (alias bookkeeping reads no checkpoint), each on a
     run of its own (the server accepts only a source inside the run); returns version -> run id."""
-    from lmctl import registry
+    from lmctl import tracking
 
-    client = registry.client()
+    client = tracking.client()
     client.create_registered_model(name)
-    exp = registry.experiment_id(client, "lmctl-registry")
+    exp = tracking.experiment_id(client, "lmctl-registry")
     runs = {}
     for i in range(1, count + 1):
         run = client.create_run(exp)
@@ -350,6 +350,7 @@ def _bare_versions(name: str, count: int, with_artifacts: bool = False) -> dict[
 
 def test_a_hundred_moves_with_rollbacks_keep_every_record(cli, team: dict) -> None:
     from lmctl import registry
+    from lmctl import versions
 
     name = _name("team-audit")
     _bare_versions(name, 5)
@@ -357,7 +358,7 @@ def test_a_hundred_moves_with_rollbacks_keep_every_record(cli, team: dict) -> No
     moves = 0
     while moves < 100:
         version = str(moves % 5 + 1)
-        if registry.alias_holder(name, "production") == version:
+        if versions.alias_holder(name, "production") == version:
             version = str(int(version) % 5 + 1)
         registry.move_alias(name, "production", version, reason=f"move {moves}")
         in_effect.append(version)
@@ -372,11 +373,12 @@ def test_a_hundred_moves_with_rollbacks_keep_every_record(cli, team: dict) -> No
     assert [m["seq"] for m in history] == list(range(1, moves + 1))
     assert [m["previous_version"] for m in history[1:]] == [m["version"] for m in history[:-1]]
     assert cli("registry", "history", name, "--limit", "3", "--json").json["moves"] == history[-3:]
-    assert registry.alias_holder(name, "production") == in_effect[-1]
+    assert versions.alias_holder(name, "production") == in_effect[-1]
 
 
 def test_gc_on_the_server_keeps_protected_versions_and_records_deletions(cli, team: dict) -> None:
     from lmctl import registry
+    from lmctl import versions
 
     name = _name("team-gc")
     runs = _bare_versions(name, 5, with_artifacts=True)
@@ -388,7 +390,7 @@ def test_gc_on_the_server_keeps_protected_versions_and_records_deletions(cli, te
     assert plan.json["deleted"] == []
     done = cli("registry", "gc", name, "--keep", "1", "--recent-moves", "1", "--yes", "--json")
     assert done.code == 0 and done.json["deleted"] == ["3", "4"], done.err
-    assert [v.version for v in registry.list_versions(name)] == ["1", "2", "5"]
+    assert [v.version for v in versions.list_versions(name)] == ["1", "2", "5"]
     stored = {v: list(Path(team["artifacts"]).rglob(f"{run_id}/artifacts/checkpoint/adapter.txt"))
               for v, run_id in runs.items()}
     assert sorted(v for v, found in stored.items() if not found) == ["3", "4"]  # deleted through the server

@@ -102,11 +102,11 @@ def test_resume_auto_skips_a_checkpoint_killed_mid_save(cli, tiny_config: Path) 
 
 
 def test_training_is_tracked_in_mlflow(cli, tiny_config: Path) -> None:
-    from lmctl import registry
+    from lmctl import tracking
 
     result = cli("train", tiny_config, "--json")
     assert result.code == 0, result.err
-    client = registry.client()
+    client = tracking.client()
     run = client.get_run(result.json["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["lora.r"] == "4" and run.data.params["train.max_steps"] == "6"

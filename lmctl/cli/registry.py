@@ -15,13 +15,13 @@ app = typer.Typer(no_args_is_help=True)
 
 def _parse_spec(spec: str) -> tuple[str, str | None]:
     """NAME, NAME/VERSION or NAME@ALIAS (with or without models:/) -> (name, version or None)."""
-    from lmctl import registry
+    from lmctl import versions
     from lmctl.modelref import parse_registry_ref
 
     parsed = parse_registry_ref(spec, bare=True)
     if parsed is None:
         raise BadInputError(f"{spec!r}: expected NAME, NAME/VERSION or NAME@ALIAS")
-    version = parsed.version or (registry.version_for_alias(parsed.name, parsed.alias) if parsed.alias else None)
+    version = parsed.version or (versions.version_for_alias(parsed.name, parsed.alias) if parsed.alias else None)
     return parsed.name, version
 
 
@@ -47,10 +47,9 @@ def list_(
     traceback: TracebackOpt = False,
 ) -> None:
     """List registered model versions with their aliases."""
-    from lmctl import registry
+    from lmctl.versions import list_versions
 
-    versions = registry.list_versions(name)
-    emit({"versions": [v.model_dump(exclude={"tags"}) for v in versions]}, json_out)
+    emit({"versions": [v.model_dump(exclude={"tags"}) for v in list_versions(name)]}, json_out)
 
 
 @app.command("show")
@@ -60,15 +59,15 @@ def show(
     traceback: TracebackOpt = False,
 ) -> None:
     """Show one version (default: the newest) with its tags."""
-    from lmctl import registry
+    from lmctl.versions import get_version, list_versions
 
     name, version = _parse_spec(spec)
     if version is None:
-        versions = registry.list_versions(name)
-        if not versions:
+        found = list_versions(name)
+        if not found:
             raise BadInputError(f"registry has no model {name!r}")
-        version = versions[-1].version
-    emit(registry.get_version(name, version), json_out)
+        version = found[-1].version
+    emit(get_version(name, version), json_out)
 
 
 @app.command("verify")
@@ -78,15 +77,15 @@ def verify(
     traceback: TracebackOpt = False,
 ) -> None:
     """Re-hash every artifact against lmctl.json (and the registry's lock tags and model card hash); exit 4 on mismatch."""
-    from lmctl import registry
+    from lmctl import tracking, versions
     from lmctl.modelref import resolve_checkpoint
     from lmctl.registry import model_card
 
     verified = resolve_checkpoint(model_ref, "nothing to verify")
     card = None
     if verified.registry_name and verified.registry_version:
-        info = registry.get_version(verified.registry_name, verified.registry_version)
-        card = model_card.verify(info.tags, registry.tracking_uri())
+        info = versions.get_version(verified.registry_name, verified.registry_version)
+        card = model_card.verify(info.tags, tracking.tracking_uri())
     emit({"ref": model_ref, "verified": True, "files": len(verified.manifest.files),
           "tokenizer_fingerprint": verified.manifest.tokenizer.fingerprint, "model_card": card}, json_out)
 
@@ -117,8 +116,9 @@ def gc(
 ) -> None:
     """Delete old versions and their artifacts; never one an alias holds or recently held, or an unfinished retrain uses."""
     from lmctl.registry.gc import gc as run_gc
+    from lmctl.retrain.stores import versions_in_use
 
-    emit(run_gc(name, keep, recent_moves, yes=yes), json_out)
+    emit(run_gc(name, keep, in_use=versions_in_use, recent_moves=recent_moves, yes=yes), json_out)
 
 
 @app.command("diff")

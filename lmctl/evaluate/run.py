@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from lmctl import data
 from lmctl.atomic import write_text_atomic
 from lmctl.clock import utc_now
-from lmctl.data import DataFingerprint
+from lmctl.checkpoint import DataFingerprint
 from lmctl.data.sources import resolve as resolve_data
 from lmctl.errors import BadInputError
 from lmctl.evaluate.compare import Comparison, check_gates, compare, latency_gate
@@ -71,7 +71,7 @@ def _measure(ref: str, source: _Data, length: int | None, method: Method, stride
     window/stride used."""
     import gc
 
-    from lmctl.data.documents import documents
+    from lmctl.evaluate.inputs import documents
     from lmctl.evaluate.perplexity import score_documents
     from lmctl.loading import load_for_inference
     from lmctl.modelref import resolve
@@ -196,8 +196,8 @@ def _write_reports(result: EvalReport, json_path: Path | None, markdown_path: Pa
         if staging is not None:
             (staging / name).write_text(text, encoding="utf-8")
     if staging is not None and result.registry:
-        from lmctl import registry
+        from lmctl import versions
 
-        registry.attach_eval(result.registry.name, result.registry.version, staging, result.metrics)
+        versions.attach_eval(result.registry.name, result.registry.version, staging, result.metrics)
 
 

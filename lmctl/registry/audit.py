@@ -8,7 +8,7 @@ has no append-only log, and a registered-model tag (the old `lmctl.alias_history
 one row per move, named `production: v2 -> v3`, with time, user, host, CI job, alias, from,
 to, reason, report sha256 and forced as columns.
 
-Records are appended while the alias lock is held (`registry.alias_lock`: the local
+Records are appended while the alias lock is held (`locks.alias_lock`: the local
 registry lock and, on a team server, its server lock), so start times and `seq` strictly
 increase. A record is written RUNNING before the move it describes and FINISHED after it:
 a process killed in between leaves a RUNNING record, which the next append (under the same
@@ -121,9 +121,9 @@ def _experiment_id(mlflow_client: Any, name: str) -> str | None:
 def prepare(mlflow_client: Any, name: str) -> str:
     """The model's audit experiment, created if needed: call before taking the registry lock
     (creating an experiment takes it too)."""
-    from lmctl import registry
+    from lmctl import tracking
 
-    return registry.experiment_id(mlflow_client, experiment_name(name))
+    return tracking.experiment_id(mlflow_client, experiment_name(name))
 
 
 def _runs(mlflow_client: Any, exp_id: str, alias: str | None, newest_first: bool, limit: int | None) -> Iterator[Any]:

@@ -46,13 +46,13 @@ def _changes(a: dict[str, Any], b: dict[str, Any]) -> list[Change]:
 
 
 def _side(ref: str) -> tuple[checkpoint.Manifest, dict[str, Any]]:
-    from lmctl import registry
+    from lmctl import versions
     from lmctl.modelref import resolve_checkpoint
 
     verified = resolve_checkpoint(ref, "diff compares checkpoints or registry versions")
     metrics: dict[str, Any] = {}
     if verified.registry_name and verified.registry_version:
-        tags = registry.get_version(verified.registry_name, verified.registry_version).tags
+        tags = versions.get_version(verified.registry_name, verified.registry_version).tags
         metrics = {k.removeprefix("eval."): float(v) for k, v in tags.items() if k.startswith("eval.")}
     return verified.manifest, metrics
 

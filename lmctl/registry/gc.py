@@ -16,15 +16,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
 
-from lmctl import registry
+from lmctl import tracking, versions
 from lmctl.errors import BadInputError
 from lmctl.home import cache_dir
+from lmctl.registry import audit
+from lmctl.registry.aliases import alias_history
+from lmctl.registry.locks import alias_lock
 
 log = logging.getLogger("lmctl.registry.gc")
+InUse = Callable[[str], dict[str, str]]  # model name -> {version: why a later stage needs it}
 RECENT_MOVES = 20  # default K: versions named by the last K audit records are kept for rollbacks
 
 
@@ -43,27 +48,25 @@ class GcResult(BaseModel):
     deleted: list[str]
 
 
-def _protected(name: str, keep: int, recent_moves: int) -> tuple[list[str], dict[str, str]]:
+def _protected(name: str, keep: int, recent_moves: int, in_use: InUse) -> tuple[list[str], dict[str, str]]:
     """(all versions, oldest first; why each protected one is kept)."""
-    from lmctl.retrain.state import versions_in_use
-
-    versions = registry.list_versions(name)
+    found = versions.list_versions(name)
     why: dict[str, str] = {}
-    for v in versions:
+    for v in found:
         if v.status == "PENDING":
             why[v.version] = "being registered"
-    for record in registry.alias_history(name, limit=recent_moves) if recent_moves else []:
+    for record in alias_history(name, limit=recent_moves) if recent_moves else []:
         for version in (record.version, record.previous_version):
             if version and record.action != "delete":
                 why.setdefault(version, f"named by the last {recent_moves} audit records")
-    for version, use in versions_in_use(name).items():
+    for version, use in in_use(name).items():
         why.setdefault(version, use)
-    for v in versions:
+    for v in found:
         if v.aliases:
             why[v.version] = "holds " + ", ".join(v.aliases)
-    for v in versions[-keep:]:
+    for v in found[-keep:]:
         why.setdefault(v.version, f"one of the newest {keep}")
-    return [v.version for v in versions], why
+    return [v.version for v in found], why
 
 
 def _delete_artifacts(mlflow_client: Any, run_id: str | None, name: str, version: str) -> None:
@@ -80,23 +83,24 @@ def _delete_artifacts(mlflow_client: Any, run_id: str | None, name: str, version
         mlflow_client.delete_run(run_id)
 
 
-def gc(name: str, keep: int, recent_moves: int = RECENT_MOVES, yes: bool = False) -> GcResult:
-    from lmctl.registry import audit
-
-    registry.validate_name(name)
+def gc(name: str, keep: int, *, in_use: InUse, recent_moves: int = RECENT_MOVES, yes: bool = False) -> GcResult:
+    """Delete the versions of `name` no protection keeps (with `yes`; else only the plan).
+    `in_use(name)` names the versions a later stage still needs and why (retrain passes
+    `lmctl.retrain.state.versions_in_use`: the registry cannot see retrain's run state)."""
+    versions.validate_name(name)
     if keep < 1 or recent_moves < 0:
         raise BadInputError("--keep must be at least 1 and --recent-moves at least 0")
-    versions, why = _protected(name, keep, recent_moves)
-    plan = [v for v in versions if v not in why]
+    found, why = _protected(name, keep, recent_moves, in_use)
+    plan = [v for v in found if v not in why]
     result = GcResult(name=name, keep=keep, recent_moves=recent_moves, dry_run=not yes, delete=plan,
                       kept=[KeptVersion(version=v, why=w) for v, w in sorted(why.items(), key=lambda i: int(i[0]))],
                       deleted=[])
     if not yes or not plan:
         return result
-    mlflow_client = registry.client()
+    mlflow_client = tracking.client()
     audit_id = audit.prepare(mlflow_client, name)
-    with registry.server_errors(), registry.alias_lock(mlflow_client, name):
-        _, why = _protected(name, keep, recent_moves)  # aliases may have moved since the plan
+    with tracking.server_errors(), alias_lock(mlflow_client, name):
+        _, why = _protected(name, keep, recent_moves, in_use)  # aliases may have moved since the plan
         for version in (v for v in plan if v not in why):
             run_id = mlflow_client.get_model_version(name, version).run_id
             record = audit.new_record(name, None, version, None, "delete", reason=f"registry gc --keep {keep}")

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from lmctl import registry
+from lmctl import versions
+from lmctl.config import PRODUCTION_ALIAS
+from lmctl.registry.aliases import move_alias
 from lmctl.errors import BadInputError, PolicyError
 from lmctl.evaluate.compare import Gate, enforce_gates
 from lmctl.evaluate.schema import LoadedReport, ModelIdentity, load_eval_report
@@ -42,18 +44,18 @@ class PromotionResult(BaseModel):
     user: str
 
 
-def _is_version(identity: ModelIdentity, info: registry.RegisteredVersion) -> bool:
+def _is_version(identity: ModelIdentity, info: versions.RegisteredVersion) -> bool:
     """Whether a report's candidate or baseline identity names this registry version."""
     return identity.is_version(info.name, info.version, info.tags.get("lmctl.manifest_sha256"))
 
 
-def check_report(loaded: LoadedReport, info: registry.RegisteredVersion, alias: str, holder: str | None) -> None:
+def check_report(loaded: LoadedReport, info: versions.RegisteredVersion, alias: str, holder: str | None) -> None:
     """Raise PolicyError (with the gate table) unless the report clears `info` for `alias`."""
     report, path = loaded.report, loaded.path
     if not _is_version(report.identity, info):
         raise PolicyError(f"report {path} is about {report.identity.describe()}, not models:/{info.name}/{info.version}")
     if holder is not None:
-        current = registry.get_version(info.name, holder)
+        current = versions.get_version(info.name, holder)
         if not report.baseline or not _is_version(report.baseline, current):
             raise PolicyError(
                 f"report {path} compares against {report.baseline.describe() if report.baseline else 'no baseline'}, "
@@ -65,16 +67,16 @@ def check_report(loaded: LoadedReport, info: registry.RegisteredVersion, alias: 
     enforce_gates(report.gates, f"not promoted: {{n}} gate(s) failed in {path}")
 
 
-def promote(name: str, version: str, alias: str = "production", report_path: Path | None = None,
+def promote(name: str, version: str, alias: str = PRODUCTION_ALIAS, report_path: Path | None = None,
             force: bool = False, reason: str | None = None) -> PromotionResult:
     """Move `alias` to `version` if the promotion policy allows it (or `force` with a reason)."""
-    registry.validate_name(name)
-    registry.validate_alias(alias)
+    versions.validate_name(name)
+    versions.validate_alias(alias)
     if force and not (reason and reason.strip()):
         raise BadInputError("--force needs --reason TEXT: a forced promotion must say why")
-    info = registry.require_usable(registry.get_version(name, version))
+    info = versions.require_usable(versions.get_version(name, version))
     loaded = load_eval_report(report_path) if report_path is not None else None
-    holder = registry.alias_holder(name, alias)
+    holder = versions.alias_holder(name, alias)
     if holder == info.version:
         raise BadInputError(f"alias {alias!r} of {name!r} already points at version {holder}; nothing to promote")
     gated = False
@@ -93,7 +95,7 @@ def promote(name: str, version: str, alias: str = "production", report_path: Pat
         gated = True
         why = "first promotion; report gates passed" if holder is None else f"report gates passed against v{holder}"
     record = loaded.record() if loaded is not None else None
-    move = registry.move_alias(name, alias, info.version, reason=reason, report=record, forced=force,
+    move = move_alias(name, alias, info.version, reason=reason, report=record, forced=force,
                                check_previous=True, expected_previous=holder)
     return PromotionResult(
         name=name, alias=alias, version=move.version, previous_version=move.previous_version, gated=gated,

@@ -20,17 +20,20 @@ import contextlib
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from pydantic import BaseModel
 
-from lmctl import __version__, checkpoint, registry, tokenizer_lock
+from lmctl import __version__, checkpoint, tokenizer_lock, tracking, versions
 from lmctl.atomic import crash_point
-from lmctl.registry import model_card
+from lmctl.config import PRODUCTION_ALIAS
 from lmctl.errors import BadInputError, IntegrityError
-from lmctl.evaluate.schema import load_eval_report
+from lmctl.evaluate.schema import LoadedReport, load_eval_report
+from lmctl.registry import model_card
+from lmctl.registry.aliases import move_alias
 
 log = logging.getLogger("lmctl.registry.register")
 EXPERIMENT = "lmctl-registry"
@@ -131,18 +134,18 @@ def clean_failed(mlflow_client: Any) -> list[str]:
     # change it any more, so "still pending/running" read after that is final. (On one machine the
     # registry lock already orders this; other machines on a team server do not share that lock.)
     removed = []
-    with registry.registry_lock():
-        for mv in mlflow_client.search_model_versions(f"tags.`{registry.STATUS_TAG}` = 'pending'"):
-            if registry.registrar_gone(dict(mv.tags or {})):
+    with tracking.registry_lock():
+        for mv in mlflow_client.search_model_versions(f"tags.`{versions.STATUS_TAG}` = 'pending'"):
+            if versions.registrar_gone(dict(mv.tags or {})):
                 with contextlib.suppress(MlflowException):
                     fresh = mlflow_client.get_model_version(mv.name, str(mv.version))
-                    if (fresh.tags or {}).get(registry.STATUS_TAG) == "pending":
+                    if (fresh.tags or {}).get(versions.STATUS_TAG) == "pending":
                         mlflow_client.delete_model_version(mv.name, str(mv.version))
                         removed.append(f"models:/{mv.name}/{mv.version}")
     experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         for run in mlflow_client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'"):
-            if registry.registrar_gone(dict(run.data.tags)) and _still_running(mlflow_client, run.info.run_id):
+            if versions.registrar_gone(dict(run.data.tags)) and _still_running(mlflow_client, run.info.run_id):
                 _remove_run(mlflow_client, run)
                 removed.append(f"run {run.info.run_id}")
     for item in removed:
@@ -150,62 +153,129 @@ def clean_failed(mlflow_client: Any) -> list[str]:
     return removed
 
 
-def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path | None = None,
-             description: str | None = None) -> RegisterResult:
-    """Log the checkpoint as MLflow run artifacts and create a model version pointing at them."""
-    registry.validate_name(name)
+def ensure_registered_model(mlflow_client, name: str, description: str) -> None:  # type: ignore[no-untyped-def]
+    """Create the registered model unless it exists. On a team server the local lock does not
+    reach other machines, so two first registers may race: the loser's "already exists" is fine.
+    A model whose description is still lmctl's old placeholder gets `description`; one a person
+    wrote is left alone."""
+    from mlflow.exceptions import MlflowException
+
+    existing = mlflow_client.search_registered_models(f"name='{name}'")
+    if existing:
+        if (existing[0].description or "").strip() in ("", model_card.OLD_MODEL_DESCRIPTION):
+            mlflow_client.update_registered_model(name, description=description)
+        return
+    try:
+        mlflow_client.create_registered_model(name, description=description)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """Everything `register` validated before it writes: the checkpoint, its lock, its report."""
+
+    ckpt: Path
+    manifest: checkpoint.Manifest
+    manifest_sha256: str
+    added_tokens: dict[str, int]
+    report: LoadedReport | None
+    report_path: Path | None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.report.report.metrics if self.report is not None else {}
+
+
+def _check(ckpt: Path, name: str, alias: str | None, eval_report: Path | None) -> _Checked:
+    versions.validate_name(name)
     if alias:
-        registry.validate_alias(alias)
+        versions.validate_alias(alias)
     if not ckpt.is_dir() or not checkpoint.is_checkpoint(ckpt):
         raise BadInputError(f"{ckpt}: not an lmctl checkpoint directory (no lmctl.json)")
     manifest = checkpoint.verify(ckpt)
     added = check_tokenizer(ckpt, manifest)
-    loaded = load_eval_report(eval_report) if eval_report is not None else None
-    metrics = loaded.report.metrics if loaded is not None else {}
-    manifest_sha = checkpoint.sha256_file(ckpt / checkpoint.MANIFEST)
+    report = load_eval_report(eval_report) if eval_report is not None else None
+    return _Checked(ckpt=ckpt, manifest=manifest, manifest_sha256=checkpoint.sha256_file(ckpt / checkpoint.MANIFEST),
+                    added_tokens=added, report=report, report_path=eval_report)
+
+
+def _summary(description: str | None, manifest: checkpoint.Manifest) -> str:
+    """The version's one-line description: the user's first line, then what the adapter is."""
     step = "?" if manifest.training.step is None else manifest.training.step
     what = f"LoRA adapter on {manifest.base_model.id}, step {step}"
-    summary = f"{description.strip().splitlines()[0]} ({what})" if description and description.strip() else what
-    client = registry.client()
+    return f"{description.strip().splitlines()[0]} ({what})" if description and description.strip() else what
+
+
+def _upload(client: Any, run_id: str, checked: _Checked) -> None:
+    client.log_artifacts(run_id, str(checked.ckpt), CHECKPOINT_ARTIFACT)
+    for key, value in checked.metrics.items():
+        client.log_metric(run_id, key, value)
+
+
+def _create_pending(client: Any, run: Any, name: str, checked: _Checked, summary: str,
+                    parent_alias: str) -> tuple[Any, str | None]:
+    """The version, tagged pending (and with who registers it), and the version `parent_alias`
+    held when it was created; under the registry lock, which also orders the model's creation."""
+    with tracking.registry_lock():
+        ensure_registered_model(client, name, model_card.model_description(name, checked.manifest))
+        parent = versions.alias_holder(name, parent_alias)
+        version = client.create_model_version(
+            name, source=f"{run.info.artifact_uri}/{CHECKPOINT_ARTIFACT}", run_id=run.info.run_id,
+            tags={**_tags(checked.manifest, checked.manifest_sha256, checked.metrics), **versions.registrar_tags(),
+                  versions.STATUS_TAG: "pending", "lmctl.parent_version": parent or ""},
+            description=summary,
+        )
+    return version, parent
+
+
+def _publish_card(client: Any, run_id: str, version: Any, parent: str | None, checked: _Checked,
+                  description: str | None) -> tuple[str, dict[str, str]]:
+    """The model card rendered and logged to the run; returns it and its tags."""
+    card = model_card.render(model_card.CardFacts(
+        name=version.name, version=str(version.version), description=description, manifest=checked.manifest,
+        manifest_sha256=checked.manifest_sha256, report=checked.report.report if checked.report else None,
+        report_path=str(checked.report_path) if checked.report_path else None,
+        parent_version=parent, run_id=run_id, source=version.source, added_tokens=checked.added_tokens))
+    return card, model_card.publish(client, run_id, card)
+
+
+def _mark_ready(client: Any, run_id: str, version: Any, summary: str, card: str, card_tags: dict[str, str]) -> None:
+    """Description and card tags on the version, then `ready` last: only now is it usable."""
+    name, number = version.name, str(version.version)
+    with tracking.registry_lock():
+        client.update_model_version(name, number, description=model_card.version_description(
+            summary, card, card_tags[model_card.CARD_TAG], shown={version.source: f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}"}))
+        for key, value in card_tags.items():
+            client.set_model_version_tag(name, number, key, value)
+        client.set_model_version_tag(name, number, versions.STATUS_TAG, "ready")
+
+
+def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path | None = None,
+             description: str | None = None, parent_alias: str = PRODUCTION_ALIAS) -> RegisterResult:
+    """Log the checkpoint as MLflow run artifacts and create a model version pointing at them.
+    `parent_alias`'s holder at registration is recorded as the version's parent."""
+    checked = _check(ckpt, name, alias, eval_report)
+    summary = _summary(description, checked.manifest)
+    client = tracking.client()
     cleaned = clean_failed(client)
-    run = client.create_run(registry.experiment_id(client, EXPERIMENT), run_name=f"register-{name}",
-                            tags=registry.registrar_tags())
+    run = client.create_run(tracking.experiment_id(client, EXPERIMENT), run_name=f"register-{name}",
+                            tags=versions.registrar_tags())
     run_id = run.info.run_id
     crash_point(CRASH_ENV, "after_run")
     version: Any = None
     try:
-        client.log_artifacts(run_id, str(ckpt), CHECKPOINT_ARTIFACT)
-        for key, value in metrics.items():
-            client.log_metric(run_id, key, value)
+        _upload(client, run_id, checked)
         crash_point(CRASH_ENV, "after_upload")
-        with registry.registry_lock():
-            registry.ensure_registered_model(client, name, model_card.model_description(name, manifest))
-            parent = registry.alias_holder(name, "production")
-            version = client.create_model_version(
-                name, source=f"{run.info.artifact_uri}/{CHECKPOINT_ARTIFACT}", run_id=run_id,
-                tags={**_tags(manifest, manifest_sha, metrics), **registry.registrar_tags(),
-                      registry.STATUS_TAG: "pending", "lmctl.parent_version": parent or ""},
-                description=summary,
-            )
+        version, parent = _create_pending(client, run, name, checked, summary, parent_alias)
         crash_point(CRASH_ENV, "after_version")
-        card = model_card.render(model_card.CardFacts(
-            name=name, version=str(version.version), description=description, manifest=manifest,
-            manifest_sha256=manifest_sha, report=loaded.report if loaded else None,
-            report_path=str(eval_report) if eval_report else None,
-            parent_version=parent, run_id=run_id, source=version.source, added_tokens=added))
-        card_tags = model_card.publish(client, run_id, card)
+        card, card_tags = _publish_card(client, run_id, version, parent, checked, description)
         crash_point(CRASH_ENV, "after_card")
-        with registry.registry_lock():
-            client.update_model_version(name, str(version.version),
-                                        description=model_card.version_description(
-                                            summary, card, card_tags[model_card.CARD_TAG],
-                                            shown={version.source: f"runs:/{run_id}/{CHECKPOINT_ARTIFACT}"}))
-            for key, value in card_tags.items():
-                client.set_model_version_tag(name, str(version.version), key, value)
-            # last: only now does the version count as usable
-            client.set_model_version_tag(name, str(version.version), registry.STATUS_TAG, "ready")
+        _mark_ready(client, run_id, version, summary, card, card_tags)
         if alias:
-            registry.move_alias(name, alias, str(version.version), reason="set at register")
+            move_alias(name, alias, str(version.version), reason="set at register")
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         if version is not None:
@@ -215,7 +285,7 @@ def register(ckpt: Path, name: str, alias: str | None = None, eval_report: Path 
     log.info("registered %s version %s", name, version.version)
     return RegisterResult(
         name=name, version=str(version.version), alias=alias, run_id=run_id, source=version.source,
-        tracking_uri=registry.tracking_uri(), tokenizer_fingerprint=manifest.tokenizer.fingerprint,
-        added_tokens=added, metrics=metrics, model_card=card_tags[model_card.CARD_TAG], parent_version=parent,
-        cleaned=cleaned,
+        tracking_uri=tracking.tracking_uri(), tokenizer_fingerprint=checked.manifest.tokenizer.fingerprint,
+        added_tokens=checked.added_tokens, metrics=checked.metrics, model_card=card_tags[model_card.CARD_TAG],
+        parent_version=parent, cleaned=cleaned,
     )

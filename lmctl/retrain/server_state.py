@@ -28,7 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmctl import checkpoint, registry
+from lmctl import checkpoint
+from lmctl import tracking
 from lmctl.retrain.state import RetrainState, RunStore
 
 log = logging.getLogger("lmctl.retrain")
@@ -43,8 +44,8 @@ class ServerRunStore:
 
     def __init__(self, name: str, local_root: Path) -> None:
         self.name, self.local = name, RunStore(local_root)
-        self.client = registry.client()
-        self.experiment_id = registry.experiment_id(self.client, EXPERIMENT_PREFIX + name)
+        self.client = tracking.client()
+        self.experiment_id = tracking.experiment_id(self.client, EXPERIMENT_PREFIX + name)
         self._ids: dict[str, str] = {}  # lmctl run id -> MLflow run id
 
     def run_dir(self, run_id: str) -> Path:
@@ -107,7 +108,7 @@ class ServerRunStore:
         with tempfile.TemporaryDirectory(dir=run_dir.parent if run_dir.parent.is_dir() else None) as tmp:
             for path, local in pair:
                 fetched = download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp,
-                                             tracking_uri=registry.tracking_uri())
+                                             tracking_uri=tracking.tracking_uri())
                 local.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(fetched, local)
 
@@ -132,7 +133,7 @@ class ServerRunStore:
         for item in self.client.list_artifacts(run.info.run_id):
             if not item.is_dir and item.path != "state.json":
                 download_artifacts(run_id=run.info.run_id, artifact_path=item.path, dst_path=str(local),
-                                   tracking_uri=registry.tracking_uri())
+                                   tracking_uri=tracking.tracking_uri())
         # another host's paths: the same files, downloaded here
         for field in ("eval_report", "report"):
             if getattr(state, field):
@@ -145,7 +146,7 @@ class ServerRunStore:
                 log.info("fetching the candidate checkpoint of run %s from the server", state.run_id)
                 with tempfile.TemporaryDirectory(dir=target.parent if target.parent.is_dir() else None) as tmp:
                     fetched = download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_DIR, dst_path=tmp,
-                                                 tracking_uri=registry.tracking_uri())
+                                                 tracking_uri=tracking.tracking_uri())
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.move(fetched, target)
             state.checkpoint = str(target)
@@ -157,7 +158,7 @@ class ServerRunStore:
 
         with tempfile.TemporaryDirectory() as tmp:
             path = download_artifacts(run_id=run.info.run_id, artifact_path="state.json", dst_path=tmp,
-                                      tracking_uri=registry.tracking_uri())
+                                      tracking_uri=tracking.tracking_uri())
             return RetrainState.model_validate_json(Path(path).read_text(encoding="utf-8"))
 
     def unfinished(self, fetch: bool = True) -> RetrainState | None:

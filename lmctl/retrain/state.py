@@ -14,14 +14,10 @@ runs must not promote at once), with `<name>.holder.json` naming the process hol
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import secrets
 import shutil
-import socket
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -29,9 +25,7 @@ from pydantic import BaseModel, Field
 
 from lmctl.atomic import crash_point, write_json_atomic
 from lmctl.clock import utc_now, utc_stamp
-from lmctl.errors import BusyError
 from lmctl.evaluate.compare import Gate
-from lmctl.home import lmctl_home
 
 log = logging.getLogger("lmctl.retrain")
 STAGES = ("check_data", "train", "evaluate", "register", "promote", "report")
@@ -143,29 +137,6 @@ class RunStore:
                 shutil.rmtree(self.run_dir(state.run_id), ignore_errors=True)
 
 
-def open_store(name: str, state_dir: Path | None = None) -> RunStore:
-    """The embedded store's files under `state_dir`, or on a team server its MLflow runs
-    (lmctl.retrain.server_state.ServerRunStore, which has the same methods)."""
-    from lmctl import registry
-
-    root = state_dir or lmctl_home() / "retrain" / name
-    if registry.embedded():
-        return RunStore(root)
-    from lmctl.retrain.server_state import ServerRunStore
-
-    return ServerRunStore(name, root)  # type: ignore[return-value]
-
-
-def versions_in_use(name: str, state_dir: Path | None = None) -> dict[str, str]:
-    """Versions the unfinished retrain run of `name` still needs (registry gc keeps them)."""
-    state = open_store(name, state_dir).unfinished(fetch=False)
-    if state is None:
-        return {}
-    uses = {state.candidate_version: "its candidate", state.baseline_version: "its baseline",
-            state.production_before: "production when it started"}
-    return {v: f"used by unfinished retrain run {state.run_id} ({use})" for v, use in uses.items() if v}
-
-
 def begin_stage(store: RunStore, state: RetrainState, name: str) -> float:
     rec = state.record(name)
     rec.status, rec.attempts, rec.started_at = "running", rec.attempts + 1, utc_now()
@@ -182,73 +153,3 @@ def end_stage(store: RunStore, state: RetrainState, name: str, started: float, n
         state.record(skipped).status = "skipped"
     store.save(state)
     crash_point(CRASH_ENV, name)
-
-
-def lock_path(name: str) -> Path:
-    return lmctl_home() / "retrain" / f"{name}.lock"
-
-
-@contextlib.contextmanager
-def run_lock(name: str) -> Iterator[Callable[[], bool]]:
-    """Hold the one retrain lock of model `name`; BusyError (exit 5) naming the holder if taken.
-
-    Embedded store: a file lock under LMCTL_HOME (the OS frees it when its holder dies). Team
-    server: a lock in the server's database, so it reaches every host; its holder's heartbeat
-    keeps it, and only a heartbeat silent for LMCTL_LOCK_STALE_S breaks it. Yields a check:
-    True once the lock was taken from this process (its heartbeat could not reach the server
-    for that long), so the run stops at the next stage instead of racing the new holder."""
-    from lmctl import registry
-
-    busy, hint = f"a retrain of {name!r} is already running", "wait for it to finish; this run did nothing"
-    if not registry.embedded():
-        from lmctl.registry.mutex import RETRAIN_PREFIX, server_lock
-
-        with server_lock(registry.client(), RETRAIN_PREFIX + name, wait_s=0, what=busy, hint=hint) as beat:
-            yield lambda: beat.lost
-        return
-    from filelock import FileLock, Timeout
-
-    path = lock_path(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
-    holder = path.with_suffix(".holder.json")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise BusyError(f"{busy} ({_describe_holder(holder)})", hint=hint) from None
-    try:
-        write_json_atomic(holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": utc_now()})
-        yield lambda: False  # the OS holds a file lock for as long as this process lives
-    finally:
-        with contextlib.suppress(OSError):
-            holder.unlink()
-        lock.release()
-
-
-def lock_holder(name: str) -> str | None:
-    """Who holds the retrain lock of `name` (None: nobody), without taking it."""
-    from lmctl import registry
-
-    if not registry.embedded():
-        from lmctl.registry.mutex import RETRAIN_PREFIX, holder
-
-        held = holder(registry.client(), RETRAIN_PREFIX + name)
-        return held.describe() if held else None
-    from filelock import FileLock, Timeout
-
-    path = lock_path(name)
-    if not path.exists():
-        return None
-    try:
-        with FileLock(str(path)).acquire(timeout=0):
-            return None
-    except Timeout:
-        return _describe_holder(path.with_suffix(".holder.json"))
-
-
-def _describe_holder(holder: Path) -> str:
-    try:
-        info = json.loads(holder.read_text(encoding="utf-8"))
-        return f"pid {info['pid']} on {info['host']} since {info['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "holder unknown"

@@ -54,12 +54,12 @@ class AliasFollower:
             self.check_once()
 
     def check_once(self) -> None:
-        from lmctl import registry
+        from lmctl import versions
 
         for role, (name, alias) in self.targets.items():
             current = self.router.primary if role == "primary" else self.router.canary
             try:
-                version = registry.version_for_alias(name, alias)
+                version = versions.version_for_alias(name, alias)
             except Exception as exc:  # registry down or alias deleted: keep serving what we have
                 log.warning("cannot re-resolve models:/%s@%s: %s", name, alias, exc)
                 continue

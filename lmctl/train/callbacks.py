@@ -149,10 +149,10 @@ class Tracking:
             return
         from mlflow.entities import Param
 
-        from lmctl import registry
+        from lmctl import tracking
 
-        self.client = registry.client(cfg.registry.tracking_uri)
-        experiment = registry.experiment_id(self.client, EXPERIMENT)
+        self.client = tracking.client(cfg.registry.tracking_uri)
+        experiment = tracking.experiment_id(self.client, EXPERIMENT)
         self.run_id = self.client.create_run(experiment, run_name=str(cfg.output.run_name)).info.run_id
         params = [Param(f"{section}.{key}", str(value)[:500])
                   for section, values in config_dump(cfg).items() for key, value in values.items()]
