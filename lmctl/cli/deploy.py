@@ -9,7 +9,7 @@ import typer
 
 from lmctl.cli.fields import option, options_from
 from lmctl.cli.output import JsonOpt, TracebackOpt, emit
-from lmctl.deploy import DeployOptions as D
+from lmctl.deploy.options import DeployOptions as D
 
 
 def deploy(
@@ -38,7 +38,7 @@ def deploy(
     traceback: TracebackOpt = False,
 ) -> None:
     """Materialize a deployment of a verified checkpoint: local bundle, vLLM or Kubernetes."""
-    from lmctl.deploy import deploy as run_deploy
+    from lmctl.deploy.run import deploy as run_deploy
 
     options = options_from(D, dict(
         host=host, port=port, name=name, base=base, max_loras=max_loras, max_model_len=max_model_len, image=image,

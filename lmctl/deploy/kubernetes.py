@@ -22,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from lmctl.deploy import DeployOptions, Rendered, Source, load_source, require_registry_ref
+from lmctl.deploy.bundle import Rendered, Source, load_source, require_registry_ref
+from lmctl.deploy.options import DeployOptions
 from lmctl.errors import BadInputError
 
 CONTAINER_PORT_NAME = "http"
@@ -124,7 +125,7 @@ class Renderer:
             self.warnings += _base_warnings(self.canary)
 
     def _tracking_uri(self) -> str | None:
-        from lmctl.registry import tracking_uri
+        from lmctl.tracking import tracking_uri
 
         return self.opts.tracking_uri or (None if tracking_uri().startswith("sqlite:") else tracking_uri())
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from lmctl.deploy import DeployOptions, Rendered, Source, copy_checkpoint, write_script
+from lmctl.deploy.bundle import Rendered, Source, copy_checkpoint, write_script
+from lmctl.deploy.options import DeployOptions
 from lmctl.errors import BadInputError
 
 DEFAULT_HOST = "127.0.0.1"

@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from lmctl.deploy import DeployOptions, Rendered, Source, adapter_config, copy_checkpoint, write_script
+from lmctl.deploy.bundle import Rendered, Source, adapter_config, copy_checkpoint, write_script
+from lmctl.deploy.options import DeployOptions
 from lmctl.errors import BadInputError, IntegrityError
 
 # LoRAConfig.max_lora_rank: MaxLoRARanks (vLLM docs, vllm.config.lora)
