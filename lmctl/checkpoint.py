@@ -16,7 +16,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmctl.atomic import write_json_atomic
-from lmctl.data import DataFingerprint
 from lmctl.errors import IntegrityError
 
 MANIFEST = "lmctl.json"
@@ -53,6 +52,16 @@ class BaseModelInfo(BaseModel):
     id: str
     revision: str | None = None
     config_sha256: str
+
+
+class DataFingerprint(BaseModel):
+    """Identifies the exact data a model saw: file bytes plus how they were read."""
+
+    path: str
+    sha256: str
+    rows: int
+    text_field: str
+    format: str = "text"
 
 
 class ManifestData(BaseModel):

@@ -193,7 +193,7 @@ def test_eval_reuses_the_cache_and_misses_on_a_changed_byte_or_tokenizer(  # typ
         cli, tok, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A small .jsonl is tokenized in process (no cache, no datasets import); above the size
     limit (set to 0 here) eval reads its documents from the cache, with the same numbers."""
-    from lmctl.data.documents import documents
+    from lmctl.evaluate.inputs import documents
 
     path = tmp_path / "docs.jsonl"
     shutil.copy(ASSETS / "tiny_validation.jsonl", path)

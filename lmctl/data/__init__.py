@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
-
+from lmctl.checkpoint import DataFingerprint
 from lmctl.data.sources import Source, resolve
 from lmctl.errors import DataError
 from lmctl.home import cache_dir
@@ -26,16 +25,6 @@ from lmctl.home import cache_dir
 Format = Literal["auto", "text", "completion", "chat"]
 ROLES = ("system", "user", "assistant", "tool")
 BATCH = 1000  # rows per batch when walking a data set
-
-
-class DataFingerprint(BaseModel):
-    """Identifies the exact data a model saw: file bytes plus how they were read."""
-
-    path: str
-    sha256: str
-    rows: int
-    text_field: str
-    format: str = "text"
 
 
 SMALL_JSONL_BYTES = 4 << 20  # below this a .jsonl is read with the json module: importing datasets costs seconds

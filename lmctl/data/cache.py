@@ -47,8 +47,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from lmctl.atomic import write_json_atomic
-from lmctl.checkpoint import FileEntry, sha256_file, sha256_json
-from lmctl.data import (DataFingerprint, Format, RowNamer, check_rows, check_text_field, detect_format, field_for,
+from lmctl.checkpoint import DataFingerprint, FileEntry, sha256_file, sha256_json
+from lmctl.data import (Format, RowNamer, check_rows, check_text_field, detect_format, field_for,
                         fingerprint)
 from lmctl.data.documents import EVAL_SHAPING, DocumentsTokenize, document_features
 from lmctl.data.examples import Tokenize, check_tokenizer, features

@@ -1,7 +1,7 @@
 """The documents `lmctl eval` scores: each non-empty text of a text-shaped file, tokenized
 without special tokens (docs/perplexity.md), with its word and UTF-8 byte counts.
 
-One tokenization (`document_columns`), two routes to it:
+One tokenization (`document_columns`), two routes to it (`lmctl.evaluate.inputs`):
 - a small, regular .jsonl (read with the json module, `lmctl.data.small_texts`) is
   tokenized in process, a chunk at a time, as perplexity pulls the documents. Hashing the
   file and opening a cache entry would cost more than tokenizing it, and importing
@@ -17,10 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from lmctl.data import DataFingerprint, fingerprint, small_texts
 
 CHUNK = 64  # documents tokenized (or read back) at a time: the fast tokenizer batches, memory stays flat
 # Bump when document_columns changes what it produces: every older eval entry then misses.
@@ -67,41 +64,3 @@ def document_features() -> Any:
     from datasets import Features, List, Value
 
     return Features({"input_ids": List(Value("int32")), "words": Value("int64"), "bytes": Value("int64")})
-
-
-@dataclass
-class Documents:
-    """One data file's documents for one tokenizer; iterable any number of times, in file order."""
-
-    fingerprint: DataFingerprint
-    byte_counts: list[int]
-    texts: list[str] | None = None  # the small route: texts in memory, tokenized as iterated
-    tokenizer: Any = None
-    table: Any = None  # the cached route: a memory-mapped Arrow table
-    hit: bool | None = None  # cache hit; None when the small route skipped the cache
-
-    def __len__(self) -> int:
-        return len(self.byte_counts)
-
-    def __iter__(self) -> Iterator[Document]:
-        if self.texts is not None:
-            yield from tokenize_documents(self.texts, self.tokenizer)
-            return
-        for batch in self.table.data.to_batches(max_chunksize=CHUNK):
-            cols = batch.to_pydict()
-            yield from (Document(*row) for row in zip(cols["input_ids"], cols["words"], cols["bytes"]))
-
-
-def documents(path: Path, text_field: str, tokenizer: Any, texts: list[str] | None = None) -> Documents:
-    """The documents of `path` for `tokenizer`. `texts` are those `small_texts` already read;
-    without them the file goes through the tokenization cache."""
-    if texts is None:
-        texts = small_texts(path, text_field)
-    if texts is not None:
-        return Documents(fingerprint=fingerprint(path, text_field, len(texts)),
-                         byte_counts=[len(t.encode("utf-8")) for t in texts], texts=texts, tokenizer=tokenizer)
-    from lmctl.data.cache import tokenized
-
-    tokens = tokenized(path, text_field, "text", tokenizer, 0, purpose="eval")
-    return Documents(fingerprint=tokens.fingerprint, byte_counts=tokens.table.data.column("bytes").to_pylist(),
-                     table=tokens.table, hit=tokens.hit)

@@ -32,7 +32,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from lmctl.atomic import write_json_atomic
+from lmctl.checkpoint import file_digest
 from lmctl.errors import DataError
+from lmctl.home import cache_dir
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota exceeded, file size limit
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -55,16 +58,11 @@ class DigestMemo(BaseModel):
 
 
 def _memo_path(path: Path) -> Path:
-    from lmctl.home import cache_dir
-
     return cache_dir() / "digests" / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]}.json"
 
 
 def hash_file(path: Path) -> Any:
     """A sha256 object over the file's bytes (read in full), remembered with its stat when safe."""
-    from lmctl.atomic import write_json_atomic
-    from lmctl.checkpoint import file_digest  # checkpoint imports lmctl.data: import at call time
-
     before, started = file_stat(path), time.time_ns()
     digest = file_digest(path)
     if file_stat(path) == before and min(before[1], before[2]) < started - RACY_NS:

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
-from lmctl.data import DataFingerprint
+from lmctl.checkpoint import DataFingerprint
 from lmctl.errors import DataError
 from lmctl.evaluate.compare import Comparison, Gate
 from lmctl.evaluate.latency import LatencyReport

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lmctl.config import LmctlConfig
-from lmctl.data import DataFingerprint
+from lmctl.checkpoint import DataFingerprint
 from lmctl.data.examples import ExampleSet, example_set
 from lmctl.data.packing import Rows
 from lmctl.errors import BadInputError
