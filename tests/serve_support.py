@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -39,3 +42,20 @@ def sse_events(response: httpx.Response) -> list[Any]:
             payload = line.removeprefix("data: ")
             events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
+
+
+@contextmanager
+def log_records(*names: str) -> Iterator[list[logging.LogRecord]]:
+    """Every record the named loggers emit meanwhile. Read from the loggers themselves: uvicorn's
+    and (once the CLI set up logging) lmctl's do not propagate to the root, where caplog listens."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import copy_checkpoint, free_port
-from serve_support import LiveServer, sse_events
+from serve_support import LiveServer, log_records, sse_events
 
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -90,7 +91,9 @@ def test_auth_limits_and_errors_use_openai_error_shape(checkpoint: Path) -> None
         assert other.status_code == 404
         assert httpx.post(f"{srv.url}/v1/no-such-route", json={}, headers=AUTH).status_code == 404
         metrics = httpx.get(f"{srv.url}/metrics").text
-        assert re.search(r'lmctl_request_errors_total\{model="[^"]+",status="401",version="sha-\w+"\} 3.0', metrics)
+        for endpoint, refused in (("completions", 2), ("models", 1)):
+            assert re.search(rf'lmctl_request_errors_total\{{endpoint="{endpoint}",model="[^"]+",status="401",'
+                             rf'version="sha-\w+"\}} {refused}.0', metrics), endpoint
         assert 'endpoint="chat.completions"' not in metrics and "no-such-route" not in metrics
 
 
@@ -104,11 +107,41 @@ def test_full_queue_gets_429_and_slow_requests_504(checkpoint: Path) -> None:
         codes = asyncio.run(burst(f"{srv.url}/v1/completions", 12, {"prompt": "The", "max_tokens": 40, "temperature": 0}))
         assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
         metrics = httpx.get(f"{srv.url}/metrics").text
-        assert re.search(r'lmctl_request_errors_total\{model="[^"]+",status="429",version="sha-\w+"\} [1-9]', metrics)
+        assert re.search(r'lmctl_request_errors_total\{endpoint="completions",model="[^"]+",status="429",'
+                         r'version="sha-\w+"\} [1-9]', metrics)
     with _server(checkpoint, request_timeout_s=0.001) as srv:
         slow = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "The", "max_tokens": 200, "temperature": 0},
                           headers=AUTH, timeout=60)
         assert slow.status_code == 504 and slow.json()["error"]["type"] == "timeout"
+
+
+def test_a_failure_inside_generation_is_a_counted_500_in_openai_shape(tiny_base: Path, tmp_path: Path) -> None:
+    """A model whose weights diverged (NaN) fails its requests inside generation. The client gets
+    OpenAI's error object (a stream, whose 200 already went out, an error event), the metrics
+    count both as 500s, and the server logs one line each: no ASGI crash with a traceback."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    diverged = tmp_path / "diverged"
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(diverged)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(diverged)
+    body = {"prompt": "The", "max_tokens": 4}
+    with _server(diverged, served_model_name="tiny") as srv, log_records("lmctl", "uvicorn.error") as records:
+        plain = httpx.post(f"{srv.url}/v1/completions", json=body, headers=AUTH, timeout=60)
+        streamed = httpx.post(f"{srv.url}/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60)
+        metrics = httpx.get(f"{srv.url}/metrics").text
+    assert plain.status_code == 500 and plain.headers["x-request-id"]
+    assert plain.json() == {"error": {"message": "internal error", "type": "server_error", "code": None}}
+    events = sse_events(streamed)
+    assert streamed.status_code == 200 and events[-2]["error"]["type"] == "server_error" and events[-1] == "[DONE]"
+    assert re.search(r'lmctl_requests_total\{endpoint="completions",model="tiny",status="500",version="[^"]+"\} 2.0',
+                     metrics)
+    lines = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert len(lines) == 2 and all("failed: NonFiniteLogitsError" in line for line in lines), lines
+    assert not any(r.exc_info for r in records)
 
 
 def test_metrics_are_labeled_with_model_and_version(checkpoint: Path) -> None:
@@ -121,7 +154,7 @@ def test_metrics_are_labeled_with_model_and_version(checkpoint: Path) -> None:
     labels = f'model="tiny",version="{version}"'
     # the exposition format sorts label names
     for series in (f'lmctl_request_latency_seconds_count{{endpoint="completions",{labels}}} 3.0',
-                   f'lmctl_requests_total{{model="tiny",status="200",version="{version}"}} 3.0',
+                   f'lmctl_requests_total{{endpoint="completions",model="tiny",status="200",version="{version}"}} 3.0',
                    f"lmctl_requests_in_flight{{{labels}}} 0.0", f"lmctl_queue_depth{{{labels}}} 0.0",
                    f"lmctl_time_to_first_token_seconds_count{{{labels}}} 3.0"):
         assert series in text, series

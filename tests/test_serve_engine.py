@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from lmctl.serve.engine import Engine, EngineStoppedError, QueueFullError, SamplingParams
+from serve_support import log_records
 
 TEXTS = ["hello", "the quick brown fox jumps over the lazy dog", "a b", "data science is fun and useful",
          "lorem ipsum dolor sit amet, consectetur adipiscing elit", "x"]
@@ -233,6 +234,36 @@ def test_cancel_running_and_waiting_jobs(base: tuple[Any, Any]) -> None:
     assert result.finish_reason == "cancelled"
     assert 3 <= len(result.token_ids) < 240 and result.token_ids == seen
     eng.stop()
+
+
+def test_no_forward_runs_once_the_last_row_is_cancelled(base: tuple[Any, Any]) -> None:
+    """A stop string ends a request by cancelling its job between two steps. When that was the
+    only row, the next step has nothing to run: it used to run a forward over zero rows, which
+    failed and logged "decode step failed" with a traceback."""
+    import time
+
+    model, tok = base
+    eng = Engine(model, tok, max_batch_size=1)
+    eng.start()
+    with log_records("lmctl") as records:
+        try:
+            job = eng.submit(prompts(tok)[0], SamplingParams(max_tokens=240, temperature=0))
+            while job.first_token is None:
+                time.sleep(0.001)
+            with eng._cv:  # the worker ends the step it is in and waits here, between two steps
+                passes = -1
+                while passes != eng.forward_passes:  # settled: no step starts while the lock is held
+                    passes = eng.forward_passes
+                    time.sleep(0.2)
+                assert not job.done
+                job.cancel()
+            result = job.wait(10)
+            time.sleep(0.2)  # the worker's next turn, where the empty step used to run
+        finally:
+            eng.stop()
+    assert result.finish_reason == "cancelled" and len(result.token_ids) >= 1
+    assert eng.forward_passes == passes and eng.running == 0
+    assert [r.getMessage() for r in records] == []
 
 
 def test_queue_full_and_stopped_engine_refuse_new_jobs(base: tuple[Any, Any]) -> None:

@@ -32,6 +32,13 @@ MAX_BATCH = 4
 @dataclass
 class Server:
     url: str
+    log: Path  # the server's stdout and stderr
+
+    def assert_clean_log(self) -> None:
+        """Nothing so far crashed inside the server, even where the client got a proper answer."""
+        text = self.log.read_text()
+        for sign in ("Traceback", "Exception in ASGI application", "decode step failed", "failed:"):
+            assert sign not in text, text[-3000:]
 
     def client(self, key: str = KEY, **kwargs: object) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=600, **kwargs)  # type: ignore[arg-type]
@@ -55,7 +62,7 @@ def server(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_until_up(proc, f"{url}/readyz", log, timeout=180)
-    yield Server(url)
+    yield Server(url, log)
     proc.terminate()
     try:
         code = proc.wait(timeout=180)  # draining finishes in-flight requests first
@@ -204,8 +211,11 @@ def test_metrics_parse_and_count_what_was_sent(server: Server) -> None:
     def delta(name: str, **labels: str) -> float:
         return _value(after, name, **labels) - _value(before, name, **labels)
 
-    assert delta("lmctl_requests_total", status="200") == 4
-    assert delta("lmctl_requests_total", status="401") == 1 and delta("lmctl_request_errors_total", status="401") == 1
+    assert delta("lmctl_requests_total", endpoint="completions", status="200") == 3
+    assert delta("lmctl_requests_total", endpoint="chat.completions", status="200") == 1
+    assert delta("lmctl_requests_total", endpoint="metrics", status="200") == 1  # the scrape before
+    assert delta("lmctl_requests_total", endpoint="completions", status="401") == 1
+    assert delta("lmctl_request_errors_total", endpoint="completions", status="401") == 1
     assert delta("lmctl_request_latency_seconds_count", endpoint="completions") == 4  # 3 served + 1 refused
     assert delta("lmctl_request_latency_seconds_count", endpoint="chat.completions") == 1
     assert delta("lmctl_tokens_in_total") == sum(u.prompt_tokens for u in usages if u)
@@ -230,3 +240,82 @@ def test_metrics_parse_and_count_what_was_sent(server: Server) -> None:
             counts = [v for _, v in sorted(buckets)]
             assert counts == sorted(counts), (family, rest)
             assert sorted(buckets)[-1][0] == float("inf") and counts[-1] == after[f"{family}_count"][rest]
+
+
+def test_a_stop_string_ends_the_only_request_cleanly(server: Server) -> None:
+    client = server.client()
+    full = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=24, temperature=0).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert stop.strip(), full  # the greedy text must have a middle to stop at
+    for _ in range(3):  # alone on the server, so its row is the batch's last when the stop string cancels it
+        cut = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=24, temperature=0, stop=stop)
+        assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+        streamed = list(client.completions.create(model=MODEL, prompt="Once upon", max_tokens=24, temperature=0,
+                                                  stop=stop, stream=True))
+        assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+    server.assert_clean_log()
+
+
+def _assert_openai_error(response: httpx.Response, status: int, kind: str) -> dict[str, object]:
+    """The body is OpenAI's error object, as the SDK reads it."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert list(body) == ["error"] and {"message", "type", "code"} <= set(body["error"]), body
+    assert body["error"]["type"] == kind and body["error"]["message"], body
+    assert response.headers["x-request-id"]
+    return body["error"]  # type: ignore[no-any-return]
+
+
+def test_lone_surrogates_are_the_same_422_on_both_endpoints(server: Server) -> None:
+    # valid JSON ("\udfff" is a legal escape) but no Unicode text; no JSON encoder the SDK uses can
+    # even produce it, so the bytes go raw
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    chat = b'{"messages": [{"role": "user", "content": "hi \\udfff"}], "max_tokens": 2}'
+    completion = b'{"prompt": "\\udfff", "max_tokens": 2}'
+    errors = [_assert_openai_error(httpx.post(f"{server.url}/v1/{path}", content=body, headers=headers, timeout=60),
+                                   422, "invalid_request_error")
+              for path, body in (("chat/completions", chat), ("completions", completion))]
+    assert "messages.0.content" in str(errors[0]["message"]) and "prompt" in str(errors[1]["message"])
+    assert all("lone surrogate" in str(e["message"]) for e in errors)
+    server.assert_clean_log()
+
+
+def test_routing_and_body_errors_use_the_openai_error_shape(server: Server) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    not_utf8 = httpx.post(f"{server.url}/v1/completions", content=b'{"prompt": "\xff\xfe"}', headers=headers)
+    _assert_openai_error(not_utf8, 400, "invalid_request_error")
+    _assert_openai_error(httpx.post(f"{server.url}/v1/no-such-route", json={}, headers=headers), 404, "not_found_error")
+    wrong_method = httpx.get(f"{server.url}/v1/completions", headers=headers)
+    _assert_openai_error(wrong_method, 405, "invalid_request_error")
+    assert wrong_method.headers["allow"] == "POST"
+    with pytest.raises(openai.NotFoundError) as unknown:  # the SDK reads the message out of the error object
+        server.client().get("/no-such-route", cast_to=httpx.Response)
+    assert unknown.value.message.startswith("Error code: 404") and unknown.value.body == {
+        "message": "Not Found", "type": "not_found_error", "code": None}
+
+
+def test_every_response_is_counted_by_endpoint_and_status(server: Server) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    before = _scrape(server)
+    sent = [httpx.post(f"{server.url}/v1/completions", content=b'{"prompt": "\xff"}', headers=headers),
+            httpx.post(f"{server.url}/v1/chat/completions", headers=headers,
+                       content=b'{"messages": [{"role": "user", "content": "\\udfff"}]}'),
+            httpx.post(f"{server.url}/v1/completions", json={"prompt": "x" * 5000}, headers=headers),
+            httpx.get(f"{server.url}/v1/completions", headers=headers),
+            httpx.get(f"{server.url}/healthz"), httpx.get(f"{server.url}/readyz"),
+            *[httpx.get(f"{server.url}/no/such/{i}") for i in range(3)]]
+    after = _scrape(server)
+    assert [r.status_code for r in sent] == [400, 422, 413, 405, 200, 200, 404, 404, 404]
+
+    def delta(name: str, **labels: str) -> float:
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    for endpoint, status in (("completions", "400"), ("chat.completions", "422"), ("completions", "413"),
+                             ("completions", "405"), ("healthz", "200"), ("readyz", "200"), ("metrics", "200")):
+        assert delta("lmctl_requests_total", endpoint=endpoint, status=status) == 1, (endpoint, status)
+    # unknown paths share one label, so no client can grow the metrics without bound
+    assert delta("lmctl_requests_total", endpoint="other", status="404") == 3
+    assert delta("lmctl_request_errors_total", endpoint="other", status="404") == 3
+    assert {dict(k)["endpoint"] for k in after["lmctl_requests_total"]} <= {
+        "completions", "chat.completions", "models", "healthz", "readyz", "metrics", "other"}
+    assert delta("lmctl_request_latency_seconds_count", endpoint="completions") == 3

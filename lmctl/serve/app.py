@@ -12,33 +12,41 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmctl.serve.handlers import Context, Generation, GenerationTimeout, prepare
+from lmctl.serve.metrics import Exchange
 from lmctl.serve.schemas import ChatRequest, CompletionRequest, error_body
 
 log = logging.getLogger("lmctl.serve")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
-_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions", "/v1/models": "models"}
+# OpenAI's error types; any other 4xx is an invalid_request_error, any other 5xx a server_error
+_KINDS = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable",
+          504: "timeout"}
+# the metrics' endpoint label of each route; every other path counts as "other"
+_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions", "/v1/models": "models",
+              "/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics"}
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
 
 class RequestEnvelope:
-    """Pure ASGI middleware: a request id on every response (the client's X-Request-Id when it is
-    sane, else a new one) and the body size limit, enforced on the bytes actually received so a
-    chunked upload without Content-Length cannot get around it."""
+    """Pure ASGI middleware around every request: a request id on every response (the client's
+    X-Request-Id when it is sane, else a new one), the body size limit, enforced on the bytes
+    actually received so a chunked upload without Content-Length cannot get around it, and the
+    one place every response is counted (lmctl.serve.metrics). An exception no handler took
+    becomes a 500 in OpenAI's error shape here: Starlette's outermost middleware would answer
+    one too, but then re-raises it to uvicorn, which logs an ASGI crash with a traceback."""
 
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
-        self.app, self.max_body = app, max_body_bytes
+    def __init__(self, app: Any, max_body_bytes: int, ctx: Context) -> None:
+        self.app, self.max_body, self.ctx = app, max_body_bytes, ctx
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
                        send: Callable[[Message], Awaitable[None]]) -> None:
@@ -46,17 +54,36 @@ class RequestEnvelope:
             return await self.app(scope, receive, send)
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         given = headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID.match(given) else f"req-{uuid.uuid4().hex}"
-        scope.setdefault("state", {})["request_id"] = request_id
+        exchange = Exchange(given if _REQUEST_ID.match(given) else f"req-{uuid.uuid4().hex}", time.perf_counter())
+        scope.setdefault("state", {})["exchange"] = exchange
 
-        async def send_with_id(message: Message) -> None:
+        async def send_noted(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+                exchange.sent = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", exchange.request_id.encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                exchange.complete = True
             await send(message)
 
+        try:
+            await self._within_limit(scope, receive, send_noted, headers.get("content-length", ""))
+        except Exception as exc:
+            # one line, never the request body: it may hold personal data
+            log.error("request %s failed: %s: %s", exchange.request_id, type(exc).__name__, exc)
+            exchange.ended = 500
+            if exchange.sent is None:  # else the client sees the response cut short
+                await _error_response(500, "internal error")(scope, receive, send_noted)
+        finally:
+            slot = exchange.slot or self.ctx.router.primary
+            self.ctx.metrics.finished(slot.model_name, slot.version, _ENDPOINTS.get(scope["path"], "other"),
+                                      exchange.status, time.perf_counter() - exchange.started)
+
+    async def _within_limit(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                            send: Callable[[Message], Awaitable[None]], declared: str) -> None:
+        """The app, with the request body read up to the limit first (413 past it)."""
         if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send_with_id)
-        declared = headers.get("content-length", "")
+            return await self.app(scope, receive, send)
         body = b"" if not declared.isdigit() or int(declared) <= self.max_body else None
         more = body is not None
         while more:
@@ -64,9 +91,7 @@ class RequestEnvelope:
             body += message.get("body", b"")  # type: ignore[operator]
             more = message.get("more_body", False) and len(body) <= self.max_body  # type: ignore[arg-type]
         if body is None or len(body) > self.max_body:
-            response = JSONResponse(error_body(f"request body exceeds {self.max_body} bytes", "invalid_request_error"),
-                                    status_code=413)
-            return await response(scope, receive, send_with_id)
+            return await _error_response(413, f"request body exceeds {self.max_body} bytes")(scope, receive, send)
         replayed = False
 
         async def replay() -> Message:
@@ -76,43 +101,31 @@ class RequestEnvelope:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send_with_id)
+        await self.app(scope, replay, send)
 
 
-def _error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, _KINDS.get(status, "server_error")), status_code=status, headers=headers)
+def _error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    kind = _KINDS.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse(error_body(message, kind), status_code=status, headers=headers)
 
 
-def _install_error_handlers(app: FastAPI, ctx: Context) -> None:
-    def count(request: Request, status: int) -> None:
-        # refusals before a version was picked (auth, validation, limits) count against the primary;
-        # 429s are counted where the queue that refused them is known (handlers.prepare)
-        # (only known routes: a label per arbitrary path would let any client grow the metrics without bound)
-        endpoint = _ENDPOINTS.get(request.url.path)
-        if endpoint is not None and status != 429:
-            primary = ctx.router.primary
-            ctx.metrics.finished(primary.model_name, primary.version, endpoint, status, 0.0)
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error body in OpenAI's shape. Starlette's HTTPException (FastAPI's is a subclass) is
+    what routing raises for an unknown path (404), a wrong method (405) and a body that does not
+    parse (400), so the handler is registered for it, not for FastAPI's alone."""
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        count(request, exc.status_code)
-        return _error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error_response(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        count(request, 422)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
         return _error_response(422, problems or "invalid request")
 
     @app.exception_handler(GenerationTimeout)
     async def timeout(_request: Request, _exc: GenerationTimeout) -> JSONResponse:
         return _error_response(504, "generation timed out")
-
-    @app.exception_handler(Exception)
-    async def crash(request: Request, exc: Exception) -> JSONResponse:
-        # never the request body: it may hold personal data
-        log.error("request %s failed: %s: %s", request.state.request_id, type(exc).__name__, exc)
-        return _error_response(500, "internal error while generating")
 
 
 def _key_checker(api_keys: list[str]) -> Callable[[Request], None]:
@@ -187,8 +200,8 @@ def create_app(ctx: Context, api_keys: list[str], follower: Any = None) -> FastA
             slot.engine.stop(drain=True, timeout=ctx.settings.request_timeout_s)
 
     app = FastAPI(title="lmctl", version="1", lifespan=lifespan)
-    app.add_middleware(RequestEnvelope, max_body_bytes=ctx.settings.max_body_bytes)
-    _install_error_handlers(app, ctx)
+    app.add_middleware(RequestEnvelope, max_body_bytes=ctx.settings.max_body_bytes, ctx=ctx)
+    _install_error_handlers(app)
     auth = [Depends(_key_checker(api_keys))]
 
     @app.get("/healthz")
@@ -218,8 +231,9 @@ def create_app(ctx: Context, api_keys: list[str], follower: Any = None) -> FastA
                                             "versions": [s.describe() for s in slots]}]}
 
     async def run(request: Request, body: CompletionRequest | ChatRequest, endpoint: str) -> Response:
-        rid = request.state.request_id
-        prep = prepare(ctx, body, endpoint, rid, request.headers.get("x-client-id"))
+        exchange: Exchange = request.state.exchange
+        rid = exchange.request_id
+        prep = prepare(ctx, body, endpoint, exchange, request.headers.get("x-client-id"))
         gen, chat = Generation(ctx, prep), endpoint == "chat.completions"
         headers = {"X-Model-Version": prep.slot.version}
         if body.stream:

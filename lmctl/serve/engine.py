@@ -270,7 +270,8 @@ class Engine:
         from lmctl.serve.ragged import RAGGED_KWARG, RaggedStep, decode_mask
 
         self._seed(newcomers)
-        batch = self._without_dropped(batch)
+        if (batch := self._without_dropped(batch)) is None and not newcomers:
+            return None  # the last row was cancelled (a stop string ended it): a forward needs rows
         running = batch.jobs if batch else []
         self._active = [*running, *newcomers]
         drafts = self._drafts(running)
@@ -332,8 +333,7 @@ class Engine:
     def _decode(self, batch: Batch) -> Batch | None:
         import torch
 
-        batch = self._without_dropped(batch)
-        if batch is None:
+        if (batch := self._without_dropped(batch)) is None:
             return None
         ones = torch.ones((len(batch.jobs), 1), dtype=batch.mask.dtype, device=batch.mask.device)
         batch.mask = torch.cat([batch.mask, ones], dim=-1)

@@ -3,8 +3,9 @@
 `prepare` does everything that can refuse a request (unknown model, too long a prompt, a
 full queue) before any response byte is sent, so those failures get proper status codes even
 for streaming requests. `Generation` then turns the engine's tokens into text deltas under a
-deadline and, whatever happens, records metrics, the canary window and the privacy-safe
-sample exactly once.
+deadline and, whatever happens, records its token metrics, the canary window and the
+privacy-safe sample exactly once. Both note on the request's `Exchange` what the middleware that
+counts every response cannot see (which version took it, how a stream ended).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from fastapi import HTTPException
 
 from lmctl.serve.canary import Router
-from lmctl.serve.metrics import ServeMetrics
+from lmctl.serve.metrics import Exchange, ServeMetrics
 from lmctl.serve.sampling import SampleLog
 from lmctl.serve.schemas import ChatRequest, CompletionRequest
 from lmctl.serve.settings import ServeSettings
@@ -40,14 +41,13 @@ class Context:
 
 @dataclass
 class Prepared:
-    request_id: str
+    exchange: Exchange
     endpoint: str
     slot: Slot
     job: Any
     prompt: str
     messages: list[dict[str, str]] | None
     stops: list[str] | None
-    started: float
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,17 +75,16 @@ def _check_limits(ctx: Context, slot: Slot, n_prompt: int, max_tokens: int) -> N
                                  f"of {slot.context_length} tokens")
 
 
-def prepare(ctx: Context, body: CompletionRequest | ChatRequest, endpoint: str, request_id: str,
+def prepare(ctx: Context, body: CompletionRequest | ChatRequest, endpoint: str, exchange: Exchange,
             sticky_key: str | None) -> Prepared:
     """Validate, route and enqueue; raise HTTPException (4xx/503) for anything that refuses the request."""
     from lmctl.serve.engine import EngineStoppedError, QueueFullError, SamplingParams
 
-    started = time.perf_counter()
     names = {slot.model_name for slot in ctx.router.slots()}
     if body.model is not None and body.model not in names:
         raise HTTPException(404, f"model {body.model!r} is not served here (serving {sorted(names)})")
     for _attempt in range(2):  # a hot reload may retire the picked version between pick and submit
-        slot = ctx.router.pick(sticky_key or body.user)
+        slot = exchange.slot = ctx.router.pick(sticky_key or body.user)
         prompt, ids, messages = _render(slot, body)
         _check_limits(ctx, slot, len(ids), body.token_limit)
         params = SamplingParams(max_tokens=body.token_limit, temperature=body.temperature, top_p=body.top_p,
@@ -93,7 +92,6 @@ def prepare(ctx: Context, body: CompletionRequest | ChatRequest, endpoint: str, 
         try:
             job = slot.engine.submit(ids, params)
         except QueueFullError:
-            ctx.metrics.finished(slot.model_name, slot.version, endpoint, 429, time.perf_counter() - started)
             raise HTTPException(429, "server busy: request queue is full; retry later",
                                 headers={"Retry-After": "1"}) from None
         except EngineStoppedError:
@@ -102,7 +100,7 @@ def prepare(ctx: Context, body: CompletionRequest | ChatRequest, endpoint: str, 
             raise HTTPException(400, str(exc)) from None
         ctx.metrics.in_flight.labels(slot.model_name, slot.version).inc()
         ctx.metrics.tokens_in.labels(slot.model_name, slot.version).inc(len(ids))
-        return Prepared(request_id, endpoint, slot, job, prompt, messages, body.stop, started)
+        return Prepared(exchange, endpoint, slot, job, prompt, messages, body.stop)
     raise HTTPException(503, "model is being replaced; retry")
 
 
@@ -156,26 +154,26 @@ class Generation:
             self.close()
 
     def _count_token(self) -> None:
-        slot = self.prep.slot
+        slot, started = self.prep.slot, self.prep.exchange.started
         if self.completion_tokens == 0:
-            self.ctx.metrics.ttft.labels(slot.model_name, slot.version).observe(time.perf_counter() - self.prep.started)
+            self.ctx.metrics.ttft.labels(slot.model_name, slot.version).observe(time.perf_counter() - started)
         self.completion_tokens += 1
         self.ctx.metrics.tokens_out.labels(slot.model_name, slot.version).inc()
 
     def close(self) -> None:
-        """Metrics, canary window and sample log, exactly once per request."""
+        """Token metrics, canary window and sample log, exactly once per request."""
         if self._done:
             return
         self._done = True
-        ctx, prep, slot = self.ctx, self.prep, self.prep.slot
-        seconds = time.perf_counter() - prep.started
+        ctx, prep, slot, exchange = self.ctx, self.prep, self.prep.slot, self.prep.exchange
+        seconds = time.perf_counter() - exchange.started
+        exchange.ended = self.status
         ctx.metrics.in_flight.labels(slot.model_name, slot.version).dec()
-        ctx.metrics.finished(slot.model_name, slot.version, prep.endpoint, self.status, seconds)
         ctx.router.record(slot, ok=self.status < 500, latency_s=seconds)
         log = ctx.sample_log
         if log is not None and log.wants():
-            log.write(request_id=prep.request_id, model=slot.model_name, version=slot.version, endpoint=prep.endpoint,
-                      prompt=prep.prompt, messages=prep.messages, completion=self.stream.text,
+            log.write(request_id=exchange.request_id, model=slot.model_name, version=slot.version,
+                      endpoint=prep.endpoint, prompt=prep.prompt, messages=prep.messages, completion=self.stream.text,
                       prompt_tokens=prep.job.prompt_tokens, completion_tokens=self.completion_tokens,
                       status=self.status, latency_ms=seconds * 1000)
 

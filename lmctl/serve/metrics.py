@@ -2,19 +2,48 @@
 
 A private CollectorRegistry per app (not the process-global one) so two apps in one
 process, as in tests, never collide. Queue depth and running batch size are read from the
-engines at scrape time by a custom collector, so they can never go stale.
+engines at scrape time by a custom collector, so they can never go stale. Requests are counted
+in one place, the middleware around every request (app.RequestEnvelope), which sees every
+response (413s it sends itself, 404s for unknown routes, 500s); an `Exchange` carries what the
+handlers know and it does not: which version took the request, how a stream ended after its 200.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+if TYPE_CHECKING:
+    from lmctl.serve.slots import Slot
+
 # Buckets span a tiny test model's milliseconds up to a big model's minute-long completion.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass
+class Exchange:
+    """One HTTP request and its response, as the metrics count it."""
+
+    request_id: str
+    started: float  # time.perf_counter() at arrival
+    slot: Slot | None = None  # the version that took (or refused at its limits) the request, once picked
+    sent: int | None = None  # the status line sent
+    complete: bool = False  # the last body byte went out
+    ended: int | None = None  # how the generation ended: after a stream's 200, a timeout (504) or a failure (500)
+
+    @property
+    def status(self) -> int:
+        """The status the request counts as: the one sent, except a 200 whose stream then failed
+        (how it ended) or that never finished (499, nginx's "client closed request")."""
+        if self.sent is None:  # nothing was sent: the app broke before it could answer
+            return 500
+        if self.sent == 200 and self.ended not in (None, 200):
+            return self.ended
+        return self.sent if self.complete else 499
 
 
 class _EngineCollector:
@@ -51,9 +80,12 @@ class ServeMetrics:
                               labels, buckets=LATENCY_BUCKETS, registry=r)
         self.tokens_in = Counter("lmctl_tokens_in", "Prompt tokens received.", labels, registry=r)
         self.tokens_out = Counter("lmctl_tokens_out", "Completion tokens generated.", labels, registry=r)
-        self.requests = Counter("lmctl_requests", "Finished requests by HTTP status.", labels + ["status"], registry=r)
-        self.errors = Counter("lmctl_request_errors", "Failed requests (4xx/5xx) by HTTP status.",
-                              labels + ["status"], registry=r)
+        # endpoint: a route's name, or "other" for any unknown path (bounded: a label per path
+        # would let any client grow the metrics without bound)
+        self.requests = Counter("lmctl_requests", "Responses sent, by endpoint and HTTP status.",
+                                labels + ["endpoint", "status"], registry=r)
+        self.errors = Counter("lmctl_request_errors", "Failed requests (4xx/5xx), by endpoint and HTTP status.",
+                              labels + ["endpoint", "status"], registry=r)
         self.in_flight = Gauge("lmctl_requests_in_flight", "Requests being handled.", labels, registry=r)
         self.canary_rollbacks = Counter("lmctl_canary_rollbacks", "Automatic canary rollbacks.", labels, registry=r)
         # version: the version the alias moved to (swapped in, or refused and never served)
@@ -62,7 +94,7 @@ class ServeMetrics:
         r.register(_EngineCollector(slots))  # type: ignore[arg-type]
 
     def finished(self, model: str, version: str, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(model, version, str(status)).inc()
+        self.requests.labels(model, version, endpoint, str(status)).inc()
         if status >= 400:
-            self.errors.labels(model, version, str(status)).inc()
+            self.errors.labels(model, version, endpoint, str(status)).inc()
         self.latency.labels(model, version, endpoint).observe(seconds)

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+
+def _unicode(value: Any) -> Any:
+    """JSON may escape a lone UTF-16 surrogate ("\\udfff"): valid JSON, but no Unicode text, and
+    the tokenizer fails on it. Refused here for every text field, so both endpoints answer it
+    with the same 422 (before the field's own checks, so the message is always this one)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"not valid Unicode text: a lone surrogate {value[exc.start]!r} at "
+                             f"character {exc.start}") from None
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_unicode)]
 
 
 class _Sampling(BaseModel):
@@ -12,15 +28,15 @@ class _Sampling(BaseModel):
     # ignored: a client that relies on one should learn it has no effect here.
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="Must name a served model when given.")
+    model: Text | None = Field(None, description="Must name a served model when given.")
     max_tokens: int = Field(16, ge=1, description="Tokens to generate at most (capped by the server).")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, bool] | None = Field(None, description="{include_usage: true} adds a usage chunk at the end of a stream.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the completion.")
-    user: str | None = Field(None, max_length=256, description="End-user id; also the sticky key for canary routing.")
+    stop: Text | list[Text] | None = Field(None, description="Up to 4 strings that end the completion.")
+    user: Text | None = Field(None, max_length=256, description="End-user id; also the sticky key for canary routing.")
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
 
     @property
@@ -38,15 +54,15 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str = Field(..., min_length=1)
+    prompt: Text = Field(..., min_length=1)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
+    content: Text
+    name: Text | None = None
 
 
 class ChatRequest(_Sampling):
