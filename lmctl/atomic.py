@@ -10,6 +10,7 @@ a process SIGKILLs itself at a named point and the next run must recover.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -79,8 +80,11 @@ def require_empty_output(out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
-    """A hidden sibling directory that becomes `final` only if the block succeeds."""
+def staging_dir(final: Path, keep_existing: bool = False) -> Iterator[Path]:
+    """A hidden sibling directory that becomes `final` only if the block succeeds; its files
+    are fsynced before the rename. An existing `final` is replaced, or with `keep_existing`
+    kept and ours dropped: for content named by its key (a cache entry), where whoever
+    renamed first built the same thing."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
     try:
@@ -89,10 +93,21 @@ def staging_dir(final: Path) -> Iterator[Path]:
             if path.is_file():
                 with path.open("rb") as fh:
                     os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        _rename_dir(tmp, final, keep_existing)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rename_dir(tmp: Path, final: Path, keep_existing: bool) -> None:
+    if final.exists() and not keep_existing:
+        shutil.rmtree(final)
+    try:
+        os.replace(tmp, final)
+    except OSError as exc:
+        # Renaming a directory onto a non-empty one fails (ENOTEMPTY, or EEXIST on some
+        # systems): with keep_existing that is the other process's finished `final`.
+        if not keep_existing or exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        return
+    _fsync_dir(final.parent)

@@ -47,6 +47,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from http_wait import wait_for_http  # noqa: E402
 from lmctl.serve.engine import Engine, SamplingParams  # noqa: E402
 
 Generate = Callable[[list[int]], list[int]]
@@ -160,22 +161,6 @@ def _start_server(kind: str, path: str, port: int, threads: int, log: Path) -> A
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def _wait_ready(url: str, proc: Any, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server for {url} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"server {url} not ready after {timeout} s")
-
-
 def http_client(url: str, model: str, max_tokens: int) -> Callable[[str], Any]:
     import httpx
 
@@ -213,7 +198,8 @@ def compare_servers(args: argparse.Namespace, levels: list[int]) -> int:
         clients[name] = http_client(f"http://127.0.0.1:{port}", model_id, args.max_tokens)
     try:
         for i, name in enumerate(names):
-            _wait_ready(f"http://127.0.0.1:{18700 + i}" + ("/readyz" if name == "lmctl" else "/health"), servers[name])
+            wait_for_http(f"http://127.0.0.1:{18700 + i}" + ("/readyz" if name == "lmctl" else "/health"),
+                          timeout=600, proc=servers[name], log=tmp / f"{name}.log")
         return _run_peers(args, levels, totals, texts, tok, model, clients)
     finally:
         for proc in servers.values():

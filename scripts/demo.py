@@ -23,6 +23,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from demo_corpus import split_topics, write_jsonl  # noqa: E402
+from http_wait import wait_for_http  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "demo.yaml"
@@ -80,15 +81,7 @@ def serve_one_completion(ref: str, prompt: str) -> str:
     server = subprocess.Popen([sys.executable, "-m", "lmctl", "serve", ref, "--port", str(port)])
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise SystemExit(f"server exited with {server.returncode}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_for_http(f"{url}/healthz", timeout=180, proc=server)  # its log is the demo's own stderr
         body = {"prompt": prompt, "max_tokens": 40, "temperature": 0}
         response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
         response.raise_for_status()

@@ -27,6 +27,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from http_wait import wait_for_http
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -41,20 +43,6 @@ def _start(model: str, port: int, args: argparse.Namespace) -> subprocess.Popen[
     cmd = [sys.executable, "-m", "lmctl", "serve", model, "--port", str(port), "--max-batch-size", str(args.batch),
            "--max-queue", str(args.queue), "--request-timeout", "60"]
     return subprocess.Popen(cmd, stderr=subprocess.DEVNULL, env={**os.environ, "LMCTL_API_KEYS": ""})
-
-
-def _wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"server exited with {server.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("server did not become ready")
 
 
 def _request(rng: random.Random) -> tuple[str, dict[str, object]]:
@@ -128,7 +116,7 @@ def main() -> int:
         url = f"http://127.0.0.1:{args.port}"
         server = _start(model, args.port, args)
         try:
-            _wait_ready(url, server)
+            wait_for_http(f"{url}/readyz", timeout=300, proc=server)
             warm = psutil.Process(server.pid).memory_info().rss / 2**20
             rss: list[float] = []
             results, elapsed = asyncio.run(_load(url, args.requests, args.clients, rss, server.pid))

@@ -26,8 +26,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from http_wait import ServerNotUp, wait_for_http
 
 PG_USER_FALLBACK = "lmctl-pg"
 DB_NAME = "mlflow"
@@ -105,21 +106,6 @@ def _start_postgres(root: Path, bindir: Path) -> tuple[int, str]:
     return port, password
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise TeamServerError(f"mlflow server exited {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TeamServerError(f"mlflow server not healthy after {START_TIMEOUT_S:.0f}s: {log.read_text()[-2000:]}")
-
-
 def start(root: Path, workers: int = 2) -> dict[str, object]:
     """Start PostgreSQL and the MLflow server under an empty or new DIR; returns (and saves) their coordinates."""
     bindir = pg_bindir()
@@ -157,7 +143,7 @@ def _start_both(root: Path, bindir: Path, info: dict[str, object], workers: int)
         )
     info.update(mlflow_pid=proc.pid, port=port, tracking_uri=f"http://127.0.0.1:{port}")
     _save(root, info)
-    _wait_healthy(str(info["tracking_uri"]), proc, log)
+    wait_for_http(f"{info['tracking_uri']}/health", START_TIMEOUT_S, proc=proc, log=log)
     return info
 
 
@@ -214,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: info[k] for k in ("tracking_uri", "pg_port", "artifacts")}))
         else:
             stop(args.dir, remove=args.remove)
-    except TeamServerError as exc:
+    except (TeamServerError, ServerNotUp) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -115,24 +115,6 @@ def run_subprocess(*args: str, env: dict[str, str] | None = None, timeout: float
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def wait_until_up(proc: subprocess.Popen, url: str, log: Path, timeout: float = 240) -> None:  # type: ignore[type-arg]
-    """Poll `url` until it answers 200; fail with the server's log if it exits or never comes up."""
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"server exited: {log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"{url} did not come up: {log.read_text()[-3000:]}"
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-
-
 def trainer_losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss, from the Trainer state of the run's newest Trainer checkpoint."""
     newest = max((run_dir / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))

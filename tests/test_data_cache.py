@@ -102,6 +102,23 @@ def test_a_warm_hit_reads_no_bytes_and_a_same_size_rewrite_still_misses(  # type
     assert changed.fingerprint.sha256 == data.fingerprint(train, "text", 48, "text").sha256
 
 
+def test_an_entry_is_fsynced_before_it_is_renamed_into_place(  # type: ignore[no-untyped-def]
+        tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after the rename must not leave an entry whose bytes were never on disk."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    built = tokenized(ASSETS / "tiny_train.jsonl", "text", "auto", tok, 64)
+    staged = {Path(p).name for p in synced if Path(p).parent.name.startswith(f".tmp-{built.path.name}-")}
+    assert {*built.entry.files, "entry.json"} <= staged  # synced while still in the staging directory
+    assert synced[-1] == str(root())  # then the rename itself, in the cache directory
+
+
 def test_sharded_input_is_read_and_fingerprinted_in_sorted_order(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     lines = (ASSETS / "tiny_train.jsonl").read_text().splitlines(keepends=True)
     shards = tmp_path / "shards"

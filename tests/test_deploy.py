@@ -21,7 +21,8 @@ import httpx
 import pytest
 import yaml
 
-from conftest import ASSETS, free_port, wait_until_up
+from conftest import ASSETS, free_port
+from http_wait import wait_for_http
 
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -104,7 +105,7 @@ def test_local_bundle_starts_and_answers_healthz(cli, checkpoint: Path, tmp_path
     proc = subprocess.Popen([str(moved / "start.sh")], env=env, cwd=tmp_path, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     started.append(proc)
-    wait_until_up(proc, f"http://127.0.0.1:{port}/healthz", log, timeout=180)
+    wait_for_http(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc, log=log)
     body = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).text
     assert manifest["tokenizer_fingerprint"] in body  # it serves the locked checkpoint, not something else
 

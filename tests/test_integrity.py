@@ -76,6 +76,17 @@ def test_staging_dir_leaves_nothing_on_failure(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("keep_existing", [False, True])
+def test_staging_dir_replaces_or_keeps_an_existing_final(tmp_path: Path, keep_existing: bool) -> None:
+    final = tmp_path / "entry"
+    final.mkdir()
+    (final / "data").write_text("theirs")
+    with atomic.staging_dir(final, keep_existing=keep_existing) as stage:
+        (stage / "data").write_text("ours")
+    assert (final / "data").read_text() == ("theirs" if keep_existing else "ours")
+    assert os.listdir(tmp_path) == ["entry"]
+
+
 def _reseal(ckpt: Path) -> None:
     """Seal the directory again as someone covering their tracks would: every hash and the
     tokenizer lock recomputed, so `checkpoint.verify` passes."""

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from conftest import free_port, wait_until_up
+from conftest import free_port
+from http_wait import wait_for_http
 
 
 def test_full_lifecycle(cli, tiny_config: Path, tmp_path: Path, lmctl_home: Path) -> None:
@@ -63,7 +64,7 @@ def test_full_lifecycle(cli, tiny_config: Path, tmp_path: Path, lmctl_home: Path
                               stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until_up(server, f"{url}/healthz", log, timeout=120)
+        wait_for_http(f"{url}/healthz", timeout=120, proc=server, log=log)
         body = {"prompt": "The model", "max_tokens": 5, "temperature": 0}
         response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert response.status_code == 200, response.text

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, wait_until_up
+from conftest import free_port
+from http_wait import wait_for_http
 
 DESCRIPTION = "Completes sentences in the style of the tiny test corpus."
 
@@ -44,7 +45,7 @@ def mlflow_ui(lmctl_home: Path, tmp_path: Path) -> Iterator[str]:
         proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(proc, f"{url}/health", log)
+        wait_for_http(f"{url}/health", timeout=240, proc=proc, log=log)
         yield url
     finally:
         os.killpg(proc.pid, 15)

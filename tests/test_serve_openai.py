@@ -21,7 +21,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, wait_until_up
+from conftest import free_port
+from http_wait import wait_for_http
 
 KEY = "sdk-test-key-0123456789"
 MODEL = "tiny"
@@ -61,7 +62,7 @@ def server(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    wait_until_up(proc, f"{url}/readyz", log, timeout=180)
+    wait_for_http(f"{url}/readyz", timeout=180, proc=proc, log=log)
     yield Server(url, log)
     proc.terminate()
     try:

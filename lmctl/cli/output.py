@@ -40,6 +40,9 @@ def setup_logging(verbose: bool = False) -> None:
     root.propagate = False
     for name in ("transformers", "mlflow", "alembic", "peft", "datasets", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # datasets' file readers log "Failed to read file ..." just before they raise; lmctl
+    # reports that error itself as one line (lmctl.data.sources), so the log would repeat it.
+    logging.getLogger("datasets.packaged_modules").setLevel(logging.CRITICAL)
 
 
 def _plain(result: BaseModel | dict[str, Any]) -> dict[str, Any]:

@@ -9,9 +9,11 @@ EVAL_SHAPING and no max_length, since windows are cut from the documents when sc
 An entry holds the Arrow files that `Dataset.map(cache_file_name=...)` wrote, plus
 `entry.json` with each file's sha256 and size.
 
-Writes are atomic: the entry is built in a hidden `.tmp-*` sibling, `entry.json` is written
-last and the directory is renamed into place. An entry that fails verification (partial,
-corrupt, edited) is removed and rebuilt, never trusted.
+Writes are atomic (lmctl.atomic.staging_dir): the entry is built in a hidden `.tmp-*`
+sibling, `entry.json` is written last, every file is fsynced and the directory is renamed
+into place; when another process renamed its entry for the same key first, theirs is kept.
+An entry that fails verification (partial, corrupt, edited) is removed and rebuilt, never
+trusted.
 
 Verification is stat-based with a content hash behind it, because re-hashing the data and
 a GB of Arrow on every warm run cost seconds of a dry-run that should take a few. The data's
@@ -37,7 +39,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -46,7 +47,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from lmctl.atomic import write_json_atomic
+from lmctl.atomic import staging_dir, write_json_atomic
 from lmctl.checkpoint import DataFingerprint, FileEntry, sha256_file, sha256_json
 from lmctl.data import (Format, RowNamer, check_rows, check_text_field, detect_format, field_for,
                         fingerprint)
@@ -226,17 +227,13 @@ def _build(entry_dir: Path, key: str, source: Source, data_hex: str, read: Any, 
     digest = read if read is not None else source.bytes_digest()
     if digest.hexdigest() != data_hex:
         raise source.changed()
-    entry_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=entry_dir.parent, prefix=f".tmp-{entry_dir.name}-"))
-    try:
-        with _no_space_is_storage_error(entry_dir.parent):
-            entry = _tokenize_into(stage, key, source, digest, recipe)
-            source.check_unchanged()
-            entry.sealed = _seal(stage, list(entry.files))
-            write_json_atomic(stage / "entry.json", entry.model_dump(mode="json"))
-            _publish(stage, entry_dir)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    # keep_existing: a process that built the same key first keeps its entry
+    with _no_space_is_storage_error(entry_dir.parent), staging_dir(entry_dir, keep_existing=True) as stage:
+        entry = _tokenize_into(stage, key, source, digest, recipe)
+        source.check_unchanged()
+        _drop_scratch(stage)
+        entry.sealed = _seal(stage, list(entry.files))
+        write_json_atomic(stage / "entry.json", entry.model_dump(mode="json"))
 
 
 def _tokenize_into(stage: Path, key: str, source: Source, digest: Any, recipe: _Recipe) -> CacheEntry:
@@ -262,13 +259,11 @@ def _tokenize_into(stage: Path, key: str, source: Source, digest: Any, recipe: _
                       files=files, purpose=recipe.purpose)
 
 
-def _publish(stage: Path, entry_dir: Path) -> None:
-    """Rename the finished stage into place; if another process won the race, keep theirs."""
+def _drop_scratch(stage: Path) -> None:
+    """Remove datasets' own scratch files from the stage: an entry holds only its tokens."""
     for path in stage.iterdir():
-        if path.name.startswith("cache-") or path.is_dir():  # datasets' own scratch files
+        if path.name.startswith("cache-") or path.is_dir():
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
-    with contextlib.suppress(OSError):
-        os.replace(stage, entry_dir)
 
 
 @contextlib.contextmanager
@@ -279,7 +274,7 @@ def _no_space_is_storage_error(where: Path) -> Any:
         if no_space_cause(exc) is None:
             raise
         raise StorageError(f"no space left to write the tokenization cache in {where}; nothing was cached",
-                           hint="free disk space, `lmctl data cache clear`, or set LMCTL_HOME to a larger disk") from None
+                           hint="free disk space, `lmctl data cache clear`, or set LMCTL_HOME to a larger disk") from exc
 
 
 class EntryInfo(BaseModel):

@@ -40,6 +40,12 @@ from lmctl.home import cache_dir
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota exceeded, file size limit
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 SAVED_MARKERS = ("state.json", "dataset_info.json")  # what Dataset.save_to_disk writes next to its shards
+# What load_from_disk raises for a damaged directory (checked on real ones): a missing shard
+# or state.json (FileNotFoundError), a broken state.json or dataset_info.json
+# (JSONDecodeError), features that do not match the shards (ValueError), a state.json without
+# its keys (KeyError), a damaged shard (ArrowInvalid). A TypeError stays a bug: it is also
+# what a wrong argument in lmctl's call raises.
+SAVED_DAMAGE = (OSError, ValueError, KeyError)
 RACY_NS = 2_000_000_000  # a file changed this recently may change again within the same timestamp tick
 
 Stat = tuple[int, int, int, int, int]
@@ -194,8 +200,8 @@ def load(source: Source, cache_dir: Path, num_proc: int | None = None) -> tuple[
     if source.saved:
         try:
             ds = load_from_disk(str(source.spec))
-        except Exception as exc:  # datasets raises many types for a damaged directory
-            raise DataError(f"{source.spec}: cannot be read as a saved dataset: {_first_line(exc)}") from None
+        except SAVED_DAMAGE as exc:
+            raise DataError(f"{source.spec}: cannot be read as a saved dataset: {_first_line(exc)}") from exc
         return _only_split(ds, source.spec), [0]
     parts, offsets = [], []
     builder = source.builder
@@ -206,16 +212,18 @@ def load(source: Source, cache_dir: Path, num_proc: int | None = None) -> tuple[
         try:
             part = load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir),
                                 num_proc=num_proc if num_proc and num_proc > 1 else None, **kwargs)
-        except Exception as exc:  # datasets raises many types for malformed files
-            if no_space_cause(exc) is not None:
-                raise  # not the file's fault: the disk the Arrow conversion goes to is full
-            raise DataError(f"{path}: cannot be read as {builder}: {_first_line(exc)}") from None
+        except Exception as exc:
+            bad = _bad_bytes(exc)
+            if bad is None or no_space_cause(exc) is not None:
+                raise  # not the file's fault: a bug, or the disk the Arrow conversion goes to is full
+            hint = "lmctl reads text as UTF-8; re-encode the file" if isinstance(bad, UnicodeDecodeError) else None
+            raise DataError(f"{path}: cannot be read as {builder}: {_first_line(bad)}", hint=hint) from exc
         offsets.append(sum(len(p) for p in parts))
         parts.append(part)
     try:
         ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
     except ValueError as exc:  # shards whose columns or types differ
-        raise DataError(f"{source.spec}: the shards do not have the same columns: {_first_line(exc)}") from None
+        raise DataError(f"{source.spec}: the shards do not have the same columns: {_first_line(exc)}") from exc
     if ds.num_rows == 0:
         raise DataError(f"{source.spec}: no rows")
     return ds, offsets
@@ -231,6 +239,31 @@ def _only_split(ds: Any, spec: Path) -> Any:
     if ds.num_rows == 0:
         raise DataError(f"{spec}: no rows")
     return ds
+
+
+def _bad_bytes(exc: Exception) -> BaseException | None:
+    """The error in `exc` that says the file's bytes are malformed, or None when `exc` is about
+    something else (a bug in lmctl or datasets, a full disk), which must not read as bad data.
+
+    What broken files raise (each checked against a real broken file, datasets 5.2): before
+    any row is read, pyarrow errors (ArrowInvalid: not Parquet/Arrow, bad footer; OSError
+    without an errno: corrupt Parquet metadata). While rows are read, datasets wraps what
+    its reader raised in DatasetGenerationError: ArrowInvalid (JSON syntax), plain ValueError
+    (pandas' JSON fallback), pandas ParserError/EmptyDataError (CSV), UnicodeDecodeError
+    (not UTF-8), OSError without an errno (truncated Arrow stream, corrupt compressed pages).
+    A ValueError only counts inside that wrapper: outside it, it is how datasets refuses a
+    wrong argument (an unknown split: a bug in lmctl's call, not in the data).
+    """
+    from datasets.exceptions import DatasetGenerationError
+    from pyarrow import ArrowException
+
+    reading = isinstance(exc, DatasetGenerationError)
+    cause = exc.__cause__ if reading else exc
+    if isinstance(cause, ArrowException) or (reading and isinstance(cause, ValueError)):
+        return cause
+    if isinstance(cause, OSError) and cause.errno is None:  # pyarrow's I/O status: the bytes, not the disk
+        return cause
+    return None
 
 
 def _first_line(exc: BaseException) -> str:
