@@ -127,7 +127,7 @@ def manifest_doc(source: Source, target: str, target_info: dict[str, Any]) -> di
     }
 
 
-def _make_readable(root: Path) -> None:
+def make_readable(root: Path) -> None:
     """mkdtemp/mkstemp create 0700/0600 entries and checkpoints keep their modes; a bundle is
     read by whatever user serves it (a container user, a vLLM service), and holds no secret."""
     root.chmod(0o755)
@@ -168,10 +168,14 @@ def deploy(ref: str, target: str, out: Path, options: DeployOptions | None = Non
     with atomic.staging_dir(final) as stage:
         rendered = renderer.render(stage)
         atomic.write_json_atomic(stage / "deploy.json", manifest_doc(source, target, rendered.target_info))
-        _make_readable(stage)
+        make_readable(stage)
     for warning in rendered.warnings:
         log.warning("warning: %s", warning)
-    files = sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file())
     return DeployResult(target=target, out=str(final), source=ref, registry_name=source.registry_name,
                         registry_version=source.registry_version, manifest_sha256=source.manifest_sha256,
-                        files=files, commands=rendered.commands, warnings=rendered.warnings)
+                        files=listed_files(final), commands=rendered.commands, warnings=rendered.warnings)
+
+
+def listed_files(root: Path) -> list[str]:
+    """The files under `root`, relative and sorted: what a result's `files` lists."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
