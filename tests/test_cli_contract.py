@@ -103,13 +103,15 @@ def test_eval_serve_deploy_flags_take_default_and_help_from_their_option_models(
     import typer
 
     from lmctl.cli.app import app
-    from lmctl.deploy.options import DeployOptions
+    from lmctl.deploy.options import DeployOptions, TrainJobOptions
     from lmctl.evaluate.options import EvalGates, EvalOptions
     from lmctl.serve.settings import CanaryPolicy, ServeSettings
 
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
-    own = {"eval": {"--data"}, "deploy": {"--target", "--out", "--force"}, "serve": set()}
-    models = {"eval": (EvalOptions, EvalGates), "serve": (ServeSettings, CanaryPolicy), "deploy": (DeployOptions,)}
+    own = {"eval": {"--data"}, "deploy": {"--target", "--out", "--force"}, "serve": set(),
+           "train": {"--set", "--resume", "--dry-run", "--emit", "--out", "--force"}}
+    models = {"eval": (EvalOptions, EvalGates), "serve": (ServeSettings, CanaryPolicy), "deploy": (DeployOptions,),
+              "train": (TrainJobOptions,)}
     for name, classes in models.items():
         fields = {f.description: f for cls in classes for f in cls.model_fields.values()}
         options = [p for p in commands[name].params if p.param_type_name == "option"]

@@ -41,8 +41,8 @@ def manifests(tmp_path_factory: pytest.TempPathFactory, sealed_checkpoint: Path)
     return root / "out"
 
 
-def kubernetes_validate(*files: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", K8S_VERSION, *map(str, files)],
+def kubernetes_validate(*files: Path, version: str = K8S_VERSION) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", version, *map(str, files)],
                           capture_output=True, text=True, timeout=120)
 
 

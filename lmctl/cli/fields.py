@@ -41,3 +41,9 @@ def options_from(model: type[M], values: Mapping[str, Any], flags: Mapping[str, 
             message = str(error["msg"]).removeprefix("Value error, ")
             problems.append(f"{flag}: {message}" if flag else message)
         raise BadInputError("; ".join(problems)) from None
+
+
+def changed_flags(options: BaseModel) -> list[str]:
+    """The flags of `options` whose value is not the default: what a user gave on the command line."""
+    return [f"--{name}".replace("_", "-") for name, info in type(options).model_fields.items()
+            if getattr(options, name) != info.get_default(call_default_factory=True)]

@@ -104,3 +104,8 @@ def require_registry_ref(ref: str, flag: str) -> None:
     if parse_registry_ref(ref) is None:
         raise BadInputError(f"{flag} {ref!r}: pods load models from the registry; give models:/NAME/VERSION or "
                             "models:/NAME@ALIAS", hint="register the checkpoint first (lmctl register)")
+
+
+def listed_files(root: Path) -> list[str]:
+    """The files under `root`, relative and sorted: what a result's `files` lists."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())

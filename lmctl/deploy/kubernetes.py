@@ -60,54 +60,77 @@ def canary_percent(share: float) -> int:
     return percent
 
 
-def _quantity(flag: str, value: str) -> str:
+def _quantity(flag: str, value: str) -> None:
     if not _QUANTITY.match(value):
         raise BadInputError(f"--{flag} {value!r} is not a Kubernetes quantity", hint="e.g. 500m, 2, 4Gi")
-    return value
 
 
-def _labels(app: str, track: str, source: Source) -> dict[str, str]:
-    labels = {"app.kubernetes.io/name": app, "app.kubernetes.io/managed-by": "lmctl", "lmctl.dev/track": track}
-    version = source.registry_version or ""
-    if _LABEL_VALUE.match(version) and version:
-        labels["app.kubernetes.io/version"] = version
-    return labels
+def labels(app: str, track: str, version: str | None = None) -> dict[str, str]:
+    """The labels of every object lmctl renders; `track` is stable/canary for serving, train for a training Job."""
+    out = {"app.kubernetes.io/name": app, "app.kubernetes.io/managed-by": "lmctl", "lmctl.dev/track": track}
+    if version and _LABEL_VALUE.match(version):
+        out["app.kubernetes.io/version"] = version
+    return out
+
+
+def selector(app: str, track: str) -> dict[str, str]:
+    """What a Service (or a Deployment) selects its pods by: the app and its track."""
+    return {"app.kubernetes.io/name": app, "lmctl.dev/track": track}
+
+
+def check_workload(name: str | None, namespace: str, image: str, cpu: str, memory: str) -> None:
+    """The options every rendered workload shares, refused (exit 2) before anything is written."""
+    if name is not None and dns_label(name) != name:
+        raise BadInputError(f"--name {name!r} is not a DNS-1123 label", hint=f"e.g. {dns_label(name)}")
+    if not _DNS1123_LABEL.match(namespace):
+        raise BadInputError(f"--namespace {namespace!r} is not a DNS-1123 label")
+    _quantity("cpu", cpu)
+    _quantity("memory", memory)
+    if not image or any(c.isspace() for c in image):
+        raise BadInputError(f"--image {image!r} is not an image reference")
 
 
 class _NoAliasDumper(yaml.SafeDumper):
-    """Shared dicts (labels, probes) are written out in full, not as YAML anchors/aliases."""
+    """Shared dicts (labels, probes) are written out in full, not as YAML anchors/aliases, and
+    multi-line strings (a ConfigMap's file) as literal blocks a person can read."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+
+def _str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_NoAliasDumper.add_representer(str, _str)
 
 
 def dump(doc: dict[str, Any]) -> str:
     return yaml.dump(doc, Dumper=_NoAliasDumper, sort_keys=False)
 
 
-def _base_warnings(source: Source) -> list[str]:
-    """The pod loads the base model named in the lock; say when that cannot work as is."""
+def base_model_warnings(label: str, base: str, home: str = "LMCTL_HOME") -> list[str]:
+    """The pod loads the base model `base`; say when that cannot work as is (`home`: where the
+    pod's LMCTL_HOME is, which is where a catalog model must have been pulled)."""
     from lmctl.models import CATALOG
 
-    base = source.manifest.base_model.id
     if base in CATALOG:
-        return [f"{source.ref}: base model {base!r} is a catalog model; the image must have it pulled "
-                f"(lmctl models pull {base}) under LMCTL_HOME or the pod cannot load it"]
+        return [f"{label}: base model {base!r} is a catalog model; it must have been pulled "
+                f"(lmctl models pull {base}) under {home} or the pod cannot load it"]
     if base.startswith("/"):
-        return [f"{source.ref}: base model is the local path {base}; the image must provide it at that path"]
+        return [f"{label}: base model is the local path {base}; the image must provide it at that path"]
     return []
+
+
+def _base_warnings(source: Source) -> list[str]:
+    return base_model_warnings(source.ref, source.manifest.base_model.id, "the image's LMCTL_HOME")
 
 
 class Renderer:
     def __init__(self, opts: DeployOptions, final: Path) -> None:
         self.opts, self.final = opts, final
-        if opts.name is not None and dns_label(opts.name) != opts.name:
-            raise BadInputError(f"--name {opts.name!r} is not a DNS-1123 label", hint=f"e.g. {dns_label(opts.name)}")
-        if not _DNS1123_LABEL.match(opts.namespace):
-            raise BadInputError(f"--namespace {opts.namespace!r} is not a DNS-1123 label")
-        self.cpu, self.memory = _quantity("cpu", opts.cpu), _quantity("memory", opts.memory)
-        if not opts.image or any(c.isspace() for c in opts.image):
-            raise BadInputError(f"--image {opts.image!r} is not an image reference")
+        check_workload(opts.name, opts.namespace, opts.image, opts.cpu, opts.memory)
+        self.cpu, self.memory = opts.cpu, opts.memory
         if opts.canary_weight is not None and opts.canary is None:
             raise BadInputError("--canary-weight needs --canary MODEL_REF")
         self.share = 0.1 if opts.canary_weight is None else opts.canary_weight
@@ -165,18 +188,18 @@ class Renderer:
         }
 
     def deployment(self, name: str, track: str, source: Source, replicas: int) -> dict[str, Any]:
-        labels = _labels(self.app, track, source)
-        selector = {"app.kubernetes.io/name": self.app, "lmctl.dev/track": track}
+        pod_labels = labels(self.app, track, source.registry_version)
         annotations = {"lmctl.dev/model-ref": source.ref, "lmctl.dev/manifest-sha256": source.manifest_sha256,
                        "lmctl.dev/resolved-version": source.registry_version or ""}
         return {
             "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "namespace": self.opts.namespace, "labels": labels, "annotations": annotations},
+            "metadata": {"name": name, "namespace": self.opts.namespace, "labels": pod_labels,
+                         "annotations": annotations},
             "spec": {
                 "replicas": replicas,
-                "selector": {"matchLabels": selector},
+                "selector": {"matchLabels": selector(self.app, track)},
                 "template": {
-                    "metadata": {"labels": labels, "annotations": annotations},
+                    "metadata": {"labels": pod_labels, "annotations": annotations},
                     "spec": {"containers": [self.container(source)],
                              "volumes": [{"name": "lmctl-home", "emptyDir": {}}],
                              "terminationGracePeriodSeconds": 30},
@@ -187,8 +210,9 @@ class Renderer:
     def service(self, name: str, track: str, source: Source) -> dict[str, Any]:
         return {
             "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": self.opts.namespace, "labels": _labels(self.app, track, source)},
-            "spec": {"selector": {"app.kubernetes.io/name": self.app, "lmctl.dev/track": track},
+            "metadata": {"name": name, "namespace": self.opts.namespace,
+                         "labels": labels(self.app, track, source.registry_version)},
+            "spec": {"selector": selector(self.app, track),
                      "ports": [{"name": CONTAINER_PORT_NAME, "port": SERVICE_PORT,
                                 "targetPort": CONTAINER_PORT_NAME, "protocol": "TCP"}]},
         }

@@ -1,10 +1,12 @@
-"""`DeployOptions`: what `lmctl deploy` can be told, typed, with the help text its flags show.
+"""What `lmctl deploy` (`DeployOptions`) and `lmctl train --emit kubernetes` (`TrainJobOptions`) can be
+told, typed, with the help text their flags show.
 
-Only pydantic here: the CLI builds `deploy`'s flags from this model at start-up.
+Only pydantic here: the CLI builds those flags from these models at start-up.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -36,3 +38,30 @@ class DeployOptions(BaseModel):
     canary_replicas: int = Field(1, ge=1, description="kubernetes: canary replicas.")
     gateway: str = Field("lmctl-gateway", description="kubernetes: Gateway the HTTPRoute attaches to.")
     tracking_uri: str | None = Field(None, description="kubernetes: MLflow registry URI the pods use.")
+
+
+class TrainJobOptions(BaseModel):
+    """What `--emit kubernetes` renders besides the config; each field is a flag of `lmctl train`."""
+
+    nodes: int = Field(1, ge=1, description="Pods the training runs on (torchrun --nnodes).")
+    gpus_per_node: int = Field(1, ge=0, description="nvidia.com/gpu per pod and torchrun --nproc-per-node "
+                               "(0: one CPU process per pod, gloo).")
+    image: str = Field(f"lmctl:{__version__}", description="Container image with lmctl, torchrun and /bin/sh.")
+    namespace: str = Field("default", description="Kubernetes namespace.")
+    name: str | None = Field(None, description="Job and headless Service name (default: output.run_name).")
+    cpu: str = Field("4", description="CPU request per pod.")
+    memory: str = Field("32Gi", description="Memory request and limit per pod (/dev/shm counts towards it).")
+    data_claim: str = Field("lmctl-data", description="PersistentVolumeClaim holding the data, mounted read-only "
+                            "(ReadOnlyMany or ReadWriteMany when --nodes > 1).")
+    data_mount: str = Field("/data", description="Where the pods mount the data volume.")
+    data_root: Path | None = Field(None, description="Local directory whose contents are on the data volume: config "
+                                   "paths under it map to --data-mount (default: the config file's directory).")
+    output_claim: str = Field("lmctl-runs", description="PersistentVolumeClaim for runs, checkpoints and LMCTL_HOME "
+                              "(ReadWriteMany when --nodes > 1).")
+    output_mount: str = Field("/runs", description="Where the pods mount the output volume (output.dir).")
+    tracking_secret: str = Field("lmctl-tracking", description="Secret holding the MLflow tracking URI.")
+    tracking_secret_key: str = Field("uri", description="Key of the tracking URI in --tracking-secret.")
+    max_restarts: int = Field(3, ge=0, description="torchrun --max-restarts: restarts of all workers after one fails.")
+    backoff_limit: int | None = Field(None, ge=0, description="Pod failures before the Job fails (default 2 x "
+                                      "--nodes: losing pod 0 fails every pod's rendezvous). Evictions and "
+                                      "preemptions do not count.")

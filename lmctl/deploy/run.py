@@ -20,7 +20,8 @@ from pathlib import Path
 
 from lmctl import atomic
 from lmctl.deploy import kubernetes, local, vllm
-from lmctl.deploy.bundle import DeployResult, load_source, make_readable, manifest_doc, require_registry_ref
+from lmctl.deploy.bundle import (DeployResult, listed_files, load_source, make_readable, manifest_doc,
+                                 require_registry_ref)
 from lmctl.deploy.options import TARGETS, DeployOptions
 from lmctl.errors import BadInputError
 
@@ -54,7 +55,6 @@ def deploy(ref: str, target: str, out: Path, options: DeployOptions | None = Non
         make_readable(stage)
     for warning in rendered.warnings:
         log.warning("warning: %s", warning)
-    files = sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file())
     return DeployResult(target=target, out=str(final), source=ref, registry_name=source.registry_name,
                         registry_version=source.registry_version, manifest_sha256=source.manifest_sha256,
-                        files=files, commands=rendered.commands, warnings=rendered.warnings)
+                        files=listed_files(final), commands=rendered.commands, warnings=rendered.warnings)
