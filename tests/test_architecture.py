@@ -47,6 +47,21 @@ def test_layer_contracts_hold() -> None:
     assert "2 kept, 0 broken" in proc.stdout
 
 
+def test_every_module_has_a_layer() -> None:
+    """A module missing from the layers contract would escape it: each top-level module and
+    package of lmctl is named in exactly one layer."""
+    import pkgutil
+    import tomllib
+
+    import lmctl
+
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c["layers"] for c in contracts if c["type"] == "layers")
+    named = [m.strip() for layer in layers for m in layer.replace("|", " ").split()]
+    modules = {f"lmctl.{m.name}" for m in pkgutil.iter_modules(lmctl.__path__)}
+    assert sorted(named) == sorted(modules)
+
+
 def test_no_module_imports_itself_through_others() -> None:
     assert import_cycle() is None
 
