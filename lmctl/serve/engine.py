@@ -33,15 +33,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from lmctl.serve.accept import NonFiniteLogitsError, accept_tokens
 from lmctl.serve.batch import Batch, merge_batches, select_rows, squeeze_columns
 from lmctl.serve.jobs import Completion, EngineStoppedError, Job, QueueFullError, SamplingParams
-from lmctl.serve.next_token import pick_next_tokens
 
 __all__ = ["Completion", "Engine", "EngineStoppedError", "Job", "NonFiniteLogitsError", "QueueFullError", "SamplingParams"]
-
-
-class NonFiniteLogitsError(RuntimeError):
-    """The model's output had NaN or inf for a row: that request fails, the batch goes on."""
 
 
 log = logging.getLogger("lmctl.serve.engine")
@@ -356,58 +352,8 @@ class Engine:
         return job.done
 
     def _advance(self, batch: Batch, logits: Any, drafts: list[list[int]] | None = None) -> Batch | None:
-        """Pick one token per row and stream it; a row that fed `drafts[row]` after its token (the
-        logits then hold 1 + len(draft) positions for it) also streams each draft token the
-        model's own argmax agreed with, and the model's token after the last of them. Finishes
-        rows that are done and drops them. With `drafts` (the ragged step), positions advance
-        by what each row kept and its rejected draft columns are masked out."""
-        import torch
-
-        starts = list(itertools.accumulate((1 + len(d) for d in drafts or []), initial=0))
-        fed_drafts = drafts is not None and starts[-1] > len(drafts)
-        first = logits[starts[:-1]] if fed_drafts else logits
-        # A diverged adapter (NaN/inf weights) must fail its requests, not stream argmax garbage
-        # or crash torch.multinomial for every row it shares the batch with.
-        broken = (~torch.isfinite(first).all(dim=-1)).tolist()
-        if any(broken):
-            first = torch.where(torch.isfinite(first), first, torch.zeros_like(first))
-            for job, bad in zip(batch.jobs, broken):
-                if bad:
-                    job._finish("cancelled", NonFiniteLogitsError("the model produced non-finite logits"))
-        tokens = pick_next_tokens(first, batch.jobs)
-        greedy = logits.argmax(dim=-1).tolist() if fed_drafts else []
-        keep, kept_drafts, last = [], [], []
-        for row, (job, token) in enumerate(zip(batch.jobs, tokens)):
-            out = [token]
-            for j, guess in enumerate(drafts[row] if drafts else []):  # guess j was fed after out[j]
-                if guess != out[j]:
-                    break
-                out.append(greedy[starts[row] + j + 1])
-            kept_drafts.append(len(out) - 1)
-            last.append(out[-1])
-            if self._stream(job, out):
-                keep.append(row)
-        batch.last = torch.tensor(last, dtype=torch.long, device=logits.device)
+        """Accept each row's tokens (lmctl.serve.accept); rows that are done leave the batch."""
+        accepted = accept_tokens(batch, logits, drafts, self._dropped)
         if drafts is not None:
-            self.drafted, self.accepted = self.drafted + starts[-1] - len(drafts), self.accepted + sum(kept_drafts)
-            kept = torch.tensor(kept_drafts, device=logits.device)
-            batch.pos = batch.pos + 1 + kept
-            width = max(len(d) for d in drafts) + 1  # this step's columns, the last of the mask
-            batch.mask[:, -width:] *= torch.arange(width, device=logits.device)[None] <= kept[:, None]
-        return select_rows(batch, keep)
-
-    def _stream(self, job: Job, tokens: list[int]) -> bool:
-        """Emit `tokens` in order until the job stops or reaches max_tokens; False once it is done."""
-        for token in tokens:
-            if self._dropped(job):
-                return False
-            if token in job.params.stop_token_ids:
-                job._finish("stop")
-                return False
-            job._emit(token)
-            if job.drafter is not None:
-                job.drafter.extend([token])
-            if len(job._tokens) >= job.params.max_tokens:
-                job._finish("length")
-                return False
-        return True
+            self.drafted, self.accepted = self.drafted + accepted.drafted, self.accepted + accepted.agreed
+        return accepted.batch
