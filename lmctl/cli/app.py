@@ -12,6 +12,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain click help: typer's rich help renderer imports rich.markdown, pygments and attrs, and
+    # alone doubled `lmctl --help` (scripts/bench_startup.py); every flag is in docs/commands.md
+    rich_markup_mode=None,
 )
 
 app.command("train")(train.train)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from lmctl import __version__
 
@@ -19,6 +19,8 @@ TARGETS: tuple[Target, ...] = ("local", "vllm", "kubernetes")
 
 class DeployOptions(BaseModel):
     """Target options; each target reads the ones that concern it and ignores the rest."""
+
+    model_config = ConfigDict(defer_build=True)
 
     host: str | None = Field(None, description="Bind address (local: 127.0.0.1, vllm/kubernetes: 0.0.0.0).")
     port: int = Field(8000, ge=1, le=65535, description="Port the server listens on.")
@@ -42,6 +44,8 @@ class DeployOptions(BaseModel):
 
 class TrainJobOptions(BaseModel):
     """What `--emit kubernetes` renders besides the config; each field is a flag of `lmctl train`."""
+
+    model_config = ConfigDict(defer_build=True)
 
     nodes: int = Field(1, ge=1, description="Pods the training runs on (torchrun --nnodes).")
     gpus_per_node: int = Field(1, ge=0, description="nvidia.com/gpu per pod and torchrun --nproc-per-node "

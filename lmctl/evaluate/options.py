@@ -18,7 +18,7 @@ Method = Literal["strided", "rolling"]
 class EvalOptions(BaseModel):
     """How to measure a model, and which reports to write."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     method: Method = Field("strided", description="strided (overlapping windows) or rolling (disjoint, lm-eval-harness style).")
     max_length: int | None = Field(None, description="Tokens per window (default 1024, capped by the model).")
@@ -43,7 +43,7 @@ class EvalOptions(BaseModel):
 class EvalGates(BaseModel):
     """Thresholds the report is checked against; none set means no gate."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     max_ppl_regression: float | None = Field(None, description="Gate: fail (exit 3) when perplexity is more than PCT% above the baseline's.")
     min_scores: dict[str, float] = Field(default_factory=dict, description="Gate: suite score at least X (0-1); repeatable.")

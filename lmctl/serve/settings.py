@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class CanaryPolicy(BaseModel):
     """When the canary is judged broken. Margins are over the baseline's value in the same window."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     window_s: float = Field(60.0, gt=0, description="Sliding window (seconds) over which error rate and p95 are compared.")
     min_requests: int = Field(20, ge=1, description="Canary requests needed in the window before it can be judged.")
@@ -27,7 +27,7 @@ class CanaryPolicy(BaseModel):
 class ServeSettings(BaseModel):
     """Options of one `lmctl serve` process."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     host: str = Field("127.0.0.1", description="Address to bind; non-loopback needs API keys or --insecure.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
