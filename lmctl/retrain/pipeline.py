@@ -1,18 +1,6 @@
-"""`lmctl retrain CONFIG`: the scheduled pipeline, one run at a time per registered model.
-
-check_data -> train -> evaluate -> register -> promote -> report. The run is skipped when
-the training data's fingerprint equals the one production was trained on (or the one the
-last rejected candidate was trained on with the same config): retraining would rebuild a
-model the registry already has. A candidate is evaluated against production on the fixed
-eval set and suites and promoted only when every gate passes. With no production yet
-(the first run) there is no baseline: the perplexity-regression gate cannot apply, the
-absolute gates (suite scores, safety) still do, and a passing candidate is promoted.
-
-Every stage persists the run's state (`lmctl.retrain.state`; on a team server an MLflow
-run, `lmctl.retrain.server_state`, so another host can go on), so a killed run resumes at
-the stage it died in. Registering is idempotent: a version whose `lmctl.manifest_sha256`
-tag matches the candidate checkpoint is reused, never duplicated.
-"""
+"""`retrain()`: one run (or the resumption of an unfinished one) under the model's retrain lock,
+stage after stage, each persisted before the next; `status()`; the result and its webhook.
+The flow and its skip rules are in the package docstring (lmctl.retrain)."""
 
 
 from __future__ import annotations
