@@ -78,8 +78,10 @@ class BusyError(LmctlError):
 
 
 class UnavailableError(LmctlError):
-    """The tracking server cannot be reached or failed (5xx): nothing is wrong with the
-    request, so, like a held lock, it is exit 5: run again later (a retrain resumes)."""
+    """Something lmctl depends on did not answer: the tracking server (unreachable, 5xx) or,
+    under torchrun, the other processes (a rendezvous or collective that timed out or lost
+    a peer). Nothing is wrong with the request, so, like a held lock, it is exit 5: run
+    again later (a retrain resumes)."""
 
     exit_code = ExitCode.BUSY
 

@@ -23,10 +23,16 @@ scorer that does this (its `logits_to_keep` keeps the same positions in every ro
 lm-eval materialises the full logits), hence the code here.
 
 The sums (NLL in nats, tokens, words, UTF-8 bytes) are returned so results aggregate.
+
+Sharded (`lmctl eval` under torchrun, docs/perplexity.md): every rank cuts the same
+windows into the same batches, scores the batches it owns (batch j on rank j % size) and
+the per-window NLLs are gathered and added up in batch order, exactly as one process adds
+them: the batches, and so the floating-point work, are those of a one-process run.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,8 +42,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from lmctl.data.documents import Document, tokenize_documents
+from lmctl.distributed import World
 from lmctl.errors import BadInputError
 
+log = logging.getLogger("lmctl.eval")
 HEAD_CHUNK = 256  # scored positions per output-head matmul: 256 x 49k fp32 logits = 50 MB
 LOOKAHEAD_BATCHES = 16  # windows are sorted by length within this many batches, to cut padding
 # A window joins a batch only if it is at least this share of the batch's longest: padded
@@ -199,8 +207,10 @@ def perplexity(model: Any, tokenizer: Any, texts: Iterable[str], max_length: int
 
 
 def score_documents(model: Any, tokenizer: Any, docs: Iterable[Document], max_length: int, stride: int,
-                    batch_size: int | None = None) -> Scored:
-    """Score documents already tokenized (lmctl.data.documents: from the cache, or as they stream)."""
+                    batch_size: int | None = None, world: World = World()) -> Scored:
+    """Score documents already tokenized (lmctl.data.documents: from the cache, or as they stream).
+    With a `world` of several ranks each scores its share of the batches and every rank
+    returns the whole result, the same numbers one process computes with the same batch size."""
     import torch
 
     if not 1 <= stride <= max_length:
@@ -209,12 +219,29 @@ def score_documents(model: Any, tokenizer: Any, docs: Iterable[Document], max_le
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     parts = _head_only_at_scored(model)
-    size = batch_size or auto_batch_size(model, max_length)
+    # ranks must cut the same batches: each takes the smallest of their memory budgets' sizes
+    size = batch_size or min(world.all_gather(auto_batch_size(model, max_length)))
     out = Scored(PerplexitySums(documents=0, tokens=0, words=0, bytes=0, nll_sum=0.0), batch_size=size)
+    mine: list[tuple[int, tuple[list[int], list[float]]]] = []  # (batch index, (window docs, window NLLs))
+    batches = 0
     with torch.inference_mode():
-        for batch in _batches(_windows(docs, prefix, max_length, stride, out), size):
-            for w, nll in zip(batch, _score_batch(model, parts, batch, pad_id, device)):
-                out.doc_nll[w.doc] += nll
+        for index, batch in enumerate(_batches(_windows(docs, prefix, max_length, stride, out), size)):
+            if world.owns(index):
+                mine.append((index, ([w.doc for w in batch], _score_batch(model, parts, batch, pad_id, device))))
+            if world.size == 1:  # nothing to gather: add now, so memory holds no per-window list
+                _add(out.doc_nll, *mine.pop()[1])
+            batches = index + 1
+    if world.size > 1:
+        log.info("rank %d of %d scored %d of %d batches", world.rank, world.size, len(mine), batches)
+    for _, (window_docs, nlls) in world.in_order(mine):
+        _add(out.doc_nll, window_docs, nlls)
     out.sums.documents, out.sums.tokens = len(out.doc_tokens), sum(out.doc_tokens)
     out.sums.nll_sum = math.fsum(out.doc_nll)
     return out
+
+
+def _add(doc_nll: list[float], window_docs: list[int], nlls: list[float]) -> None:
+    """Add one batch's window NLLs to their documents' sums (in window order: the same
+    additions, in the same order, whether the batch was scored here or on another rank)."""
+    for doc, nll in zip(window_docs, nlls):
+        doc_nll[doc] += nll

@@ -1,4 +1,10 @@
-"""`evaluate()`: load a MODEL_REF, score it on a data file, compare, gate and write the reports."""
+"""`evaluate()`: load a MODEL_REF, score it on a data file, compare, gate and write the reports.
+
+Under torchrun (docs/distributed.md) every rank loads the model on its own device and
+scores its share of the perplexity batches and suite items (lmctl.distributed); rank 0
+alone measures latency, builds the report from the gathered numbers and writes it, and
+every rank returns that same report.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from lmctl import data
+from lmctl import data, distributed
 from lmctl.atomic import write_text_atomic
 from lmctl.clock import utc_now
 from lmctl.data import DataFingerprint
@@ -64,11 +70,12 @@ class _Measured(BaseModel):
 
 
 def _measure(ref: str, source: _Data, length: int | None, method: Method, stride: int | None,
-             batch_size: int | None, suites: list[Suite] = (),  # type: ignore[assignment]
+             batch_size: int | None, world: distributed.World, suites: list[Suite] = (),  # type: ignore[assignment]
              latency: tuple[int, int, int] | None = None) -> tuple[_Measured, int, int]:
     """Load `ref` (verified), score the data's documents (tokenized by this model's tokenizer,
     through the tokenization cache unless the file is small); returns the measurement and the
-    window/stride used."""
+    window/stride used. Every rank of `world` returns the whole measurement; latency is
+    measured on rank 0 alone."""
     import gc
 
     from lmctl.data.documents import documents
@@ -76,18 +83,23 @@ def _measure(ref: str, source: _Data, length: int | None, method: Method, stride
     from lmctl.loading import load_for_inference
     from lmctl.modelref import resolve
 
-    resolved = resolve(ref)
+    with world.primary_first():  # a models:/ reference is downloaded once, by rank 0
+        resolved = resolve(ref)
     loaded = load_for_inference(resolved)
+    loaded.model.to(distributed.device())
     length = min(length or 1024, _model_max_length(loaded.model))
     step = length if method == "rolling" else (stride or length // 2)
     started = time.perf_counter()
-    docs = documents(source.path, source.text_field, loaded.tokenizer, source.texts)
+    with world.primary_first():  # rank 0 fills the tokenization cache, the others read it
+        docs = documents(source.path, source.text_field, loaded.tokenizer, source.texts)
     if docs.hit is not None:
         log.info("documents: tokenization cache %s", "hit" if docs.hit else "miss (now cached)")
-    scored = score_documents(loaded.model, loaded.tokenizer, docs, length, step, batch_size)
+    scored = score_documents(loaded.model, loaded.tokenizer, docs, length, step, batch_size, world)
     seconds = time.perf_counter() - started
-    suite_results = [run_suite(loaded.model, loaded.tokenizer, suite) for suite in suites]
-    timing = measure_latency(loaded.model, loaded.tokenizer, docs, *latency) if latency else None
+    suite_results = [run_suite(loaded.model, loaded.tokenizer, suite, world) for suite in suites]
+    timing = measure_latency(loaded.model, loaded.tokenizer, docs, *latency) if latency and world.primary else None
+    if latency:
+        world.barrier()  # the other ranks start nothing (a baseline) while rank 0 is timed
     del loaded
     gc.collect()  # the next model (a baseline) should not have to share memory with this one
     return _Measured(resolved=resolved, data=docs.fingerprint, doc_bytes=docs.byte_counts,
@@ -123,6 +135,9 @@ def _check(ref: str, opts: EvalOptions, gates: EvalGates) -> list[Suite]:
         raise BadInputError("--stride cannot be set with --method rolling (its stride is --max-length)")
     if gates.max_ppl_regression is not None and opts.baseline is None:
         raise BadInputError("--max-ppl-regression needs --baseline MODEL_REF")
+    if opts.lm_eval_tasks and distributed.world().size > 1:
+        raise BadInputError("--lm-eval cannot run under torchrun: lm-eval-harness's HF model starts its own "
+                            "accelerate processes from the same environment; run it in one process")
     loaded_suites = [load_suite(p) for p in opts.suites]
     unknown = set(gates.min_scores) - {s.name for s in loaded_suites}
     if unknown:
@@ -132,7 +147,8 @@ def _check(ref: str, opts: EvalOptions, gates: EvalGates) -> list[Suite]:
 
 def evaluate(ref: str, data_path: Path, options: EvalOptions | None = None, gates: EvalGates | None = None) -> EvalReport:
     """Perplexity of `ref` on `data_path` (and of a baseline, compared); the reports named in
-    `options` are written too. Gates are evaluated, not enforced: see `enforce_gates`."""
+    `options` are written too. Gates are evaluated, not enforced: see `enforce_gates`.
+    Under torchrun the ranks share the work and rank 0 writes; all return the same report."""
     opts, gates = options or EvalOptions(), gates or EvalGates()
     loaded_suites = _check(ref, opts, gates)
     # a small .jsonl is read (and its rows checked) now; anything else is checked as the cache reads it
@@ -145,21 +161,32 @@ def evaluate(ref: str, data_path: Path, options: EvalOptions | None = None, gate
     if gates.max_p95_latency_ms is not None and not opts.latency:
         raise BadInputError("--max-p95-latency needs --latency")
     latency = (opts.prompt_tokens, opts.output_tokens, opts.latency_runs) if opts.latency else None
-    cand, length, step = _measure(ref, source, opts.max_length, opts.method, opts.stride, opts.batch_size,
-                                  loaded_suites, latency)
-    comparison = None
-    base_summary = None
-    if opts.baseline is not None:
-        base, _, _ = _measure(opts.baseline, source, length, opts.method, step, opts.batch_size)
-        comparison = _comparison(cand, base)
-        base_summary = BaselineSummary(**_identity(opts.baseline, base.resolved).model_dump(), **base.sums.metrics)
+    with distributed.process_group() as here:
+        cand, length, step = _measure(ref, source, opts.max_length, opts.method, opts.stride, opts.batch_size,
+                                      here, loaded_suites, latency)
+        base = None
+        if opts.baseline is not None:
+            base, _, _ = _measure(opts.baseline, source, length, opts.method, step, opts.batch_size, here)
+        result = _report(ref, opts, gates, cand, base, length, step) if here.primary else None
+        if result is not None:
+            log.info("perplexity %.4f over %d tokens (%.1f s)", result.perplexity, cand.sums.tokens, cand.seconds)
+            _write_reports(result, opts.report, opts.markdown, opts.html, opts.log_to_registry)
+        return here.from_primary(result)
+
+
+def _report(ref: str, opts: EvalOptions, gates: EvalGates, cand: _Measured, base: _Measured | None, length: int,
+            step: int) -> EvalReport:
+    """The report of a measured candidate (and baseline): comparison, lm-eval tasks, gates."""
+    comparison = _comparison(cand, base) if base is not None else None
+    base_summary = (BaselineSummary(**_identity(str(opts.baseline), base.resolved).model_dump(), **base.sums.metrics)
+                    if base is not None else None)
     lm_eval_results = None
     if opts.lm_eval_tasks:
         from lmctl.evaluate.lm_eval_bridge import run_tasks
 
         lm_eval_results = run_tasks(cand.resolved, list(opts.lm_eval_tasks), opts.lm_eval_include)
     metrics = cand.sums.metrics
-    result = EvalReport(
+    return EvalReport(
         **_identity(ref, cand.resolved).model_dump(), model_kind=cand.resolved.kind,
         data=cand.data,
         method=EvalMethod(name=opts.method, max_length=length, stride=step, prefix_token="bos, else eos",
@@ -171,9 +198,6 @@ def evaluate(ref: str, data_path: Path, options: EvalOptions | None = None, gate
         gates=check_gates(comparison, gates.max_ppl_regression, cand.suites, gates.min_scores, gates.max_safety_violations)
         + latency_gate(cand.latency, gates.max_p95_latency_ms),
     )
-    log.info("perplexity %.4f over %d tokens (%.1f s)", result.perplexity, cand.sums.tokens, cand.seconds)
-    _write_reports(result, opts.report, opts.markdown, opts.html, opts.log_to_registry)
-    return result
 
 
 def _write_reports(result: EvalReport, json_path: Path | None, markdown_path: Path | None, html_path: Path | None,

@@ -3,8 +3,10 @@ reference QA (incorrect-answer rate, a hallucination proxy) and safety (violatio
 
 A suite is YAML (`name`, `kind`, optional `max_tokens`, `chat`, and `items`) or JSONL (one
 item per line, each with its own `kind`; the name is the file stem). Generation is greedy,
-so scores are reproducible. With `chat: true` the prompt is sent as a user turn through
-the tokenizer's chat template, as a chat model expects.
+so scores are reproducible, and under torchrun each rank judges its share of the items
+(item i on rank i % size): an item's verdict does not depend on where it ran. With
+`chat: true` the prompt is sent as a user turn through the tokenizer's chat template, as a
+chat model expects.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from lmctl.distributed import World
 from lmctl.errors import BadInputError
 
 Kind = Literal["generation", "multiple_choice", "reference_qa", "safety"]
@@ -136,11 +139,14 @@ def _judge(model: Any, tokenizer: Any, item: Item, suite: Suite) -> tuple[bool, 
     return expected.lower() in text.lower(), output
 
 
-def run_suite(model: Any, tokenizer: Any, suite: Suite) -> SuiteResult:
+def run_suite(model: Any, tokenizer: Any, suite: Suite, world: World = World()) -> SuiteResult:
+    """Judge every item (each rank of `world` its share) and score the suite, on every rank."""
+    mine = [(index, _judge(model, tokenizer, item, suite)) for index, item in enumerate(suite.items)
+            if world.owns(index)]
     passed, failures = 0, []
     kinds = sorted({str(i.kind) for i in suite.items})
-    for index, item in enumerate(suite.items):
-        ok, said = _judge(model, tokenizer, item, suite)
+    for index, (ok, said) in world.in_order(mine):
+        item = suite.items[index]
         passed += ok
         if not ok:
             failures.append({"index": index, "kind": item.kind, "prompt": item.prompt[:200], "output": said[:200]})

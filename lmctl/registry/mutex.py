@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from lmctl.errors import BadInputError, BusyError
+from lmctl.clock import seconds_from_env
+from lmctl.errors import BusyError
 
 log = logging.getLogger("lmctl.registry")
 PREFIX = "lmctl-lock."  # + model name: alias moves of that model
@@ -44,14 +45,7 @@ HEARTBEAT_TAG = "lmctl.lock_heartbeat"
 
 def stale_after_s() -> float:
     """Seconds without a heartbeat after which a lock counts as abandoned."""
-    raw = os.environ.get(STALE_ENV)
-    try:
-        value = float(raw) if raw else DEFAULT_STALE_S
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise BadInputError(f"{STALE_ENV}={raw!r}: expected a number of seconds > 0")
-    return value
+    return seconds_from_env(STALE_ENV, DEFAULT_STALE_S)
 
 
 def _iso(ts: float) -> str:
