@@ -98,6 +98,19 @@ def test_a_rendezvous_that_never_completes_exits_5_within_its_timeout(tiny_confi
     assert proc.stdout == "" and elapsed < 5 + 25  # the timeout plus start-up, never a hang
 
 
+def test_a_torchrun_restart_continues_the_run_whatever_resume_said(cli, tiny_config: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun --max-restarts starts the workers again with the same --resume: a restart
+    (TORCHELASTIC_RESTART_COUNT > 0) must not archive the first attempt's progress."""
+    first = cli("train", tiny_config, "--set", "train.max_steps=3", "--json")
+    assert first.code == 0, first.err
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    again = cli("train", tiny_config, "--set", "train.max_steps=6", "--resume", "never", "--json")
+    assert again.code == 0, again.err
+    assert again.json["resumed_from"].endswith("checkpoint-3") and again.json["steps"] == 6
+    assert [p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")] == ["tiny"]  # nothing archived
+
+
 def test_launcher_flags_are_checked_before_anything_starts(cli, tiny_config: Path, tmp_path: Path) -> None:
     result = cli("train", tiny_config, "--nproc-per-node", "2", "--nnodes", "2")
     assert result.code == 2 and "--rdzv-endpoint" in result.err

@@ -49,7 +49,7 @@ class Progress(TrainerCallback):
         self.t0 = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if not sys.stderr.isatty():
+        if not sys.stderr.isatty() or not state.is_world_process_zero:  # under torchrun one bar, rank 0's
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
