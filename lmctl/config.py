@@ -119,6 +119,11 @@ class TrainConfig(Section):
     early_stopping_threshold: float = Field(
         0.0, ge=0, description="Smallest validation-loss decrease that counts as an improvement."
     )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="How several processes (under torchrun) share the work: ddp keeps a whole model "
+        "copy per process; fsdp (FSDP2, CUDA only) shards weights, gradients and optimizer state across them. "
+        "Sealed checkpoints are the same either way. One process ignores it. docs/distributed.md.",
+    )
 
 
 class OutputConfig(Section):

@@ -87,13 +87,17 @@ class World:
             dist.barrier()
 
     @contextlib.contextmanager
-    def primary_first(self) -> Iterator[None]:
+    def primary_first(self, local: bool = False) -> Iterator[None]:
         """Rank 0 runs the block first (it fills a cache or downloads), the other ranks then
-        run it and find the work done, as `accelerate`'s `main_process_first`."""
-        if not self.primary:
+        run it and find the work done, as `accelerate`'s `main_process_first`. With `local`,
+        the first process of each node goes first instead (`local_main_process_first`): for
+        work whose result lives on the node's own disk, such as the tokenization cache under
+        a node-local LMCTL_HOME."""
+        first = self.local_rank == 0 if local else self.primary
+        if not first:
             self.barrier()
         yield
-        if self.primary:
+        if first:
             self.barrier()
 
 

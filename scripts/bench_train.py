@@ -6,10 +6,18 @@ real tokens/s, peak RSS of each phase, validation loss after equal tokens, and m
 utilisation: 6 x params x tokens/s over the peak FLOP/s of a matmul measured here.
 
     python scripts/bench_train.py [--model smollm2-135m] [--examples 160] [--trl]
+    python scripts/bench_train.py --nproc 2 [--model PATH] [--examples 64]
 
 `--trl` adds the peers (issue 16, the `peers` extra): TRL's SFTTrainer with `packing=True`
 (best-fit) and with `padding_free=True`, on the same texts, LoRA shape, optimizer and
 rows per step as lmctl's packed run; every run's validation loss comes from the same loop.
+
+`--nproc N` measures scaling instead (issue 22): `lmctl train` on the same data and global
+batch (`--batch-size` packed rows per optimizer step) in 1 process and in N processes
+(`--nproc-per-node N`: DDP, gloo on CPU, batch_size / N rows each), every process with one
+torch thread, plus 1 process with N threads (what one process gets from the same cores).
+Each run is its own `lmctl train` subprocess; tokens/s is the JSON result's (all processes,
+Trainer loop only). Scaling efficiency = tokens/s at N / (N x tokens/s at 1).
 """
 
 from __future__ import annotations
@@ -135,6 +143,44 @@ def trl_run(base_path: str, tokenizer, texts: list[str], args, rows: int, mode: 
     return time.perf_counter() - t0, val_loss(trainer.model, tokenizer, args.val_examples)
 
 
+def scaling(base_path: str, work: Path, args: argparse.Namespace) -> int:
+    """tokens/s of `lmctl train` at 1 process vs `args.nproc` processes, same data and global batch."""
+    import subprocess
+
+    n = args.nproc
+    if n < 2 or args.batch_size % n:
+        print(f"--nproc {n}: needs N >= 2 dividing --batch-size {args.batch_size}", file=sys.stderr)
+        return 2
+    config = work / "scaling.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "model": {"base": base_path}, "data": {"train": str(work / "train.jsonl"), "max_length": args.max_length},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "train": {"lr": args.lr, "epochs": 1, "save_every": 100000, "eval_every": 100000, "log_every": 1},
+        "output": {"dir": str(work / "runs")}}))
+    runs = [("1 process x 1 thread", 1, 1), (f"1 process x {n} threads", 1, n), (f"{n} processes x 1 thread (DDP)", n, 1)]
+    results = {}
+    for name, procs, threads in runs:
+        cmd = [sys.executable, "-m", "lmctl", "train", str(config), "--json", "--set",
+               f"train.batch_size={args.batch_size // procs}", "--set", f"output.run_name=p{procs}t{threads}"]
+        if procs > 1:
+            cmd += ["--nproc-per-node", str(procs)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if out.returncode != 0:
+            print(f"{name}: exit {out.returncode}\n{out.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        results[name] = json.loads(out.stdout.splitlines()[-1])
+    print(f"\nmodel {args.model}: {args.examples} examples, global batch {args.batch_size} packed rows of <= "
+          f"{args.max_length} tokens, {results[runs[0][0]]['steps']} steps each; {os.cpu_count()} CPU cores")
+    print(f"{'run':34} {'tokens/s':>9} {'seconds':>8} {'train loss':>10}")
+    for name, result in results.items():
+        loss = result["train_loss"] or float("nan")
+        print(f"{name:34} {result['tokens_per_s']:9.1f} {result['seconds']:8.1f} {loss:10.4f}")
+    one, wide, many = (results[name]["tokens_per_s"] for name, _, _ in runs)
+    print(f"scaling efficiency {n} processes: {many / (n * one):.1%} of {n} x one single-thread process; "
+          f"{many / wide:.2f}x one process with {n} threads")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -145,6 +191,8 @@ def main() -> int:
     parser.add_argument("--packed-batch", type=int, default=None,
                         help="rows per packed step (default: the count whose tokens per step are nearest the padded run's)")
     parser.add_argument("--trl", action="store_true", help="also run TRL SFTTrainer with packing and padding-free")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="measure 1 vs N processes (DDP) at the same global batch instead (--batch-size packed rows)")
     args = parser.parse_args()
     os.environ.setdefault("LMCTL_HOME", str(Path(tempfile.mkdtemp()) / "home"))
     base_path = resolve_base(args.model)
@@ -152,6 +200,8 @@ def main() -> int:
     train_texts, val_texts = paragraphs(tokenizer, args.max_length, args.examples)
     work = Path(tempfile.mkdtemp())
     (work / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in train_texts))
+    if args.nproc:
+        return scaling(base_path, work, args)
     examples = list(build_examples(work / "train.jsonl", datasets.Dataset.from_list([{"text": t} for t in train_texts]),
                                    "text", "text", tokenizer, args.max_length).examples)
     args.val_examples = list(build_examples(work / "train.jsonl", datasets.Dataset.from_list([{"text": t} for t in val_texts]),

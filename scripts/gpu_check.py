@@ -1,18 +1,24 @@
-"""The GPU check (issue 16): what a CUDA machine runs in under 10 minutes, one table at the end.
+"""The GPU check (issues 16 and 22): what a CUDA machine runs in under 10 minutes, one table at the end.
 
 Rows:
-- bf16 LoRA and QLoRA (4-bit NF4, needs bitsandbytes) training steps through `lmctl train`:
-  real tokens/s and MFU (6 x params x tokens/s over a bf16 matmul's measured peak);
-- the torchrun path on one GPU (one process, NCCL): lmctl trains data-parallel with DDP and
-  has no FSDP option, so FSDP does not apply; this row proves the launcher path on CUDA;
+- `lmctl train` steps, each its own process, real tokens/s (all processes) and MFU
+  (6 x params x tokens/s over a bf16 matmul's measured peak x GPUs): bf16 LoRA and QLoRA
+  (4-bit NF4, needs bitsandbytes) in one process, then DDP and FSDP2
+  (`train.distributed: fsdp`) through torchrun (`--nproc-per-node`) on every GPU here
+  (`torch.cuda.device_count()`; one GPU gives one process per path);
+- FSDP against DDP: the final training loss of the two runs (same data, seed and global
+  batch), and the FSDP run's sealed checkpoint at world size 1: `lmctl eval` against plain
+  transformers + peft (`PeftModel.from_pretrained`) on the same windows;
 - eval: lmctl perplexity vs lm-eval-harness HFLM at batch 1 and its best of 8/32, on the GPU
   (goal: >= 3x lm-eval batch 1), numbers to 1e-4 relative (bf16);
 - serve: the batching engine vs one-at-a-time `generate` at 8 and 32 clients, in process;
 - the tests that skip without CUDA (`pytest -m "not team" -k "cuda or qlora or 4bit"`).
 
 Without CUDA it exits 2 at once with one line saying so: nothing here means anything on a CPU.
+`--model` is a model directory (a machine with no hub and no `lmctl models pull` builds one)
+or a pulled base model's name.
 
-    python scripts/gpu_check.py [--model smollm2-135m] [--steps 30]
+    python scripts/gpu_check.py --model PATH [--steps 30]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+ENV = {**os.environ, "PYTHONPATH": str(HERE.parent)}
 
 
 def peak_bf16_flops() -> float:
@@ -46,29 +53,72 @@ def peak_bf16_flops() -> float:
     return 20 * 2 * 8192**3 / (time.perf_counter() - t0)
 
 
-def train_row(path: str, texts_file: Path, quant: str, steps: int, work: Path, peak: float) -> list[str]:
-    from lmctl.config import load_config
+def lmctl_train(config: Path, name: str, *args: str) -> dict[str, Any]:
+    """`lmctl train CONFIG ARGS --json` in its own process (so each run starts with a free GPU)."""
+    cmd = [sys.executable, "-m", "lmctl", "train", str(config), "--set", f"output.run_name={name}", "--json", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+    if out.returncode != 0:
+        raise RuntimeError(f"exit {out.returncode}: {(out.stderr.strip().splitlines() or ['?'])[-1][:120]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def train_rows(path: str, texts_file: Path, steps: int, work: Path, peak: float) -> tuple[list[list[str]], dict]:
+    """bf16 and QLoRA in one process, DDP and FSDP on every GPU; returns the rows and each run's result."""
+    import torch
+
     from lmctl.loading import load_base_model
-    from lmctl.train import train
 
-    cfg = load_config(None, [f"model.base={path}", f"data.train={texts_file}", "data.max_length=1024",
-                             f"lora.quantization={quant}", "train.batch_size=8", f"train.max_steps={steps}",
-                             "train.save_every=100000", "train.eval_every=100000", f"output.dir={work / quant}"])
-    result = train(cfg, resume="never")
+    gpus = torch.cuda.device_count()
     params = sum(p.numel() for p in load_base_model(path, "bfloat16").parameters())
-    tps = result.tokens_per_s
-    name = "QLoRA 4-bit" if quant == "4bit" else "bf16 LoRA"
-    return [f"train {name}", f"{tps:,.0f} tok/s", f"MFU {6 * params * tps / peak:.1%}", f"{result.steps} steps"]
+    config = work / "train.yaml"
+    config.write_text(json.dumps({  # JSON is YAML; batch 8 per process, so DDP and FSDP share a global batch
+        "model": {"base": path}, "data": {"train": str(texts_file), "max_length": 1024},
+        "train": {"batch_size": 8, "max_steps": steps, "save_every": steps, "eval_every": 100000, "log_every": 5},
+        "output": {"dir": str(work / "runs")}}))
+    runs = [("bf16 LoRA, 1 process", "bf16", 1, []), ("QLoRA 4-bit, 1 process", "qlora", 1,
+            ["--set", "lora.quantization=4bit"])]
+    runs += [(f"{mode.upper()} bf16 LoRA, torchrun x{gpus} GPU", mode, gpus,
+              ["--nproc-per-node", str(gpus), "--set", f"train.distributed={mode}"]) for mode in ("ddp", "fsdp")]
+    rows, results = [], {}
+    for label, name, procs, args in runs:
+        try:
+            result = results[name] = lmctl_train(config, name, *args)
+        except Exception as exc:  # noqa: BLE001 - a missing bitsandbytes is a row, not the end of the check
+            rows.append([f"train {label}", f"FAILED: {type(exc).__name__}: {str(exc)[:100]}", "", ""])
+            continue
+        tps = result["tokens_per_s"]
+        rows.append([f"train {label}", f"{tps:,.0f} tok/s", f"MFU {6 * params * tps / (peak * procs):.1%}",
+                     f"{result['steps']} steps, ran {result['distributed']} x{result['processes']}"])
+    return rows, results
 
 
-def torchrun_row(path: str, texts_file: Path, work: Path) -> list[str]:
-    config = work / "ddp.yaml"
-    config.write_text(json.dumps({"model": {"base": path}, "data": {"train": str(texts_file)},  # JSON is YAML
-                                  "train": {"max_steps": 5, "save_every": 5}, "output": {"dir": str(work / "ddp")}}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "lmctl",
-           "train", str(config), "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
-    return ["torchrun, 1 GPU (DDP; FSDP n/a)", "ok" if out.returncode == 0 else f"exit {out.returncode}", "", ""]
+def fsdp_rows(path: str, results: dict, texts: list[str]) -> list[list[str]]:
+    """The FSDP run against DDP's loss, and its sealed checkpoint at world size 1: lmctl vs plain peft."""
+    if "fsdp" not in results or "ddp" not in results:
+        return [["FSDP vs DDP", "n/a: a run failed above", "", ""]]
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmctl.evaluate.perplexity import perplexity
+
+    ddp, fsdp = results["ddp"]["train_loss"], results["fsdp"]["train_loss"]
+    sealed = results["fsdp"]["checkpoint"]
+    data = Path(tempfile.mkdtemp()) / "eval.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cmd = [sys.executable, "-m", "lmctl", "eval", sealed, "--data", str(data), "--max-length", "1024", "--stride", "512",
+           "--batch-size", "1", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+    if out.returncode != 0:
+        return [["FSDP checkpoint: lmctl eval", f"FAILED: exit {out.returncode}", out.stderr[-100:], ""]]
+    ours = json.loads(out.stdout.strip().splitlines()[-1])["sums"]
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)  # lmctl's "auto" on CUDA
+    model = PeftModel.from_pretrained(base, sealed).to("cuda").eval()
+    plain = perplexity(model, AutoTokenizer.from_pretrained(sealed), texts, 1024, 512, batch_size=1).sums
+    return [["FSDP vs DDP final train loss", f"{fsdp:.4f} vs {ddp:.4f}", f"rel diff {abs(fsdp - ddp) / ddp:.1e}",
+             "bf16: expect ~1e-2"],
+            ["FSDP checkpoint at world size 1", f"lmctl eval NLL {ours['nll_sum']:.4f}",
+             f"plain peft {plain.nll_sum:.4f}", f"rel diff {abs(plain.nll_sum - ours['nll_sum']) / ours['nll_sum']:.1e}"]]
 
 
 def eval_rows(path: str, texts: list[str]) -> list[list[str]]:
@@ -122,7 +172,7 @@ def serve_rows(path: str) -> list[list[str]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", required=True, help="a model directory, or a pulled base model's name")
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     import torch
@@ -132,6 +182,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     os.environ.setdefault("LMCTL_HOME", str(Path(tempfile.mkdtemp()) / "home"))
+    ENV.setdefault("LMCTL_HOME", os.environ["LMCTL_HOME"])
     from bench_eval import documents
     from demo_corpus import split_topics
 
@@ -143,14 +194,13 @@ def main() -> int:
     texts_file = work / "train.jsonl"
     texts_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in split_topics()[0]))
     peak = peak_bf16_flops()
-    table: list[list[str]] = [[f"device {torch.cuda.get_device_name()}", f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s", "", ""]]
-    for quant in ("none", "4bit"):
-        try:
-            table.append(train_row(path, texts_file, quant, args.steps, work, peak))
-        except Exception as exc:  # noqa: BLE001 - a missing bitsandbytes is a row, not the end of the check
-            table.append([f"train {quant}", f"FAILED: {type(exc).__name__}: {str(exc)[:80]}", "", ""])
-    table.append(torchrun_row(path, texts_file, work))
-    table += eval_rows(path, documents(load_tokenizer(path), 30000))
+    table: list[list[str]] = [[f"device {torch.cuda.get_device_name()} x{torch.cuda.device_count()}",
+                               f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s per GPU", "", ""]]
+    rows, results = train_rows(path, texts_file, args.steps, work, peak)
+    table += rows
+    texts = documents(load_tokenizer(path), 30000)
+    table += fsdp_rows(path, results, texts[:8])
+    table += eval_rows(path, texts)
     table += serve_rows(path)
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "not team", "-k", "cuda or qlora or 4bit",
                             str(HERE.parent / "tests")], capture_output=True, text=True, cwd=HERE.parent)

@@ -109,7 +109,8 @@ def test_eval_serve_deploy_flags_take_default_and_help_from_their_option_models(
 
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
     own = {"eval": {"--data"}, "deploy": {"--target", "--out", "--force"}, "serve": set(),
-           "train": {"--set", "--resume", "--dry-run", "--emit", "--out", "--force"}}
+           "train": {"--set", "--resume", "--dry-run", "--emit", "--out", "--force", "--nproc-per-node", "--nnodes",
+                     "--rdzv-endpoint", "--rdzv-id", "--rdzv-timeout", "--max-restarts"}}
     models = {"eval": (EvalOptions, EvalGates), "serve": (ServeSettings, CanaryPolicy), "deploy": (DeployOptions,),
               "train": (TrainJobOptions,)}
     for name, classes in models.items():

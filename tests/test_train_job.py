@@ -137,6 +137,7 @@ def test_gpus_secret_volumes_and_config(rendered: tuple[Path, dict[str, Any]], t
     env = {e["name"]: e for e in c["env"]}
     assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"] == {"name": "lmctl-tracking", "key": "uri"}
     assert env["LMCTL_HOME"]["value"] == "/runs/.lmctl"  # on the output volume: cache and pulls survive restarts
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]["value"] == "1"  # else restarted workers read a stale store
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert set(mounts) == set(volumes) == {"config", "data", "output", "dshm"}

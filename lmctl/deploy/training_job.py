@@ -42,6 +42,7 @@ from lmctl.deploy.bundle import listed_files, make_readable
 from lmctl.deploy.options import TrainJobOptions
 from lmctl.deploy.kubernetes import base_model_warnings, check_workload, dns_label, dump, labels, selector
 from lmctl.errors import BadInputError
+from lmctl.train.launch import SHARE_STORE_ENV
 
 EMIT_TARGETS = ("kubernetes",)
 TRACK = "train"
@@ -190,7 +191,8 @@ class _Manifests:
             "command": ["/bin/sh", "-c", HOST_WRAPPER, "torchrun"],
             "args": self.plan.torchrun_args(),
             "env": [{"name": "LMCTL_HOME", "value": str(self.plan.home)},
-                    {"name": "MLFLOW_TRACKING_URI", "valueFrom": {"secretKeyRef": secret}}],
+                    {"name": "MLFLOW_TRACKING_URI", "valueFrom": {"secretKeyRef": secret}},
+                    {"name": SHARE_STORE_ENV, "value": "1"}],  # restarted workers must not reuse a stale store
             "ports": [{"name": "rdzv", "containerPort": RDZV_PORT, "protocol": "TCP"}],
             "resources": {"requests": requests, "limits": limits},
             "volumeMounts": [

@@ -4,10 +4,12 @@
 - `trainer`: the Trainer run, its lock, sealed checkpoints and `TrainResult`;
 - `inputs`: a run's data from the tokenization cache; `preflight`: the lint that refuses setups
   that cannot train well; `memory`: the `--dry-run` memory estimate; `callbacks`: MLflow
-  tracking, the progress bar and sealing a checkpoint after each Trainer save.
+  tracking, the progress bar and sealing a checkpoint after each Trainer save;
+- `fsdp`: `train.distributed: fsdp` (FSDP2 through the Trainer); `launch`: `--nproc-per-node`,
+  torchrun's launcher started from `lmctl train` (docs/distributed.md).
 """
 
 from lmctl.train.prepare import TrainPlan, complete_trainer_checkpoints
-from lmctl.train.trainer import TrainResult, is_primary, train
+from lmctl.train.trainer import TrainResult, train
 
-__all__ = ["TrainPlan", "TrainResult", "complete_trainer_checkpoints", "is_primary", "train"]
+__all__ = ["TrainPlan", "TrainResult", "complete_trainer_checkpoints", "train"]

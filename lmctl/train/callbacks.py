@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 
 from lmctl.checkpoint import ManifestData
 from lmctl.config import LmctlConfig, config_dump
+from lmctl.distributed import World
 
 log = logging.getLogger("lmctl.train")
 EXPERIMENT = "lmctl-train"
@@ -48,7 +49,7 @@ class Progress(TrainerCallback):
         self.t0 = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if not sys.stderr.isatty():
+        if not sys.stderr.isatty() or not state.is_world_process_zero:  # under torchrun one bar, rank 0's
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
@@ -84,15 +85,29 @@ class Progress(TrainerCallback):
 
 
 class ExportCheckpoints(TrainerCallback):
-    """After each Trainer save, write a sealed lmctl checkpoint for that step."""
+    """After each Trainer save, seal an lmctl checkpoint for that step.
 
-    def __init__(self, export: Callable[[Any, Any], Path]) -> None:
-        self.export = export
+    Every rank takes part: the Trainer's checkpoint-N is complete only once each rank wrote
+    its share (its `rng_state_R.pth`), so all ranks meet at a barrier before rank 0 seals the
+    twin that marks checkpoint-N complete; under FSDP they then gather the sharded adapter
+    (a collective) and rank 0 writes it."""
+
+    def __init__(self, export: Callable[[Any, Any, dict[str, Any] | None], Path], world: World, sharded: bool) -> None:
+        self.export, self.world, self.sharded = export, world, sharded
         self.exported: list[Path] = []
+        self.last_step: int | None = None
+
+    def seal(self, model: Any, state: Any) -> None:
+        from lmctl.train.fsdp import full_adapter_state
+
+        self.world.barrier()
+        weights = full_adapter_state(model) if self.sharded else None
+        if self.world.primary:
+            self.exported.append(self.export(model, state, weights))
+        self.last_step = state.global_step
 
     def on_save(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
-        if state.is_world_process_zero:  # under DDP one process writes the one checkpoint
-            self.exported.append(self.export(model, state))
+        self.seal(model, state)
 
 
 def log_data_inputs(client: Any, run_id: str, data_info: ManifestData) -> None:

@@ -41,7 +41,9 @@ class TrainPlan(BaseModel):
     streaming: bool = False
     cache_hit: bool | None = None  # the training data's tokenization came from the cache (None: streaming)
     max_steps: int
-    tokens_per_step: int
+    tokens_per_step: int  # at most: rows per step of every process x max_length
+    processes: int = 1  # torchrun's world size
+    sharded: bool = False  # train.distributed=fsdp takes effect (lmctl.train.fsdp.sharding)
     resume_from: str | None
     lint: preflight.LintReport
     memory: MemoryEstimate
@@ -61,6 +63,20 @@ def complete_trainer_checkpoints(run_dir: Path) -> list[Path]:
         if sealed and (path / "trainer_state.json").is_file() and checkpoint.is_checkpoint(sealed):
             found.append((int(path.name.removeprefix("checkpoint-")), path))
     return [path for _, path in sorted(found, reverse=True)]
+
+
+def resume_after_restart(run_dir: Path, resume: str) -> str:
+    """torchrun --max-restarts starts the workers again with the same arguments: a restart
+    continues from this run's newest complete checkpoint, whatever --resume said at first
+    (`never` must not archive the progress the first attempt made)."""
+    import os
+
+    if resume == "auto" or not int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0):
+        return resume
+    newest = complete_trainer_checkpoints(run_dir)
+    chosen = str(newest[0]) if newest else ("auto" if resume == "never" else resume)
+    log.warning("restarted by torchrun: --resume %s becomes %s", resume, chosen)
+    return chosen
 
 
 def resume_point(run_dir: Path, resume: str) -> str | None:
@@ -117,15 +133,20 @@ def lora_config(cfg: LmctlConfig, new_token_ids: list[int] | dict[str, list[int]
 class PreparedRun:
     """Everything one training run needs, prepared and validated before anything is written."""
 
-    def __init__(self, cfg: LmctlConfig, resume: str) -> None:
+    def __init__(self, cfg: LmctlConfig, resume: str, sharded: bool | None = None) -> None:
+        """`sharded`: whether FSDP takes effect (lmctl.train.fsdp.sharding; decided here when None)."""
+        from lmctl.distributed import world
         from lmctl.loading import base_config_sha256, model_vocab_size
         from lmctl.modelref import portable_base_id
+        from lmctl.train.fsdp import sharding
 
         if cfg.data.train is None:
             raise DataError("data.train is not set", hint="set it in the config or with --set data.train=PATH")
         preflight.check_hardware(cfg)
         self.cfg = cfg
+        self.processes, self.sharded = world().size, sharding(cfg) if sharded is None else sharded
         self.run_dir = Path(cfg.output.dir) / str(cfg.output.run_name)
+        self.resume = resume_after_restart(self.run_dir, resume)
         self.base_path, self.tokenizer, self.new_token_ids = training_tokenizer(cfg)
         self.stream: Any = None
         if cfg.data.streaming:
@@ -149,10 +170,9 @@ class PreparedRun:
             id=portable_base_id(cfg.model.base, self.base_path), revision=cfg.model.revision,
             config_sha256=base_config_sha256(self.base_path, cfg.model.revision, cfg.model.trust_remote_code),
         )
-        self.resume_from = resume_point(self.run_dir, resume)
+        self.resume_from = resume_point(self.run_dir, self.resume)
         if self.resume_from:
             tokenizer_lock.check_resume_tokenizer(Path(self.resume_from), self.tokenizer)
-        per_step = cfg.train.batch_size * cfg.train.grad_accum
         sequences = len(self.train.rows_for(cfg.data.packing))
         val_fp = self.val.fingerprint
         self.plan = TrainPlan(
@@ -160,8 +180,9 @@ class PreparedRun:
             train_rows=train_fp.rows, validation_rows=val_fp.rows if val_fp else 0,
             train_examples=0 if self.stream is not None else len(self.train.examples.examples), train_sequences=sequences,
             packing=cfg.data.packing, streaming=cfg.data.streaming, cache_hit=self.train.hit,
-            max_steps=total_steps(cfg, sequences),
-            tokens_per_step=per_step * cfg.data.max_length, resume_from=self.resume_from, lint=self.lint,
+            max_steps=total_steps(cfg, sequences, self.processes),
+            tokens_per_step=rows_per_step(cfg, self.processes) * cfg.data.max_length, resume_from=self.resume_from,
+            processes=self.processes, sharded=self.sharded, lint=self.lint,
             memory=estimate_memory(
                 self.base_path, lora_config(cfg, self.new_token_ids), 4 if cfg.model.dtype in ("auto", "float32") else 2,
                 cfg.train.batch_size, cfg.data.max_length, cfg.train.gradient_checkpointing, cfg.model.trust_remote_code,
@@ -172,11 +193,15 @@ class PreparedRun:
     def train_dataset(self, packing: bool) -> Any:
         return self.stream if self.stream is not None else self.train.rows_for(packing)
 
-    def export(self, model: Any, step: int, metrics: dict[str, Any], run_id: str) -> Path:
+    def export(self, model: Any, step: int, metrics: dict[str, Any], run_id: str,
+               weights: dict[str, Any] | None = None) -> Path:
+        """Seal step `step`: the adapter (from `weights`, the whole tensors an FSDP run gathered,
+        else from the model itself), the tokenizer and `lmctl.json`."""
         final = checkpoint.step_dir(self.run_dir, step)
         with atomic.staging_dir(final) as stage:
             # added tokens' rows are in the trainable-tokens delta; the full matrices need not be saved
-            model.save_pretrained(stage, safe_serialization=True, save_embedding_layers=False)
+            model.save_pretrained(stage, safe_serialization=True, save_embedding_layers=False,
+                                  **({"state_dict": weights} if weights is not None else {}))
             self.tokenizer.save_pretrained(stage)
             checkpoint.seal(stage, {
                 "created_at": utc_now(),
@@ -201,8 +226,12 @@ class PreparedRun:
                 shutil.rmtree(checkpoint.step_dir(self.run_dir, step))
 
 
-def total_steps(cfg: LmctlConfig, sequences: int) -> int:
-    per_step = cfg.train.batch_size * cfg.train.grad_accum
-    return cfg.train.max_steps or max(1, int(sequences * cfg.train.epochs / per_step))
+def rows_per_step(cfg: LmctlConfig, processes: int) -> int:
+    """Rows one optimizer step consumes: every process's batch_size x grad_accum."""
+    return cfg.train.batch_size * cfg.train.grad_accum * processes
+
+
+def total_steps(cfg: LmctlConfig, sequences: int, processes: int) -> int:
+    return cfg.train.max_steps or max(1, int(sequences * cfg.train.epochs / rows_per_step(cfg, processes)))
 
 

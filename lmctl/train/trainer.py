@@ -2,16 +2,21 @@
 
 The run directory `output.dir/run_name` holds the Trainer's own resumable state under
 `trainer/` and sealed lmctl checkpoints under `checkpoints/step-NNNNNN`. A file lock on the
-run stops two processes from training into the same directory (exit 5).
+run stops two processes from training into the same directory (exit 5). Under torchrun
+(docs/distributed.md) every rank runs `train`; rank 0 alone writes (lock, archive, MLflow,
+sealed checkpoints) and the Trainer (accelerate) trains DDP or FSDP2 across the ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -19,8 +24,13 @@ from lmctl import checkpoint, tokenizer_lock
 from lmctl.config import LmctlConfig
 from lmctl.data.examples import collate
 from lmctl.data.packing import collate_packed, packing_is_isolated
-from lmctl.errors import BadInputError, BusyError
+from lmctl.distributed import World
+from lmctl.errors import BadInputError, BusyError, LmctlError
+from lmctl.train import fsdp
 from lmctl.train.prepare import PreparedRun, TrainPlan, archive_previous, lora_config, total_steps
+
+if TYPE_CHECKING:
+    from lmctl.train.callbacks import Tracking
 
 log = logging.getLogger("lmctl.train")
 
@@ -40,16 +50,19 @@ class TrainResult(BaseModel):
     tokens_per_s: float
     mlflow_run_id: str
     resumed_from: str | None
+    processes: int = 1  # torchrun's world size; tokens and tokens_per_s count all of them
+    distributed: str = "none"  # none (one process), ddp or fsdp: what the Trainer ran
 
 
 def training_args(cfg: LmctlConfig, run: PreparedRun, sequences: int, packing: bool) -> Any:
+    """The Trainer's arguments; with train.distributed=fsdp under torchrun, FSDP2's (lmctl.train.fsdp)."""
     import torch
     from transformers import TrainingArguments
 
     has_val = bool(run.val.examples.examples)
     return TrainingArguments(
         output_dir=str(run.run_dir / "trainer"),
-        max_steps=total_steps(cfg, sequences),
+        max_steps=total_steps(cfg, sequences, run.processes),
         per_device_train_batch_size=cfg.train.batch_size,
         per_device_eval_batch_size=cfg.train.batch_size,
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -78,9 +91,11 @@ def training_args(cfg: LmctlConfig, run: PreparedRun, sequences: int, packing: b
         use_cpu=not torch.cuda.is_available(),
         bf16=torch.cuda.is_available() and cfg.model.dtype in ("auto", "bfloat16"),
         fp16=torch.cuda.is_available() and cfg.model.dtype == "float16",
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        # under FSDP its own activation checkpointing instead (the Trainer refuses both at once)
+        gradient_checkpointing=cfg.train.gradient_checkpointing and not run.sharded,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA parameter takes part in each forward
+        **(fsdp.trainer_options(cfg) if run.sharded else {}),
     )
 
 
@@ -101,31 +116,85 @@ def _packing_works(model: Any, run: PreparedRun) -> bool:
 
 
 def train(cfg: LmctlConfig, resume: str = "auto", dry_run: bool = False) -> TrainResult | TrainPlan:
-    """Validate everything, then fine-tune; returns the plan on --dry-run, else the result."""
+    """Validate everything, then fine-tune; returns the plan on --dry-run, else the result.
+
+    Under torchrun every rank runs this. One process per node (local rank 0) prepares first,
+    filling that node's tokenization cache; the others then open the entry it sealed."""
+    from lmctl.distributed import process_group
+
+    sharded = fsdp.sharding(cfg)  # refused before joining the other processes, not after
+    with process_group() as here:
+        with here.primary_first(local=True):
+            run = PreparedRun(cfg, resume, sharded)
+        if dry_run:
+            return run.plan
+        with _held_by_primary(cfg, run, here) as tracking:
+            return _fit(cfg, run, here, tracking)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What rank 0 tells the other ranks before training: go on from `resume_from`, or fail."""
+
+    resume_from: str | None = None
+    error: str | None = None
+    exit_code: int = 1
+
+
+@contextlib.contextmanager
+def _held_by_primary(cfg: LmctlConfig, run: PreparedRun, here: World) -> Iterator[Tracking]:
+    """Rank 0 takes the run lock, archives on --resume never and opens the MLflow run. Every
+    rank learns the outcome and rank 0's resume point, so a refusal on rank 0 ends all ranks
+    with its exit code instead of leaving them waiting at the first collective."""
     from filelock import FileLock, Timeout
 
-    run = PreparedRun(cfg, resume)
-    if dry_run:
-        return run.plan
-    if not is_primary():  # torchrun: rank 0 holds the run lock and archives for all ranks
-        return _fit(cfg, run)
-    run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    from lmctl.train.callbacks import Tracking
+
     lock = FileLock(str(run.run_dir.parent / f".{run.run_dir.name}.lock"))
+    tracking, outcome = Tracking(cfg, run.data_info, primary=False), _Outcome(resume_from=run.resume_from)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise BusyError(f"run {run.run_dir} is being trained by another process") from None
-    try:
-        if resume == "never":
-            archive_previous(run.run_dir)
-        return _fit(cfg, run)
+        if here.primary:
+            try:
+                run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    raise BusyError(f"run {run.run_dir} is being trained by another process") from None
+                if run.resume == "never":
+                    archive_previous(run.run_dir)
+                tracking = Tracking(cfg, run.data_info, primary=True)
+            except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here as it was
+                here.from_primary(_Outcome(error=str(exc), exit_code=getattr(exc, "exit_code", 1)))
+                raise
+        outcome = here.from_primary(outcome if here.primary else None)
+        if outcome.error is not None:
+            failed = LmctlError(f"rank 0 refused the run: {outcome.error}")
+            failed.exit_code = outcome.exit_code
+            raise failed
+        run.resume_from = outcome.resume_from
+        try:
+            yield tracking
+        except BaseException:
+            tracking.finish("KILLED")
+            raise
     finally:
-        lock.release()
+        if lock.is_locked:
+            lock.release()
 
 
-def is_primary() -> bool:
-    """True on the one process that writes: rank 0 under torchrun, the only process otherwise."""
-    return int(os.environ.get("RANK", "0")) == 0
+@functools.cache
+def _cpu_ranks_load_on_the_cpu() -> None:
+    """Let torch.load read `cpu:N` as the CPU. Under DDP on CPU accelerate gives rank N the
+    device `cpu:N`, and transformers 5.17 resumes a run of several processes with
+    `torch.load(optimizer.pt, map_location=args.device)`, which torch refuses ("don't know how
+    to restore data location ... (tagged with cpu:0)"): every resume on CPU would fail. This
+    teaches torch's own location registry (`torch.serialization.register_package`) the name."""
+    import torch.serialization
+
+    def restore(storage: Any, location: str) -> Any:
+        return storage if location.startswith("cpu:") else None
+
+    torch.serialization.register_package(30, lambda obj: None, restore)
 
 
 def _build_model(cfg: LmctlConfig, run: PreparedRun) -> Any:
@@ -147,26 +216,26 @@ def _build_model(cfg: LmctlConfig, run: PreparedRun) -> Any:
     return model
 
 
-def _fit(cfg: LmctlConfig, run: PreparedRun) -> TrainResult:
+def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking) -> TrainResult:
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
 
-    from lmctl.train.callbacks import ExportCheckpoints, Progress, Tracking
+    from lmctl.train.callbacks import ExportCheckpoints, Progress
 
     set_seed(cfg.train.seed)
-    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if here.primary:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
     model = _build_model(cfg, run)
     packing = cfg.data.packing and _packing_works(model, run)
     if run.stream is not None and packing != cfg.data.packing:
         raise BadInputError("this architecture cannot isolate packed examples; set data.packing=false to stream")
     train_rows = run.train_dataset(packing)
-    tracking = Tracking(cfg, run.data_info, primary=is_primary())
 
-    def export(model: Any, state: Any) -> Path:
-        path = run.export(model, state.global_step, _last_metrics(state.log_history), tracking.run_id)
+    def export(model: Any, state: Any, weights: dict[str, Any] | None) -> Path:
+        path = run.export(model, state.global_step, _last_metrics(state.log_history), tracking.run_id, weights)
         run.prune(state.best_global_step)
         return path
 
-    exporter = ExportCheckpoints(export)
+    exporter = ExportCheckpoints(export, here, run.sharded)
     callbacks = [*tracking.callbacks(), Progress(), exporter]
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
@@ -179,18 +248,19 @@ def _fit(cfg: LmctlConfig, run: PreparedRun) -> TrainResult:
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # it print()s log dicts to stdout, which --json owns
+    if run.sharded:
+        fsdp.check_enabled(trainer)
+    if here.size > 1 and trainer.args.device.type == "cpu":
+        _cpu_ranks_load_on_the_cpu()
     started = time.perf_counter()
-    try:
-        trainer.train(resume_from_checkpoint=run.resume_from)
-    except BaseException:
-        tracking.finish("KILLED")
-        raise
+    trainer.train(resume_from_checkpoint=run.resume_from)
+    final = checkpoint.step_dir(run.run_dir, trainer.state.global_step)
+    # the last step was no save step, or this run resumed at its end: seal it unless it is
+    sealed = here.from_primary(checkpoint.is_checkpoint(final) if here.primary else None)
+    if exporter.last_step != trainer.state.global_step and not sealed:
+        exporter.seal(model, trainer.state)
     seconds = time.perf_counter() - started
-    history, step = trainer.state.log_history, trainer.state.global_step
-    final = checkpoint.step_dir(run.run_dir, step)
-    if is_primary() and not checkpoint.is_checkpoint(final):
-        exporter.exported.append(run.export(model, step, _last_metrics(history), tracking.run_id))
-    tracking.finish("FINISHED", history, run.run_dir)
+    tracking.finish("FINISHED", trainer.state.log_history, run.run_dir)
     return _result(run, trainer.state, final, exporter.exported, seconds, tracking.run_id)
 
 
@@ -206,5 +276,6 @@ def _result(run: PreparedRun, state: Any, final: Path, exported: list[Path], sec
         best_eval_loss=state.best_metric, stopped_early=state.global_step < state.max_steps,
         steps=state.global_step, train_loss=metrics["train_loss"], eval_loss=metrics["eval_loss"], tokens=tokens,
         seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
-        mlflow_run_id=run_id, resumed_from=run.resume_from,
+        mlflow_run_id=run_id, resumed_from=run.resume_from, processes=run.processes,
+        distributed="fsdp" if run.sharded else ("ddp" if run.processes > 1 else "none"),
     )

@@ -1,0 +1,93 @@
+"""`train.distributed: fsdp`: FSDP2 through transformers' Trainer and accelerate.
+
+What lmctl adds to the library path, and why:
+- *Where it runs.* accelerate 1.15 builds its FSDP plugin only for accelerator devices
+  (`AcceleratorState`: CUDA, XPU, NPU, ...). On a CPU-only machine it drops the plugin and
+  the Trainer trains DDP while being told FSDP; torch's own `fully_shard` runs on CPU with
+  gloo, the stack above it does not. So `sharding()` refuses FSDP across CPU processes
+  (exit 2) instead of letting a run silently be something else, and one process (nothing to
+  shard) trains plainly, so one config serves a laptop and a cluster.
+- *The sealed checkpoint.* Under FSDP each rank holds a shard of every LoRA tensor. A sealed
+  checkpoint must be the same `adapter_model.safetensors` as a single-process run writes, so
+  `full_adapter_state` gathers the trainable tensors, unsharded, onto rank 0 with torch's
+  `get_model_state_dict` (a collective: every rank calls it). Frozen base weights are left
+  out: gathering them would copy the whole base model to rank 0 for nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from lmctl.config import LmctlConfig
+from lmctl.errors import BadInputError
+
+log = logging.getLogger("lmctl.train")
+
+
+def sharding(cfg: LmctlConfig) -> bool:
+    """Whether this run shards with FSDP: asked for, launched by torchrun, on CUDA."""
+    import torch
+
+    from lmctl.distributed import world
+
+    if cfg.train.distributed != "fsdp":
+        return False
+    processes = world().size
+    if not torch.cuda.is_available():
+        if processes > 1:
+            raise BadInputError(
+                f"train.distributed=fsdp needs CUDA GPUs; this machine has none and accelerate "
+                f"{_version('accelerate')} would train the {processes} CPU processes with DDP instead",
+                hint="set train.distributed=ddp on CPU")
+        log.info("train.distributed=fsdp on one CPU process: nothing to shard, training plainly")
+        return False
+    if "LOCAL_RANK" not in os.environ:  # not started by torchrun: the Trainer refuses FSDP alone
+        log.info("train.distributed=fsdp in one process without torchrun: nothing to shard, training plainly")
+        return False
+    return True
+
+
+def _version(package: str) -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version(package)
+
+
+def trainer_options(cfg: LmctlConfig) -> dict[str, Any]:
+    """The TrainingArguments that switch the Trainer to FSDP2.
+
+    Each decoder layer is its own FSDP unit (accelerate's transformer-based wrap reads the
+    model's `_no_split_modules`); the Trainer's own checkpoints gather a full state dict.
+    `train.gradient_checkpointing` becomes FSDP's own activation checkpointing (the Trainer
+    refuses its `gradient_checkpointing` together with FSDP's)."""
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "state_dict_type": "FULL_STATE_DICT",
+            "reshard_after_forward": True,
+            "activation_checkpointing": cfg.train.gradient_checkpointing,
+        },
+    }
+
+
+def check_enabled(trainer: Any) -> None:
+    """The Trainer really shards: a stack that drops the plugin must not train DDP unnoticed."""
+    if not trainer.is_fsdp_enabled:
+        from lmctl.errors import LmctlError
+
+        raise LmctlError(f"train.distributed=fsdp was set but the Trainer did not enable FSDP "
+                         f"(accelerate distributed type {trainer.accelerator.state.distributed_type})")
+
+
+def full_adapter_state(model: Any) -> dict[str, Any]:
+    """The trainable tensors of an FSDP-sharded model, whole, on rank 0's CPU (empty elsewhere).
+
+    A collective: every rank must call it, in the same place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
