@@ -97,7 +97,7 @@ def baseline(model: Any, tok: Any, max_tokens: int) -> Generate:
     eos = getattr(tok, "eos_token_id", None)
 
     def generate(ids: list[int]) -> list[int]:
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=model.device)  # a CUDA model given CPU ids warns and crawls
         with lock, torch.inference_mode():
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=eos)
