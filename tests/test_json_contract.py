@@ -22,7 +22,7 @@ from conftest import ASSETS
 VALIDATION = ASSETS / "tiny_validation.jsonl"
 # Objects whose keys are data, not contract: only their own key is recorded.
 OPAQUE = {"libraries", "config", "tags", "metrics", "sums", "data.files", "files", "commands", "lm_eval", "stages",
-          "diff.config", "config_changes", "checks[].details", "method"}
+          "diff.config", "config_changes", "checks[].details", "method", "paths"}
 
 
 def shape(value: Any, prefix: str = "", depth: int = 3) -> set[str]:
@@ -57,6 +57,8 @@ def test_json_keys_of_every_command(cli, tiny_config: Path, tmp_path: Path) -> N
     run("data prepare", "data", "prepare", ASSETS / "tiny_train.jsonl", "--out", tmp_path / "prepared")
     run("data cache list", "data", "cache", "list")
     run("train --dry-run", "train", tiny_config, "--dry-run")
+    run("train --emit kubernetes", "train", tiny_config, "--emit", "kubernetes", "--nodes", "2", "--gpus-per-node", "4",
+        "--data-root", ASSETS, "--out", tmp_path / "train-job")
     ckpt = run("train", "train", tiny_config)["checkpoint"]
     first = run("eval", "eval", ckpt, "--data", VALIDATION, "--report", tmp_path / "first.json")
     assert first["registry"] is None
@@ -111,7 +113,8 @@ EXPECTED: dict[str, set[str]] = {
         'retrain.webhook_timeout_s', 'retrain.webhook_url', 'train', 'train.batch_size',
         'train.early_stopping_patience', 'train.early_stopping_threshold', 'train.epochs', 'train.eval_every',
         'train.grad_accum', 'train.gradient_checkpointing', 'train.keep_last', 'train.log_every', 'train.lr',
-        'train.max_steps', 'train.save_every', 'train.seed', 'train.warmup_ratio', 'train.weight_decay'},
+        'train.max_steps', 'train.save_every', 'train.seed', 'train.warmup_ratio', 'train.weight_decay',
+        'train.distributed'},  # issue 22 added train.distributed
     'config validate': {
         'config', 'valid'},
     'data prepare': {
@@ -212,14 +215,19 @@ EXPECTED: dict[str, set[str]] = {
         'host', 'ci_job', 'seq'},  # issue 14 added the last three
     'train': {
         'best_checkpoint', 'best_eval_loss', 'checkpoint', 'checkpoints', 'eval_loss', 'mlflow_run_id',
-        'resumed_from', 'run_dir', 'seconds', 'steps', 'stopped_early', 'tokens', 'tokens_per_s', 'train_loss'},
+        'resumed_from', 'run_dir', 'seconds', 'steps', 'stopped_early', 'tokens', 'tokens_per_s', 'train_loss',
+        'distributed', 'processes'},  # issue 22 added the last two
     'train --dry-run': {
         'base_model', 'cache_hit', 'data_format', 'lint', 'lint.eos_labels', 'lint.rows_dropped',
         'lint.truncation_rate', 'lint.warnings', 'max_steps', 'memory', 'memory.activations_gb', 'memory.data_gb',
         'memory.estimated_peak_gb',
         'memory.logits_gb', 'memory.optimizer_gb', 'memory.runtime_gb', 'memory.total_params',
         'memory.trainable_params', 'memory.weights_gb', 'packing', 'resume_from', 'run_dir', 'streaming',
-        'tokens_per_step', 'train_examples', 'train_rows', 'train_sequences', 'validation_rows'},
+        'tokens_per_step', 'train_examples', 'train_rows', 'train_sequences', 'validation_rows',
+        'processes', 'sharded'},  # issue 22 added the last two
+    # added by issue 22 (the training job for a cluster)
+    'train --emit kubernetes': {'commands', 'files', 'gpus_per_node', 'job', 'namespace', 'nodes', 'out', 'paths',
+                                'sequences_per_step', 'target', 'torchrun', 'warnings', 'world_size'},
     # added by issue 13 (the tokenization cache)
     'data cache list': {'entries', 'entries[].bytes', 'entries[].created_at', 'entries[].format', 'entries[].key',
                         'entries[].max_length', 'entries[].purpose', 'entries[].rows', 'entries[].source', 'entries[].status', 'entries[].tokenized',
