@@ -117,6 +117,16 @@ def world() -> World:
     return found
 
 
+def launched() -> bool:
+    """Whether torchrun started this process: it sets LOCAL_RANK, also for a job of one process."""
+    return "LOCAL_RANK" in os.environ
+
+
+def restart_count() -> int:
+    """How often torchrun (--max-restarts) has restarted this job's workers: 0 on the first attempt."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+
+
 def is_primary() -> bool:
     """True on the one process that writes: rank 0 under torchrun, the only process otherwise."""
     return world().primary

@@ -17,7 +17,6 @@ What lmctl adds to the library path, and why:
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from lmctl.config import LmctlConfig
@@ -30,7 +29,7 @@ def sharding(cfg: LmctlConfig) -> bool:
     """Whether this run shards with FSDP: asked for, launched by torchrun, on CUDA."""
     import torch
 
-    from lmctl.distributed import world
+    from lmctl.distributed import launched, world
 
     if cfg.train.distributed != "fsdp":
         return False
@@ -43,7 +42,7 @@ def sharding(cfg: LmctlConfig) -> bool:
                 hint="set train.distributed=ddp on CPU")
         log.info("train.distributed=fsdp on one CPU process: nothing to shard, training plainly")
         return False
-    if "LOCAL_RANK" not in os.environ:  # not started by torchrun: the Trainer refuses FSDP alone
+    if not launched():  # not started by torchrun: the Trainer refuses FSDP alone
         log.info("train.distributed=fsdp in one process without torchrun: nothing to shard, training plainly")
         return False
     return True

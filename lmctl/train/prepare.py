@@ -69,9 +69,9 @@ def resume_after_restart(run_dir: Path, resume: str) -> str:
     """torchrun --max-restarts starts the workers again with the same arguments: a restart
     continues from this run's newest complete checkpoint, whatever --resume said at first
     (`never` must not archive the progress the first attempt made)."""
-    import os
+    from lmctl.distributed import restart_count
 
-    if resume == "auto" or not int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0):
+    if resume == "auto" or not restart_count():
         return resume
     newest = complete_trainer_checkpoints(run_dir)
     chosen = str(newest[0]) if newest else ("auto" if resume == "never" else resume)
