@@ -42,11 +42,10 @@ from lmctl.deploy.bundle import listed_files, make_readable
 from lmctl.deploy.options import TrainJobOptions
 from lmctl.deploy.kubernetes import base_model_warnings, check_workload, dns_label, dump, labels, selector
 from lmctl.errors import BadInputError
-from lmctl.train.launch import SHARE_STORE_ENV
+from lmctl.train.launch import RDZV_PORT, SHARE_STORE_ENV
 
 EMIT_TARGETS = ("kubernetes",)
 TRACK = "train"
-RDZV_PORT = 29400
 CONFIG_DIR = PurePosixPath("/config")
 CONFIG_FILE = CONFIG_DIR / "config.yaml"
 SHM = PurePosixPath("/dev/shm")

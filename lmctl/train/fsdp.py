@@ -20,7 +20,7 @@ import logging
 from typing import Any
 
 from lmctl.config import LmctlConfig
-from lmctl.errors import BadInputError
+from lmctl.errors import BadInputError, LmctlError
 
 log = logging.getLogger("lmctl.train")
 
@@ -76,8 +76,6 @@ def trainer_options(cfg: LmctlConfig) -> dict[str, Any]:
 def check_enabled(trainer: Any) -> None:
     """The Trainer really shards: a stack that drops the plugin must not train DDP unnoticed."""
     if not trainer.is_fsdp_enabled:
-        from lmctl.errors import LmctlError
-
         raise LmctlError(f"train.distributed=fsdp was set but the Trainer did not enable FSDP "
                          f"(accelerate distributed type {trainer.accelerator.state.distributed_type})")
 

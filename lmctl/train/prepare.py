@@ -49,7 +49,6 @@ class TrainPlan(BaseModel):
     memory: MemoryEstimate
 
 
-
 def complete_trainer_checkpoints(run_dir: Path) -> list[Path]:
     """Trainer checkpoints whose save finished, newest first.
 
