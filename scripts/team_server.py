@@ -7,7 +7,7 @@ DIR gets a fresh PostgreSQL cluster (`DIR/pg`, superuser `lmctl` with a random p
 listening on 127.0.0.1 only) and the artifact store (`DIR/artifacts`) that the MLflow
 server proxies, so clients upload and download artifacts over HTTP and never need the
 server's filesystem: the same layout a team runs, minus TLS and auth in front of it.
-It is what CI and `tests/test_team_server.py` use; README "Team registry" shows the
+It is what CI and `tests/test_team_server.py` use; docs/registry.md "Team registry" shows the
 long-lived set-up. PostgreSQL refuses to run as root, so as root the cluster runs as the
 `postgres` user (created by the Debian package) or a system user created here.
 """

@@ -132,3 +132,33 @@ def test_every_json_key_is_documented() -> None:
         if absent:
             missing[label] = absent
     assert not missing, f"--json keys missing from their command's section of docs/commands.md: {missing}"
+
+
+def _readme_commands() -> list[str]:
+    """Every `lmctl ...` the README shows: lines of its code blocks and inline code spans."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```\w*\n(.*?)```", text, flags=re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    spans = re.findall(r"`(lmctl [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    return [c for c in lines + spans if c.startswith("lmctl ")]
+
+
+def test_every_command_the_readme_shows_exists() -> None:
+    leaves = _leaf_commands()
+    shown = _readme_commands()
+    assert len(shown) >= 15  # the walk and the command table were found
+    problems = []
+    for command in shown:
+        words = command.replace("\\|", "|").split()[1:]
+        first = [w for w in words[0].split("|")]
+        for alt in first:
+            path = [alt] + ([words[1].split("|")[0]] if len(words) > 1 and f"{alt} {words[1].split('|')[0]}" in leaves else [])
+            name = " ".join(path)
+            if name not in leaves:
+                problems.append(f"{command!r}: no command `lmctl {name}`")
+                continue
+            flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", command)) - COMMON_FLAGS
+            unknown = sorted(f for f in flags if f not in leaves[name])
+            if unknown and len(first) == 1:
+                problems.append(f"{command!r}: `lmctl {name}` has no {unknown}")
+    assert not problems, f"README shows commands lmctl does not have: {problems}"

@@ -4,7 +4,7 @@ Each check is reported with its value, its threshold (the `drift` config section
 check off) and pass/fail; `drift_detected` is true when any check fails.
 
 - Perplexity: token-weighted perplexity of the model on each set (strided windows, as in
-  README "How perplexity is computed"); increase % = 100 x (ppl_current / ppl_reference - 1)
+  docs/evaluation.md "How perplexity is computed"); increase % = 100 x (ppl_current / ppl_reference - 1)
   with a 95% interval from an unpaired bootstrap over documents (the sets hold different
   documents, so each is resampled on its own). Drift when the increase exceeds
   `max_ppl_increase` AND the interval lies above 0, so a small noisy sample alone cannot trip it.
