@@ -320,3 +320,77 @@ def test_every_response_is_counted_by_endpoint_and_status(server: Server) -> Non
     assert {dict(k)["endpoint"] for k in after["lmctl_requests_total"]} <= {
         "completions", "chat.completions", "models", "healthz", "readyz", "metrics", "other"}
     assert delta("lmctl_request_latency_seconds_count", endpoint="completions") == 3
+
+
+@pytest.mark.parametrize("fields", [
+    {"seed": 2**64}, {"seed": -(2**63) - 1}, {"seed": 1.5}, {"seed": True},
+    {"max_tokens": True}, {"max_tokens": 8.0}, {"max_tokens": 0}, {"max_tokens": "8"}, {"max_tokens": 2**31},
+    {"temperature": 2.5}, {"temperature": -0.1}, {"temperature": True}, {"temperature": "0.5"},
+    {"top_p": 0}, {"top_p": 1.5}, {"n": 2}, {"n": True}, {"stream_options": {"include_usage": 1}},
+], ids=lambda fields: ",".join(f"{k}={v!r}" for k, v in fields.items()))
+def test_every_number_is_bounded_and_strictly_typed(server: Server, fields: dict[str, object]) -> None:
+    """Sent through the SDK, which passes the values on as given: each is a 422 naming its field
+    (a seed torch cannot take used to fail in the engine; `max_tokens: true` was taken as 1)."""
+    name = next(iter(fields))
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        server.client().completions.create(model=MODEL, prompt="x", **fields)  # type: ignore[call-overload]
+    assert refused.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    assert refused.value.message.startswith("Error code: 422 - ") and name in str(refused.value.body)
+
+
+def test_an_out_of_range_seed_is_refused_and_fails_no_neighbour(server: Server) -> None:
+    """The issue's reproduction: streams running while a client sends a seed torch cannot take."""
+    async def run() -> list[object]:
+        client = server.async_client()
+        decoding = [asyncio.Event(), asyncio.Event()]
+
+        async def streamed(started: asyncio.Event) -> str:
+            chunks = await client.completions.create(model=MODEL, prompt="Once upon", max_tokens=120, temperature=0,
+                                                     stream=True)
+            text = []
+            async for chunk in chunks:
+                started.set()
+                text.append(chunk.choices[0].text)
+            return "".join(text)
+
+        async def bad_seed() -> object:
+            for started in decoding:  # both streams are decoding
+                await started.wait()
+            return await client.completions.create(model=MODEL, prompt="x", max_tokens=4, seed=2**64)
+
+        return await asyncio.gather(*(streamed(e) for e in decoding), bad_seed(), return_exceptions=True)
+
+    alone = server.client().completions.create(model=MODEL, prompt="Once upon", max_tokens=120, temperature=0)
+    first, second, refused = asyncio.run(run())
+    assert first == second == alone.choices[0].text
+    assert isinstance(refused, openai.UnprocessableEntityError) and "seed" in refused.message
+    server.assert_clean_log()
+
+
+def test_chat_numbers_are_strict_too(server: Server) -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    for fields in ({"max_completion_tokens": True}, {"max_completion_tokens": 2**31}, {"seed": 2**63}):
+        with pytest.raises(openai.UnprocessableEntityError, match=next(iter(fields))):
+            server.client().chat.completions.create(model=MODEL, messages=messages, **fields)  # type: ignore[call-overload, arg-type]
+
+
+def test_a_body_must_be_utf8_json_sent_as_json(server: Server) -> None:
+    """Raw HTTP, since the SDK always sends UTF-8 JSON with its Content-Type."""
+    url, auth = f"{server.url}/v1/completions", {"Authorization": f"Bearer {KEY}"}
+    body = '{"prompt": "The", "max_tokens": 2}'
+    sent_as_json = {**auth, "Content-Type": "application/json"}
+    assert httpx.post(url, content=body.encode(), headers=sent_as_json, timeout=60).status_code == 200
+    for encoded in (body.encode("utf-16"), body.encode("utf-16-le"), body.encode("utf-32"), b"\xef\xbb\xbf" + body.encode()):
+        error = _assert_openai_error(httpx.post(url, content=encoded, headers=sent_as_json, timeout=60),
+                                     400, "invalid_request_error")
+        assert "not UTF-8" in str(error["message"]) or "not valid JSON" in str(error["message"]), error
+    for content_type in (None, "text/plain", "application/x-www-form-urlencoded"):  # curl -d sends the last
+        headers = {**auth, **({"Content-Type": content_type} if content_type else {})}
+        error = _assert_openai_error(httpx.post(url, content=body.encode(), headers=headers, timeout=60),
+                                     415, "invalid_request_error")
+        assert "Content-Type: application/json" in str(error["message"]), error
+    for broken in (b'{"prompt": "The", "max_tokens": 2', b'{"prompt": "The", "temperature": NaN}', b""):
+        error = _assert_openai_error(httpx.post(url, content=broken, headers=sent_as_json, timeout=60),
+                                     400, "invalid_request_error")
+        assert "not valid JSON" in str(error["message"]), error
+    server.assert_clean_log()

@@ -1,7 +1,8 @@
 """Which tokens a decode step keeps for each row: the sampled one, then the draft tokens the model
 agreed with (prompt-lookup drafts are checked against the model's own argmax in the same
 forward, so greedy output is exactly what one token per step would give). Rows that stop,
-reach max_tokens, are cancelled or produced non-finite logits leave the batch."""
+reach max_tokens, are cancelled, produced non-finite logits or whose own work raised
+(lmctl.serve.jobs.failing_alone) leave the batch; the other rows go on."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmctl.serve.batch import Batch, select_rows
-from lmctl.serve.jobs import Job
+from lmctl.serve.jobs import Job, failing_alone
 from lmctl.serve.next_token import pick_next_tokens
 
 
@@ -43,14 +44,12 @@ def accept_tokens(batch: Batch, logits: Any, drafts: list[list[int]] | None,
     keep, kept_drafts, last = [], [], []
     for row, (job, token) in enumerate(zip(batch.jobs, tokens)):
         out = [token]
-        for j, guess in enumerate(drafts[row] if drafts else []):  # guess j was fed after out[j]
-            if guess != out[j]:
-                break
-            out.append(greedy[starts[row] + j + 1])
+        with failing_alone(job):  # every row still gets its `last` and `kept_drafts` entries
+            out = _agreed(token, drafts[row] if drafts else [], greedy, starts[row] if drafts else 0)
+            if stream(job, out, dropped):
+                keep.append(row)
         kept_drafts.append(len(out) - 1)
         last.append(out[-1])
-        if stream(job, out, dropped):
-            keep.append(row)
     batch.last = torch.tensor(last, dtype=torch.long, device=logits.device)
     if drafts is not None:
         kept = torch.tensor(kept_drafts, device=logits.device)
@@ -58,6 +57,18 @@ def accept_tokens(batch: Batch, logits: Any, drafts: list[list[int]] | None,
         width = max(len(d) for d in drafts) + 1  # this step's columns, the last of the mask
         batch.mask[:, -width:] *= torch.arange(width, device=logits.device)[None] <= kept[:, None]
     return Accepted(select_rows(batch, keep), starts[-1] - len(drafts or []), sum(kept_drafts))
+
+
+def _agreed(token: int, draft: list[int], greedy: list[int], start: int) -> list[int]:
+    """The sampled token, then each draft token the model's argmax agreed with and the model's
+    token after the last of them (guess j was fed after out[j]; greedy[start + j + 1] is what
+    the model says follows it)."""
+    out = [token]
+    for j, guess in enumerate(draft):
+        if guess != out[j]:
+            break
+        out.append(greedy[start + j + 1])
+    return out
 
 
 def _finite(logits: Any, jobs: list[Job]) -> Any:

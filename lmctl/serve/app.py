@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmctl.serve.body import JsonBodyRoute
 from lmctl.serve.handlers import Context, Generation, GenerationTimeout, prepare
 from lmctl.serve.metrics import Exchange
 from lmctl.serve.schemas import ChatRequest, CompletionRequest, error_body
@@ -200,6 +201,7 @@ def create_app(ctx: Context, api_keys: list[str], follower: Any = None) -> FastA
             slot.engine.stop(drain=True, timeout=ctx.settings.request_timeout_s)
 
     app = FastAPI(title="lmctl", version="1", lifespan=lifespan)
+    app.router.route_class = JsonBodyRoute  # UTF-8 JSON bodies sent as JSON (lmctl.serve.body)
     app.add_middleware(RequestEnvelope, max_body_bytes=ctx.settings.max_body_bytes, ctx=ctx)
     _install_error_handlers(app)
     auth = [Depends(_key_checker(api_keys))]

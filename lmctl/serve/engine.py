@@ -11,6 +11,9 @@ newcomers in a left-padded pass of their own first.) Position ids count real tok
 `generate` does. Finished or cancelled rows leave at once (`batch_select_indices`) and
 all-padding columns are dropped, so compute follows live rows. Attention is torch's
 grouped-query SDPA (kvcache.use_gqa_attention). Sampling: lmctl.serve.next_token.
+One request cannot fail its neighbours: what a row's own work raises (seeding its generator,
+its draft, its draw, accepting and streaming its tokens) ends that job alone
+(lmctl.serve.jobs.failing_alone); only a batched forward that raises fails a step's jobs.
 
 Why not transformers 5.17's continuous batching (`generate_batch`, `init_continuous_batching`,
 `ContinuousBatchingManager`)? From its source: `do_sample` is manager-wide (greedy and sampled
@@ -30,12 +33,13 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from lmctl.serve.accept import NonFiniteLogitsError, accept_tokens
 from lmctl.serve.batch import Batch, merge_batches, select_rows, squeeze_columns
-from lmctl.serve.jobs import Completion, EngineStoppedError, Job, QueueFullError, SamplingParams
+from lmctl.serve.jobs import Completion, EngineStoppedError, Job, QueueFullError, SamplingParams, failing_alone
 
 __all__ = ["Completion", "Engine", "EngineStoppedError", "Job", "NonFiniteLogitsError", "QueueFullError", "SamplingParams"]
 
@@ -175,36 +179,30 @@ class Engine:
     def _step(self, batch: Batch | None, newcomers: list[Job]) -> Batch | None:
         """Decode one token for every row and prefill the newcomers: in one ragged forward where the
         engine owns the attention, else a prefill pass of their own merged in before the decode
-        step. A model error fails only the jobs in the forward that raised it; the engine goes on."""
+        step. What one row's own work raises fails that job alone (jobs.failing_alone); a failure
+        of a batched forward fails the jobs in that forward, and the engine goes on."""
         if self._ragged:
             jobs = [*(batch.jobs if batch else []), *newcomers]
-            try:
-                batch = self._ragged_step(batch, newcomers)
-            except Exception as exc:
-                log.exception("decode step failed for %d job(s)", len(jobs))
-                for job in jobs:
-                    job._finish("cancelled", exc)
-                batch = None
-            self._active = list(batch.jobs) if batch else []
-            return batch
-        if newcomers:
-            try:
-                batch = merge_batches(batch, self._prefill(newcomers))
-            except Exception as exc:
-                log.exception("prefill failed for %d job(s)", len(newcomers))
-                for job in newcomers:
-                    job._finish("cancelled", exc)
-        if batch is not None:
-            self._active = list(batch.jobs)
-            try:
-                batch = self._decode(batch)
-            except Exception as exc:
-                log.exception("decode step failed for %d job(s)", len(batch.jobs))
-                for job in batch.jobs:
-                    job._finish("cancelled", exc)
-                batch = None
+            batch = self._all_or_none("decode step", jobs, partial(self._ragged_step, batch, newcomers))
+        else:
+            if newcomers:
+                batch = merge_batches(batch, self._all_or_none("prefill", newcomers, partial(self._prefill, newcomers)))
+            if batch is not None:
+                self._active = list(batch.jobs)
+                batch = self._all_or_none("decode step", self._active, partial(self._decode, batch))
         self._active = list(batch.jobs) if batch else []
         return batch
+
+    def _all_or_none(self, what: str, jobs: list[Job], work: Callable[[], Batch | None]) -> Batch | None:
+        """`work()`, a step around one batched forward; if it raises, every job in it fails with
+        that error and no row goes on (their cache rows are in an unknown state)."""
+        try:
+            return work()
+        except Exception as exc:
+            log.exception("%s failed for %d job(s)", what, len(jobs))
+            for job in jobs:
+                job._finish("cancelled", exc)
+            return None
 
     def _admit(self, running: list[Job]) -> list[Job] | None:
         """Jobs to add to the batch now ([] = keep decoding), or None when it is time to exit.
@@ -252,11 +250,12 @@ class Engine:
         from lmctl.serve.drafts import NgramDrafter
 
         for job in jobs:
-            greedy = self.draft_tokens and self._ragged and job.params.temperature == 0
-            job.drafter = NgramDrafter(job.prompt_ids) if greedy else None
-            job.generator = torch.Generator(device=self._device)
-            job.generator.manual_seed(job.params.seed if job.params.seed is not None
-                                      else random.SystemRandom().getrandbits(63))
+            with failing_alone(job):  # a job whose set-up raises is done, and not in the forward
+                greedy = self.draft_tokens and self._ragged and job.params.temperature == 0
+                job.drafter = NgramDrafter(job.prompt_ids) if greedy else None
+                job.generator = torch.Generator(device=self._device)
+                job.generator.manual_seed(job.params.seed if job.params.seed is not None
+                                          else random.SystemRandom().getrandbits(63))
 
     def _ragged_step(self, batch: Batch | None, newcomers: list[Job]) -> Batch | None:
         """One forward over the running rows' next tokens (each followed by its draft tokens) and
@@ -266,6 +265,7 @@ class Engine:
         from lmctl.serve.ragged import RAGGED_KWARG, RaggedStep, decode_mask
 
         self._seed(newcomers)
+        newcomers = [job for job in newcomers if not job.done]
         if (batch := self._without_dropped(batch)) is None and not newcomers:
             return None  # the last row was cancelled (a stop string ended it): a forward needs rows
         running = batch.jobs if batch else []
@@ -301,15 +301,21 @@ class Engine:
         """Draft tokens for greedy rows (lmctl.serve.drafts), up to draft_tokens each, while the batch
         has at most draft_rows rows: every token fed makes the step slower for all of its rows, so
         in a fuller batch a request whose text does not repeat waits on the others' guesses."""
+        drafts: list[list[int]] = [[] for _ in running]
         if len(running) > self.draft_rows:
-            return [[] for _ in running]
-        return [job.drafter.propose(self.draft_tokens) if job.drafter else [] for job in running]
+            return drafts
+        for row, job in enumerate(running):
+            with failing_alone(job):  # its row rides this forward with no draft, then leaves
+                drafts[row] = job.drafter.propose(self.draft_tokens) if job.drafter else []
+        return drafts
 
     def _prefill(self, jobs: list[Job]) -> Batch | None:
         import torch
         from lmctl.serve.kvcache import GrowingCache
 
         self._seed(jobs)
+        if not (jobs := [job for job in jobs if not job.done]):
+            return None
         width = max(j.prompt_tokens for j in jobs)
         ids = torch.full((len(jobs), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)

@@ -58,9 +58,24 @@ def _render(slot: Slot, body: CompletionRequest | ChatRequest) -> tuple[str, lis
     if not getattr(tok, "chat_template", None):
         raise HTTPException(400, f"model {slot.model_name} has no chat template; use /v1/completions")
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = _apply_template(slot, messages)
     # the template already writes BOS and turn markers; adding special tokens again would double BOS
     return text, list(tok(text, add_special_tokens=False)["input_ids"]), messages
+
+
+def _apply_template(slot: Slot, messages: list[dict[str, str]]) -> str:
+    """The conversation rendered by the model's chat template. Templates refuse conversations
+    they cannot render (Gemma's and Mistral's raise_exception on a system turn or roles that do
+    not alternate): that is the client's 400, with the template's own words. A template that
+    does not parse fails every conversation, so it stays the server's 500."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    try:
+        return str(slot.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    except TemplateSyntaxError:
+        raise
+    except TemplateError as exc:
+        raise HTTPException(400, f"the chat template of {slot.model_name} refuses this conversation: {exc}") from None
 
 
 def _check_limits(ctx: Context, slot: Slot, n_prompt: int, max_tokens: int) -> None:

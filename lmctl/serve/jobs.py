@@ -3,17 +3,24 @@
 A Job is written by the engine's worker thread and read from any thread or event loop:
 tokens are appended under a lock, and awaiting coroutines are woken with
 `call_soon_threadsafe` on their own loop, never touched from the worker's thread.
+`failing_alone` is the one rule for a job's own share of a step: what it raises ends that job only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+log = logging.getLogger("lmctl.serve.engine")
+# What torch.Generator.manual_seed takes is [-2**63, 2**64); a request's seed is an int64, as vLLM's.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 class _Canceller(Protocol):
@@ -35,6 +42,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
         object.__setattr__(self, "stop_token_ids", frozenset(int(t) for t in self.stop_token_ids))
 
 
@@ -173,3 +182,16 @@ class Job:
             self._error = error
             self._done.set()
         self._notify()
+
+
+@contextmanager
+def failing_alone(job: Job) -> Iterator[None]:
+    """Run one job's own share of a step (its seeding, draft, sampled token, accepting and
+    streaming its tokens): if that raises, the job ends with the error (its client gets a
+    500, or an error event once its stream has begun) and the step goes on for every other
+    row. Only a failure of the batched forward itself fails a whole step (Engine._step)."""
+    try:
+        yield
+    except Exception as exc:
+        log.exception("job %s failed alone (%s); the rest of its batch goes on", job.id, type(exc).__name__)
+        job._finish("cancelled", exc)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmctl.serve.jobs import Job
+from lmctl.serve.jobs import Job, failing_alone
 
 
 def pick_next_tokens(logits: Any, jobs: list[Job]) -> list[int]:
-    """One token per row: argmax for temperature 0, else temperature + top-p + the job's generator."""
+    """One token per row: argmax for temperature 0, else temperature + top-p + the job's generator.
+    A row whose own draw raises fails alone (its token is then the argmax, never streamed)."""
     import torch
 
     logits = logits.float()
@@ -35,5 +36,6 @@ def pick_next_tokens(logits: Any, jobs: list[Job]) -> list[int]:
         scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     probs = scores.softmax(dim=-1)
     for k, i in enumerate(rows):
-        tokens[i] = int(torch.multinomial(probs[k], 1, generator=jobs[i].generator))
+        with failing_alone(jobs[i]):
+            tokens[i] = int(torch.multinomial(probs[k], 1, generator=jobs[i].generator))
     return tokens

@@ -1,10 +1,20 @@
-"""Request bodies of the OpenAI-style endpoints and the error body every failure uses."""
+"""Request bodies of the OpenAI-style endpoints and the error body every failure uses.
+
+Strict types (pydantic's strict mode): `max_tokens: true` is no 1, `"0.5"` no number and 2.0
+no integer; a float field takes an integer (JSON has one number type; OpenAI's SDK sends 1 for
+1.0). Every number has bounds, so nothing a client sends can make the engine raise: a seed
+torch cannot take used to fail every request batched with it.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from lmctl.serve.jobs import SEED_MAX, SEED_MIN
+
+TOKENS_MAX = 2**31 - 1  # a token count past this is no request (the server's cap is far lower)
 
 
 def _unicode(value: Any) -> Any:
@@ -26,13 +36,13 @@ Text = Annotated[str, BeforeValidator(_unicode)]
 class _Sampling(BaseModel):
     # Unknown OpenAI fields (logit_bias, presence_penalty, ...) are rejected rather than silently
     # ignored: a client that relies on one should learn it has no effect here.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: Text | None = Field(None, description="Must name a served model when given.")
-    max_tokens: int = Field(16, ge=1, description="Tokens to generate at most (capped by the server).")
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    model: Text | None = Field(None, max_length=256, description="Must name a served model when given.")
+    max_tokens: int = Field(16, ge=1, le=TOKENS_MAX, description="Tokens to generate at most (capped by the server).")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 is greedy; OpenAI's range.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="A 64-bit signed integer, as vLLM takes.")
     stream: bool = False
     stream_options: dict[str, bool] | None = Field(None, description="{include_usage: true} adds a usage chunk at the end of a stream.")
     stop: Text | list[Text] | None = Field(None, description="Up to 4 strings that end the completion.")
@@ -58,7 +68,7 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: Text
@@ -68,7 +78,7 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(
-        None, ge=1, description="OpenAI's newer name for max_tokens in chat; wins when both are sent.")
+        None, ge=1, le=TOKENS_MAX, description="OpenAI's newer name for max_tokens in chat; wins when both are sent.")
 
     @property
     def token_limit(self) -> int:
