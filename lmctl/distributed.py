@@ -109,6 +109,13 @@ def _env_int(name: str, default: int) -> int:
         raise BadInputError(f"{name}={raw!r}: expected an integer (set by torchrun)") from None
 
 
+def env_rank() -> int:
+    """This process's rank from torchrun's environment (0 without torchrun, or when RANK is unreadable:
+    `world()` is where a malformed environment is refused)."""
+    value = os.environ.get("RANK", "0")
+    return int(value) if value.isdigit() else 0
+
+
 def world() -> World:
     """Rank, world size and local rank from torchrun's environment."""
     found = World(rank=_env_int("RANK", 0), size=_env_int("WORLD_SIZE", 1), local_rank=_env_int("LOCAL_RANK", 0))
@@ -125,11 +132,6 @@ def launched() -> bool:
 def restart_count() -> int:
     """How often torchrun (--max-restarts) has restarted this job's workers: 0 on the first attempt."""
     return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
-
-
-def is_primary() -> bool:
-    """True on the one process that writes: rank 0 under torchrun, the only process otherwise."""
-    return world().primary
 
 
 def timeout_s() -> float:

@@ -16,6 +16,7 @@ COMMON_FLAGS = {"--json", "--traceback", "--help"}
 # What `lmctl --help` may import (issue 21): the CLI modules and the option models its flags are built
 # from, behind faces that import nothing else; typer (plain help: its rich renderer costs ~50 ms) and pydantic.
 HELP_LMCTL_MODULES = {"lmctl", "lmctl.errors", "lmctl.cli", "lmctl.cli.app", "lmctl.cli.output", "lmctl.cli.fields",
+                      "lmctl.cli.help", "lmctl.lazy", "lmctl.distributed", "lmctl.clock", "lmctl.train", "lmctl.train.launch",
                       *(f"lmctl.cli.{c}" for c in ("config", "data", "deploy", "doctor", "drift", "eval", "export",
                                                    "models", "promote", "registry", "retrain", "serve", "train")),
                       "lmctl.evaluate", "lmctl.evaluate.options", "lmctl.deploy", "lmctl.deploy.options",
@@ -106,13 +107,13 @@ def test_eval_serve_deploy_flags_take_default_and_help_from_their_option_models(
     from lmctl.deploy.options import DeployOptions, TrainJobOptions
     from lmctl.evaluate.options import EvalGates, EvalOptions
     from lmctl.serve.settings import CanaryPolicy, ServeSettings
+    from lmctl.train.launch import LaunchOptions
 
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
     own = {"eval": {"--data"}, "deploy": {"--target", "--out", "--force"}, "serve": set(),
-           "train": {"--set", "--resume", "--dry-run", "--emit", "--out", "--force", "--nproc-per-node", "--nnodes",
-                     "--rdzv-endpoint", "--rdzv-id", "--rdzv-timeout", "--max-restarts"}}
+           "train": {"--set", "--resume", "--dry-run", "--emit", "--out", "--force", "--nodes"}}
     models = {"eval": (EvalOptions, EvalGates), "serve": (ServeSettings, CanaryPolicy), "deploy": (DeployOptions,),
-              "train": (TrainJobOptions,)}
+              "train": (TrainJobOptions, LaunchOptions)}
     for name, classes in models.items():
         fields = {f.description: f for cls in classes for f in cls.model_fields.values()}
         options = [p for p in commands[name].params if p.param_type_name == "option"]
@@ -139,3 +140,43 @@ def test_option_model_errors_name_the_flag(cli, tmp_path: Path) -> None:
         result = cli(*args)
         assert result.code == 2 and expected in result.err and "Traceback" not in result.err, (args, result.err)
     assert not (tmp_path / "o").exists()
+
+
+def test_help_reads_as_conventional_help() -> None:
+    """Sections per group, metavars that say what to type (no Python types), examples on the heavy commands."""
+    import typer
+
+    from lmctl.cli import main
+    from lmctl.cli.app import app
+
+    def help_of(*command: str) -> str:
+        import contextlib
+        import io
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main([*command, "--help"]) == 0
+        return out.getvalue()
+
+    train = help_of("train")
+    assert train.startswith("Usage: lmctl train [OPTIONS] CONFIG\n")
+    for line in ("--set KEY=VALUE", "--resume auto|never|PATH", "--nnodes N|MIN:MAX", "--rdzv-timeout SECONDS",
+                 "--rdzv-endpoint HOST[:PORT]"):
+        assert line in train, line
+    sections = [s for s in train.splitlines() if s and not s.startswith(" ") and s.endswith(":")]
+    assert sections == ["Arguments:", "Options:", "Several processes (torchrun):", "Cluster job (--emit kubernetes):",
+                        "Output:", "Examples:"], sections
+    assert "--nodes" not in train.replace("--nodes pods", "")  # one name: --nnodes; the old one is hidden
+    for name in ("eval", "serve", "deploy", "retrain"):
+        assert "\nExamples:\n  lmctl " + name in help_of(name), name
+
+    def walk(command: object, path: list[str]) -> None:
+        if hasattr(command, "commands"):
+            for child_name, child in command.commands.items():  # type: ignore[attr-defined]
+                walk(child, path + [child_name])
+            return
+        text = help_of(*path)
+        assert "<" not in text.split("Examples:")[0].replace("<=", ""), (path, text)  # no `<int>`, `<list[str]>`
+        assert "{" not in text.splitlines()[0], (path, text.splitlines()[0])  # no `{config}` in the usage line
+
+    walk(typer.main.get_command(app), [])

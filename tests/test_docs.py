@@ -143,10 +143,18 @@ def _readme_commands() -> list[str]:
     return [c for c in lines + spans if c.startswith("lmctl ")]
 
 
-def test_every_command_the_readme_shows_exists() -> None:
+@pytest.mark.parametrize("source", ["README.md", "--help examples"])
+def test_every_command_the_readme_and_help_show_exists(source: str) -> None:
+    from lmctl.cli.app import EXAMPLES
+
     leaves = _leaf_commands()
-    shown = _readme_commands()
-    assert len(shown) >= 15  # the walk and the command table were found
+    if source == "README.md":
+        shown = _readme_commands()
+        assert len(shown) >= 15  # the walk and the command table were found
+    else:
+        shown = [line.strip().split("#")[0].strip() for text in EXAMPLES.values() for line in text.splitlines()[1:]]
+        shown = [c.removeprefix("LMCTL_API_KEYS=sk-1 ") for c in shown]
+        assert len(shown) >= 10 and all(c.startswith("lmctl ") for c in shown), shown
     problems = []
     for command in shown:
         words = command.replace("\\|", "|").split()[1:]
@@ -161,4 +169,4 @@ def test_every_command_the_readme_shows_exists() -> None:
             unknown = sorted(f for f in flags if f not in leaves[name])
             if unknown and len(first) == 1:
                 problems.append(f"{command!r}: `lmctl {name}` has no {unknown}")
-    assert not problems, f"README shows commands lmctl does not have: {problems}"
+    assert not problems, f"{source} shows commands lmctl does not have: {problems}"

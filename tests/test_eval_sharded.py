@@ -26,7 +26,7 @@ def torchrun(processes: int, *args: str | Path) -> subprocess.CompletedProcess[s
     """`lmctl ARGS` started by torchrun as users start it, one CPU thread per process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
            "-m", "lmctl", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", "LMCTL_LOG_RANKS": "all"})
 
 
 def one_json_object(stdout: str) -> dict:

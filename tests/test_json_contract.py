@@ -57,7 +57,7 @@ def test_json_keys_of_every_command(cli, tiny_config: Path, tmp_path: Path) -> N
     run("data prepare", "data", "prepare", ASSETS / "tiny_train.jsonl", "--out", tmp_path / "prepared")
     run("data cache list", "data", "cache", "list")
     run("train --dry-run", "train", tiny_config, "--dry-run")
-    run("train --emit kubernetes", "train", tiny_config, "--emit", "kubernetes", "--nodes", "2", "--gpus-per-node", "4",
+    run("train --emit kubernetes", "train", tiny_config, "--emit", "kubernetes", "--nnodes", "2", "--gpus-per-node", "4",
         "--data-root", ASSETS, "--out", tmp_path / "train-job")
     ckpt = run("train", "train", tiny_config)["checkpoint"]
     first = run("eval", "eval", ckpt, "--data", VALIDATION, "--report", tmp_path / "first.json")

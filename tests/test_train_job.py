@@ -44,7 +44,7 @@ def make_project(root: Path, **config: Any) -> Path:
 
 
 def emit(cli: Any, config: Path, out: Path, *extra: str) -> CliResult:
-    return cli("train", config, "--emit", "kubernetes", "--nodes", "2", "--gpus-per-node", "4", "--out", out,
+    return cli("train", config, "--emit", "kubernetes", "--nnodes", "2", "--gpus-per-node", "4", "--out", out,
                "--json", *extra)
 
 
@@ -125,7 +125,9 @@ def test_pod_0_alone_hosts_the_rendezvous_store(rendered: tuple[Path, dict[str, 
     c = container(rendered[0])
     env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "JOB_COMPLETION_INDEX": index}
     done = subprocess.run(c["command"] + c["args"], env=env, capture_output=True, text=True, timeout=30, check=True)
-    assert done.stdout.splitlines() == [f"--rdzv-conf=is_host={is_host}", *c["args"]]
+    # one --rdzv-conf (torchrun keeps only the last one given): the launcher's join_timeout and is_host
+    assert done.stdout.splitlines() == [f"--rdzv-conf=join_timeout=600,is_host={is_host}", *c["args"]]
+    assert not any(a.startswith("--rdzv-conf") for a in c["args"])
 
 
 def test_gpus_secret_volumes_and_config(rendered: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
@@ -184,7 +186,7 @@ def test_paths_already_on_the_volume_are_kept(cli: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "config", "complaint"), [
-    (("--nodes", "0"), {}, "--nodes: "),
+    (("--nnodes", "0"), {}, "--nnodes: "),
     (("--image", ""), {}, "--image"),
     ((), {"data": {"train": str(ASSETS / "tiny_train.jsonl")}}, "data.train"),  # outside the data root
     ((), {"data": {"train": None}}, "data.train is not set"),
@@ -205,8 +207,13 @@ def test_bad_input_exits_2_and_writes_nothing(cli: Any, tmp_path: Path, args: tu
 
 def test_cluster_flags_need_emit_and_out_must_be_empty(cli: Any, tmp_path: Path) -> None:
     config = make_project(tmp_path / "p")
-    without = cli("train", config, "--nodes", "2")
-    assert without.code == 2 and "--nodes applies to --emit kubernetes only" in without.err
+    without = cli("train", config, "--nnodes", "2")
+    assert without.code == 2 and "--nnodes applies to --nproc-per-node or --emit kubernetes only" in without.err
+    elastic = cli("train", config, "--emit", "kubernetes", "--nnodes", "1:4", "--out", str(tmp_path / "k"))
+    assert elastic.code == 2 and "--emit kubernetes runs a fixed number of pods" in elastic.err
+    old = cli("train", config, "--emit", "kubernetes", "--nodes", "2", "--gpus-per-node", "0", "--out",
+              str(tmp_path / "old"), "--json")
+    assert old.code == 0 and old.json["nodes"] == 2 and "--nodes is now --nnodes" in old.err
     no_out = cli("train", config, "--emit", "kubernetes")
     assert no_out.code == 2 and "--out" in no_out.err
     (tmp_path / "job").mkdir()

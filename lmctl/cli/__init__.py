@@ -2,6 +2,9 @@
 
 Commands raise `LmctlError` subclasses carrying their exit code; click usage errors are
 bad input (2); Ctrl-C is 130; anything else is a bug (1). `--traceback` shows the stack.
+Under torchrun every command speaks the same way: rank 0 as one process does, the other
+ranks only warnings and errors, each line named `rank R` (cli/output.py prints results on
+rank 0 alone).
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ def _environment() -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def _fail(message: str, code: int, show_traceback: bool) -> int:
+def _fail(message: str, code: int, show_traceback: bool, rank: int = 0) -> int:
     if show_traceback:
         traceback.print_exc(file=sys.stderr)
     first, *rest = message.splitlines() or [""]
-    sys.stderr.write(f"lmctl: error: {first}\n")
+    # every rank's error reaches torchrun's output: say whose it is
+    sys.stderr.write(f"lmctl: error: rank {rank}: {first}\n" if rank else f"lmctl: error: {first}\n")
     for line in rest:  # config problems: one per line, all at once
         sys.stderr.write(f"  {line.strip()}\n")
     sys.stderr.flush()
@@ -52,19 +56,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmctl.cli.app import app
     from lmctl.cli.output import setup_logging
+    from lmctl.distributed import env_rank
 
     args = list(sys.argv[1:] if argv is None else argv)
     show_tb = "--traceback" in args
     _environment()
-    setup_logging()
+    rank = env_rank()
+    setup_logging(rank=rank)
     command = typer.main.get_command(app)
     try:
         result = command.main(args=args, prog_name="lmctl", standalone_mode=False)
         return result if isinstance(result, int) else ExitCode.OK
     except LmctlError as exc:
-        if exc.details:
+        if exc.details and not rank:  # a gate table, a config's problems: once, from rank 0
             sys.stderr.write(exc.details.rstrip("\n") + "\n")
-        return _fail(str(exc), exc.exit_code, show_tb)
+        return _fail(str(exc), exc.exit_code, show_tb, rank)
     except typer.Exit as exc:
         return exc.exit_code
     except click_errors.ClickException as exc:
@@ -74,4 +80,5 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("lmctl: interrupted\n")
         return ExitCode.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the boundary: anything unexpected is a bug
-        return _fail(f"internal error (a bug): {type(exc).__name__}: {exc} - rerun with --traceback", ExitCode.INTERNAL, show_tb)
+        return _fail(f"internal error (a bug): {type(exc).__name__}: {exc} - rerun with --traceback", ExitCode.INTERNAL,
+                     show_tb, rank)

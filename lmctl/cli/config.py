@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
+from lmctl.cli.help import Command
 from lmctl.cli.output import JsonOpt, TracebackOpt, emit
 
 app = typer.Typer(no_args_is_help=True)
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a field: section.key=value (repeatable).")]
 
 
-@app.command("validate")
+@app.command("validate", cls=Command)
 def validate(
     config: Annotated[Path, typer.Argument(help="YAML config file.")],
     set_: SetOpt = None,
@@ -27,7 +28,7 @@ def validate(
     emit({"config": str(config), "valid": True}, json_out)
 
 
-@app.command("show")
+@app.command("show", cls=Command)
 def show(
     config: Annotated[Path, typer.Argument(help="YAML config file.")],
     set_: SetOpt = None,

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from lmctl.cli.help import Command
 from lmctl.cli.output import JsonOpt, TracebackOpt, emit
 
 app = typer.Typer(no_args_is_help=True)
@@ -16,7 +17,7 @@ FormatOpt = Annotated[str, typer.Option("--format", help="auto, text, completion
 TextFieldOpt = Annotated[str, typer.Option("--text-field", help="Column with the text (text format).")]
 
 
-@app.command("validate")
+@app.command("validate", cls=Command)
 def validate(
     source: Annotated[Path, typer.Argument(metavar="FILE|CONFIG", help="A data file, or a config (checks data.train and data.validation with the base model's tokenizer).")],
     validation: Annotated[Path | None, typer.Option(help="Held-out file, checked for overlap with FILE.")] = None,
@@ -46,7 +47,7 @@ def validate(
     emit(run_validate(source, validation, text_field, fmt, tokenizer, max_length, num_proc), json_out)
 
 
-@app.command("prepare")
+@app.command("prepare", cls=Command)
 def prepare(
     source: Annotated[Path, typer.Argument(metavar="FILE", help="Raw data file.")],
     out: Annotated[Path, typer.Option(help="Output directory for train.jsonl, validation.jsonl, prepare.json.")],
@@ -65,7 +66,7 @@ def prepare(
     emit(run_prepare(source, out, text_field, fmt, validation_share, seed, not no_redact, force), json_out)
 
 
-@cache_app.command("list")
+@cache_app.command("list", cls=Command)
 def cache_list(json_out: JsonOpt = False, traceback: TracebackOpt = False) -> None:
     """Every cached tokenization: its source, rows and size on disk."""
     from lmctl.data.cache import listing
@@ -73,7 +74,7 @@ def cache_list(json_out: JsonOpt = False, traceback: TracebackOpt = False) -> No
     emit(listing(), json_out)
 
 
-@cache_app.command("clear")
+@cache_app.command("clear", cls=Command)
 def cache_clear(json_out: JsonOpt = False, traceback: TracebackOpt = False) -> None:
     """Remove every cached tokenization (the next run tokenizes again)."""
     from lmctl.data.cache import clear

@@ -71,7 +71,6 @@ def eval_(
     traceback: TracebackOpt = False,
 ) -> None:
     """Perplexity (token, word, byte; bits per byte) of a model on a data file."""
-    from lmctl.distributed import is_primary
     from lmctl.evaluate.compare import enforce_gates
     from lmctl.evaluate.run import evaluate
 
@@ -86,6 +85,5 @@ def eval_(
     gates = options_from(G, dict(max_ppl_regression=max_ppl_regression, min_scores=_parse_min_scores(min_score or []),
                                  max_safety_violations=max_safety_violations, max_p95_latency_ms=max_p95_latency), _FLAGS)
     result = evaluate(model_ref, data, options, gates)
-    if is_primary():  # under torchrun only rank 0 speaks: one JSON object, one gate verdict
-        emit(result, json_out)
-        enforce_gates(result.gates)
+    emit(result, json_out)  # under torchrun, rank 0 alone prints (cli/output.py)
+    enforce_gates(result.gates)

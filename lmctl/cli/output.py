@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Annotated, Any
 
 import typer
 from pydantic import BaseModel
 
+_RANK = 0  # this process's torchrun rank, set by setup_logging
+LOG_RANKS_ENV = "LMCTL_LOG_RANKS"
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (the result) on stdout.")]
 TracebackOpt = Annotated[bool, typer.Option("--traceback", help="Show the Python traceback of a failure.")]
 
@@ -29,14 +32,19 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Send lmctl's log lines to stderr; keep chatty libraries at warning level."""
+def setup_logging(verbose: bool = False, rank: int = 0) -> None:
+    """Send lmctl's log lines to stderr; keep chatty libraries at warning level. Under torchrun,
+    rank 0 logs as one process does; the others only warnings and errors, named by rank
+    (`LMCTL_LOG_RANKS=all`: every rank logs everything, named, to see what each one did)."""
+    global _RANK
+    _RANK = rank
     root = logging.getLogger("lmctl")
     if not root.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("lmctl: %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+        root.addHandler(_StderrHandler())
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(f"lmctl[rank {rank}]: %(message)s" if rank else "lmctl: %(message)s"))
+    quiet = rank and os.environ.get(LOG_RANKS_ENV, "").lower() != "all"
+    root.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
     for name in ("transformers", "mlflow", "alembic", "peft", "datasets", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -69,7 +77,10 @@ def _human_lines(data: Any, indent: str = "") -> list[str]:
 
 
 def emit(result: BaseModel | dict[str, Any], as_json: bool) -> None:
-    """Write the command's result to stdout, as JSON or as indented key: value lines."""
+    """Write the command's result to stdout, as JSON or as indented key: value lines; under
+    torchrun on rank 0 alone, so stdout holds one result whatever the number of processes."""
+    if _RANK:
+        return
     data = _plain(result)
     if as_json:
         sys.stdout.write(json.dumps(data, sort_keys=False) + "\n")

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from lmctl.cli.help import Command
 from lmctl.cli.output import JsonOpt, TracebackOpt, emit
 from lmctl.errors import BadInputError
 
@@ -40,7 +41,7 @@ def register(
     emit(do_register(checkpoint, name, alias=alias, eval_report=eval_report, description=description), json_out)
 
 
-@app.command("list")
+@app.command("list", cls=Command)
 def list_(
     name: Annotated[str | None, typer.Argument(help="Only this model.")] = None,
     json_out: JsonOpt = False,
@@ -52,7 +53,7 @@ def list_(
     emit({"versions": [v.model_dump(exclude={"tags"}) for v in list_versions(name)]}, json_out)
 
 
-@app.command("show")
+@app.command("show", cls=Command)
 def show(
     spec: Annotated[str, typer.Argument(metavar="NAME[@ALIAS|/VERSION]")],
     json_out: JsonOpt = False,
@@ -70,7 +71,7 @@ def show(
     emit(get_version(name, version), json_out)
 
 
-@app.command("verify")
+@app.command("verify", cls=Command)
 def verify(
     model_ref: Annotated[str, typer.Argument(metavar="MODEL_REF")],
     json_out: JsonOpt = False,
@@ -90,7 +91,7 @@ def verify(
           "tokenizer_fingerprint": verified.manifest.tokenizer.fingerprint, "model_card": card}, json_out)
 
 
-@app.command("history")
+@app.command("history", cls=Command)
 def history(
     name: Annotated[str, typer.Argument()],
     alias: Annotated[str | None, typer.Option(help="Only moves of this alias.")] = None,
@@ -105,7 +106,7 @@ def history(
     emit({"moves": [m.model_dump() for m in registry.alias_history(name, alias, limit)]}, json_out)
 
 
-@app.command("gc")
+@app.command("gc", cls=Command)
 def gc(
     name: Annotated[str, typer.Argument()],
     keep: Annotated[int, typer.Option("--keep", min=1, help="Keep the newest N versions (older ones go unless protected).")],
@@ -121,7 +122,7 @@ def gc(
     emit(run_gc(name, keep, in_use=versions_in_use, recent_moves=recent_moves, yes=yes), json_out)
 
 
-@app.command("diff")
+@app.command("diff", cls=Command)
 def diff(
     ref_a: Annotated[str, typer.Argument(metavar="REF_A")],
     ref_b: Annotated[str, typer.Argument(metavar="REF_B")],

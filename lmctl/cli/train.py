@@ -1,6 +1,8 @@
 """`lmctl train CONFIG`: one process, one worker of several under torchrun, their launcher
 (`--nproc-per-node`, lmctl.train.launch), or `--emit kubernetes`: the same training as a
-Kubernetes Job. The cluster flags take their default and help from TrainJobOptions (cli/fields.py).
+Kubernetes Job. The launcher's and the cluster's flags take their default and help from LaunchOptions and
+TrainJobOptions (cli/fields.py). Rank-aware output (only rank 0 prints; other ranks' lines are named)
+is the CLI entry's, for every command (lmctl/cli/__init__.py).
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ import typer
 from lmctl.cli.fields import changed_flags, option, options_from
 from lmctl.cli.output import JsonOpt, TracebackOpt, emit
 from lmctl.deploy.options import TrainJobOptions as J
-from lmctl.errors import BadInputError, LmctlError
+from lmctl.errors import BadInputError
+from lmctl.train.launch import LaunchOptions
+from lmctl.train.launch import LaunchOptions as L
 
 if TYPE_CHECKING:
     from lmctl.config import LmctlConfig
+
+log = logging.getLogger("lmctl")
 
 LAUNCH = "Several processes (torchrun)"
 CLUSTER = "Cluster job (--emit kubernetes)"
@@ -28,16 +34,16 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: section.key=value (repeatable).")] = None,
     resume: Annotated[str, typer.Option(help="auto (newest Trainer checkpoint of this run), never (archive it, start fresh), or a Trainer checkpoint PATH.")] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate config, model and data; print the plan; train nothing.")] = False,
-    nproc_per_node: Annotated[int | None, typer.Option("--nproc-per-node", rich_help_panel=LAUNCH, help="Start this many training processes on this node through torchrun (one per GPU); the job's flags below go to torchrun, the rest to every process.")] = None,
-    nnodes: Annotated[str, typer.Option("--nnodes", rich_help_panel=LAUNCH, help="Nodes in the job: N, or MIN:MAX for an elastic job; run the same command on each.")] = "1",
-    rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", rich_help_panel=LAUNCH, help="HOST[:PORT] of the c10d rendezvous, the same on every node (needed with --nnodes > 1; port default 29400).")] = None,
-    rdzv_id: Annotated[str | None, typer.Option("--rdzv-id", rich_help_panel=LAUNCH, help="Job id shared by the nodes; default lmctl-RUN_NAME.")] = None,
-    rdzv_timeout: Annotated[float, typer.Option("--rdzv-timeout", rich_help_panel=LAUNCH, help="Seconds to wait for every node to join before exiting 5.")] = 600.0,
-    max_restarts: Annotated[int | None, typer.Option("--max-restarts", min=0, rich_help_panel=LAUNCH, help="torchrun --max-restarts: restart every process this many times after one fails; they resume from the newest sealed checkpoint (default 0 with --nproc-per-node, 3 with --emit kubernetes).")] = None,
-    emit_target: Annotated[str | None, typer.Option("--emit", help="kubernetes: validate the config and write the manifests of an Indexed Job running torchrun on --nodes pods to --out; train nothing here.", rich_help_panel=CLUSTER)] = None,
+    nproc_per_node: int | None = option(L, "nproc_per_node", "--nproc-per-node", rich_help_panel=LAUNCH),
+    nnodes: str = option(L, "nnodes", "--nnodes", rich_help_panel=LAUNCH),
+    rdzv_endpoint: str | None = option(L, "rdzv_endpoint", "--rdzv-endpoint", rich_help_panel=LAUNCH),
+    rdzv_id: str | None = option(L, "rdzv_id", "--rdzv-id", rich_help_panel=LAUNCH),
+    rdzv_timeout: float = option(L, "rdzv_timeout", "--rdzv-timeout", rich_help_panel=LAUNCH),
+    max_restarts: int | None = option(L, "max_restarts", "--max-restarts", rich_help_panel=LAUNCH),
+    emit_target: Annotated[str | None, typer.Option("--emit", help="kubernetes: validate the config and write the manifests of an Indexed Job running torchrun on --nnodes pods to --out; train nothing here.", rich_help_panel=CLUSTER)] = None,
     out: Annotated[Path | None, typer.Option(help="Directory for --emit (must be empty unless --force).", rich_help_panel=CLUSTER)] = None,
     force: Annotated[bool, typer.Option("--force", help="With --emit: replace a non-empty --out.", rich_help_panel=CLUSTER)] = False,
-    nodes: int = option(J, "nodes", rich_help_panel=CLUSTER),
+    nodes_alias: Annotated[int | None, typer.Option("--nodes", hidden=True, help="Old name of --nnodes for --emit.")] = None,
     gpus_per_node: int = option(J, "gpus_per_node", "--gpus-per-node", rich_help_panel=CLUSTER),
     image: str = option(J, "image", rich_help_panel=CLUSTER),
     namespace: str = option(J, "namespace", rich_help_panel=CLUSTER),
@@ -60,22 +66,28 @@ def train(
 
     if resume not in ("auto", "never") and not Path(resume).exists():
         raise BadInputError(f"--resume {resume!r}: expected auto, never or an existing path")
+    launch = options_from(L, dict(nproc_per_node=nproc_per_node, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
+                                  rdzv_id=rdzv_id, rdzv_timeout=rdzv_timeout, max_restarts=max_restarts))
+    if nodes_alias is not None:
+        log.warning("--nodes is now --nnodes (one name for the nodes of a job, launched here or emitted)")
+        launch = launch.model_copy(update={"nnodes": str(nodes_alias)})
     job = options_from(J, dict(
-        nodes=nodes, gpus_per_node=gpus_per_node, image=image, namespace=namespace, name=name, cpu=cpu,
-        memory=memory, data_claim=data_claim, data_mount=data_mount, data_root=data_root, output_claim=output_claim,
-        output_mount=output_mount, tracking_secret=tracking_secret, tracking_secret_key=tracking_secret_key,
-        backoff_limit=backoff_limit, **({} if max_restarts is None else {"max_restarts": max_restarts})))
+        nodes=_pods(launch.nnodes) if emit_target else 1, gpus_per_node=gpus_per_node, image=image,
+        namespace=namespace, name=name, cpu=cpu, memory=memory, data_claim=data_claim, data_mount=data_mount,
+        data_root=data_root, output_claim=output_claim, output_mount=output_mount, tracking_secret=tracking_secret,
+        tracking_secret_key=tracking_secret_key, backoff_limit=backoff_limit,
+        **({} if max_restarts is None else {"max_restarts": max_restarts})))
     if emit_target is None:
         given = [f for f in changed_flags(job) if f != "--max-restarts"] + ["--out"] * (out is not None) + ["--force"] * force
         if given:
             raise BadInputError(f"{given[0]} applies to --emit kubernetes only")
-        if max_restarts is not None and nproc_per_node is None:
-            raise BadInputError("--max-restarts applies to --nproc-per-node or --emit kubernetes only",
-                                hint="under torchrun itself, give torchrun --max-restarts")
+        if nproc_per_node is None and (changed_flags(launch) or nodes_alias is not None):
+            flag = (changed_flags(launch) or ["--nnodes"])[0]
+            raise BadInputError(f"{flag} applies to --nproc-per-node or --emit kubernetes only",
+                                hint="under torchrun itself, give torchrun its own flags")
         cfg = load_config(config, set_ or [])
         if nproc_per_node is not None and not dry_run:
-            _launch(config, cfg, set_ or [], resume, nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, rdzv_timeout,
-                    max_restarts or 0, json_out, traceback)
+            _launch(config, cfg, set_ or [], resume, launch, json_out, traceback)
             return
         _run(cfg, resume, dry_run, json_out)
         return
@@ -89,38 +101,23 @@ def train(
     emit(emit_job(cfg, config.expanduser().resolve().parent, emit_target, out, job, force), json_out)
 
 
-def _launch(config: Path, cfg: LmctlConfig, sets: list[str], resume: str, nproc_per_node: int, nnodes: str,
-            rdzv_endpoint: str | None, rdzv_id: str | None, rdzv_timeout: float, max_restarts: int, json_out: bool,
+def _pods(nnodes: str) -> int:
+    """--nnodes for --emit kubernetes: the Job's pods, a whole number (an elastic MIN:MAX is the launcher's)."""
+    if not nnodes.isdigit():
+        raise BadInputError(f"--nnodes {nnodes!r}: --emit kubernetes runs a fixed number of pods; give N")
+    return int(nnodes)
+
+
+def _launch(config: Path, cfg: LmctlConfig, sets: list[str], resume: str, job: LaunchOptions, json_out: bool,
             traceback: bool) -> None:
     """torchrun's own launcher, in process, running `lmctl train CONFIG` in each worker."""
-    from lmctl.train.launch import Launch, launch
+    from lmctl.train.launch import launch
 
-    job = Launch(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id or f"lmctl-{cfg.output.run_name}", rdzv_timeout,
-                 max_restarts)
     worker = [str(config), *(a for s in sets for a in ("--set", s)), "--resume", resume]
-    launch(job, worker + ["--json"] * json_out + ["--traceback"] * traceback)
+    launch(job, job.rdzv_id or f"lmctl-{cfg.output.run_name}", worker + ["--json"] * json_out + ["--traceback"] * traceback)
 
 
 def _run(cfg: LmctlConfig, resume: str, dry_run: bool, json_out: bool) -> None:
-    from lmctl.distributed import world
     from lmctl.train import train as run_training
 
-    here = world()
-    _speak_as(here.rank)
-    try:
-        result = run_training(cfg, resume=resume, dry_run=dry_run)
-    except LmctlError as exc:
-        if here.rank:  # every rank's error reaches torchrun's output: say whose it is
-            exc.message = f"rank {here.rank}: {exc.message}"
-        raise
-    if here.primary:  # under torchrun only rank 0 speaks: stdout holds one JSON object
-        emit(result, json_out)
-
-
-def _speak_as(rank: int) -> None:
-    """Under torchrun, rank 0 logs as one process does; the others only warnings and errors, named."""
-    if rank:
-        logger = logging.getLogger("lmctl")
-        logger.setLevel(logging.WARNING)
-        for handler in logger.handlers:
-            handler.setFormatter(logging.Formatter(f"lmctl[rank {rank}]: %(message)s"))
+    emit(run_training(cfg, resume=resume, dry_run=dry_run), json_out)

@@ -56,16 +56,16 @@ class TrainJobOptions(BaseModel):
     cpu: str = Field("4", description="CPU request per pod.")
     memory: str = Field("32Gi", description="Memory request and limit per pod (/dev/shm counts towards it).")
     data_claim: str = Field("lmctl-data", description="PersistentVolumeClaim holding the data, mounted read-only "
-                            "(ReadOnlyMany or ReadWriteMany when --nodes > 1).")
+                            "(ReadOnlyMany or ReadWriteMany when --nnodes > 1).")
     data_mount: str = Field("/data", description="Where the pods mount the data volume.")
     data_root: Path | None = Field(None, description="Local directory whose contents are on the data volume: config "
                                    "paths under it map to --data-mount (default: the config file's directory).")
     output_claim: str = Field("lmctl-runs", description="PersistentVolumeClaim for runs, checkpoints and LMCTL_HOME "
-                              "(ReadWriteMany when --nodes > 1).")
+                              "(ReadWriteMany when --nnodes > 1).")
     output_mount: str = Field("/runs", description="Where the pods mount the output volume (output.dir).")
     tracking_secret: str = Field("lmctl-tracking", description="Secret holding the MLflow tracking URI.")
     tracking_secret_key: str = Field("uri", description="Key of the tracking URI in --tracking-secret.")
     max_restarts: int = Field(3, ge=0, description="torchrun --max-restarts: restarts of all workers after one fails.")
     backoff_limit: int | None = Field(None, ge=0, description="Pod failures before the Job fails (default 2 x "
-                                      "--nodes: losing pod 0 fails every pod's rendezvous). Evictions and "
+                                      "--nnodes: losing pod 0 fails every pod's rendezvous). Evictions and "
                                       "preemptions do not count.")

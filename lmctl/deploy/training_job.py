@@ -2,7 +2,7 @@
 
     OUT/configmap.yaml      the resolved config, its paths rewritten to the pods' mounts
     OUT/service.yaml        a headless Service: pod i of the Job is reachable as JOB-i.JOB
-    OUT/job.yaml            an Indexed Job of --nodes pods, each running torchrun
+    OUT/job.yaml            an Indexed Job of --nnodes pods, each running torchrun
     OUT/kustomization.yaml  `kubectl apply -k OUT`
 
 Why an Indexed Job: `batch/v1` Job with `completionMode: Indexed` is built into every cluster
@@ -42,7 +42,8 @@ from lmctl.deploy.bundle import listed_files, make_readable
 from lmctl.deploy.options import TrainJobOptions
 from lmctl.deploy.kubernetes import base_model_warnings, check_workload, dns_label, dump, labels, selector
 from lmctl.errors import BadInputError
-from lmctl.train.launch import RDZV_PORT, SHARE_STORE_ENV
+from lmctl.train.launch import RDZV_PORT, SHARE_STORE_ENV, LaunchOptions
+from lmctl.train.prepare import rows_per_step
 
 EMIT_TARGETS = ("kubernetes",)
 TRACK = "train"
@@ -51,9 +52,10 @@ CONFIG_FILE = CONFIG_DIR / "config.yaml"
 SHM = PurePosixPath("/dev/shm")
 # Config sections `lmctl train` does not read; they hold paths and a webhook of other commands
 UNUSED_SECTIONS = {"retrain", "drift"}
-# Pod 0 hosts the rendezvous store (see the module docstring); "$@" is torchrun's argv
+# Pod 0 hosts the rendezvous store (see the module docstring); "$@" is torchrun's argv, and the
+# wrapper passes torchrun's one --rdzv-conf (LaunchOptions.rdzv_conf: join_timeout and is_host)
 HOST_WRAPPER = ('if [ "$JOB_COMPLETION_INDEX" = 0 ]; then host=1; else host=0; fi; '
-                'exec torchrun --rdzv-conf=is_host=$host "$@"')
+                'exec torchrun --rdzv-conf={rdzv_conf} "$@"')
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 
@@ -109,6 +111,8 @@ class _Plan:
         self.root = (opts.data_root or config_dir).expanduser().resolve()
         self.home = self.output / ".lmctl"
         self.nproc = opts.gpus_per_node or 1
+        self.launch = LaunchOptions(nproc_per_node=self.nproc, nnodes=str(opts.nodes), max_restarts=opts.max_restarts,
+                                    rdzv_endpoint=f"{self.job}-0.{self.job}:{RDZV_PORT}")
         self.paths: dict[str, str] = {}
         self.warnings: list[str] = []
         self.pod_config = self._pod_config()
@@ -149,10 +153,11 @@ class _Plan:
         return pod.model_dump(mode="json", exclude=UNUSED_SECTIONS)
 
     def torchrun_args(self) -> list[str]:
-        """torchrun's argv in every pod (pod 0 also gets is_host=1 from HOST_WRAPPER)."""
-        return [f"--nnodes={self.opts.nodes}", f"--nproc-per-node={self.nproc}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={self.job}-0.{self.job}:{RDZV_PORT}", f"--rdzv-id={self.job}",
-                f"--max-restarts={self.opts.max_restarts}", "-m", "lmctl", "train", str(CONFIG_FILE), "--json"]
+        """torchrun's argv in every pod; HOST_WRAPPER adds the --rdzv-conf (is_host=1 on pod 0)."""
+        return self.launch.torchrun_args([str(CONFIG_FILE), "--json"], self.job, with_rdzv_conf=False)
+
+    def wrapper(self) -> str:
+        return HOST_WRAPPER.format(rdzv_conf=self.launch.rdzv_conf(is_host="$host"))
 
 
 class _Manifests:
@@ -187,7 +192,7 @@ class _Manifests:
         return {
             "name": "lmctl-train",
             "image": self.opts.image,
-            "command": ["/bin/sh", "-c", HOST_WRAPPER, "torchrun"],
+            "command": ["/bin/sh", "-c", self.plan.wrapper(), "torchrun"],
             "args": self.plan.torchrun_args(),
             "env": [{"name": "LMCTL_HOME", "value": str(self.plan.home)},
                     {"name": "MLFLOW_TRACKING_URI", "valueFrom": {"secretKeyRef": secret}},
@@ -276,6 +281,6 @@ def emit_job(cfg: LmctlConfig, config_dir: Path, target: str, out: Path | None, 
     world = opts.nodes * plan.nproc
     return TrainJobResult(
         out=str(final), job=plan.job, namespace=opts.namespace, nodes=opts.nodes, gpus_per_node=opts.gpus_per_node,
-        world_size=world, sequences_per_step=cfg.train.batch_size * cfg.train.grad_accum * world,
+        world_size=world, sequences_per_step=rows_per_step(cfg, world),
         torchrun=shlex.join(["torchrun", *plan.torchrun_args()]), paths=plan.paths, files=listed_files(final),
         commands=_commands(plan, final), warnings=plan.warnings)

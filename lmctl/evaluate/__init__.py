@@ -8,8 +8,9 @@ modules at start-up.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lmctl import lazy
 
 if TYPE_CHECKING:
     from lmctl.evaluate.options import EvalGates, EvalOptions, Method
@@ -21,8 +22,4 @@ _EXPORTS = {"EvalGates": "options", "EvalOptions": "options", "Method": "options
             "load_eval_report": "schema"}
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"lmctl.evaluate.{_EXPORTS[name]}"), name)
+__getattr__ = lazy.exports(__name__, _EXPORTS)

@@ -231,8 +231,9 @@ def score_documents(model: Any, tokenizer: Any, docs: Iterable[Document], max_le
             if world.size == 1:  # nothing to gather: add now, so memory holds no per-window list
                 _add(out.doc_nll, *mine.pop()[1])
             batches = index + 1
-    if world.size > 1:
-        log.info("rank %d of %d scored %d of %d batches", world.rank, world.size, len(mine), batches)
+    if world.size > 1:  # rank 0 speaks for all (other ranks log only warnings): each rank's share
+        for rank, share in enumerate(world.all_gather(len(mine))):
+            log.info("rank %d of %d scored %d of %d batches", rank, world.size, share, batches)
     for _, (window_docs, nlls) in world.in_order(mine):
         _add(out.doc_nll, window_docs, nlls)
     out.sums.documents, out.sums.tokens = len(out.doc_tokens), sum(out.doc_tokens)

@@ -7,9 +7,23 @@
   tracking, the progress bar and sealing a checkpoint after each Trainer save;
 - `fsdp`: `train.distributed: fsdp` (FSDP2 through the Trainer); `launch`: `--nproc-per-node`,
   torchrun's launcher started from `lmctl train` (docs/distributed.md).
+
+The package's names are imported lazily (PEP 562), as lmctl.evaluate's are: `lmctl train --help`
+imports `lmctl.train.launch` for the launcher's flags and must not pay for the Trainer's modules.
 """
 
-from lmctl.train.prepare import TrainPlan, complete_trainer_checkpoints
-from lmctl.train.trainer import TrainResult, train
+from __future__ import annotations
 
-__all__ = ["TrainPlan", "TrainResult", "complete_trainer_checkpoints", "train"]
+from typing import TYPE_CHECKING
+
+from lmctl import lazy
+
+if TYPE_CHECKING:
+    from lmctl.train.prepare import TrainPlan, complete_trainer_checkpoints
+    from lmctl.train.trainer import TrainResult, train
+
+_EXPORTS = {"TrainPlan": "prepare", "complete_trainer_checkpoints": "prepare", "TrainResult": "trainer",
+            "train": "trainer"}
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy.exports(__name__, _EXPORTS)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
-from lmctl.errors import BadInputError, LmctlError, UnavailableError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lmctl.errors import LmctlError, UnavailableError
 
 log = logging.getLogger("lmctl.train")
 RDZV_PORT = 29400  # torchrun's default port for an endpoint given without one
@@ -26,28 +27,42 @@ RDZV_PORT = 29400  # torchrun's default port for an endpoint given without one
 SHARE_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
-@dataclass(frozen=True)
-class Launch:
-    """Where the workers of one training job run: torchrun's terms, checked."""
+class LaunchOptions(BaseModel):
+    """Where the workers of one training job run, in torchrun's terms; each field is a flag of
+    `lmctl train` (cli/fields.py), and `torchrun_args` is the one place torchrun's argv is built,
+    for the launcher here and for the pods of `--emit kubernetes` (deploy/training_job.py)."""
 
-    nproc_per_node: int
-    nnodes: str  # "N", or "MIN:MAX" for an elastic job
-    rdzv_endpoint: str | None  # HOST[:PORT] of the c10d rendezvous, the same on every node
-    rdzv_id: str
-    rdzv_timeout: float  # torchrun's c10d join_timeout, always set explicitly
-    max_restarts: int
+    model_config = ConfigDict(defer_build=True, frozen=True)
 
-    def __post_init__(self) -> None:
-        if self.nproc_per_node < 1:
-            raise BadInputError(f"--nproc-per-node {self.nproc_per_node}: expected at least 1")
-        if self.max_restarts < 0 or not self.rdzv_timeout > 0:
-            raise BadInputError("--max-restarts must be >= 0 and --rdzv-timeout > 0")
-        low, _, high = self.nnodes.partition(":")
+    nproc_per_node: int | None = Field(None, ge=1, description=(
+        "Start this many training processes on this node through torchrun (one per GPU); the flags of this "
+        "section go to torchrun, the rest to every process."))
+    nnodes: str = Field("1", description=(
+        "Nodes in the job: N, or MIN:MAX for an elastic job (run the same command on each). With --emit "
+        "kubernetes: the pods of the Job, a whole number."))
+    rdzv_endpoint: str | None = Field(None, description=(
+        f"HOST[:PORT] of the c10d rendezvous, the same on every node (needed with --nnodes > 1; port default "
+        f"{RDZV_PORT})."))
+    rdzv_id: str | None = Field(None, description="Job id shared by the nodes; default lmctl-RUN_NAME.")
+    rdzv_timeout: float = Field(600.0, gt=0, description="Seconds to wait for every node to join before exiting 5.")
+    max_restarts: int | None = Field(None, ge=0, description=(
+        "torchrun --max-restarts: restart every process this many times after one fails; they resume from the "
+        "newest sealed checkpoint (default 0 with --nproc-per-node, 3 with --emit kubernetes)."))
+
+    @field_validator("nnodes")
+    @classmethod
+    def _node_counts(cls, value: str) -> str:
+        low, _, high = value.partition(":")
         if not (low.isdigit() and int(low) >= 1 and (not high or high.isdigit() and int(high) >= int(low))):
-            raise BadInputError(f"--nnodes {self.nnodes!r}: expected N or MIN:MAX node counts")
-        if self.several_nodes and not self.rdzv_endpoint:
-            raise BadInputError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT",
-                                hint="the same address on every node: a host every node reaches, e.g. node 0")
+            raise ValueError(f"{value!r}: expected N or MIN:MAX node counts")
+        return value
+
+    @model_validator(mode="after")
+    def _endpoint_for_several_nodes(self) -> LaunchOptions:
+        if self.nproc_per_node is not None and self.several_nodes and not self.rdzv_endpoint:
+            raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT, the same address on every "
+                             "node (a host every node reaches, e.g. node 0)")
+        return self
 
     @property
     def several_nodes(self) -> bool:
@@ -59,24 +74,31 @@ class Launch:
             return "this host"
         return self.rdzv_endpoint if ":" in self.rdzv_endpoint else f"{self.rdzv_endpoint}:{RDZV_PORT}"
 
-    def torchrun_args(self, worker_args: list[str]) -> list[str]:
-        """torchrun's command line for `python -m lmctl train WORKER_ARGS` on this node."""
-        args = [f"--nnodes={self.nnodes}", f"--nproc-per-node={self.nproc_per_node}",
-                f"--max-restarts={self.max_restarts}", f"--rdzv-conf=join_timeout={self.rdzv_timeout:g}"]
+    def rdzv_conf(self, **extra: str) -> str:
+        """torchrun's one --rdzv-conf value: join_timeout, always set, plus `extra` (e.g. is_host)."""
+        return ",".join(f"{k}={v}" for k, v in {"join_timeout": f"{self.rdzv_timeout:g}", **extra}.items())
+
+    def torchrun_args(self, worker_args: list[str], rdzv_id: str, *, with_rdzv_conf: bool = True) -> list[str]:
+        """torchrun's command line for `python -m lmctl train WORKER_ARGS` on a node of this job.
+
+        `with_rdzv_conf=False` leaves out --rdzv-conf for a caller that passes its own built by
+        `rdzv_conf` (torchrun keeps only the last --rdzv-conf it is given)."""
+        args = [f"--nnodes={self.nnodes}", f"--nproc-per-node={self.nproc_per_node or 1}",
+                f"--max-restarts={self.max_restarts or 0}", *[f"--rdzv-conf={self.rdzv_conf()}"] * with_rdzv_conf]
         if self.rdzv_endpoint:
-            args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}", f"--rdzv-id={self.rdzv_id}"]
+            args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}", f"--rdzv-id={rdzv_id}"]
         else:  # one node: torchrun's --standalone picks a free port on localhost
             args.append("--standalone")
         return [*args, "-m", "lmctl", "train", *worker_args]
 
 
-def launch(job: Launch, worker_args: list[str]) -> None:
+def launch(job: LaunchOptions, rdzv_id: str, worker_args: list[str]) -> None:
     """Run the job's workers on this node through torchrun; returns when they all succeeded."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
-    argv = job.torchrun_args(worker_args)
+    argv = job.torchrun_args(worker_args, rdzv_id)
     log.debug("torchrun %s", " ".join(argv))
     # torchrun shares its rendezvous TCPStore with the workers by default, and workers it
     # restarts then read the previous attempt's addresses from it and cannot connect (measured
@@ -88,7 +110,7 @@ def launch(job: Launch, worker_args: list[str]) -> None:
     except RendezvousError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UnavailableError(
-            f"rendezvous '{job.rdzv_id}' at {job.endpoint} did not complete within {job.rdzv_timeout:g} s: {first}",
+            f"rendezvous '{rdzv_id}' at {job.endpoint} did not complete within {job.rdzv_timeout:g} s: {first}",
             hint=f"start the same command on all {job.nnodes} nodes; --rdzv-timeout sets the wait") from None
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
