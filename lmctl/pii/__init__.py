@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
+import phonenumbers
+
 from lmctl.errors import BadInputError
 from lmctl.pii.phones import DEFAULT_REGIONS, check_regions, phone_spans
 from lmctl.pii.rules import RULES, Span
@@ -99,6 +101,9 @@ def substitute(text: str, findings: list[Finding]) -> str:
 
 
 DEFAULT = Detector()
+# What the default detector is: caches of findings (lmctl.data.cache) key on it. Bump the rules
+# number when a rule changes; the phonenumbers version carries its metadata's.
+SIGNATURE = f"rules 2, phonenumbers {phonenumbers.__version__}, regions {','.join(DEFAULT.regions)}"
 
 
 def find_pii(text: str) -> list[Finding]:
