@@ -11,8 +11,8 @@ How a span becomes a phone finding:
    for a phone *and* the library agrees:
    - international: starts with `+`; the library says possible;
    - national, in a region whose trunk prefix is 0 (GB, DE, FR, IN, AU, ...): starts with 0
-     or "(0"; NANP regions (US, CA, ...): the 3-3-4 / (3) 3-4 grouping, area code 2-9 (always:
-     bare 10-digit runs are too often IDs);
+     or "(0", no group of one digit; NANP regions (US, CA, ...): the 3-3-4 / (3) 3-4
+     grouping, area code 2-9 (always: bare 10-digit runs are too often IDs);
      regions without a trunk prefix (ES, IT, ...): the library says *valid*;
    - a bare run of digits (no separator) must be *valid*, not just possible: bare runs are
      mostly IDs, invoices and timestamps;
@@ -48,7 +48,8 @@ DEFAULT_REGIONS: tuple[str, ...] = ("US", "GB", "DE", "FR", "IN", "AU")
 
 _WINDOW = re.compile(r"\+?\(?\d(?:[ .()\-]{0,2}\d){6,}\)?")
 _NANP = re.compile(r"(?:1[ .-])?(?:\([2-9]\d\d\) ?\d{3}[ .-]\d{4}|[2-9]\d\d([ .-])\d{3}\1\d{4})")
-_GROUP_END = re.compile(r"\d(?!\d)\)?")
+_GROUP_END = re.compile(r"\d(?!\d)")
+_ONE_DIGIT_GROUP = re.compile(r"(?<!\d)\d(?!\d)")
 _DECIMAL = re.compile(r"\+?\d+\.\d+")
 _DATE = re.compile(r"\d{1,2}([./-])\d{1,2}\1\d{2,4}|\d{4}([./-])\d{1,2}\2\d{1,2}")
 _BEFORE_BAD = re.compile(r"[\w.\-/+]|\d[ .\-]")  # tested on the 1-2 characters before the match
@@ -76,8 +77,8 @@ def _national_form_ok(raw: str, region: str) -> bool | None:
     trunk = _trunk(region)
     if trunk == "1":
         return _NANP.fullmatch(raw) is not None
-    if trunk:
-        return raw.lstrip("(").startswith(trunk)
+    if trunk:  # "step 0 1234567", "page 0 1 2 3 4 5 6 7": a one-digit group is no national format
+        return raw.lstrip("(").startswith(trunk) and not _ONE_DIGIT_GROUP.search(raw)
     return None
 
 
@@ -137,4 +138,14 @@ def phone_spans(text: str, regions: tuple[str, ...] = DEFAULT_REGIONS) -> Iterat
                 break
             possible = possible or (end if verdict else None)
         if possible:
-            yield start, possible
+            yield _balanced(text, start, possible)
+
+
+def _balanced(text: str, start: int, end: int) -> tuple[int, int]:
+    """Leave out a parenthesis that belongs to the prose: "(see 020 7946 0958)", "(020) 7946 0958" kept whole."""
+    raw = text[start:end]
+    if raw.endswith(")") and raw.count(")") > raw.count("("):
+        end -= 1
+    if raw.startswith("(") and raw.count("(") > raw.count(")"):
+        start += 1
+    return start, end
