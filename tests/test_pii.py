@@ -82,6 +82,8 @@ def test_phone_next_to_other_digit_groups() -> None:
     # phonenumbers' own matcher reads "0958 2" as one candidate and finds nothing; lmctl tries shorter prefixes.
     assert redact("Rang 020 7946 0958 2 times")[0] == "Rang [REDACTED_PHONE] 2 times"
     assert [f.kind for f in find_pii("(555) 123-4567 4111 1111 1111 1111")] == ["phone", "card"]
+    assert redact("Tel 020 7946 0958 020 7946 0959 now")[0] == "Tel [REDACTED_PHONE] [REDACTED_PHONE] now"
+    assert redact("Card 5500 0000 0000 0001 (fails Luhn)") == ("Card 5500 0000 0000 0001 (fails Luhn)", [])
 
 
 def test_regions_are_configurable() -> None:

@@ -49,6 +49,7 @@ DEFAULT_REGIONS: tuple[str, ...] = ("US", "GB", "DE", "FR", "IN", "AU")
 _WINDOW = re.compile(r"\+?\(?\d(?:[ .()\-]{0,2}\d){6,}\)?")
 _NANP = re.compile(r"(?:1[ .-])?(?:\([2-9]\d\d\) ?\d{3}[ .-]\d{4}|[2-9]\d\d([ .-])\d{3}\1\d{4})")
 _GROUP_END = re.compile(r"\d(?!\d)")
+_NEXT_GROUP = re.compile(r"[+(]?\d")
 _ONE_DIGIT_GROUP = re.compile(r"(?<!\d)\d(?!\d)")
 _DECIMAL = re.compile(r"\+?\d+\.\d+")
 _DATE = re.compile(r"\d{1,2}([./-])\d{1,2}\1\d{2,4}|\d{4}([./-])\d{1,2}\2\d{1,2}")
@@ -97,20 +98,21 @@ def _verdict(raw: str, region: str) -> int:
     return int(form is not None and not raw.isdigit() and phonenumbers.is_possible_number(number))
 
 
-def _in_context(text: str, start: int, end: int) -> bool:
+def _in_context(text: str, start: int, end: int, after_phone: bool) -> bool:
     raw = text[start:end]
     before = text[max(0, start - 2) : start]
-    if _BEFORE_BAD.fullmatch(before[-1:]) or _BEFORE_BAD.fullmatch(before) or _AFTER_BAD.match(text, end):
+    fragment = _BEFORE_BAD.fullmatch(before[-1:]) or _BEFORE_BAD.fullmatch(before)
+    if (fragment and not after_phone) or _AFTER_BAD.match(text, end):
         return False
     return not (_DECIMAL.fullmatch(raw) or _DATE.fullmatch(raw) or _BOOK_CONTEXT.search(text, max(0, start - 12), start))
 
 
-def _prefixes(window: re.Match[str]) -> list[int]:
-    """End offsets of the window's prefixes that end on a digit group and hold 7-17 digits, longest first."""
+def _prefixes(text: str, start: int, stop: int) -> list[int]:
+    """End offsets of text[start:stop]'s prefixes that end on a digit group and hold 7-17 digits, longest first."""
     ends: list[int] = []
-    pos, digits = window.start(), 0
-    for m in _GROUP_END.finditer(window.string, window.start(), window.end()):
-        digits += sum(c.isdigit() for c in window.string[pos : m.end()])
+    pos, digits = start, 0
+    for m in _GROUP_END.finditer(text, start, stop):
+        digits += sum(c.isdigit() for c in text[pos : m.end()])
         if digits > 17:  # longer than any phone number: later prefixes are longer still
             break
         pos = m.end()
@@ -119,26 +121,35 @@ def _prefixes(window: re.Match[str]) -> list[int]:
     return ends[::-1]
 
 
+def _best_end(text: str, start: int, stop: int, regions: tuple[str, ...], after_phone: bool) -> int | None:
+    """The end of the phone number that starts at `start`: the longest valid prefix, else the longest possible one.
+
+    "020 7946 0958 2" is a possible German number, but "020 7946 0958" is a valid British one."""
+    tried = regions[:1] if text.startswith("+", start) else regions  # "+" numbers parse alike in every region
+    possible = None
+    for end in _prefixes(text, start, stop):
+        if not _in_context(text, start, end, after_phone):
+            continue
+        verdict = max((_verdict(text[start:end], r) for r in tried), default=0)
+        if verdict == 2:
+            return end
+        possible = possible or (end if verdict else None)
+    return possible
+
+
 def phone_spans(text: str, regions: tuple[str, ...] = DEFAULT_REGIONS) -> Iterator[tuple[int, int]]:
     """(start, end) of each phone number in `text`, national forms read in `regions` (already checked).
 
-    Per window the longest prefix that is a valid number wins, else the longest possible one:
-    "020 7946 0958 2" is a possible German number, but "020 7946 0958" is a valid British one."""
+    A window is read from its start; after a number, the next digit group may start another
+    ("020 7946 0958 020 7946 0959"), otherwise the rest of the window is a longer token's tail."""
     for window in _WINDOW.finditer(text):
-        start = window.start()
-        # A "+" number parses the same in every region: one is enough.
-        tried = regions[:1] if text.startswith("+", start) else regions
-        possible = None
-        for end in _prefixes(window):
-            if not _in_context(text, start, end):
-                continue
-            verdict = max((_verdict(text[start:end], r) for r in tried), default=0)
-            if verdict == 2:
-                possible = end
+        start, after_phone = window.start(), False
+        while (end := _best_end(text, start, window.end(), regions, after_phone)) is not None:
+            yield _balanced(text, start, end)
+            nxt = _NEXT_GROUP.search(text, end, window.end())
+            if nxt is None:
                 break
-            possible = possible or (end if verdict else None)
-        if possible:
-            yield _balanced(text, start, possible)
+            start, after_phone = nxt.start(), True
 
 
 def _balanced(text: str, start: int, end: int) -> tuple[int, int]:
