@@ -90,7 +90,7 @@ def presidio_finder() -> tuple[Finder | None, str]:
         from presidio_analyzer import AnalyzerEngine
         from presidio_analyzer.nlp_engine import SpacyNlpEngine
     except ImportError as exc:
-        return None, f"presidio-analyzer not installed ({exc.name})"
+        return None, f"presidio-analyzer not importable (no module {exc.name!r}; `make peers` installs it)"
     logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
     blank = tempfile.mkdtemp(prefix="spacy-blank-en-")
     spacy.blank("en").to_disk(blank)

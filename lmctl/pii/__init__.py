@@ -59,6 +59,7 @@ class Detector:
     _rules: dict[str, Callable[[str], Iterator[Span]]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", tuple(self.kinds))
         unknown = sorted(set(self.kinds) - set(KINDS))
         if unknown:
             raise BadInputError(f"unknown PII kind(s) {', '.join(unknown)}: choose from {', '.join(KINDS)}")
