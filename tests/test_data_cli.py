@@ -49,7 +49,8 @@ def test_prepare_redacts_dedups_and_splits_deterministically(cli, tmp_path: Path
     assert first.code == 0, first.err
     res = first.json
     assert res["rows_in"] == 36 and res["duplicates_removed"] == 1
-    assert res["train_rows"] + res["validation_rows"] == 35 and res["validation_rows"] > 0
+    assert res["removed"] == {"duplicate": 1, "empty": 1} and res["identical_after_redaction"] == 0
+    assert res["train_rows"] + res["validation_rows"] == 34 and res["validation_rows"] > 0
     assert res["pii_redacted"] == {"card": 1, "email": 1, "ip": 1}
     text = (tmp_path / "a" / "train.jsonl").read_text() + (tmp_path / "a" / "validation.jsonl").read_text()
     assert "alice@example.com" not in text and "[REDACTED_EMAIL]" in text and "4111" not in text
@@ -81,3 +82,34 @@ def test_prepare_chat_redacts_message_contents(cli, tmp_path: Path) -> None:
     assert result.code == 0 and result.json["format"] == "chat" and result.json["pii_redacted"] == {"email": 1}
     assert "bob@example.org" not in (tmp_path / "out" / "train.jsonl").read_text() + (
         (tmp_path / "out" / "validation.jsonl").read_text() if (tmp_path / "out" / "validation.jsonl").exists() else "")
+
+
+def test_prepare_and_validate_agree_on_duplicates_before_redaction(cli, tmp_path: Path) -> None:
+    # Issue 26: four tickets that differ only in the phone number were collapsed into one by
+    # prepare (it de-duplicated after redaction) while validate said 0 duplicate rows.
+    tickets = [{"text": f"Customer called from {phone} about a failed payment."}
+               for phone in ("020 7946 0958", "07700 900123", "+1-202-555-0173", "(202) 555-0188")]
+    rows = tickets + [tickets[0], {"text": "  "}] + [{"text": f"Filler row {i} about the adapter."} for i in range(6)]
+    raw = _write(tmp_path / "raw.jsonl", rows)
+    report = cli("data", "validate", raw, "--json")
+    assert report.code == 0, report.err
+    result = cli("data", "prepare", raw, "--out", tmp_path / "out", "--validation-share", "0", "--json")
+    assert result.code == 0, result.err
+    res = result.json
+    assert res["removed"] == {"duplicate": 1, "empty": 1} and res["duplicates_removed"] == 1
+    assert res["removed"]["duplicate"] == report.json["train"]["duplicate_rows"]
+    assert res["train_rows"] == 10 and res["pii_redacted"] == {"phone": 4}
+    # the four redacted tickets are now the same text: kept, and said so
+    assert res["identical_after_redaction"] == 3
+    written = (tmp_path / "out" / "train.jsonl").read_text()
+    assert written.count("Customer called from [REDACTED_PHONE]") == 4 and "7946" not in written
+
+
+def test_prepare_phone_regions_are_configurable(cli, tmp_path: Path) -> None:
+    raw = _write(tmp_path / "raw.jsonl", [{"text": "Llame al 912 345 678 hoy."}, {"text": "Otra fila."}])
+    default = cli("data", "prepare", raw, "--out", tmp_path / "a", "--validation-share", "0", "--json")
+    spain = cli("data", "prepare", raw, "--out", tmp_path / "b", "--validation-share", "0", "--pii-regions", "ES,GB",
+                "--json")
+    assert default.json["pii_redacted"] == {} and spain.json["pii_redacted"] == {"phone": 1}
+    bad = cli("data", "prepare", raw, "--out", tmp_path / "c", "--pii-regions", "UK")
+    assert bad.code == 2 and "UK" in bad.err

@@ -119,7 +119,8 @@ EXPECTED: dict[str, set[str]] = {
         'config', 'valid'},
     'data prepare': {
         'duplicates_removed', 'format', 'out', 'pii_redacted', 'rows_in', 'train_fingerprint', 'train_rows',
-        'validation_fingerprint', 'validation_rows'},
+        'validation_fingerprint', 'validation_rows',
+        'removed', 'removed.duplicate', 'removed.empty', 'identical_after_redaction'},  # issue 26
     'data validate': {
         'issues', 'ok', 'overlap_rows', 'train', 'train.duplicate_rows', 'train.empty_rows',
         'train.fingerprint', 'train.format', 'train.path', 'train.pii', 'train.rows', 'train.tokens',

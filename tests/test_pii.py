@@ -1,36 +1,36 @@
 """lmctl.pii against a labeled set (tests/assets/pii_labeled.jsonl) plus focused unit tests.
 
-The labeled set mixes lines with PII of every kind and hard negatives (versions, dates, UUIDs,
-Luhn-failing numbers, bad IBAN checksums, C++ scopes, ...). A finding is a true positive only
-when its kind and text equal a labeled span, so a detector that grabs a few characters too
-many or too few is penalised twice (one false positive, one false negative).
+The labeled set is the spec (issue 26): phones from >= 10 countries (national and international
+forms), emails, IBANs, Luhn-valid cards, IPv4/IPv6 and common secret formats, beside hard
+negatives (dates, versions, ISBNs, coordinates, order numbers, Luhn-failing 16-digit numbers,
+UUIDs, C++ scopes, ...). A finding is a true positive only when its kind and text equal a labeled
+span, so a detector that grabs a few characters too many or too few is penalised twice (one
+false positive, one false negative). Scoring is scripts/bench_pii.py's, which also prints the
+table beside Presidio.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
+import random
 import time
-from collections import Counter
 from pathlib import Path
 
+import phonenumbers
 import pytest
 
-from lmctl.pii import KINDS, Finding, find_pii, redact
+from lmctl.errors import BadInputError
+from lmctl.pii import KINDS, Detector, Finding, find_pii, redact
+from lmctl.pii.stream import StreamRedactor
 
-LABELED = Path(__file__).parent / "assets" / "pii_labeled.jsonl"
+_spec = importlib.util.spec_from_file_location("bench_pii", Path(__file__).parents[1] / "scripts" / "bench_pii.py")
+bench = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+_spec.loader.exec_module(bench)  # type: ignore[union-attr]
+GOAL = 0.98  # per kind, precision and recall (issue 26)
 
 
 def _load() -> list[tuple[str, list[tuple[str, str]]]]:
-    rows: list[tuple[str, list[tuple[str, str]]]] = []
-    for line in LABELED.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows.append((row["text"], [(s["kind"], s["text"].strip()) for s in row["spans"]]))
-    return rows
-
-
-def _ratio(num: int, den: int) -> float:
-    return num / den if den else 1.0
+    return bench.load()
 
 
 def test_labeled_set_is_well_formed() -> None:
@@ -45,39 +45,86 @@ def test_labeled_set_is_well_formed() -> None:
     assert {kind for _, spans in rows for kind, _ in spans} == set(KINDS)
 
 
+def test_labeled_phones_come_from_at_least_ten_countries() -> None:
+    countries = set()
+    for _, spans in _load():
+        for kind, span in spans:
+            if kind == "phone":  # national forms are read as the first region that finds them valid or possible
+                for region in ("US", "GB", "DE", "FR", "IN", "AU"):
+                    number = phonenumbers.parse(span, region)
+                    if phonenumbers.is_possible_number(number):
+                        countries.add(number.country_code)
+                        break
+    assert len(countries) >= 10, countries
+
+
 def test_precision_and_recall_on_labeled_set() -> None:
-    tp: Counter[str] = Counter()
-    fp: Counter[str] = Counter()
-    fn: Counter[str] = Counter()
-    errors: list[str] = []
-    for text, spans in _load():
-        expected = Counter(spans)
-        for f in find_pii(text):
-            key = (f.kind, f.text.strip())
-            if expected[key] > 0:
-                expected[key] -= 1
-                tp[f.kind] += 1
-            else:
-                fp[f.kind] += 1
-                errors.append(f"FP {f.kind:<6} {f.text!r:<40} in {text!r}")
-        for (kind, span), missing in expected.items():
-            fn[kind] += missing
-            errors.extend(f"FN {kind:<6} {span!r:<40} in {text!r}" for _ in range(missing))
+    counts, errors = bench.score(lambda t: [(f.kind, f.text) for f in find_pii(t)], _load())
+    for kind, (tp, fp, fn) in counts.items():
+        precision, recall = bench.precision_recall(tp, fp, fn)
+        print(f"{kind:<8}{tp:>5}{fp:>5}{fn:>5}{precision:>11.3f}{recall:>8.3f}")
+        assert precision >= GOAL and recall >= GOAL, (kind, precision, recall, errors)
 
-    print(f"\n{'kind':<8}{'tp':>5}{'fp':>5}{'fn':>5}{'precision':>11}{'recall':>8}")
-    for kind in KINDS:
-        p, r = _ratio(tp[kind], tp[kind] + fp[kind]), _ratio(tp[kind], tp[kind] + fn[kind])
-        print(f"{kind:<8}{tp[kind]:>5}{fp[kind]:>5}{fn[kind]:>5}{p:>11.3f}{r:>8.3f}")
-    TP, FP, FN = sum(tp.values()), sum(fp.values()), sum(fn.values())
-    precision, recall = _ratio(TP, TP + FP), _ratio(TP, TP + FN)
-    print(f"{'overall':<8}{TP:>5}{FP:>5}{FN:>5}{precision:>11.3f}{recall:>8.3f}")
-    for e in errors:
-        print(e)
 
-    assert precision >= 0.95, errors
-    assert recall >= 0.95, errors
-    for kind in KINDS:
-        assert _ratio(tp[kind], tp[kind] + fn[kind]) >= 0.9, (kind, errors)
+def test_negatives_of_the_labeled_set_stay_byte_identical() -> None:
+    negatives = [text for text, spans in _load() if not spans]
+    assert len(negatives) >= 100
+    assert [t for t in negatives if redact(t) != (t, [])] == []
+
+
+def test_uk_national_numbers_are_redacted() -> None:
+    # Issue 26: these were left in place while "+44" forms were redacted.
+    text = "Call 020 7946 0958 or text 07700 900123 today."
+    assert redact(text)[0] == "Call [REDACTED_PHONE] or text [REDACTED_PHONE] today."
+
+
+def test_phone_next_to_other_digit_groups() -> None:
+    # phonenumbers' own matcher reads "0958 2" as one candidate and finds nothing; lmctl tries shorter prefixes.
+    assert redact("Rang 020 7946 0958 2 times")[0] == "Rang [REDACTED_PHONE] 2 times"
+    assert [f.kind for f in find_pii("(555) 123-4567 4111 1111 1111 1111")] == ["phone", "card"]
+    assert redact("Tel 020 7946 0958 020 7946 0959 now")[0] == "Tel [REDACTED_PHONE] [REDACTED_PHONE] now"
+    assert redact("Card 5500 0000 0000 0001 (fails Luhn)") == ("Card 5500 0000 0000 0001 (fails Luhn)", [])
+
+
+def test_regions_are_configurable() -> None:
+    spanish = "Llame al 912 345 678 o al +34 912 345 679"
+    assert [f.text for f in find_pii(spanish)] == ["+34 912 345 679"]  # "+" forms: any country
+    assert [f.text for f in Detector(regions=("ES",)).find(spanish)] == ["912 345 678", "+34 912 345 679"]
+    assert Detector(regions=("gb",)).regions == ("GB",)
+    with pytest.raises(BadInputError, match="UK"):
+        Detector(regions=("UK",))
+
+
+def test_kinds_are_configurable() -> None:
+    text = "mail a@example.com or call 020 7946 0958"
+    assert [f.kind for f in Detector(kinds=("phone",)).find(text)] == ["phone"]
+    assert Detector(kinds=("email",)).redact(text)[0] == "mail [REDACTED_EMAIL] or call 020 7946 0958"
+    with pytest.raises(BadInputError, match="person"):
+        Detector(kinds=("person",))
+
+
+def test_stream_redactor_matches_whole_text_redaction() -> None:
+    whole = "\n".join(t for t, _ in _load())
+    rng = random.Random(0)
+    for holdback, step, text in ((256, 64, whole), (300, 3, whole[:6000])):
+        expected, findings = redact(text)
+        stream = StreamRedactor(holdback=holdback, step=step)
+        pieces, pos = [], 0
+        while pos < len(text):
+            n = rng.randint(1, 12)  # token-sized chunks
+            pieces.append(stream.feed(text[pos : pos + n]))
+            pos += n
+        pieces.append(stream.flush())
+        assert "".join(pieces) == expected
+        assert stream.findings == findings
+
+
+def test_stream_redactor_holds_back_until_a_finding_is_complete() -> None:
+    stream = StreamRedactor(holdback=16, step=1)
+    out = stream.feed("Contact alice@example.c")
+    assert "alice" not in out
+    out += stream.feed("om now. " + "Plain words follow here. " * 3)
+    assert "[REDACTED_EMAIL]" in out and "alice@example.c" not in out + stream.flush()
 
 
 def test_redact_replaces_only_the_findings() -> None:

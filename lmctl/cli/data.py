@@ -55,15 +55,18 @@ def prepare(
     seed: Annotated[int, typer.Option(help="Seed of the hash split.")] = 0,
     no_redact: Annotated[bool, typer.Option("--no-redact", help="Keep PII (not recommended).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")] = False,
+    pii_regions: Annotated[str | None, typer.Option("--pii-regions", help="Comma-separated ISO regions whose national phone formats are redacted (default US,GB,DE,FR,IN,AU; +CC numbers always).")] = None,
     text_field: TextFieldOpt = "text",
     fmt: FormatOpt = "auto",
     json_out: JsonOpt = False,
     traceback: TracebackOpt = False,
 ) -> None:
-    """Redact PII, remove exact duplicates, split deterministically, fingerprint the result."""
+    """Redact PII, remove exact duplicates and empty rows, split deterministically, fingerprint the result."""
     from lmctl.data.prepare import prepare as run_prepare
+    from lmctl.pii import Detector
 
-    emit(run_prepare(source, out, text_field, fmt, validation_share, seed, not no_redact, force), json_out)
+    detector = Detector(regions=tuple(pii_regions.split(","))) if pii_regions else None
+    emit(run_prepare(source, out, text_field, fmt, validation_share, seed, not no_redact, force, detector), json_out)
 
 
 @cache_app.command("list", cls=Command)

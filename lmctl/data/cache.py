@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from lmctl import pii
 from lmctl.atomic import staging_dir, write_json_atomic
 from lmctl.checkpoint import DataFingerprint, FileEntry, sha256_file, sha256_json
 from lmctl.data import (Format, RowNamer, check_rows, check_text_field, detect_format, field_for,
@@ -59,9 +60,10 @@ from lmctl.home import cache_dir
 
 log = logging.getLogger("lmctl.data.cache")
 SCHEMA = "lmctl.tokens/1"
-# Bump when Tokenize changes what it writes: every older entry then misses.
+# Bump when Tokenize changes what it writes: every older entry then misses (its PII findings
+# follow lmctl.pii.SIGNATURE on their own).
 SHAPING = {"text": "document + EOS, add_special_tokens", "completion": "prompt(+special) completion EOS, truncate",
-           "chat": "chat template, assistant spans, truncate", "version": 1}
+           "chat": "chat template, assistant spans, truncate", "version": 1, "pii": pii.SIGNATURE}
 Purpose = Literal["train", "eval"]  # train: examples (lmctl.data.examples); eval: documents (lmctl.data.documents)
 STALE_STAGING_S = 6 * 3600  # `cache clear` leaves younger staging dirs alone: a build may be running
 

@@ -45,7 +45,9 @@ def record_text(rec: dict[str, Any], fmt: str, text_field: str) -> str:
 
 
 def record_key(rec: dict[str, Any], fmt: str, text_field: str) -> str:
-    """Identity of a record for de-duplication and overlap: a hash of its learned fields."""
+    """Identity of a record for de-duplication and overlap: a hash of its learned fields, as
+    they are in the source (before any redaction). The one definition of a duplicate row:
+    `data validate` counts with it and `data prepare` drops with it, so the two agree."""
     fields = {"chat": ["messages"], "completion": ["prompt", "completion"]}.get(fmt, [text_field])
     canonical = json.dumps([rec.get(f) for f in fields], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -4,7 +4,8 @@ Rows, empty and duplicate rows, token-length percentiles and the truncation rate
 `max_length` (when a tokenizer is given), train/validation overlap, and PII findings by
 kind (lmctl.pii). Every statistic is an aggregate over the columns of the cached tokenized
 table (lmctl.data.cache), so memory does not grow with the file: duplicates and overlap use
-16-byte content hashes, token lengths one int per row. Token lengths are counted as
+16-byte content hashes (`record_key`, over the raw rows: the rows `data prepare` drops as
+duplicates), token lengths one int per row. PII counts use the default detector (lmctl.pii). Token lengths are counted as
 training tokenizes the rows (EOS, chat template). The report describes; it does not fail on findings (exit 0), so a CI
 step reads `ok` and `issues` from `--json`.
 """

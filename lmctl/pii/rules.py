@@ -1,35 +1,29 @@
-"""Find and redact personal data and credentials in free text (stdlib only).
+"""lmctl's own rules for the kinds no library does better: email, card, ip, iban, secret.
+
+Why hand-written: phonenumbers (lmctl.pii.phones) covers phones; for the rest no maintained
+library beats a shape plus the real check. Email has no checksum (the address grammar of RFC 5322
+matches far too much prose, so a practical subset is used). Cards get Luhn plus issuer prefixes,
+IBANs ISO 13616 mod-97 plus the list of issuing countries, IPs are validated by the
+stdlib `ipaddress` module (plus a filter for code such as `a::b`), secrets the
+published token formats (AWS, GitHub, Slack, Google, Stripe, OpenAI, JWT, PEM private keys,
+Bearer tokens, `password=` style assignments). Presidio's own recognizers for these kinds are
+regexes of the same kind; detect-secrets/truffleHog are scanners for files, not span finders.
 
 Design:
 - Each kind is a regular expression that proposes *candidates* plus, where the shape alone is
-  ambiguous, a validator with the real rule (Luhn for cards, ISO 13616 mod-97 for IBANs, octet
-  ranges and group counts for IPs). Regexes are cheap at recall; validators buy the precision.
+  ambiguous, a validator with the real rule. Regexes are cheap at recall; validators buy the precision.
 - Every pattern is anchored by explicit look-arounds instead of ``\\b``, because the common
   false positives are *fragments* of larger tokens: an IP inside the version ``1.2.3.4.5``, a
   card inside a UUID, ``sk-`` inside ``task-based``.
 - Repetitions always have a mandatory separator between groups, so no pattern can backtrack
   exponentially on long runs of digits, hex or colons.
-- All kinds run independently and overlaps are settled once, at the end: the longer finding
-  wins (it explains more of the text), ties go to the earlier kind in KINDS.
 """
 
 from __future__ import annotations
 
-import bisect
+import ipaddress
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-
-KINDS: tuple[str, ...] = ("email", "phone", "card", "ip", "iban", "secret")
-
-
-@dataclass(frozen=True)
-class Finding:
-    kind: str  # one of KINDS
-    start: int  # char offset in the text
-    end: int  # exclusive
-    text: str  # the matched substring
-
 
 Span = tuple[int, int]
 
@@ -44,19 +38,6 @@ _EMAIL = re.compile(
 _RETINA = re.compile(r"@\d+x\.", re.IGNORECASE)
 # After "scheme://" an "x@host" is URL userinfo (https://token@host, db://user:pw@host), not a mailbox.
 _URL_USERINFO = re.compile(r"://[^\s/@]*$")
-
-# --- phone -------------------------------------------------------------------------------------
-# International numbers need the "+" (bare digit groups look like dates, ranges, part numbers),
-# then an area group of <= 5 digits, maybe in parentheses ("+44 (0)20"), so "+3.14159265" is no
-# phone; then " .-"-separated groups. `(?<=\d\d)`: the last group has >= 2 digits, so a count in
-# prose ("... 0958 2 times") is not swallowed. Compact E.164 (+14155550123) is allowed too.
-_PHONE_INTL = re.compile(
-    r"(?<![\w+])\+\d{1,3}"
-    r"(?:(?:[ .-]?\(\d{1,4}\)[ .-]?|[ .-])\d{1,5}(?:[ .-]\d{1,8})*|\d{6,12})"
-    r"(?<=\d\d)(?!\w|[.-]\w)"
-)
-# North-American: 3-3-4 with one consistent separator, or "(555) 123-4567".
-_PHONE_NANP = re.compile(r"(?<![\w.+-])(?:1[ .-])?(?:\(\d{3}\) ?\d{3}[ .-]\d{4}|\d{3}([ .-])\d{3}\1\d{4})(?!\w|[.-]\w)")
 
 # --- card --------------------------------------------------------------------------------------
 # Contiguous 13-19 digits, or the printed groupings 4-4-4-4(-3), 4-6-5 (Amex), 4-6-4 (Diners).
@@ -146,29 +127,23 @@ def _iban_ok(s: str) -> bool:
 
 
 def _valid_ipv4(s: str) -> bool:
-    parts = s.split(".")
-    return len(parts) == 4 and all(p.isdigit() and p == str(int(p)) and int(p) <= 255 for p in parts)
+    try:
+        ipaddress.IPv4Address(s)  # rejects octets > 255 and leading zeros ("01.2.3.4")
+    except ValueError:
+        return False
+    return True
 
 
 def _valid_ipv6(s: str) -> bool:
-    if s.count("::") > 1 or ":::" in s or not any(c.isdigit() for c in s):
+    try:
+        ipaddress.IPv6Address(s)  # group count, "::" at most once, hex, embedded IPv4 tail
+    except ValueError:
         return False
-    if "." in s:  # an embedded IPv4 tail stands in for the last two groups
-        head, _, v4 = s.rpartition(":")
-        if not _valid_ipv4(v4):
-            return False
-        s = head + ":0:0"
-    compressed = "::" in s
-    left, _, right = s.partition("::") if compressed else (s, "", "")
-    groups = (left.split(":") if left else []) + (right.split(":") if right else [])
-    # Without "::" exactly 8 groups: rules out times 12:30:45 and MACs 00:1A:2B:3C:4D:5E.
-    if (compressed and len(groups) > 7) or (not compressed and len(groups) != 8):
-        return False
-    # Runs of tiny groups are code or ratios (a[1::2], A::B, 1:2:3:4:5:6:7:8); real addresses
-    # have a wide group (fe80::1, 2001:db8::1). The loopback ::1 is the one exception.
-    if s != "::1" and not any(len(g) >= 3 for g in groups):
-        return False
-    return all(1 <= len(g) <= 4 and all(c in "0123456789abcdefABCDEF" for c in g) for g in groups)
+    # Valid by the grammar but not addresses in prose: runs of tiny groups are code or ratios
+    # (A::B, a::b::c is already invalid); real addresses have a wide group (fe80::1, 2001:db8::1).
+    # The loopback ::1 is the one exception.
+    head = s.rsplit(":", 1)[0] if "." in s else s
+    return any(c.isdigit() for c in s) and (s == "::1" or any(len(g) >= 3 for g in head.split(":")))
 
 
 # --- gates ------------------------------------------------------------------------------------
@@ -176,7 +151,6 @@ def _valid_ipv6(s: str) -> bool:
 # position). Each has a much cheaper *necessary* condition: a literal it must contain, or a
 # short run it must match. A text without it cannot match, so skipping the pattern changes
 # no finding; on ordinary prose most texts fail most gates.
-_GATE_DIGITS3 = re.compile(r"\d{3}")
 _GATE_DIGITS4 = re.compile(r"\d{4}")
 _GATE_DOTTED = re.compile(r"\d\.\d")
 _GATE_IPV6 = re.compile(r":[0-9A-Fa-f]{0,4}:")
@@ -202,14 +176,6 @@ def _emails(text: str) -> Iterator[Span]:
     for m in _EMAIL.finditer(text):
         if not _RETINA.search(m.group()) and not _URL_USERINFO.search(text, max(0, m.start() - 256), m.start()):
             yield m.span()
-
-
-def _phones(text: str) -> Iterator[Span]:
-    if "+" in text:
-        yield from _spans(_PHONE_INTL, text, lambda s: 7 <= sum(c.isdigit() for c in s) <= 15)
-    # NANP area codes never start with 0 or 1, which drops most dashed part numbers.
-    if _GATE_DIGITS3.search(text):
-        yield from _spans(_PHONE_NANP, text, lambda s: re.sub(r"^1[ .-]|\D", "", s)[0] in "23456789")
 
 
 def _ips(text: str) -> Iterator[Span]:
@@ -247,37 +213,11 @@ def _secrets(text: str) -> Iterator[Span]:
             yield m.span(group)
 
 
-_DETECTORS: dict[str, Callable[[str], Iterator[Span]]] = {
+RULES: dict[str, Callable[[str], Iterator[Span]]] = {
     "email": _emails,
-    "phone": _phones,
     "card": lambda t: _spans(_CARD, t, _card_ok) if _GATE_DIGITS4.search(t) else iter(()),
     "ip": _ips,
     "iban": _ibans,
     "secret": _secrets,
 }
-
-
-def find_pii(text: str) -> list[Finding]:
-    """All findings, sorted by start, non-overlapping (when two overlap keep the longer; on ties prefer the earlier kind in KINDS order)."""
-    candidates = {(start, end, kind) for kind in KINDS for start, end in _DETECTORS[kind](text)}
-    # Greedy by priority: longest first, then KINDS order, then leftmost for determinism. Kept
-    # spans never overlap, so they stay sorted and a new one only has to be checked against its
-    # two neighbours (bisect), which keeps logs with thousands of findings fast.
-    ranked = sorted(candidates, key=lambda c: (-(c[1] - c[0]), KINDS.index(c[2]), c[0]))
-    kept: list[tuple[int, int, str]] = []
-    for cand in ranked:
-        i = bisect.bisect_left(kept, cand)
-        if (i == 0 or kept[i - 1][1] <= cand[0]) and (i == len(kept) or cand[1] <= kept[i][0]):
-            kept.insert(i, cand)
-    return [Finding(kind, s, e, text[s:e]) for s, e, kind in kept]
-
-
-def redact(text: str) -> tuple[str, list[Finding]]:
-    """Replace each finding with a placeholder "[REDACTED_<KIND>]" (e.g. [REDACTED_EMAIL]); return new text and findings."""
-    findings = find_pii(text)
-    out: list[str] = []
-    pos = 0
-    for f in findings:
-        out += [text[pos : f.start], f"[REDACTED_{f.kind.upper()}]"]
-        pos = f.end
-    return "".join(out + [text[pos:]]), findings
+"""The spans (start, end) of each kind in a text, before overlaps between kinds are settled."""
