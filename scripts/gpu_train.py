@@ -324,7 +324,7 @@ def _try(label: str, fn: Any) -> tuple[RunResult | None, list[str] | None]:
 
 
 def timing_rows(b: Bench, shape: str, length: int, batch: int, sweep: tuple[int, ...], repeats: int) -> Any:
-    """3 interleaved repeats of lmctl and TRL, a batch sweep, and a profiled run of each; yields rows as measured."""
+    """3 interleaved repeats of lmctl and TRL, a profiled run of each, a batch sweep; yields rows as measured."""
     import statistics
 
     runs: dict[str, list[float]] = {"lmctl": [], "TRL": []}
@@ -343,6 +343,16 @@ def timing_rows(b: Bench, shape: str, length: int, batch: int, sweep: tuple[int,
         spread = {s: (max(v) - min(v)) / max(statistics.median(v), 1e-9) for s, v in runs.items()}
         yield [f"timing {shape}/{length} b{batch}: median lmctl / TRL", f"{mine / max(theirs, 1e-9):.2f}x",
                f"spread lmctl {spread['lmctl']:.1%}, TRL {spread['TRL']:.1%}", "spread = (max - min) / median"]
+    for side in runs:
+        result, failed = _try(f"profile {side}", lambda s=side: b.run(s, shape, length, batch, profile_steps=5))
+        if failed:
+            yield failed
+            continue
+        assert result is not None and result.clock.profiler is not None
+        busy = gpu_busy_share(result.clock.profiler, result.clock.profiled_s or 0.0)
+        yield [f"profile {side} {shape}/{length} b{batch}: 5 steps", f"GPU busy {busy:.1%}" if busy is not None
+               else "GPU busy n/a (no CUDA)", "attention: " + ", ".join(attention_ops(result.clock.profiler)),
+               f"{result.clock.profiled_s:.2f} s profiled"]
     for bs in sweep:
         pair = {}
         for side in runs:
@@ -357,16 +367,6 @@ def timing_rows(b: Bench, shape: str, length: int, batch: int, sweep: tuple[int,
                    f"{pair['lmctl'].tokens_per_s:,.0f} vs {pair['TRL'].tokens_per_s:,.0f} tok/s",
                    f"{pair['lmctl'].tokens_per_s / pair['TRL'].tokens_per_s:.2f}x",
                    f"peak {_gb(pair['lmctl'].peak_bytes)} vs {_gb(pair['TRL'].peak_bytes)}"]
-    for side in runs:
-        result, failed = _try(f"profile {side}", lambda s=side: b.run(s, shape, length, batch, profile_steps=5))
-        if failed:
-            yield failed
-            continue
-        assert result is not None and result.clock.profiler is not None
-        busy = gpu_busy_share(result.clock.profiler, result.clock.profiled_s or 0.0)
-        yield [f"profile {side} {shape}/{length} b{batch}: 5 steps", f"GPU busy {busy:.1%}" if busy is not None
-               else "GPU busy n/a (no CUDA)", "attention: " + ", ".join(attention_ops(result.clock.profiler)),
-               f"{result.clock.profiled_s:.2f} s profiled"]
 
 
 def shape_rows(b: Bench, shapes: dict[str, tuple[int, int]], liger: bool) -> Any:
