@@ -13,7 +13,7 @@ as a markdown table; parts, each left out with `--skip PART,...`:
   gpu_train.py), and the goals with PASS/MISS: >= 1.2x TRL's tokens/s at <= 0.7x its peak
   without Liger; >= 1.0x TRL + Liger; MFU >= 35% at 1.5B/2048;
 - `serve` (scripts/gpu_infer.py): the engine against one-at-a-time `generate`, greedy, fp32
-  and bf16 (first divergence), its attention kernel checked with SDPA's math kernel off, and
+  and bf16 (first divergence), its attention kernel checked with SDPA restricted to it, and
   tokens/s at 1, 8 and 32 clients;
 - `eval`, `lm-eval`: lmctl perplexity and lm-eval-harness HFLM, warm, timed alike;
 - `launch` (left out unless `--skip` is given without it): `lmctl train` subprocesses, bf16

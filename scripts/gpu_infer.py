@@ -3,8 +3,9 @@
 Serve: the batching engine against one-at-a-time `generate`, greedy, in bf16 (where the
 batch changes the arithmetic: the first divergence of each request is reported) and in fp32
 (outputs should be equal); tokens/s at 1, 8 and 32 clients; the attention kernel the engine
-planned (`lmctl.serve.kvcache.attention_plan`), checked by running the engine with SDPA's math
-kernel switched off, next to the old call (a mask with `enable_gqa=True`), which needs it.
+planned (`lmctl.serve.kvcache.attention_plan`), checked by running the engine with SDPA
+restricted to that kernel alone, next to the old call (a mask with `enable_gqa=True`) with the
+math kernel off, which CUDA refuses.
 
 Eval: lmctl's perplexity against lm-eval-harness HFLM on the same windows, each warmed up on
 the first documents first, then timed with a CUDA synchronize before and after.
@@ -62,6 +63,7 @@ def serve_rows(model_dir: Path, requests: int, new_tokens: int, levels: tuple[in
 
     from lmctl import distributed
     from lmctl.loading import load_base_model, load_tokenizer
+    from lmctl.serve.kvcache import attention_plan
 
     tok = load_tokenizer(str(model_dir))
     prompts = make_prompts(tok, 0, max(requests, 2 * max(levels)), 128)
@@ -80,14 +82,13 @@ def serve_rows(model_dir: Path, requests: int, new_tokens: int, levels: tuple[in
             engine.stop()
             del engine, model
             continue
-        plan = engine.attention_kernel
+        plan, only = engine.attention_kernel, attention_plan(model.device.type).kernel
         try:
-            allowed = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-            with sdpa_kernel(allowed):  # global flags: the engine's thread sees them too
+            with sdpa_kernel([getattr(SDPBackend, only)]):  # global flags: the engine's thread sees them too
                 run_level(engine_client(engine, tok, 8), prompts[:8], 8, 8)
-            check = "ran with the math kernel off"
+            check = f"ran with SDPA restricted to {only}"
         except Exception as exc:  # noqa: BLE001 - the check's answer
-            check = f"FAILED with math off: {type(exc).__name__}"
+            check = f"FAILED with SDPA restricted to {only}: {type(exc).__name__}"
         yield ["serve attention kernel", plan, check, _old_call_needs_math(model.device)]
         for clients in levels:
             r = run_level(engine_client(engine, tok, new_tokens), prompts, clients, max(8, 2 * clients))
