@@ -139,11 +139,30 @@ def timeout_s() -> float:
     return seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
+def choose_device(cuda_available: bool, local_rank: int) -> str:
+    """Where a process computes: `cuda:LOCAL_RANK` where CUDA is available, else the CPU. One
+    decision for training's processes, eval and serve (a process torchrun did not start is
+    local rank 0)."""
+    return f"cuda:{local_rank}" if cuda_available else "cpu"
+
+
 def device() -> Any:
-    """The torch device of this process: `cuda:LOCAL_RANK` where CUDA is available, else the CPU."""
+    """The torch device of this process (`choose_device` for this machine and LOCAL_RANK)."""
     import torch
 
-    return torch.device("cuda", world().local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(choose_device(torch.cuda.is_available(), world().local_rank))
+
+
+def synchronized_now(on: Any) -> float:
+    """`time.perf_counter()` once the work queued on device `on` has finished: CUDA runs
+    asynchronously, so a host clock read without a synchronize times the launches, not the work."""
+    import time
+
+    import torch
+
+    if torch.device(on).type == "cuda":
+        torch.cuda.synchronize(on)
+    return time.perf_counter()
 
 
 @contextlib.contextmanager

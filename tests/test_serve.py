@@ -36,6 +36,9 @@ def test_completions_chat_streaming_and_request_ids(checkpoint: Path) -> None:
         assert httpx.get(f"{srv.url}/readyz").json()["status"] == "ready"
         health = httpx.get(f"{srv.url}/healthz")
         assert health.status_code == 200 and health.headers["x-request-id"].startswith("req-")
+        # where it runs and which SDPA kernel its attention is planned for (lmctl.serve.kvcache.attention_plan)
+        assert {k: health.json()["primary"][k] for k in ("device", "attention_kernel")} == {
+            "device": "cpu", "attention_kernel": "flash"}
         models = httpx.get(f"{srv.url}/v1/models", headers=AUTH).json()
         assert models["data"][0]["id"] == "tiny" and models["data"][0]["versions"][0]["version"].startswith("sha-")
 

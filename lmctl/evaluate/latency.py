@@ -3,16 +3,18 @@
 Prompts are the first `prompt_tokens` tokens of the data's documents (cycled), each
 request generates exactly `output_tokens` tokens greedily, one request at a time. Time to
 first token is taken when the first logits processor call runs, i.e. right after the
-prompt's forward pass. One warm-up request is not counted.
+prompt's forward pass (on CUDA the clock waits for the device: a synchronize before each
+read). One warm-up request is not counted.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+
+from lmctl.distributed import synchronized_now
 
 if TYPE_CHECKING:
     from lmctl.data.documents import Document
@@ -38,14 +40,15 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 class _FirstToken:
-    """A logits processor that only notes when it is first called (the first new token)."""
+    """A logits processor that only notes when it is first called (the first new token), once
+    the prompt's forward has run on the device (lmctl.distributed.synchronized_now)."""
 
     def __init__(self) -> None:
         self.at: float | None = None
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         if self.at is None:
-            self.at = time.perf_counter()
+            self.at = synchronized_now(scores.device)
         return scores
 
 
@@ -68,12 +71,12 @@ def measure(model: Any, tokenizer: Any, docs: Iterable[Document], prompt_tokens:
     for i in range(runs + 1):
         ids = torch.tensor([pool[i % len(pool)][:prompt_tokens]], device=device)
         first = _FirstToken()
-        start = time.perf_counter()
+        start = synchronized_now(device)
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_tokens,
                            min_new_tokens=output_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                            logits_processor=LogitsProcessorList([first]))
-        end = time.perf_counter()
+        end = synchronized_now(device)
         if i == 0:
             continue  # warm-up
         totals.append((end - start) * 1000)

@@ -68,7 +68,7 @@ class Engine:
         keep_last = "logits_to_keep" in inspect.signature(base.forward).parameters
         self._logits_kw = {"logits_to_keep": 1} if keep_last else {}
         self._device = next(model.parameters()).device
-        from lmctl.serve.kvcache import CPU_DRAFT_ROWS, GPU_DRAFT_ROWS, use_gqa_attention
+        from lmctl.serve.kvcache import CPU_DRAFT_ROWS, GPU_DRAFT_ROWS, attention_kernel, use_gqa_attention
         from lmctl.serve.ragged import full_attention_only
 
         if draft_rows is None:  # drafts only in a batch of at most this many rows (measured: kvcache)
@@ -76,7 +76,9 @@ class Engine:
         self.draft_rows = draft_rows
         # Same numbers as sdpa without expanding grouped K/V every step; and where the engine owns
         # the attention of full-attention layers, newcomers prefill inside a decode step (ragged.py).
-        self._ragged = use_gqa_attention(model) and full_attention_only(base.config)
+        owned = use_gqa_attention(model)
+        self._ragged = owned and full_attention_only(base.config)
+        self.attention_kernel = attention_kernel(self._device.type, owned, str(base.config._attn_implementation))
         self._cv = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []  # rows of the current batch (what `running` counts)
@@ -88,6 +90,11 @@ class Engine:
         self.forward_passes = 0  # prefills + decode steps
         self.drafted = self.accepted = 0  # draft tokens fed to the model, and those it agreed with
         self.peak_batch = 0  # most rows ever decoded together
+
+    @property
+    def device(self) -> Any:
+        """The torch device of the model's weights (where every step's tensors are made)."""
+        return self._device
 
     @property
     def queue_depth(self) -> int:

@@ -14,16 +14,19 @@ Why hand-written (both measured on SmolLM2-135M, 32 rows, CPU, 1 thread):
   cache's rows; drop leading all-padding columns) without rebuilding anything per step.
 - transformers' `sdpa` attention expands grouped-query keys and values to every query head
   (`repeat_kv`: a copy of n_rep x the cache per layer per step, 3x for SmolLM2) whenever an
-  attention mask is passed, which the engine's left-padded batch always does; torch's
-  `scaled_dot_product_attention(enable_gqa=True)` takes the mask directly. The result is
-  bitwise identical, and the attention ~3-5x faster at 32 rows. `use_gqa_attention` registers
-  it under its own name in transformers' `AttentionInterface` and switches a model that uses
-  `sdpa` to it; anything else (eager, flash, no mask) goes through transformers' own code.
+  attention mask is passed, which the engine's left-padded batch always does; on the CPU
+  torch's `scaled_dot_product_attention(enable_gqa=True)` takes the mask directly. The result
+  is bitwise identical, and the attention ~3-5x faster at 32 rows. `use_gqa_attention`
+  registers it under its own name in transformers' `AttentionInterface` and switches a model
+  that uses `sdpa` to it; anything else (eager, flash, no mask) goes through transformers' own
+  code. On CUDA no fused kernel takes a mask and grouped K/V together, so there the keys and
+  values are expanded (`attention_plan`: the memory-efficient kernel, not the math one).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,21 +65,77 @@ def _available_ram() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def kv_limits(device_type: str, bytes_per_token: int, free_bytes: int) -> tuple[int, int]:
+    """(most rows per batch, KV-cache tokens in the budget) on a device of `device_type` with
+    `free_bytes` free there: half the free GPU memory (the weights are already on it; activations
+    and the allocator's slack take the rest), a quarter of the available RAM on the CPU."""
+    if device_type == "cuda":
+        return GPU_BATCH_CAP, max(1, free_bytes // 2 // bytes_per_token)
+    return CPU_BATCH_CAP, max(1, free_bytes // 4 // bytes_per_token)
+
+
 def auto_batch_limits(model: Any) -> tuple[int, int]:
-    """(most rows per batch, KV-cache tokens that fit the memory budget: half the free GPU memory,
-    a quarter of the available RAM). The engine admits rows while the batch's padded cache,
-    counted at every row's prompt + max_tokens, stays within the token budget."""
+    """`kv_limits` for `model` where its weights are: free GPU memory on CUDA, MemAvailable on
+    the CPU. The engine admits rows while the batch's padded cache, counted at every row's
+    prompt + max_tokens, stays within the token budget."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     param = next(model.parameters())
     per_token = int(config.num_hidden_layers) * 2 * kv_heads * head_dim * param.element_size()
-    if param.device.type == "cuda":
-        budget, cap = torch.cuda.mem_get_info(param.device)[0] // 2, GPU_BATCH_CAP
-    else:
-        budget, cap = _available_ram() // 4, CPU_BATCH_CAP
-    return cap, max(1, budget // per_token)
+    cuda = param.device.type == "cuda"
+    free = torch.cuda.mem_get_info(param.device)[0] if cuda else _available_ram()
+    return kv_limits(param.device.type, per_token, free)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How the engine's masked attention calls SDPA on one device: `kernel` is the
+    torch.nn.attention.SDPBackend it is meant to land on (a test or gpu_check can restrict SDPA to
+    it), `expand_kv` whether grouped keys/values are first repeated to the query heads."""
+
+    kernel: str
+    expand_kv: bool
+
+
+def attention_plan(device_type: str) -> AttentionPlan:
+    """On CUDA the flash kernel refuses an attention mask and the memory-efficient one refuses
+    grouped K/V (`enable_gqa`), so a masked grouped call falls to the math kernel, which builds
+    the whole score matrix in the input dtype; expanded K/V (one copy per layer and step, as
+    transformers' own sdpa path does) keep it on the memory-efficient kernel. torch's CPU flash
+    kernel takes the mask and the groups as they are (no copy: the numbers the engine gave
+    before this plan existed)."""
+    if device_type == "cuda":
+        return AttentionPlan(kernel="EFFICIENT_ATTENTION", expand_kv=True)
+    return AttentionPlan(kernel="FLASH_ATTENTION", expand_kv=False)
+
+
+def attention_kernel(device_type: str, engine_owned: bool, implementation: str) -> str:
+    """What /healthz and the start-up log name as the serving attention: the SDPA kernel the
+    engine's masked (decode) attention is planned for, lower-case, `+expanded_kv` where grouped
+    K/V are repeated first; or transformers' own implementation where the engine does not own
+    the attention (`use_gqa_attention` declined the model)."""
+    if not engine_owned:
+        return f"transformers:{implementation}"
+    plan = attention_plan(device_type)
+    return plan.kernel.lower().removesuffix("_attention") + ("+expanded_kv" if plan.expand_kv else "")
+
+
+def engine_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                scaling: float | None, dropout: float = 0.0, is_causal: bool = False,
+                plan: AttentionPlan | None = None) -> torch.Tensor:
+    """SDPA of (rows, heads, q, dim) queries over grouped (rows, kv_heads, k, dim) keys/values
+    under `mask` (or causal), as `attention_plan` says for the query's device (or `plan`). An
+    unmasked causal call takes the flash kernel on CUDA in half precision either way; expanded,
+    it also keeps the memory-efficient one in fp32."""
+    plan = plan or attention_plan(query.device.type)
+    groups = query.shape[1] // key.shape[1]
+    if plan.expand_kv and groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                                            is_causal=is_causal, scale=scaling,
+                                                            enable_gqa=groups > 1 and not plan.expand_kv)
 
 
 class GrowingLayer(DynamicLayer):
@@ -218,8 +277,7 @@ def _gqa_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
             or kwargs.get("output_attentions")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                           dropout_p=dropout, scale=scaling, enable_gqa=True)
+    out = engine_sdpa(query, key, value, attention_mask, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None
 
 

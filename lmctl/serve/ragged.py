@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from lmctl.serve.kvcache import RAGGED_KWARG, GrowingCache, GrowingLayer
+from lmctl.serve.kvcache import RAGGED_KWARG, GrowingCache, GrowingLayer, engine_sdpa
 
 __all__ = ["RAGGED_KWARG", "RaggedStep", "decode_mask", "full_attention_only"]
 
@@ -82,21 +82,18 @@ class RaggedStep(Cache):
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, decode_mask: torch.Tensor | None,
                scaling: float | None) -> torch.Tensor:
         """(1, heads, tokens, dim) flat query/key/value -> (1, tokens, heads, dim) attention output."""
-        from torch.nn.functional import scaled_dot_product_attention as sdpa
-
         parts = []
         if self.rows:
             assert self._decode_kv is not None
             q = _scatter(query[0, :, :self.decoded], self._decode_slots, self.rows, self.width_q)
             keys, values = self._decode_kv
-            out = sdpa(q, keys, values, attn_mask=decode_mask, scale=scaling, enable_gqa=True)  # (rows, heads, Q, dim)
+            out = engine_sdpa(q, keys, values, decode_mask, scaling)  # (rows, heads, Q, dim)
             flat = out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[-1])  # (rows x Q, heads, dim)
             parts.append(flat.index_select(0, self._decode_slots))
         start = self.decoded
         for n in self.lengths:
             span = slice(start, start + n)
-            out = sdpa(query[:, :, span], key[:, :, span], value[:, :, span], is_causal=True, scale=scaling,
-                       enable_gqa=True)
+            out = engine_sdpa(query[:, :, span], key[:, :, span], value[:, :, span], None, scaling, is_causal=True)
             parts.append(out[0].transpose(0, 1))  # (n, heads, dim)
             start += n
         return torch.cat(parts)[None]

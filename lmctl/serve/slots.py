@@ -37,7 +37,8 @@ class Slot:
         manifest = self.loaded.manifest
         return {"ref": self.ref, "version": self.version, "role": self.role,
                 "tokenizer_fingerprint": manifest.tokenizer.fingerprint if manifest else None,
-                "base_model": manifest.base_model.id if manifest else self.loaded.ref.path}
+                "base_model": manifest.base_model.id if manifest else self.loaded.ref.path,
+                "device": str(self.engine.device), "attention_kernel": self.engine.attention_kernel}
 
     def retire(self) -> None:
         """Stop the engine after its in-flight requests finish, without blocking the caller."""
@@ -75,12 +76,14 @@ def default_model_name(ref: str, loaded: LoadedModel) -> str:
 
 def load_slot(ref: str, role: str, settings: ServeSettings, model_name: str | None = None) -> Slot:
     """Resolve, verify (IntegrityError, exit 4) and load `ref`, then start its engine."""
+    from lmctl import distributed
     from lmctl.loading import load_for_inference
     from lmctl.modelref import resolve
     from lmctl.serve.engine import Engine
     from lmctl.serve.kvcache import auto_batch_limits
 
     loaded = load_for_inference(resolve(ref))
+    loaded.model.to(distributed.device())  # where eval runs too; "auto" already chose bf16 there
     config = getattr(loaded.model, "config", None)
     context = int(getattr(config, "max_position_embeddings", 0) or 2048)
     # Rows are admitted by what the requests need (prompt + max_tokens) against the memory budget,
@@ -92,5 +95,6 @@ def load_slot(ref: str, role: str, settings: ServeSettings, model_name: str | No
     engine.start()
     slot = Slot(ref=ref, model_name=model_name or default_model_name(ref, loaded), version=version_label(loaded),
                 role=role, loaded=loaded, engine=engine, stop_ids=_stop_ids(loaded), context_length=context)
-    log.info("loaded %s as %s version %s (%s)", ref, slot.model_name, slot.version, role)
+    log.info("loaded %s as %s version %s (%s) on %s, attention %s, KV budget %d tokens", ref, slot.model_name,
+             slot.version, role, engine.device, engine.attention_kernel, kv_budget)
     return slot

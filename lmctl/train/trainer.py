@@ -13,7 +13,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,8 +115,11 @@ def _packing_works(model: Any, run: PreparedRun) -> bool:
     return isolated
 
 
-def train(cfg: LmctlConfig, resume: str = "auto", dry_run: bool = False) -> TrainResult | TrainPlan:
+def train(cfg: LmctlConfig, resume: str = "auto", dry_run: bool = False,
+          callbacks: Sequence[Any] = ()) -> TrainResult | TrainPlan:
     """Validate everything, then fine-tune; returns the plan on --dry-run, else the result.
+    `callbacks` (transformers TrainerCallbacks) join lmctl's own: scripts/gpu_check.py times
+    lmctl and TRL with the same one.
 
     Under torchrun every rank runs this. One process per node (local rank 0) prepares first,
     filling that node's tokenization cache; the others then open the entry it sealed."""
@@ -129,7 +132,7 @@ def train(cfg: LmctlConfig, resume: str = "auto", dry_run: bool = False) -> Trai
         if dry_run:
             return run.plan
         with _held_by_primary(cfg, run, here) as tracking:
-            return _fit(cfg, run, here, tracking)
+            return _fit(cfg, run, here, tracking, callbacks)
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,7 @@ def _build_model(cfg: LmctlConfig, run: PreparedRun) -> Any:
     return model
 
 
-def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking) -> TrainResult:
+def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking, extra: Sequence[Any] = ()) -> TrainResult:
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
 
     from lmctl.train.callbacks import ExportCheckpoints, Progress
@@ -236,7 +239,7 @@ def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking) ->
         return path
 
     exporter = ExportCheckpoints(export, here, run.sharded)
-    callbacks = [*tracking.callbacks(), Progress(), exporter]
+    callbacks = [*tracking.callbacks(), Progress(), exporter, *extra]
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
     trainer = Trainer(
