@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from lmctl.config import DriftConfig
-from lmctl.monitor.drift import Scored, assess
+from lmctl.monitor.drift import Assessment, Scored, assess
 
 CHUNK = 600
 SHIFTS = ("language", "topic", "noise", "spam")
@@ -180,23 +180,33 @@ def run(args: argparse.Namespace) -> None:
                     row = table[(corpus, kind, size)]
                     row["trials"] += 1
                     row["drift"] += found.drift_detected
+                    row["old rule"] += old_rule(found, cfg)
                     for check in found.checks:
                         row[check.name] += not check.passed
             print(f"  {corpus} n={size}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     report(table, cfg)
 
 
+def old_rule(found: Assessment, cfg: DriftConfig) -> bool:
+    """The decision before issue 26 (main 1ab8823), from the same numbers: fixed thresholds on the
+    raw values, KS also needing p < 0.01, no correction (perplexity off, as here)."""
+    t, lengths = found.tokens, found.token_length
+    return bool(lengths.psi > (cfg.max_psi or np.inf) or t.rare_rate_increase_pp > (cfg.max_rare_rate_increase or np.inf)
+                or t.unk_rate_increase_pp > (cfg.max_unk_rate_increase or np.inf)
+                or (lengths.ks_statistic > (cfg.max_ks_statistic or np.inf) and lengths.ks_p_value < 0.01))
+
+
 def report(table: dict[tuple[str, str, int], dict[str, int]], cfg: DriftConfig) -> None:
-    names = sorted({k for row in table.values() for k in row} - {"trials", "drift"})
+    names = sorted({k for row in table.values() for k in row} - {"trials", "drift", "old rule"})
     short = {n: n.replace("token length ", "").replace(" rate increase pp", "").replace(" statistic", "")
              for n in names}
     print(f"\nalpha {cfg.alpha}, correction {cfg.correction}, {cfg.permutations} permutations; "
           "share of trials that alarmed (same = false alarms, others = detections)\n")
-    print("| corpus | current | docs per side | trials | drift | " + " | ".join(short[n] for n in names) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(names))
+    print("| corpus | current | docs per side | trials | old rule | drift | " + " | ".join(short[n] for n in names) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(names))
     for (corpus, kind, size), row in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1] != "same", kv[0][1], kv[0][2])):
         n = row["trials"]
-        cells = [f"{100 * row['drift'] / n:.0f}%"] + [f"{100 * row[name] / n:.0f}%" for name in names]
+        cells = [f"{100 * row['old rule'] / n:.0f}%", f"{100 * row['drift'] / n:.0f}%"] + [f"{100 * row[name] / n:.0f}%" for name in names]
         print(f"| {corpus} | {kind} | {size} | {n} | " + " | ".join(cells) + " |")
 
 

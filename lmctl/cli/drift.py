@@ -53,4 +53,7 @@ def drift(
     result = detect_drift(model, reference, current, cfg, text_field=text_field, max_length=max_length,
                           batch_size=batch_size, report=report, plot=plot)
     emit(result, json_out)
-    enforce_gates(result.checks, "drift detected")
+    sig = result.significance
+    enforce_gates(result.checks, "drift detected", hint=", ".join(
+        f"{c.name}: p={c.p_adjusted:.2g} after {sig.correction} over {sig.signals} checks, alpha {sig.alpha}"
+        for c in result.checks if not c.passed) or None)

@@ -46,6 +46,10 @@ def permutation(statistic: IndexStatistic, n_ref: int, n_cur: int, resamples: in
     (one permutation per row, indices into the pooled documents, reference first) to one value per row."""
     from scipy.stats import permutation_test
 
+    if min(n_ref, n_cur) < 2:  # scipy needs two per set; one document cannot show significant drift
+        observed = float(statistic(np.arange(n_ref)[None], np.arange(n_ref, n_ref + n_cur)[None])[0])
+        return TestResult(observed, 1.0, observed, "none: fewer than 2 documents in a set")
+
     def vectorized(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
         x, y = np.moveaxis(x, axis, -1), np.moveaxis(y, axis, -1)
         out = statistic(np.atleast_2d(x).astype(np.int64), np.atleast_2d(y).astype(np.int64))
