@@ -175,45 +175,57 @@ class RetrainConfig(Section):
 
 
 class DriftConfig(Section):
-    """Thresholds of `lmctl drift` (definitions in lmctl/monitor/drift.py); null turns a check off."""
+    """Checks of `lmctl drift` (definitions in lmctl/monitor/drift.py): a check fails when its signal is significant at alpha after the correction and its effect size exceeds its threshold; null turns a check off."""
+
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="Significance level for all checks together: the chance that any "
+        "check is significant on same-distribution inputs (after the correction).",
+    )
+    correction: Literal["holm", "bonferroni", "none"] = Field(
+        "holm", description="Correction of the p-values for testing every enabled check at once.",
+    )
+    permutations: int = Field(
+        1000, ge=100, le=100_000, description="Permutations of whole documents between the two sets, per test.",
+    )
 
     max_ppl_increase: float | None = Field(
         10.0, ge=0, description="Drift when current perplexity is more than this % above the reference's "
-        "and the bootstrap 95% interval of the increase lies above 0.",
+        "(and significantly).",
     )
-    max_psi: float | None = Field(0.25, ge=0, description="Drift when the PSI of token lengths exceeds this.")
+    max_psi: float | None = Field(
+        0.25, ge=0, description="Drift when the PSI of token lengths exceeds this (and significantly).")
     psi_bins: int = Field(10, ge=2, le=100, description="Most PSI bins (reference quantiles); fewer for small sets.")
     max_ks_statistic: float | None = Field(
-        0.2, ge=0, le=1, description="Drift when the KS statistic of token lengths exceeds this and its p-value "
-        "is below ks_p_value.",
+        0.2, ge=0, le=1, description="Drift when the KS statistic of token lengths exceeds this (and significantly).",
     )
-    ks_p_value: float = Field(0.01, gt=0, le=1, description="Significance level of the KS check.")
     rare_max_count: int = Field(
         1, ge=0, description="A token is rare when it occurs at most this many times in the reference (0 = unseen).",
     )
     max_rare_rate_increase: float | None = Field(
         1.0, ge=0, description="Drift when the rare-token rate is more than this many percentage points above "
-        "its Good-Turing expectation from the reference.",
+        "its Good-Turing expectation from the reference, beyond the gap same-source sets show (and significantly).",
     )
     max_unk_rate_increase: float | None = Field(
-        0.5, ge=0, description="Drift when the tokenizer's unknown-token rate rises by more than this many points.",
+        0.5, ge=0, description="Drift when the tokenizer's unknown-token rate rises by more than this many points "
+        "(and significantly).",
     )
     embedding_model: Path | None = Field(
         None, description="Local sentence-transformers model directory for embedding drift (never downloaded); "
         "null skips embedding drift.",
     )
     max_embedding_cosine: float | None = Field(
-        0.05, ge=0, le=2, description="Drift when the cosine distance of the mean embeddings exceeds this.",
+        0.05, ge=0, le=2, description="Drift when the cosine distance of the mean embeddings exceeds this (and significantly).",
     )
     max_embedding_mmd: float | None = Field(
-        0.05, ge=0, description="Drift when the squared MMD (RBF kernel, median bandwidth) of embeddings exceeds this.",
+        0.05, ge=0, description="Drift when the squared MMD (RBF kernel, median bandwidth) of embeddings exceeds this "
+        "(and significantly).",
     )
     min_documents: int = Field(20, ge=1, description="Refuse (exit 2) a file with fewer documents than this.")
     max_documents: int | None = Field(
         5000, ge=1, description="Score a seeded random sample of this many documents per file; null scores all.",
     )
     bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for the perplexity interval.")
-    seed: int = Field(0, description="Seed for document sampling and the bootstrap.")
+    seed: int = Field(0, description="Seed for document sampling, the bootstrap and the permutations.")
 
 
 class LmctlConfig(Section):

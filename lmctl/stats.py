@@ -73,15 +73,23 @@ def psi(reference: ArrayLike, current: ArrayLike, bins: int) -> float:
     """Population stability index of `current` against `reference`.
 
     Bin edges are the reference's quantiles (equal-mass bins; repeated edges of integer data
-    merge), a value on an edge goes to the upper bin, and an empty bin counts as PSI_EPSILON.
-    PSI = sum over bins of (cur - ref) x ln(cur / ref).
+    leave bins empty in both sets, which add 0), a value on an edge goes to the upper bin, and
+    an empty bin counts as PSI_EPSILON. PSI = sum over bins of (cur - ref) x ln(cur / ref).
     """
-    ref, cur = np.asarray(reference, dtype=float), np.asarray(current, dtype=float)
-    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1))[1:-1])
-    ref_share = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=len(edges) + 1) / len(ref)
-    cur_share = np.bincount(np.searchsorted(edges, cur, side="right"), minlength=len(edges) + 1) / len(cur)
-    ref_share, cur_share = np.maximum(ref_share, PSI_EPSILON), np.maximum(cur_share, PSI_EPSILON)
-    return float(np.sum((cur_share - ref_share) * np.log(cur_share / ref_share)))
+    return float(psi_rows(np.asarray(reference, dtype=float)[None], np.asarray(current, dtype=float)[None], bins)[0])
+
+
+def psi_rows(reference: np.ndarray, current: np.ndarray, bins: int) -> np.ndarray:
+    """`psi` of each row of `reference` (k x n) against the same row of `current` (k x m)."""
+    edges = np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1], axis=1).T[:, None, :]  # k x 1 x (bins-1)
+
+    def shares(values: np.ndarray) -> np.ndarray:
+        index = (values[:, :, None] >= edges).sum(2)  # the upper bin on an edge (searchsorted side="right")
+        counts = (index[:, :, None] == np.arange(bins)).sum(1)
+        return np.maximum(counts / values.shape[1], PSI_EPSILON)
+
+    ref_share, cur_share = shares(reference), shares(current)
+    return np.sum((cur_share - ref_share) * np.log(cur_share / ref_share), axis=1)
 
 
 def ks(reference: ArrayLike, current: ArrayLike) -> tuple[float, float]:

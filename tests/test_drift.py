@@ -19,7 +19,7 @@ from conftest import ASSETS
 from lmctl.config import DriftConfig, load_config
 from lmctl.errors import DataError
 from lmctl import stats
-from lmctl.monitor.drift import load_input, read_sample_log
+from lmctl.monitor.inputs import load_input, read_sample_log
 
 REFERENCE = ASSETS / "tiny_train.jsonl"  # the data the checkpoint was trained on
 SAME = ASSETS / "drift_current_same.jsonl"  # new documents from the same generator

@@ -99,10 +99,10 @@ def test_json_keys_of_every_command(cli, tiny_config: Path, tmp_path: Path) -> N
 EXPECTED: dict[str, set[str]] = {
     'config show': {
         'data', 'data.format', 'data.max_length', 'data.num_proc', 'data.packing', 'data.streaming',
-        'data.text_field', 'data.train', 'data.validation', 'drift', 'drift.bootstrap_samples', 'drift.embedding_model', 'drift.ks_p_value',
+        'data.text_field', 'data.train', 'data.validation', 'drift', 'drift.alpha', 'drift.bootstrap_samples', 'drift.correction', 'drift.embedding_model',
         'drift.max_documents', 'drift.max_embedding_cosine', 'drift.max_embedding_mmd',
         'drift.max_ks_statistic', 'drift.max_ppl_increase', 'drift.max_psi', 'drift.max_rare_rate_increase',
-        'drift.max_unk_rate_increase', 'drift.min_documents', 'drift.psi_bins', 'drift.rare_max_count',
+        'drift.max_unk_rate_increase', 'drift.min_documents', 'drift.permutations', 'drift.psi_bins', 'drift.rare_max_count',
         'drift.seed', 'lora', 'lora.alpha', 'lora.dropout', 'lora.modules_to_save', 'lora.quantization',
         'lora.r', 'lora.target_modules', 'lora.use_dora', 'lora.use_rslora', 'model',
         'model.add_special_tokens', 'model.base', 'model.dtype', 'model.revision', 'model.trust_remote_code',
@@ -142,6 +142,9 @@ EXPECTED: dict[str, set[str]] = {
     'drift': {
         'checks', 'checks[].detail', 'checks[].detail.ci95_high', 'checks[].detail.ci95_low', 'checks[].name',
         'checks[].passed', 'checks[].setting', 'checks[].threshold', 'checks[].value', 'created_at', 'current',
+        'checks[].p_adjusted', 'checks[].p_value', 'checks[].significant', 'checks[].test',  # issue 26
+        'significance', 'significance.alpha', 'significance.correction', 'significance.permutations',
+        'significance.signals',
         'current.documents', 'current.format', 'current.path', 'current.rows', 'current.sha256',
         'current.text_field', 'drift_detected', 'embedding', 'embedding_skipped', 'model', 'model_kind',
         'perplexity', 'perplexity.bootstrap_samples', 'perplexity.ci95', 'perplexity.current',

@@ -11,7 +11,7 @@ from lmctl.cli.output import JsonOpt, TracebackOpt, emit
 
 # threshold flags -> the `drift` config key they override (a flag wins over --config and --set)
 _FLAG_KEYS = {"max_ppl_increase": "max_ppl_increase", "max_psi": "max_psi", "max_ks": "max_ks_statistic",
-              "max_rare_increase": "max_rare_rate_increase", "min_documents": "min_documents",
+              "max_rare_increase": "max_rare_rate_increase", "min_documents": "min_documents", "alpha": "alpha",
               "embedding_model": "embedding_model"}
 
 
@@ -25,6 +25,7 @@ def drift(
     max_psi: Annotated[float | None, typer.Option("--max-psi", help="Drift when the token-length PSI exceeds this.")] = None,
     max_ks: Annotated[float | None, typer.Option("--max-ks", help="Drift when the token-length KS statistic exceeds this (and significantly).")] = None,
     max_rare_increase: Annotated[float | None, typer.Option("--max-rare-increase", metavar="PP", help="Drift when the rare-token rate exceeds its expectation by PP points.")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="Significance level of all checks together (drift.alpha, default 0.05); a check fails only when significant after the correction and over its threshold.")] = None,
     min_documents: Annotated[int | None, typer.Option("--min-documents", help="Refuse (exit 2) files with fewer documents.")] = None,
     embedding_model: Annotated[Path | None, typer.Option("--embedding-model", help="Local sentence-transformers model directory for embedding drift.")] = None,
     text_field: Annotated[str, typer.Option("--text-field", help="Column with the text in jsonl/csv/parquet.")] = "text",
@@ -36,17 +37,23 @@ def drift(
     json_out: JsonOpt = False,
     traceback: TracebackOpt = False,
 ) -> None:
-    """Drift of current inputs against a reference: perplexity, token lengths, rare tokens, embeddings (exit 3 on drift)."""
+    """Drift of current inputs against a reference: perplexity, token lengths, rare tokens, embeddings.
+
+    Each check is a permutation test over documents; exit 3 when one is significant (after the
+    correction) and over its threshold."""
     from lmctl.config import load_config
     from lmctl.evaluate.compare import enforce_gates
     from lmctl.monitor.drift import detect_drift
 
     flags = {"max_ppl_increase": max_ppl_increase, "max_psi": max_psi, "max_ks": max_ks,
-             "max_rare_increase": max_rare_increase, "min_documents": min_documents,
+             "max_rare_increase": max_rare_increase, "min_documents": min_documents, "alpha": alpha,
              "embedding_model": embedding_model.resolve() if embedding_model else None}
     overrides = list(set_ or []) + [f"drift.{_FLAG_KEYS[k]}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(config, overrides).drift
     result = detect_drift(model, reference, current, cfg, text_field=text_field, max_length=max_length,
                           batch_size=batch_size, report=report, plot=plot)
     emit(result, json_out)
-    enforce_gates(result.checks, "drift detected")
+    sig = result.significance
+    enforce_gates(result.checks, "drift detected", hint=", ".join(
+        f"{c.name}: p={c.p_adjusted:.2g} after {sig.correction} over {sig.signals} checks, alpha {sig.alpha}"
+        for c in result.checks if not c.passed) or None)

@@ -1,42 +1,44 @@
 """`lmctl drift`: are the current (production) inputs still like the reference data?
 
-Each check is reported with its value, its threshold (the `drift` config section; null turns a
-check off) and pass/fail; `drift_detected` is true when any check fails.
+Each signal is a statistical test with an effect size. A check fails (drift) only when its
+p-value, corrected for testing every enabled signal at once (`drift.correction`, Holm by
+default), is at most `drift.alpha` AND its effect size exceeds its threshold (the `drift`
+config section; null turns a check off). Significance alone would alarm on large samples for
+trivial differences; the effect floor alone alarms on small samples for noise (issue 26:
+5 of 6 same-source halves did). `drift_detected` is true when any check fails. The tests are
+in `lmctl.monitor.signals`: one-sided permutation tests that swap whole documents between
+the two sets (`drift.permutations` of them), because tokens within a document are not
+independent.
 
 - Perplexity: token-weighted perplexity of the model on each set (strided windows, as in
-  docs/evaluation.md "How perplexity is computed"); increase % = 100 x (ppl_current / ppl_reference - 1)
-  with a 95% interval from an unpaired bootstrap over documents (the sets hold different
-  documents, so each is resampled on its own). Drift when the increase exceeds
-  `max_ppl_increase` AND the interval lies above 0, so a small noisy sample alone cannot trip it.
+  docs/evaluation.md "How perplexity is computed"); effect = increase % = 100 x (ppl_current /
+  ppl_reference - 1); test: permutation. The report keeps the 95% interval of the increase
+  from an unpaired bootstrap over documents.
 - Token length (tokens per document, the model's tokenizer, no special tokens): PSI over
-  bins at the reference's quantiles (`stats.psi`), and the two-sample KS test; the KS check
-  fails only when the statistic exceeds `max_ks_statistic` and its p-value is below `ks_p_value`.
+  bins at the reference's quantiles (`stats.psi`; test: permutation), and the two-sample KS
+  statistic (test: scipy's KS p-value).
 - Rare tokens: token ids that occur at most `rare_max_count` times in the reference
   (0 = unseen in the reference). The current rate (share of current tokens that are rare) is
   compared with what a fresh sample of the reference distribution would show, estimated by
-  Good-Turing from the reference itself (`stats.rare_token_rates`); the value is the
-  difference in percentage points.
+  Good-Turing from the reference itself (`stats.rare_token_rates`): `tokens.rare_rate_increase_pp`.
+  That gap is biased upwards on small sets, so the check's effect size is the gap minus its
+  mean over the permutations (the gap two same-source sets of these sizes show); test: permutation.
 - Unknown tokens: share of tokens that are the tokenizer's unk id (byte-level BPE tokenizers
-  have none or never emit it, so this is 0 there); current minus reference, in points.
+  have none or never emit it, so this is 0 there, p = 1); current minus reference, in points.
 - Embeddings (optional): only when `sentence_transformers` is importable and
   `drift.embedding_model` names a local model directory (nothing is downloaded). Cosine
   distance of the mean normalized embeddings, and unbiased MMD^2 (RBF kernel, median
-  bandwidth) on at most 1000 seeded-sampled documents per set. Otherwise `embedding` is null
-  and `embedding_skipped` says why.
+  bandwidth) on at most 1000 seeded-sampled documents per set; test: permutation. Otherwise
+  `embedding` is null and `embedding_skipped` says why.
 
-Inputs: any text-shaped data file (`lmctl.data.load_texts`), or the request sample log that
-`lmctl serve` writes (JSONL rows with `prompt` and `request_id`, schema lmctl.sample/1): a
-completion row contributes its prompt, a chat row its messages' contents joined by newlines
-(not the templated prompt, whose special tokens would skew the token checks).
+Inputs (a data file or serve's request sample log): `lmctl.monitor.inputs`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +46,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmctl import data, stats
+from lmctl import stats
 from lmctl.atomic import write_bytes_atomic, write_text_atomic
 from lmctl.clock import utc_now
 from lmctl.config import DriftConfig
-from lmctl.errors import BadInputError, DataError
+from lmctl.errors import BadInputError
 from lmctl.evaluate.compare import Gate
+from lmctl.monitor import signals
+from lmctl.monitor.inputs import load_input, sample
+from lmctl.monitor.signals import Correction, TestResult
 
 log = logging.getLogger("lmctl.drift")
 REPORT_SCHEMA = "lmctl.drift/1"
@@ -57,8 +62,22 @@ EMBEDDING_MAX_DOCUMENTS = 1000  # MMD holds n x n kernel matrices
 
 
 class DriftCheck(Gate):
+    """A signal: `value` is its effect size and `threshold` the effect floor; it fails (drift)
+    when value > threshold and it is significant after the correction."""
+
     setting: str  # the config key of the threshold, e.g. drift.max_psi
+    test: str  # what gave the p-value
+    p_value: float  # one-sided, this signal alone
+    p_adjusted: float  # after the correction across the report's checks
+    significant: bool  # p_adjusted <= alpha
     detail: dict[str, float] = {}
+
+
+class Significance(BaseModel):
+    alpha: float  # family-wise: the chance that any check is significant without drift
+    correction: Correction
+    signals: int  # the checks corrected for together
+    permutations: int
 
 
 class PerplexityDrift(BaseModel):
@@ -113,19 +132,14 @@ class DriftReport(BaseModel):
     embedding: EmbeddingDrift | None
     embedding_skipped: str | None
     checks: list[DriftCheck]
+    significance: Significance
     drift_detected: bool
     seconds: float
     created_at: str
 
 
 @dataclass
-class _Input:
-    texts: list[str]
-    meta: dict[str, Any]
-
-
-@dataclass
-class _Scored:
+class Scored:
     nll: list[float]
     ids: list[list[int]]
 
@@ -140,104 +154,15 @@ class _Scored:
         return [math.exp(nll / max(len(doc), 1)) for nll, doc in zip(self.nll, self.ids)]
 
 
-def _first_row(path: Path) -> dict[str, Any] | None:
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        return None
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if line.strip():
-                with contextlib.suppress(json.JSONDecodeError):
-                    row = json.loads(line)
-                    return row if isinstance(row, dict) else None
-                return None
-    return None
-
-
-def is_sample_log(path: Path) -> bool:
-    """True for serve's request sample log: JSON lines with `prompt` and `request_id`."""
-    row = _first_row(path)
-    return row is not None and "prompt" in row and "request_id" in row
-
-
-def _sample_text(row: dict[str, Any]) -> str:
-    messages = row.get("messages")
-    if isinstance(messages, list) and messages:
-        return "\n".join(str(m.get("content") or "") for m in messages if isinstance(m, dict))
-    prompt = row.get("prompt")
-    return prompt if isinstance(prompt, str) else ""
-
-
-def read_sample_log(path: Path) -> list[str]:
-    """The non-empty prompt texts of a sample log, in file order."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    texts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):  # serve appends whole lines; a crash can cut only the last one
-                log.warning("%s: skipping a truncated last line", path)
-                continue
-            raise DataError(f"{path}: line {number}: not valid JSON") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: line {number}: expected a JSON object")
-        text = _sample_text(row)
-        if text.strip():
-            texts.append(text)
-    if not texts:
-        raise DataError(f"{path}: no prompt text in the sample log")
-    return texts
-
-
-def _sample(texts: list[str], limit: int | None, seed: int) -> list[str]:
-    """A seeded random subset in file order (all of them when within the limit)."""
-    if limit is None or len(texts) <= limit:
-        return texts
-    keep = sorted(random.Random(seed).sample(range(len(texts)), limit))
-    return [texts[i] for i in keep]
-
-
-def _is_blank(path: Path) -> bool:
-    """True when the file holds only whitespace (read in blocks: sample logs can be large)."""
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 16), b""):
-            if block.strip():
-                return False
-    return True
-
-
-def load_input(path: Path, text_field: str, cfg: DriftConfig, role: str) -> _Input:
-    """Read a reference or current file (a data file or a sample log), checked and subsampled."""
-    if not path.is_file():
-        raise DataError(f"{role} file not found: {path}")
-    if _is_blank(path):
-        raise DataError(f"{role} file {path} is empty")
-    if is_sample_log(path):
-        texts, fmt, field = read_sample_log(path), "serve_sample", "prompt"
-    else:
-        texts, fmt, field = data.load_texts(path, text_field), "text", data.field_for(path, text_field)
-    if len(texts) < cfg.min_documents:
-        raise DataError(f"{role} file {path} has {len(texts)} document(s); drift needs at least {cfg.min_documents}",
-                        hint="collect more, or lower --min-documents")
-    scored = _sample(texts, cfg.max_documents, cfg.seed)
-    meta = data.fingerprint(path, field, len(texts), fmt).model_dump()
-    return _Input(texts=scored, meta={**meta, "documents": len(scored)})
-
-
-def _score(loaded: Any, texts: list[str], max_length: int, stride: int, batch_size: int | None) -> _Scored:
+def _score(loaded: Any, texts: list[str], max_length: int, stride: int, batch_size: int | None) -> Scored:
     from lmctl.evaluate.perplexity import perplexity
 
     nll = perplexity(loaded.model, loaded.tokenizer, texts, max_length, stride, batch_size).doc_nll
     ids = [list(doc) for doc in loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    return _Scored(nll=nll, ids=ids)
+    return Scored(nll=nll, ids=ids)
 
 
-def _perplexity_drift(cfg: DriftConfig, ref: _Scored, cur: _Scored, length: int, stride: int) -> PerplexityDrift:
+def _perplexity_drift(cfg: DriftConfig, ref: Scored, cur: Scored, length: int, stride: int) -> PerplexityDrift:
     ref_ppl, cur_ppl, increase, ci95 = stats.bootstrap_ppl_increase(
         ref.nll, ref.lengths, cur.nll, cur.lengths, cfg.bootstrap_samples, cfg.seed)
     return PerplexityDrift(reference=ref_ppl, current=cur_ppl, increase_pct=increase, ci95=ci95,
@@ -260,49 +185,90 @@ def _token_drift(cfg: DriftConfig, ref: list[list[int]], cur: list[list[int]], u
                       unk_rate_reference=unk_ref, unk_rate_current=unk_cur, unk_rate_increase_pp=100 * (unk_cur - unk_ref))
 
 
-def _embedding_drift(cfg: DriftConfig, ref: list[str], cur: list[str]) -> tuple[EmbeddingDrift | None, str | None]:
-    """Embedding drift with a local sentence-transformers model, or (None, why it was skipped)."""
+_Tests = dict[str, TestResult]  # by the config key of the check's threshold
+
+
+def _embedding_drift(cfg: DriftConfig, ref: list[str], cur: list[str]
+                     ) -> tuple[EmbeddingDrift | None, str | None, _Tests]:
+    """Embedding drift with a local sentence-transformers model and its tests, or (None, why it was skipped, {})."""
     if cfg.embedding_model is None:
-        return None, "drift.embedding_model is not set"
+        return None, "drift.embedding_model is not set", {}
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        return None, "sentence_transformers is not installed"
-    ref, cur = _sample(ref, EMBEDDING_MAX_DOCUMENTS, cfg.seed), _sample(cur, EMBEDDING_MAX_DOCUMENTS, cfg.seed)
+        return None, "sentence_transformers is not installed", {}
+    import numpy as np
+
+    ref, cur = sample(ref, EMBEDDING_MAX_DOCUMENTS, cfg.seed), sample(cur, EMBEDDING_MAX_DOCUMENTS, cfg.seed)
     # a directory path loads from disk only; remote code stays refused
     model = SentenceTransformer(str(cfg.embedding_model), trust_remote_code=False)
     x = model.encode(ref, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     y = model.encode(cur, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-    bandwidth = stats.median_bandwidth(x, y)
+    bandwidth, pooled = stats.median_bandwidth(x, y), np.concatenate([x, y]).astype(float)
+    tests = {"max_embedding_cosine": _permute(cfg, signals.embedding_cosine(pooled), len(x), len(y)),
+             "max_embedding_mmd": _permute(cfg, signals.embedding_mmd2(pooled, bandwidth), len(x), len(y))}
     return EmbeddingDrift(model=str(cfg.embedding_model), documents={"reference": len(ref), "current": len(cur)},
                           cosine_distance=stats.cosine_distance_of_means(x, y), mmd2=stats.mmd2(x, y, bandwidth),
-                          bandwidth=bandwidth), None
+                          bandwidth=bandwidth), None, tests
+
+
+def _permute(cfg: DriftConfig, statistic: signals.IndexStatistic, n_ref: int, n_cur: int) -> TestResult:
+    return signals.permutation(statistic, n_ref, n_cur, cfg.permutations, cfg.seed)
+
+
+def _signal_tests(cfg: DriftConfig, ref: Scored, cur: Scored, unk_id: int | None, psi_bins: int) -> _Tests:
+    """The test of each enabled token-level signal over the pooled documents (reference first)."""
+    import numpy as np
+
+    n, m = len(ref.ids), len(cur.ids)
+    tokens = np.asarray(ref.lengths + cur.lengths, dtype=float)
+    make: dict[str, Any] = {
+        "max_ppl_increase": lambda: _permute(cfg, signals.ppl_increase_pct(np.asarray(ref.nll + cur.nll), tokens), n, m),
+        "max_psi": lambda: _permute(cfg, signals.length_psi(tokens, psi_bins), n, m),
+        "max_ks_statistic": lambda: signals.ks_test(ref.lengths, cur.lengths),
+        "max_rare_rate_increase": lambda: _permute(
+            cfg, signals.rare_rate_increase_pp(ref.ids + cur.ids, cfg.rare_max_count), n, m),
+        "max_unk_rate_increase": lambda: _unk_test(cfg, ref.ids + cur.ids, tokens, unk_id, n),
+    }
+    return {key: run() for key, run in make.items() if getattr(cfg, key) is not None}
+
+
+def _unk_test(cfg: DriftConfig, ids: list[list[int]], tokens: Any, unk_id: int | None, n_ref: int) -> TestResult:
+    import numpy as np
+
+    if unk_id is None:
+        return TestResult(0.0, 1.0, 0.0, "none: the tokenizer has no unknown token")
+    hits = np.asarray([list(doc).count(unk_id) for doc in ids], dtype=float)
+    return _permute(cfg, signals.rate_increase_pp(hits, tokens), n_ref, len(ids) - n_ref)
 
 
 def _checks(cfg: DriftConfig, ppl: PerplexityDrift, length: LengthDrift, tokens: TokenDrift,
-            emb: EmbeddingDrift | None) -> list[DriftCheck]:
-    """One check per configured threshold; `drifted` is when the value says drift."""
-    rows: list[tuple[str, str, float, float | None, bool | None, dict[str, float]]] = [
-        ("perplexity increase %", "max_ppl_increase", ppl.increase_pct, cfg.max_ppl_increase,
-         ppl.ci95[0] > 0, {"ci95_low": ppl.ci95[0], "ci95_high": ppl.ci95[1]}),
-        ("token length PSI", "max_psi", length.psi, cfg.max_psi, None, {"bins": length.psi_bins}),
-        ("token length KS statistic", "max_ks_statistic", length.ks_statistic, cfg.max_ks_statistic,
-         length.ks_p_value < cfg.ks_p_value, {"p_value": length.ks_p_value, "alpha": cfg.ks_p_value}),
-        ("rare token rate increase pp", "max_rare_rate_increase", tokens.rare_rate_increase_pp,
-         cfg.max_rare_rate_increase, None, {"expected": tokens.rare_rate_expected, "current": tokens.rare_rate_current}),
-        ("unknown token rate increase pp", "max_unk_rate_increase", tokens.unk_rate_increase_pp,
-         cfg.max_unk_rate_increase, None, {}),
+            emb: EmbeddingDrift | None, tests: _Tests) -> list[DriftCheck]:
+    """One check per configured threshold: drift when the effect size exceeds it and the signal is
+    significant after the correction across all of them."""
+    rare = tests.get("max_rare_rate_increase")
+    rows: list[tuple[str, str, float, dict[str, float]]] = [
+        ("perplexity increase %", "max_ppl_increase", ppl.increase_pct, {"ci95_low": ppl.ci95[0], "ci95_high": ppl.ci95[1]}),
+        ("token length PSI", "max_psi", length.psi, {"bins": length.psi_bins}),
+        ("token length KS statistic", "max_ks_statistic", length.ks_statistic, {}),
+        ("rare token rate increase pp", "max_rare_rate_increase",
+         tokens.rare_rate_increase_pp - (rare.null_mean if rare else 0.0),
+         {"expected": tokens.rare_rate_expected, "current": tokens.rare_rate_current,
+          "increase_pp": tokens.rare_rate_increase_pp, "same_source_increase_pp": rare.null_mean if rare else 0.0}),
+        ("unknown token rate increase pp", "max_unk_rate_increase", tokens.unk_rate_increase_pp, {}),
     ]
     if emb is not None:
-        rows += [("embedding cosine distance", "max_embedding_cosine", emb.cosine_distance, cfg.max_embedding_cosine, None, {}),
-                 ("embedding MMD^2", "max_embedding_mmd", emb.mmd2, cfg.max_embedding_mmd, None, {})]
+        rows += [("embedding cosine distance", "max_embedding_cosine", emb.cosine_distance, {}),
+                 ("embedding MMD^2", "max_embedding_mmd", emb.mmd2, {})]
+    rows = [row for row in rows if getattr(cfg, row[1]) is not None]
+    adjusted = signals.adjust([tests[setting].p_value for _, setting, _, _ in rows], cfg.correction)
     checks = []
-    for name, setting, value, threshold, significant, detail in rows:
-        if threshold is None:
-            continue
-        drifted = value > threshold and significant is not False
+    for (name, setting, value, detail), p_adjusted in zip(rows, adjusted):
+        threshold, test = getattr(cfg, setting), tests[setting]
+        significant = p_adjusted <= cfg.alpha
         checks.append(DriftCheck(name=name, setting=f"drift.{setting}", threshold=threshold, value=round(value, 6),
-                                 passed=not drifted, detail=detail))
+                                 passed=not (significant and value > threshold), test=test.test,
+                                 p_value=test.p_value, p_adjusted=p_adjusted, significant=significant, detail=detail))
     return checks
 
 
@@ -338,26 +304,51 @@ def detect_drift(model_ref: str, reference: Path, current: Path, cfg: DriftConfi
     unk_id = loaded.tokenizer.unk_token_id
     del loaded
     gc.collect()  # an embedding model may come next
-    ppl = _perplexity_drift(cfg, ref, cur, length, stride)
-    lengths = _length_drift(cfg, ref.lengths, cur.lengths)
-    tokens = _token_drift(cfg, ref.ids, cur.ids, unk_id)
-    emb, skipped = _embedding_drift(cfg, ref_in.texts, cur_in.texts)
-    checks = _checks(cfg, ppl, lengths, tokens, emb)
+    emb, skipped, emb_tests = _embedding_drift(cfg, ref_in.texts, cur_in.texts)
+    found = assess(cfg, ref, cur, unk_id, length, stride, emb, emb_tests)
     result = DriftReport(
         model=model_ref, model_kind=resolved.kind,
         registry={"name": resolved.registry_name, "version": str(resolved.registry_version)}
         if resolved.registry_name else None,
-        reference=ref_in.meta, current=cur_in.meta, perplexity=ppl, token_length=lengths, tokens=tokens,
-        embedding=emb, embedding_skipped=skipped, checks=checks, drift_detected=any(not c.passed for c in checks),
+        reference=ref_in.meta, current=cur_in.meta, perplexity=found.perplexity, token_length=found.token_length,
+        tokens=found.tokens, embedding=emb, embedding_skipped=skipped, checks=found.checks,
+        significance=found.significance, drift_detected=found.drift_detected,
         seconds=round(time.perf_counter() - started, 3), created_at=utc_now(),
     )
     _write_outputs(result, ref, cur, report, plot)
     log.info("%s: perplexity %+.1f%%, length PSI %.3f, KS %.3f", "drift detected" if result.drift_detected
-             else "no drift", ppl.increase_pct, lengths.psi, lengths.ks_statistic)
+             else "no drift", found.perplexity.increase_pct, found.token_length.psi, found.token_length.ks_statistic)
     return result
 
 
-def _write_outputs(result: DriftReport, ref: _Scored, cur: _Scored, report: Path | None, plot: Path | None) -> None:
+@dataclass
+class Assessment:
+    perplexity: PerplexityDrift
+    token_length: LengthDrift
+    tokens: TokenDrift
+    checks: list[DriftCheck]
+    significance: Significance
+
+    @property
+    def drift_detected(self) -> bool:
+        return any(not c.passed for c in self.checks)
+
+
+def assess(cfg: DriftConfig, ref: Scored, cur: Scored, unk_id: int | None, max_length: int = 0, stride: int = 0,
+           emb: EmbeddingDrift | None = None, emb_tests: _Tests | None = None) -> Assessment:
+    """Every signal, its test and the checks, from scored documents (no model needed here:
+    `scripts/bench_drift.py` and the tests call it with documents scored once)."""
+    ppl = _perplexity_drift(cfg, ref, cur, max_length, stride)
+    lengths = _length_drift(cfg, ref.lengths, cur.lengths)
+    tokens = _token_drift(cfg, ref.ids, cur.ids, unk_id)
+    tests = {**_signal_tests(cfg, ref, cur, unk_id, lengths.psi_bins), **(emb_tests or {})}
+    checks = _checks(cfg, ppl, lengths, tokens, emb, tests)
+    significance = Significance(alpha=cfg.alpha, correction=cfg.correction, signals=len(checks),
+                                permutations=cfg.permutations)
+    return Assessment(ppl, lengths, tokens, checks, significance)
+
+
+def _write_outputs(result: DriftReport, ref: Scored, cur: Scored, report: Path | None, plot: Path | None) -> None:
     png = None
     if plot is not None:  # rendered before anything is written: a plotting failure leaves no report behind
         from lmctl.monitor.plot import render_png
