@@ -26,6 +26,8 @@ def serve(
     host: str = option(S, "host"),
     port: int = option(S, "port"),
     api_keys_file: Path | None = option(S, "api_keys_file", "--api-keys-file"),
+    quota_db: Path | None = option(S, "quota_db", "--quota-db"),
+    cost_per_1k_tokens: float = option(S, "cost_per_1k_tokens", "--cost-per-1k-tokens"),
     insecure: bool = option(S, "insecure", "--insecure"),
     served_model_name: str | None = option(S, "served_model_name"),
     max_batch_size: int | None = option(S, "max_batch_size", rich_help_panel=_LIMITS),
@@ -51,7 +53,8 @@ def serve(
     from lmctl.serve import serve as run_server
 
     settings = options_from(ServeSettings, {
-        "host": host, "port": port, "api_keys_file": api_keys_file, "insecure": insecure,
+        "host": host, "port": port, "api_keys_file": api_keys_file, "quota_db": quota_db,
+        "cost_per_1k_tokens": cost_per_1k_tokens, "insecure": insecure,
         "served_model_name": served_model_name, "max_batch_size": max_batch_size, "draft_tokens": draft_tokens,
         "max_queue": max_queue,
         "max_input_tokens": max_input_tokens, "max_tokens_cap": max_tokens_cap, "max_body_bytes": max_body_bytes,

@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from lmctl.serve.access import Access
 from lmctl.serve.canary import Router
 from lmctl.serve.metrics import Exchange, ServeMetrics
 from lmctl.serve.sampling import SampleLog
@@ -37,6 +38,7 @@ class Context:
     settings: ServeSettings
     metrics: ServeMetrics
     sample_log: SampleLog | None
+    access: Access
 
 
 @dataclass
@@ -89,15 +91,19 @@ def prepare(ctx: Context, body: CompletionRequest | ChatRequest, endpoint: str, 
         _check_limits(ctx, slot, len(ids), body.token_limit)
         params = SamplingParams(max_tokens=body.token_limit, temperature=body.temperature, top_p=body.top_p,
                                 seed=body.seed, stop_token_ids=slot.stop_ids)
+        ctx.access.admit(exchange, len(ids) + body.token_limit)  # the key's limits: 429 past them
         try:
             job = slot.engine.submit(ids, params)
-        except QueueFullError:
-            raise HTTPException(429, "server busy: request queue is full; retry later",
-                                headers={"Retry-After": "1"}) from None
-        except EngineStoppedError:
-            continue
-        except ValueError as exc:  # e.g. a token id the model cannot embed
-            raise HTTPException(400, str(exc)) from None
+        except BaseException as exc:
+            ctx.access.refund(exchange)  # admitted, never served: the key gets its reservation back
+            if isinstance(exc, QueueFullError):
+                raise HTTPException(429, "server busy: request queue is full; retry later",
+                                    headers={"Retry-After": "1"}) from None
+            if isinstance(exc, EngineStoppedError):
+                continue
+            if isinstance(exc, ValueError):  # e.g. a token id the model cannot embed
+                raise HTTPException(400, str(exc)) from None
+            raise
         ctx.metrics.in_flight.labels(slot.model_name, slot.version).inc()
         ctx.metrics.tokens_in.labels(slot.model_name, slot.version).inc(len(ids))
         return Prepared(exchange, endpoint, slot, job, prompt, messages, body.stop)
@@ -170,6 +176,7 @@ class Generation:
         exchange.ended = self.status
         ctx.metrics.in_flight.labels(slot.model_name, slot.version).dec()
         ctx.router.record(slot, ok=self.status < 500, latency_s=seconds)
+        ctx.access.settle(exchange, slot.model_name, slot.version, prep.job.prompt_tokens, self.completion_tokens)
         log = ctx.sample_log
         if log is not None and log.wants():
             log.write(request_id=exchange.request_id, model=slot.model_name, version=slot.version,

@@ -24,6 +24,18 @@ class CanaryPolicy(BaseModel):
         50.0, ge=0, description="Roll back when canary p95 latency exceeds the baseline's by more than this percent.")
 
 
+class KeyLimits(BaseModel):
+    """A key's limits; None is unlimited."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+    requests_per_minute: int | None = Field(None, ge=1, description="Requests a minute (a bucket refilled evenly).")
+    tokens_per_minute: int | None = Field(None, ge=1, description="Tokens a minute: prompt + max_tokens reserved at "
+                                          "admission, settled to the real count after.")
+    tokens_per_day: int | None = Field(None, ge=1, description="Tokens a UTC day; spent, the key gets "
+                                       "insufficient_quota until midnight UTC.")
+
+
 class ServeSettings(BaseModel):
     """Options of one `lmctl serve` process."""
 
@@ -33,7 +45,14 @@ class ServeSettings(BaseModel):
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
     served_model_name: str | None = Field(None, description="Model id clients see; default: the registry name or directory name.")
     insecure: bool = Field(False, description="Allow a non-loopback address with no API key configured.")
-    api_keys_file: Path | None = Field(None, description="File with one API key per line; else LMCTL_API_KEYS.")
+    api_keys_file: Path | None = Field(
+        None, description="API keys: a YAML keys file (names, sha256 of each secret, per-key limits; `lmctl keys add` "
+        "writes it) or one key per line; else LMCTL_API_KEYS (comma-separated).")
+    quota_db: Path | None = Field(
+        None, description="SQLite file of the keys' rate-limit and budget counters, shared by every server process "
+        "using it and kept across restarts (default: LMCTL_HOME/serve/quota.sqlite).")
+    cost_per_1k_tokens: float = Field(
+        0.0, ge=0, description="Cost of 1000 tokens (prompt + completion), for the lmctl_cost_total metric by API key.")
     max_batch_size: int | None = Field(
         None, ge=1, le=256, description="Most requests generated together in one batch (default: 64 on CPU, 256 on "
         "a GPU). Whatever it is, a request joins only while the batch's KV cache, counted at every row's prompt + "
