@@ -46,6 +46,8 @@ def serve(
     canary_max_error_margin: float = option(C, "max_error_rate_margin", "--canary-max-error-margin", rich_help_panel=_CANARY),
     canary_max_p95_margin: float = option(C, "max_p95_margin_pct", "--canary-max-p95-margin", rich_help_panel=_CANARY),
     reload_interval: float = option(S, "reload_interval_s", "--reload-interval", rich_help_panel=_CANARY),
+    output_guard: str = option(S, "output_guard", "--output-guard"),
+    output_deny: list[str] = option(S, "output_deny", "--output-deny", metavar="REGEX"),
     json_out: Annotated[bool, typer.Option("--json", help="Accepted for uniformity; the server logs to stderr.")] = False,
     traceback: TracebackOpt = False,
 ) -> None:
@@ -60,6 +62,7 @@ def serve(
         "max_input_tokens": max_input_tokens, "max_tokens_cap": max_tokens_cap, "max_body_bytes": max_body_bytes,
         "request_timeout_s": request_timeout, "sample_log": sample_log, "sample_rate": sample_rate,
         "canary": canary, "canary_weight": canary_weight, "reload_interval_s": reload_interval,
+        "output_guard": output_guard, "output_deny": output_deny or [],
         "canary_policy": {"window_s": canary_window, "min_requests": canary_min_requests,
                           "max_error_rate_margin": canary_max_error_margin, "max_p95_margin_pct": canary_max_p95_margin},
     }, _FLAGS)

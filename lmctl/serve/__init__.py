@@ -4,7 +4,8 @@ Modules: `settings` (every option, typed), `slots` (a loaded version + its batch
 `engine`), `canary` (traffic split and automatic rollback), `reload` (following a
 models:/NAME@ALIAS), `handlers` (one request: limits, generation, bookkeeping), `app`
 (routes, request ids), `keys` (the keys file, hashed secrets), `quota` (per-key rate limits
-and token budgets in SQLite), `access` (auth, admission and usage by key name), `metrics`
+and token budgets in SQLite), `access` (auth, admission and usage by key name), `guard` (the
+output guard: PII and deny-listed patterns in generated text), `metrics`
 (Prometheus), `sampling` (the PII-redacted request sample that `lmctl drift` reads).
 
 Models are resolved, verified and loaded before the port is bound, so a tampered checkpoint
@@ -44,6 +45,7 @@ def build_app(ref: str, settings: ServeSettings, api_keys: list[str] | Keyring) 
     from lmctl.serve.app import create_app
     from lmctl.serve.keys import Keyring
     from lmctl.serve.canary import Router
+    from lmctl.serve.guard import OutputGuard
     from lmctl.serve.handlers import Context
     from lmctl.serve.metrics import ServeMetrics
     from lmctl.serve.reload import AliasFollower
@@ -75,7 +77,8 @@ def build_app(ref: str, settings: ServeSettings, api_keys: list[str] | Keyring) 
     keyring = api_keys if isinstance(api_keys, Keyring) else Keyring.from_secrets(api_keys)
     access = Access(keyring, metrics, settings.quota_db or lmctl_home() / "serve" / "quota.sqlite",
                     settings.cost_per_1k_tokens)
-    return create_app(Context(router, settings, metrics, sample_log, access), follower)
+    guard = OutputGuard(settings.output_guard, settings.output_deny, metrics.guard_events)
+    return create_app(Context(router, settings, metrics, sample_log, access, guard), follower)
 
 
 def serve(ref: str, settings: ServeSettings) -> None:

@@ -20,6 +20,7 @@ from fastapi import HTTPException
 
 from lmctl.serve.access import Access
 from lmctl.serve.canary import Router
+from lmctl.serve.guard import OutputGuard
 from lmctl.serve.metrics import Exchange, ServeMetrics
 from lmctl.serve.sampling import SampleLog
 from lmctl.serve.schemas import ChatRequest, CompletionRequest
@@ -39,6 +40,7 @@ class Context:
     metrics: ServeMetrics
     sample_log: SampleLog | None
     access: Access
+    guard: OutputGuard
 
 
 @dataclass
@@ -114,6 +116,7 @@ class Generation:
     def __init__(self, ctx: Context, prep: Prepared) -> None:
         self.ctx, self.prep = ctx, prep
         self.stream = TextStream(prep.slot.tokenizer, prep.stops)
+        self.guarded = ctx.guard.stream()  # what of the text may leave the server
         self.completion_tokens = 0
         self.finish_reason = "length"
         self.status = 500
@@ -136,17 +139,19 @@ class Generation:
                 except asyncio.TimeoutError:
                     raise GenerationTimeout() from None
                 self._count_token()
-                delta = self.stream.push(token)
+                delta = self.guarded.push(self.stream.push(token))
                 if delta:
                     yield delta
-                if self.stream.stopped:
+                if self.stream.stopped or self.guarded.refused:
                     job.cancel()
                     break
-            tail = self.stream.finish()
+            tail = self.guarded.finish(self.stream.finish())
             if tail:
                 yield tail
             result = await job.result()
             self.finish_reason = "stop" if self.stream.stopped or result.finish_reason == "stop" else "length"
+            if self.guarded.refused:
+                self.finish_reason = "content_filter"  # as OpenAI ends a response its filter stopped
             self.status = 200
         except GenerationTimeout:
             self.status = 504
@@ -177,6 +182,7 @@ class Generation:
         ctx.metrics.in_flight.labels(slot.model_name, slot.version).dec()
         ctx.router.record(slot, ok=self.status < 500, latency_s=seconds)
         ctx.access.settle(exchange, slot.model_name, slot.version, prep.job.prompt_tokens, self.completion_tokens)
+        ctx.guard.record(self.guarded, exchange.request_id, slot.model_name, slot.version)
         log = ctx.sample_log
         if log is not None and log.wants():
             log.write(request_id=exchange.request_id, model=slot.model_name, version=slot.version,

@@ -106,6 +106,9 @@ class ServeMetrics:
         self.quota_refusals = Counter("lmctl_quota_refusals", "Requests refused by an API key's limits, by reason: "
                                       "requests, tokens (per minute), tokens_per_day, too_large.",
                                       ["key", "reason"], registry=r)
+        # kind: a lmctl.pii kind or "deny"; action: flag, redact or refuse (--output-guard)
+        self.guard_events = Counter("lmctl_output_guard_events", "Findings of the output guard in generated text, "
+                                    "by kind and the action taken.", ["kind", "action", *labels], registry=r)
         r.register(_EngineCollector(slots))  # type: ignore[arg-type]
 
     def finished(self, model: str, version: str, endpoint: str, status: int, seconds: float) -> None:

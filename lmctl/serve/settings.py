@@ -6,9 +6,11 @@ model is loaded or port bound, so a bad flag costs nothing.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class CanaryPolicy(BaseModel):
@@ -73,6 +75,23 @@ class ServeSettings(BaseModel):
     canary_weight: float = Field(0.1, ge=0, le=1, description="Share of traffic routed to the canary (0-1).")
     canary_policy: CanaryPolicy = Field(default_factory=CanaryPolicy, description="Automatic canary rollback margins.")
     reload_interval_s: float = Field(30.0, gt=0, description="Seconds between re-resolutions of a models:/NAME@ALIAS reference (hot reload).")
+    output_guard: Literal["off", "flag", "redact", "refuse"] = Field(
+        "flag", description="What the output guard does with personal data (the `lmctl data` detector) or a "
+        "--output-deny match in generated text, streams included: off, flag (count and log the kind), redact "
+        "(replace it before it is sent), refuse (end the response there, finish_reason content_filter).")
+    output_deny: list[str] = Field(
+        default_factory=list, description="A regular expression (Python syntax) the output guard treats as a "
+        "finding of kind deny; repeat the flag for several.")
+
+    @field_validator("output_deny")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return patterns
 
     @model_validator(mode="after")
     def _sample_log_needs_rate(self) -> "ServeSettings":
