@@ -3,6 +3,7 @@ real servers with the openai SDK, plain and streamed."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -86,14 +87,14 @@ MODEL = "tiny"
 PROMPT = "The model"
 
 
-def _server(model: Path, action: str, deny: list[str]):  # type: ignore[no-untyped-def]
+def _server(model: Path, action: str, deny: list[str], **options: object):  # type: ignore[no-untyped-def]
     from conftest import free_port
     from serve_support import LiveServer
 
     from lmctl.serve import build_app
     from lmctl.serve.settings import ServeSettings
 
-    settings = ServeSettings(served_model_name=MODEL, output_guard=action, output_deny=deny)  # type: ignore[arg-type]
+    settings = ServeSettings(served_model_name=MODEL, output_guard=action, output_deny=deny, **options)  # type: ignore[arg-type]
     return LiveServer(build_app(str(model), settings, []), free_port())
 
 
@@ -125,15 +126,18 @@ def greedy(tiny_base: Path) -> tuple[str, str]:
     return text, text[runs[middle].start():runs[middle + 1].end()]
 
 
-def test_redact_rewrites_plain_and_streamed_text(tiny_base: Path, greedy: tuple[str, str]) -> None:
+def test_redact_rewrites_plain_and_streamed_text(tiny_base: Path, greedy: tuple[str, str], tmp_path: Path) -> None:
     text, secret = greedy
-    with _server(tiny_base, "redact", [re.escape(secret)]) as srv:
+    sample = tmp_path / "sample.jsonl"
+    with _server(tiny_base, "redact", [re.escape(secret)], sample_log=sample, sample_rate=1.0) as srv:
         plain, chunks = _both(srv.url)
         events = _events(srv.url)
     expected = text.replace(secret, "[REDACTED_DENY]")
     assert plain.choices[0].text == expected and plain.choices[0].finish_reason == "length"
     assert "".join(c.choices[0].text for c in chunks) == expected  # a match split over deltas is caught
     assert events[("deny", "redact")] == 2 * text.count(secret)
+    rows = [json.loads(line) for line in sample.read_text().splitlines()]
+    assert [r["completion"] for r in rows] == [expected, expected]  # the sample log keeps what was sent
 
 
 def test_refuse_ends_with_content_filter(tiny_base: Path, greedy: tuple[str, str]) -> None:

@@ -117,6 +117,7 @@ class Generation:
         self.ctx, self.prep = ctx, prep
         self.stream = TextStream(prep.slot.tokenizer, prep.stops)
         self.guarded = ctx.guard.stream()  # what of the text may leave the server
+        self.sent: list[str] = []  # the text as the client got it (the sample log records this)
         self.completion_tokens = 0
         self.finish_reason = "length"
         self.status = 500
@@ -141,12 +142,14 @@ class Generation:
                 self._count_token()
                 delta = self.guarded.push(self.stream.push(token))
                 if delta:
+                    self.sent.append(delta)
                     yield delta
                 if self.stream.stopped or self.guarded.refused:
                     job.cancel()
                     break
             tail = self.guarded.finish(self.stream.finish())
             if tail:
+                self.sent.append(tail)
                 yield tail
             result = await job.result()
             self.finish_reason = "stop" if self.stream.stopped or result.finish_reason == "stop" else "length"
@@ -186,7 +189,7 @@ class Generation:
         log = ctx.sample_log
         if log is not None and log.wants():
             log.write(request_id=exchange.request_id, model=slot.model_name, version=slot.version,
-                      endpoint=prep.endpoint, prompt=prep.prompt, messages=prep.messages, completion=self.stream.text,
+                      endpoint=prep.endpoint, prompt=prep.prompt, messages=prep.messages, completion="".join(self.sent),
                       prompt_tokens=prep.job.prompt_tokens, completion_tokens=self.completion_tokens,
                       status=self.status, latency_ms=seconds * 1000)
 

@@ -5,8 +5,10 @@ The keys file (`--api-keys-file`) takes two forms:
 - YAML, a mapping with a `keys` list; each entry has a `name` (what logs and metrics show), the
   key's `sha256` (the secret itself is never stored) and optional `requests_per_minute`,
   `tokens_per_minute` and `tokens_per_day` limits (absent: unlimited);
-- the older one key per line (`#` comments), each key unlimited and named `key-` plus the first
-  8 hex digits of its sha256. `LMCTL_API_KEYS` (comma-separated) works the same way.
+- the older one key per line (`#` comments), each key unlimited and named by its place: `key-1`,
+  `key-2`, ... (not by a piece of its hash: /metrics is open, and a hash prefix would let anyone
+  test guesses of a weak hand-made key offline). `LMCTL_API_KEYS` (comma-separated) works the
+  same way.
 
 Why a plain sha256 and not bcrypt/argon2: those are slow on purpose because passwords are
 guessable; an API key made by `lmctl keys add` is 256 random bits, so no guess list exists and a
@@ -71,7 +73,7 @@ class Keyring:
     @classmethod
     def from_secrets(cls, keys: list[str]) -> "Keyring":
         unique = list(dict.fromkeys(keys))
-        return cls([KeyEntry(name=f"key-{digest(k)[:8]}", sha256=digest(k)) for k in unique])
+        return cls([KeyEntry(name=f"key-{i}", sha256=digest(k)) for i, k in enumerate(unique, 1)])
 
     def __bool__(self) -> bool:
         return bool(self.entries)
