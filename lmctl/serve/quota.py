@@ -113,6 +113,8 @@ class QuotaStore:
         self.path = path
         self._local = threading.local()
         self._db().executescript(_SCHEMA)  # its own transaction: executescript commits first
+        with self._tx() as db:  # days before yesterday can no longer refuse anything
+            db.execute("DELETE FROM days WHERE day < ?", (_day(time.time() - 86400),))
 
     def _db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
