@@ -43,10 +43,10 @@ def build_app(ref: str, settings: ServeSettings, api_keys: list[str] | Keyring) 
     from lmctl.home import lmctl_home
     from lmctl.serve.access import Access
     from lmctl.serve.app import create_app
-    from lmctl.serve.keys import Keyring
     from lmctl.serve.canary import Router
     from lmctl.serve.guard import OutputGuard
     from lmctl.serve.handlers import Context
+    from lmctl.serve.keys import Keyring
     from lmctl.serve.metrics import ServeMetrics
     from lmctl.serve.reload import AliasFollower
     from lmctl.serve.sampling import SampleLog
@@ -75,8 +75,8 @@ def build_app(ref: str, settings: ServeSettings, api_keys: list[str] | Keyring) 
     refs = {"primary": ref, **({"canary": settings.canary} if settings.canary else {})}
     follower = AliasFollower(router, settings, refs, metrics)
     keyring = api_keys if isinstance(api_keys, Keyring) else Keyring.from_secrets(api_keys)
-    access = Access(keyring, metrics, settings.quota_db or lmctl_home() / "serve" / "quota.sqlite",
-                    settings.cost_per_1k_tokens)
+    quota_db = (settings.quota_db or lmctl_home() / "serve" / "quota.sqlite") if keyring.limited else None
+    access = Access(keyring, metrics, quota_db, settings.cost_per_1k_tokens)
     guard = OutputGuard(settings.output_guard, settings.output_deny, metrics.guard_events)
     return create_app(Context(router, settings, metrics, sample_log, access, guard), follower)
 

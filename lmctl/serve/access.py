@@ -50,8 +50,7 @@ class Access:
     def __init__(self, keyring: Keyring, metrics: ServeMetrics, quota_db: Path | None,
                  cost_per_1k_tokens: float = 0.0) -> None:
         self.keyring, self.metrics, self.cost_per_1k = keyring, metrics, cost_per_1k_tokens
-        limited = any(e.requests_per_minute or e.tokens_per_minute or e.tokens_per_day for e in keyring.entries)
-        self.store = QuotaStore(quota_db) if limited and quota_db is not None else None
+        self.store = QuotaStore(quota_db) if keyring.limited and quota_db is not None else None
 
     def authenticate(self, authorization: str | None, exchange: Exchange) -> None:
         """Name the key on the exchange, or 401. Only `Authorization: Bearer KEY` is a key (RFC 6750;

@@ -78,6 +78,11 @@ class Keyring:
     def __bool__(self) -> bool:
         return bool(self.entries)
 
+    @property
+    def limited(self) -> bool:
+        """Whether any key has a limit (else no quota store is needed)."""
+        return any(e.requests_per_minute or e.tokens_per_minute or e.tokens_per_day for e in self.entries)
+
     def identify(self, secret: str) -> KeyEntry | None:
         given = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
         found = None
