@@ -26,6 +26,10 @@ each a child process on the same model directory, dtype (float32) and thread cou
 texts are compared with in-process `generate` one request at a time, which is also the
 one-at-a-time row. Goal: lmctl >= 1.2x transformers' tokens/s at 8 and 32 clients, p95 no
 worse, outputs identical.
+
+A server named `lmctl:MODE` is `lmctl serve --output-guard MODE` (issue 27): e.g.
+`--servers lmctl:off,lmctl:flag,lmctl:redact` prints each guard mode's tokens/s and p95 against
+`off`, the guard's cost (its text has no findings, so every mode sends the same text).
 """
 
 from __future__ import annotations
@@ -153,8 +157,9 @@ def _start_server(kind: str, path: str, port: int, threads: int, log: Path) -> A
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "LMCTL_HOME": str(log.parent / "lmctl-home"), "PYTHONPATH": str(REPO)}
-    if kind == "lmctl":
-        cmd = [sys.executable, "-m", "lmctl", "serve", path, "--port", str(port)]
+    if kind.startswith("lmctl"):  # lmctl:MODE: with --output-guard MODE
+        guard = ["--output-guard", kind.split(":")[1]] if ":" in kind else []
+        cmd = [sys.executable, "-m", "lmctl", "serve", path, "--port", str(port), *guard]
     else:
         cmd = [str(Path(sys.executable).parent / "transformers"), "serve", path, "--continuous-batching",
                "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
@@ -193,13 +198,13 @@ def compare_servers(args: argparse.Namespace, levels: list[int]) -> int:
     servers, clients = {}, {}
     for i, name in enumerate(names):
         port = 18700 + i
-        servers[name] = _start_server(name, path, port, args.threads, tmp / f"{name}.log")
-        model_id = Path(path).name if name == "lmctl" else path
+        servers[name] = _start_server(name, path, port, args.threads, tmp / f"{name.replace(':', '-')}.log")
+        model_id = Path(path).name if name.startswith("lmctl") else path
         clients[name] = http_client(f"http://127.0.0.1:{port}", model_id, args.max_tokens)
     try:
         for i, name in enumerate(names):
-            wait_for_http(f"http://127.0.0.1:{18700 + i}" + ("/readyz" if name == "lmctl" else "/health"),
-                          timeout=600, proc=servers[name], log=tmp / f"{name}.log")
+            wait_for_http(f"http://127.0.0.1:{18700 + i}" + ("/readyz" if name.startswith("lmctl") else "/health"),
+                          timeout=600, proc=servers[name], log=tmp / f"{name.replace(':', '-')}.log")
         return _run_peers(args, levels, totals, texts, tok, model, clients)
     finally:
         for proc in servers.values():
@@ -221,7 +226,7 @@ def _run_peers(args: argparse.Namespace, levels: list[int], totals: dict[int, in
           f"{os.getloadavg()[0]:.1f}\n{'clients':>7} {'server':<13} {'req/s':>8} {'tok/s':>9} {'p50 s':>8} {'p95 s':>8}")
     r = reference
     print(f"{'any':>7} {'one-at-a-time':<13} {r['req_s']:>8.2f} {r['tok_s']:>9.1f} {r['p50_s']:>8.3f} {r['p95_s']:>8.3f}")
-    summary, same, compared = [], 0, 0
+    summary, same, compared, guards = [], 0, 0, []
     for clients_n in levels:
         results = {}
         order = list(clients) if clients_n % 2 else list(clients)[::-1]
@@ -236,10 +241,18 @@ def _run_peers(args: argparse.Namespace, levels: list[int], totals: dict[int, in
             a, b = results["lmctl"], results["transformers"]
             summary.append((clients_n, a["tok_s"] / b["tok_s"], a["p95_s"] / b["p95_s"],
                             a["tok_s"] / reference["tok_s"]))
+        if "lmctl:off" in results:
+            off = results["lmctl:off"]
+            for name in (n for n in results if n.startswith("lmctl:") and n != "lmctl:off"):
+                r = results[name]
+                guards.append(f"  {clients_n:>2} clients: {name}: throughput {r['tok_s'] / off['tok_s']:.2f}x, "
+                              f"p95 latency {r['p95_s'] / off['p95_s']:.2f}x of lmctl:off")
     print(f"load average at the end {os.getloadavg()[0]:.1f}\nlmctl / transformers serve:")
     for c, thr, p95, vs_one in summary:
         goal = "  (goal >= 1.2x, p95 <= 1x)" if c in (8, 32) else ""
         print(f"  {c:>2} clients: throughput {thr:.2f}x, p95 latency {p95:.2f}x; vs one-at-a-time {vs_one:.2f}x{goal}")
+    if guards:
+        print("output guard modes / off:\n" + "\n".join(guards))
     print(f"greedy outputs identical to generate: {same}/{compared}")
     return 0
 

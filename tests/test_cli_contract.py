@@ -18,7 +18,7 @@ COMMON_FLAGS = {"--json", "--traceback", "--help"}
 HELP_LMCTL_MODULES = {"lmctl", "lmctl.errors", "lmctl.cli", "lmctl.cli.app", "lmctl.cli.output", "lmctl.cli.fields",
                       "lmctl.cli.help", "lmctl.lazy", "lmctl.distributed", "lmctl.clock", "lmctl.train", "lmctl.train.launch",
                       *(f"lmctl.cli.{c}" for c in ("config", "data", "deploy", "doctor", "drift", "eval", "export",
-                                                   "models", "promote", "registry", "retrain", "serve", "train")),
+                                                   "keys", "models", "promote", "registry", "retrain", "serve", "train")),
                       "lmctl.evaluate", "lmctl.evaluate.options", "lmctl.deploy", "lmctl.deploy.options",
                       "lmctl.serve", "lmctl.serve.settings"}
 HELP_PACKAGES = {"typer", "shellingham", "annotated_doc", "pydantic", "pydantic_core", "annotated_types",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lmctl.cli import config, data, deploy, doctor, drift, eval, export, models, promote, registry, retrain, serve, train
+from lmctl.cli import config, data, deploy, doctor, drift, eval, export, keys, models, promote, registry, retrain, serve, train
 from lmctl.cli.help import Command, examples
 
 app = typer.Typer(
@@ -58,3 +58,4 @@ app.add_typer(registry.app, name="registry", help="Inspect and verify registered
 app.add_typer(config.app, name="config", help="Validate and show configs.")
 app.add_typer(models.app, name="models", help="Base models known by name (pull, list).")
 app.add_typer(data.app, name="data", help="Check and clean data (validate, prepare).")
+app.add_typer(keys.app, name="keys", help="API keys for `lmctl serve` (add, hash), stored as sha256.")

@@ -26,6 +26,8 @@ def serve(
     host: str = option(S, "host"),
     port: int = option(S, "port"),
     api_keys_file: Path | None = option(S, "api_keys_file", "--api-keys-file"),
+    quota_db: Path | None = option(S, "quota_db", "--quota-db"),
+    cost_per_1k_tokens: float = option(S, "cost_per_1k_tokens", "--cost-per-1k-tokens"),
     insecure: bool = option(S, "insecure", "--insecure"),
     served_model_name: str | None = option(S, "served_model_name"),
     max_batch_size: int | None = option(S, "max_batch_size", rich_help_panel=_LIMITS),
@@ -44,6 +46,8 @@ def serve(
     canary_max_error_margin: float = option(C, "max_error_rate_margin", "--canary-max-error-margin", rich_help_panel=_CANARY),
     canary_max_p95_margin: float = option(C, "max_p95_margin_pct", "--canary-max-p95-margin", rich_help_panel=_CANARY),
     reload_interval: float = option(S, "reload_interval_s", "--reload-interval", rich_help_panel=_CANARY),
+    output_guard: str = option(S, "output_guard", "--output-guard"),
+    output_deny: list[str] = option(S, "output_deny", "--output-deny", metavar="REGEX"),
     json_out: Annotated[bool, typer.Option("--json", help="Accepted for uniformity; the server logs to stderr.")] = False,
     traceback: TracebackOpt = False,
 ) -> None:
@@ -51,12 +55,14 @@ def serve(
     from lmctl.serve import serve as run_server
 
     settings = options_from(ServeSettings, {
-        "host": host, "port": port, "api_keys_file": api_keys_file, "insecure": insecure,
+        "host": host, "port": port, "api_keys_file": api_keys_file, "quota_db": quota_db,
+        "cost_per_1k_tokens": cost_per_1k_tokens, "insecure": insecure,
         "served_model_name": served_model_name, "max_batch_size": max_batch_size, "draft_tokens": draft_tokens,
         "max_queue": max_queue,
         "max_input_tokens": max_input_tokens, "max_tokens_cap": max_tokens_cap, "max_body_bytes": max_body_bytes,
         "request_timeout_s": request_timeout, "sample_log": sample_log, "sample_rate": sample_rate,
         "canary": canary, "canary_weight": canary_weight, "reload_interval_s": reload_interval,
+        "output_guard": output_guard, "output_deny": output_deny or [],
         "canary_policy": {"window_s": canary_window, "min_requests": canary_min_requests,
                           "max_error_rate_margin": canary_max_error_margin, "max_p95_margin_pct": canary_max_p95_margin},
     }, _FLAGS)

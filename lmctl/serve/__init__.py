@@ -3,8 +3,10 @@
 Modules: `settings` (every option, typed), `slots` (a loaded version + its batching
 `engine`), `canary` (traffic split and automatic rollback), `reload` (following a
 models:/NAME@ALIAS), `handlers` (one request: limits, generation, bookkeeping), `app`
-(routes, auth, request ids), `metrics` (Prometheus), `sampling` (the PII-redacted request
-sample that `lmctl drift` reads).
+(routes, request ids), `keys` (the keys file, hashed secrets), `quota` (per-key rate limits
+and token budgets in SQLite), `access` (auth, admission and usage by key name), `guard` (the
+output guard: PII and deny-listed patterns in generated text), `metrics`
+(Prometheus), `sampling` (the PII-redacted request sample that `lmctl drift` reads).
 
 Models are resolved, verified and loaded before the port is bound, so a tampered checkpoint
 never serves a request: `lmctl serve` exits 4 instead. This package's __init__ imports
@@ -15,25 +17,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmctl.errors import BadInputError
 from lmctl.serve.settings import ServeSettings
 
+if TYPE_CHECKING:
+    from lmctl.serve.keys import Keyring
+
 log = logging.getLogger("lmctl.serve")
-
-
-def load_api_keys(keys_file: Path | None) -> list[str]:
-    """API keys from --api-keys-file (one per line, # comments) or LMCTL_API_KEYS (comma-separated)."""
-    if keys_file is not None:
-        if not keys_file.is_file():
-            raise BadInputError(f"API keys file not found: {keys_file}")
-        raw = keys_file.read_text(encoding="utf-8").splitlines()
-    else:
-        raw = os.environ.get("LMCTL_API_KEYS", "").split(",")
-    return [k.strip() for k in raw if k.strip() and not k.strip().startswith("#")]
 
 
 def is_loopback(host: str) -> bool:
@@ -45,11 +37,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def build_app(ref: str, settings: ServeSettings, api_keys: list[str]) -> Any:
-    """Load the primary (and canary) version, then assemble the app; nothing is bound yet."""
+def build_app(ref: str, settings: ServeSettings, api_keys: list[str] | Keyring) -> Any:
+    """Load the primary (and canary) version, then assemble the app; nothing is bound yet.
+    `api_keys`: the keyring, or plain keys (each unlimited)."""
+    from lmctl.home import lmctl_home
+    from lmctl.serve.access import Access
     from lmctl.serve.app import create_app
     from lmctl.serve.canary import Router
+    from lmctl.serve.guard import OutputGuard
     from lmctl.serve.handlers import Context
+    from lmctl.serve.keys import Keyring
     from lmctl.serve.metrics import ServeMetrics
     from lmctl.serve.reload import AliasFollower
     from lmctl.serve.sampling import SampleLog
@@ -77,14 +74,20 @@ def build_app(ref: str, settings: ServeSettings, api_keys: list[str]) -> Any:
     holder["router"] = router
     refs = {"primary": ref, **({"canary": settings.canary} if settings.canary else {})}
     follower = AliasFollower(router, settings, refs, metrics)
-    return create_app(Context(router, settings, metrics, sample_log), api_keys, follower)
+    keyring = api_keys if isinstance(api_keys, Keyring) else Keyring.from_secrets(api_keys)
+    quota_db = (settings.quota_db or lmctl_home() / "serve" / "quota.sqlite") if keyring.limited else None
+    access = Access(keyring, metrics, quota_db, settings.cost_per_1k_tokens)
+    guard = OutputGuard(settings.output_guard, settings.output_deny, metrics.guard_events)
+    return create_app(Context(router, settings, metrics, sample_log, access, guard), follower)
 
 
 def serve(ref: str, settings: ServeSettings) -> None:
     """Check options, verify and load `ref`, then serve until interrupted (SIGINT/SIGTERM drain)."""
     import uvicorn
 
-    keys = load_api_keys(settings.api_keys_file)
+    from lmctl.serve.keys import load_keyring
+
+    keys = load_keyring(settings.api_keys_file)
     if not keys and not is_loopback(settings.host) and not settings.insecure:
         raise BadInputError(f"refusing to serve on {settings.host} without API keys",
                             hint="set LMCTL_API_KEYS or --api-keys-file, or pass --insecure")

@@ -6,7 +6,6 @@ top; only `lmctl serve` (and tests) import this module.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import re
@@ -21,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmctl.serve.access import QuotaExceeded
 from lmctl.serve.body import JsonBodyRoute
 from lmctl.serve.handlers import Context, Generation, GenerationTimeout, prepare
 from lmctl.serve.metrics import Exchange
@@ -62,7 +62,8 @@ class RequestEnvelope:
             if message["type"] == "http.response.start":
                 exchange.sent = message["status"]
                 message = {**message, "headers": [*message.get("headers", []),
-                                                  (b"x-request-id", exchange.request_id.encode())]}
+                                                  (b"x-request-id", exchange.request_id.encode()),
+                                                  *[(k.encode(), v.encode()) for k, v in exchange.headers.items()]]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 exchange.complete = True
             await send(message)
@@ -124,22 +125,19 @@ def _install_error_handlers(app: FastAPI) -> None:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
         return _error_response(422, problems or "invalid request")
 
+    @app.exception_handler(QuotaExceeded)
+    async def over_quota(_request: Request, exc: QuotaExceeded) -> JSONResponse:
+        kind, code = exc.body_type_and_code
+        return JSONResponse(error_body(str(exc), kind, code), status_code=429, headers=exc.headers)
+
     @app.exception_handler(GenerationTimeout)
     async def timeout(_request: Request, _exc: GenerationTimeout) -> JSONResponse:
         return _error_response(504, "generation timed out")
 
 
-def _key_checker(api_keys: list[str]) -> Callable[[Request], None]:
-    encoded = [k.encode() for k in api_keys]
-
+def _key_checker(ctx: Context) -> Callable[[Request], None]:
     def check_key(request: Request) -> None:
-        if not encoded:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
-        # compare against every key, always, so timing says nothing about which or how many matched
-        matches = [hmac.compare_digest(given, key) for key in encoded]
-        if not any(matches):
-            raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        ctx.access.authenticate(request.headers.get("authorization"), request.state.exchange)
 
     return check_key
 
@@ -184,7 +182,7 @@ async def _sse(gen: Generation, rid: str, chat: bool, include_usage: bool) -> As
     yield "data: [DONE]\n\n"
 
 
-def create_app(ctx: Context, api_keys: list[str], follower: Any = None) -> FastAPI:
+def create_app(ctx: Context, follower: Any = None) -> FastAPI:
     """The app over a router of loaded slots; `follower` (hot reload) starts and stops with it."""
     state = {"ready": False}
 
@@ -204,7 +202,7 @@ def create_app(ctx: Context, api_keys: list[str], follower: Any = None) -> FastA
     app.router.route_class = JsonBodyRoute  # UTF-8 JSON bodies sent as JSON (lmctl.serve.body)
     app.add_middleware(RequestEnvelope, max_body_bytes=ctx.settings.max_body_bytes, ctx=ctx)
     _install_error_handlers(app)
-    auth = [Depends(_key_checker(api_keys))]
+    auth = [Depends(_key_checker(ctx))]
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

@@ -18,7 +18,9 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from lmctl.serve.access import Access
 from lmctl.serve.canary import Router
+from lmctl.serve.guard import OutputGuard
 from lmctl.serve.metrics import Exchange, ServeMetrics
 from lmctl.serve.sampling import SampleLog
 from lmctl.serve.schemas import ChatRequest, CompletionRequest
@@ -37,6 +39,8 @@ class Context:
     settings: ServeSettings
     metrics: ServeMetrics
     sample_log: SampleLog | None
+    access: Access
+    guard: OutputGuard
 
 
 @dataclass
@@ -104,15 +108,19 @@ def prepare(ctx: Context, body: CompletionRequest | ChatRequest, endpoint: str, 
         _check_limits(ctx, slot, len(ids), body.token_limit)
         params = SamplingParams(max_tokens=body.token_limit, temperature=body.temperature, top_p=body.top_p,
                                 seed=body.seed, stop_token_ids=slot.stop_ids)
+        ctx.access.admit(exchange, len(ids) + body.token_limit)  # the key's limits: 429 past them
         try:
             job = slot.engine.submit(ids, params)
-        except QueueFullError:
-            raise HTTPException(429, "server busy: request queue is full; retry later",
-                                headers={"Retry-After": "1"}) from None
-        except EngineStoppedError:
-            continue
-        except ValueError as exc:  # e.g. a token id the model cannot embed
-            raise HTTPException(400, str(exc)) from None
+        except BaseException as exc:
+            ctx.access.refund(exchange)  # admitted, never served: the key gets its reservation back
+            if isinstance(exc, QueueFullError):
+                raise HTTPException(429, "server busy: request queue is full; retry later",
+                                    headers={"Retry-After": "1"}) from None
+            if isinstance(exc, EngineStoppedError):
+                continue
+            if isinstance(exc, ValueError):  # e.g. a token id the model cannot embed
+                raise HTTPException(400, str(exc)) from None
+            raise
         ctx.metrics.in_flight.labels(slot.model_name, slot.version).inc()
         ctx.metrics.tokens_in.labels(slot.model_name, slot.version).inc(len(ids))
         return Prepared(exchange, endpoint, slot, job, prompt, messages, body.stop)
@@ -123,6 +131,8 @@ class Generation:
     def __init__(self, ctx: Context, prep: Prepared) -> None:
         self.ctx, self.prep = ctx, prep
         self.stream = TextStream(prep.slot.tokenizer, prep.stops)
+        self.guarded = ctx.guard.stream()  # what of the text may leave the server
+        self.sent: list[str] = []  # the text as the client got it (the sample log records this)
         self.completion_tokens = 0
         self.finish_reason = "length"
         self.status = 500
@@ -145,17 +155,21 @@ class Generation:
                 except asyncio.TimeoutError:
                     raise GenerationTimeout() from None
                 self._count_token()
-                delta = self.stream.push(token)
+                delta = self.guarded.push(self.stream.push(token))
                 if delta:
+                    self.sent.append(delta)
                     yield delta
-                if self.stream.stopped:
+                if self.stream.stopped or self.guarded.refused:
                     job.cancel()
                     break
-            tail = self.stream.finish()
+            tail = self.guarded.finish(self.stream.finish())
             if tail:
+                self.sent.append(tail)
                 yield tail
             result = await job.result()
             self.finish_reason = "stop" if self.stream.stopped or result.finish_reason == "stop" else "length"
+            if self.guarded.refused:
+                self.finish_reason = "content_filter"  # as OpenAI ends a response its filter stopped
             self.status = 200
         except GenerationTimeout:
             self.status = 504
@@ -185,10 +199,12 @@ class Generation:
         exchange.ended = self.status
         ctx.metrics.in_flight.labels(slot.model_name, slot.version).dec()
         ctx.router.record(slot, ok=self.status < 500, latency_s=seconds)
+        ctx.access.settle(exchange, slot.model_name, slot.version, prep.job.prompt_tokens, self.completion_tokens)
+        ctx.guard.record(self.guarded, exchange.request_id, slot.model_name, slot.version)
         log = ctx.sample_log
         if log is not None and log.wants():
             log.write(request_id=exchange.request_id, model=slot.model_name, version=slot.version,
-                      endpoint=prep.endpoint, prompt=prep.prompt, messages=prep.messages, completion=self.stream.text,
+                      endpoint=prep.endpoint, prompt=prep.prompt, messages=prep.messages, completion="".join(self.sent),
                       prompt_tokens=prep.job.prompt_tokens, completion_tokens=self.completion_tokens,
                       status=self.status, latency_ms=seconds * 1000)
 

@@ -11,13 +11,15 @@ handlers know and it does not: which version took the request, how a stream ende
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
+    from lmctl.serve.keys import KeyEntry
+    from lmctl.serve.quota import Ticket
     from lmctl.serve.slots import Slot
 
 # Buckets span a tiny test model's milliseconds up to a big model's minute-long completion.
@@ -34,6 +36,9 @@ class Exchange:
     sent: int | None = None  # the status line sent
     complete: bool = False  # the last body byte went out
     ended: int | None = None  # how the generation ended: after a stream's 200, a timeout (504) or a failure (500)
+    key: KeyEntry | None = None  # the API key that authenticated it (lmctl.serve.access)
+    ticket: Ticket | None = None  # what its key's quota reserved for it, until settled
+    headers: dict[str, str] = field(default_factory=dict)  # added to the response: the key's x-ratelimit-*
 
     @property
     def status(self) -> int:
@@ -91,6 +96,19 @@ class ServeMetrics:
         # version: the version the alias moved to (swapped in, or refused and never served)
         self.reloads = Counter("lmctl_model_reloads", "Alias moves followed, by the version moved to and outcome.",
                                labels + ["outcome"], registry=r)
+        # by API key name (never the secret); "anonymous" when the server has no keys
+        self.key_requests = Counter("lmctl_key_requests", "Generation requests served, by API key name.",
+                                    ["key", *labels], registry=r)
+        self.key_tokens = Counter("lmctl_key_tokens", "Tokens by API key name and kind (prompt or completion).",
+                                  ["key", *labels, "kind"], registry=r)
+        self.cost = Counter("lmctl_cost", "Cost of the tokens served (prompt + completion) at --cost-per-1k-tokens, "
+                            "by API key name.", ["key", *labels], registry=r)
+        self.quota_refusals = Counter("lmctl_quota_refusals", "Requests refused by an API key's limits, by reason: "
+                                      "requests, tokens (per minute), tokens_per_day, too_large.",
+                                      ["key", "reason"], registry=r)
+        # kind: a lmctl.pii kind or "deny"; action: flag, redact or refuse (--output-guard)
+        self.guard_events = Counter("lmctl_output_guard_events", "Findings of the output guard in generated text, "
+                                    "by kind and the action taken.", ["kind", "action", *labels], registry=r)
         r.register(_EngineCollector(slots))  # type: ignore[arg-type]
 
     def finished(self, model: str, version: str, endpoint: str, status: int, seconds: float) -> None:

@@ -6,9 +6,11 @@ model is loaded or port bound, so a bad flag costs nothing.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class CanaryPolicy(BaseModel):
@@ -24,6 +26,18 @@ class CanaryPolicy(BaseModel):
         50.0, ge=0, description="Roll back when canary p95 latency exceeds the baseline's by more than this percent.")
 
 
+class KeyLimits(BaseModel):
+    """A key's limits; None is unlimited."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+    requests_per_minute: int | None = Field(None, ge=1, description="Requests a minute (a bucket refilled evenly).")
+    tokens_per_minute: int | None = Field(None, ge=1, description="Tokens a minute: prompt + max_tokens reserved at "
+                                          "admission, settled to the real count after.")
+    tokens_per_day: int | None = Field(None, ge=1, description="Tokens a UTC day; spent, the key gets "
+                                       "insufficient_quota until midnight UTC.")
+
+
 class ServeSettings(BaseModel):
     """Options of one `lmctl serve` process."""
 
@@ -33,7 +47,14 @@ class ServeSettings(BaseModel):
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
     served_model_name: str | None = Field(None, description="Model id clients see; default: the registry name or directory name.")
     insecure: bool = Field(False, description="Allow a non-loopback address with no API key configured.")
-    api_keys_file: Path | None = Field(None, description="File with one API key per line; else LMCTL_API_KEYS.")
+    api_keys_file: Path | None = Field(
+        None, description="API keys: a YAML keys file (names, sha256 of each secret, per-key limits; `lmctl keys add` "
+        "writes it) or one key per line; else LMCTL_API_KEYS (comma-separated).")
+    quota_db: Path | None = Field(
+        None, description="SQLite file of the keys' rate-limit and budget counters, shared by every server process "
+        "using it and kept across restarts (default: LMCTL_HOME/serve/quota.sqlite).")
+    cost_per_1k_tokens: float = Field(
+        0.0, ge=0, description="Cost of 1000 tokens (prompt + completion), for the lmctl_cost_total metric by API key.")
     max_batch_size: int | None = Field(
         None, ge=1, le=256, description="Most requests generated together in one batch (default: 64 on CPU, 256 on "
         "a GPU). Whatever it is, a request joins only while the batch's KV cache, counted at every row's prompt + "
@@ -54,6 +75,23 @@ class ServeSettings(BaseModel):
     canary_weight: float = Field(0.1, ge=0, le=1, description="Share of traffic routed to the canary (0-1).")
     canary_policy: CanaryPolicy = Field(default_factory=CanaryPolicy, description="Automatic canary rollback margins.")
     reload_interval_s: float = Field(30.0, gt=0, description="Seconds between re-resolutions of a models:/NAME@ALIAS reference (hot reload).")
+    output_guard: Literal["off", "flag", "redact", "refuse"] = Field(
+        "flag", description="What the output guard does with personal data (the `lmctl data` detector) or a "
+        "--output-deny match in generated text, streams included: off, flag (count and log the kind), redact "
+        "(replace it before it is sent), refuse (end the response there, finish_reason content_filter).")
+    output_deny: list[str] = Field(
+        default_factory=list, description="A regular expression (Python syntax) the output guard treats as a "
+        "finding of kind deny; repeat the flag for several.")
+
+    @field_validator("output_deny")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return patterns
 
     @model_validator(mode="after")
     def _sample_log_needs_rate(self) -> "ServeSettings":
