@@ -60,9 +60,18 @@ class ModelRefError(BadInputError):
 
 
 class PolicyError(LmctlError):
-    """A policy said no: gate failed, drift detected, candidate not promoted (exit 3)."""
+    """A policy said no: gate failed, drift detected, candidate not promoted (exit 3).
+
+    A "no" is a result, not a crash: `result` is the command's result object saying what was
+    refused and why (a pydantic model or a dict), which the CLI prints on stdout with `--json`
+    when the command has not printed one itself (docs/exit-codes.md)."""
 
     exit_code = ExitCode.POLICY
+
+    def __init__(self, message: str, *, hint: str | None = None, details: str | None = None,
+                 result: object | None = None) -> None:
+        super().__init__(message, hint=hint, details=details)
+        self.result = result
 
 
 class IntegrityError(LmctlError):

@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-from lmctl.errors import ExitCode, LmctlError
+from lmctl.errors import ExitCode, LmctlError, PolicyError
 
 
 def _environment() -> None:
@@ -43,6 +43,26 @@ def _fail(message: str, code: int, show_traceback: bool) -> int:
     return code
 
 
+def _print_refusal(exc: PolicyError, as_json: bool) -> None:
+    """A policy "no" is a result: with --json, exit 3 leaves exactly one JSON object on stdout.
+
+    Commands that show their result before deciding (eval, drift, retrain) have printed it;
+    for the others the error carries its result (promote), or stdout gets `{refused, error,
+    hint, exit_code}`. Every other failure leaves stdout empty."""
+    from lmctl.cli.output import emit, printed
+
+    if as_json and not printed():
+        emit(exc.result if exc.result is not None else
+             {"refused": True, "error": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}, True)
+
+
+def _usage_line(exc: Exception) -> str:
+    """click's Usage/Try/Error block as one line: the error, then where the help is."""
+    ctx = getattr(exc, "ctx", None)
+    where = f"{ctx.command_path} --help" if ctx is not None else "lmctl --help"
+    return f"{exc.format_message()} (see `{where}`)"  # type: ignore[attr-defined]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run lmctl with `argv` (default sys.argv[1:]) and return the exit code."""
     import typer
@@ -51,25 +71,32 @@ def main(argv: list[str] | None = None) -> int:
     click_errors = sys.modules[typer.BadParameter.__module__]
 
     from lmctl.cli.app import app
-    from lmctl.cli.output import setup_logging
+    from lmctl.cli.output import reset_printed, setup_logging
 
     args = list(sys.argv[1:] if argv is None else argv)
     show_tb = "--traceback" in args
     _environment()
     setup_logging()
     command = typer.main.get_command(app)
+    reset_printed()
     try:
         result = command.main(args=args, prog_name="lmctl", standalone_mode=False)
         return result if isinstance(result, int) else ExitCode.OK
     except LmctlError as exc:
+        if isinstance(exc, PolicyError):
+            _print_refusal(exc, as_json="--json" in args)
         if exc.details:
             sys.stderr.write(exc.details.rstrip("\n") + "\n")
         return _fail(str(exc), exc.exit_code, show_tb)
     except typer.Exit as exc:
         return exc.exit_code
-    except click_errors.ClickException as exc:
+    except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:  # bare `lmctl` / `lmctl registry`: the help
         exc.show(file=sys.stderr)
         return ExitCode.BAD_INPUT
+    except click_errors.UsageError as exc:  # unknown flag, missing argument, bad value: one line, like any error
+        return _fail(_usage_line(exc), ExitCode.BAD_INPUT, show_tb)
+    except click_errors.ClickException as exc:
+        return _fail(exc.format_message(), ExitCode.BAD_INPUT, show_tb)
     except (KeyboardInterrupt, typer.Abort):
         sys.stderr.write("lmctl: interrupted\n")
         return ExitCode.INTERRUPTED
