@@ -1,7 +1,8 @@
 """The one place where failures become exit codes and one line on stderr (httpie-style).
 
 Commands raise `LmctlError` subclasses carrying their exit code; click usage errors are
-bad input (2); Ctrl-C is 130; anything else is a bug (1). `--traceback` shows the stack.
+bad input (2), one line like any other; an OSError the machine raised (permission denied,
+no space) is 6; Ctrl-C is 130; anything else is a bug (1). `--traceback` shows the stack.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 import sys
 import traceback
 
-from lmctl.errors import ExitCode, LmctlError, PolicyError
+from lmctl.errors import ExitCode, LmctlError, PolicyError, exit_code_of
 
 
 def _environment() -> None:
@@ -41,6 +42,12 @@ def _fail(message: str, code: int, show_traceback: bool) -> int:
         sys.stderr.write(f"  {line.strip()}\n")
     sys.stderr.flush()
     return code
+
+
+def _machine_line(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return (f"{where}{exc.strerror or exc} (the machine refused, not lmctl: fix the permissions or free space, "
+            "or set LMCTL_HOME to a directory this user can write)")
 
 
 def _print_refusal(exc: PolicyError, as_json: bool) -> None:
@@ -101,4 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("lmctl: interrupted\n")
         return ExitCode.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the boundary: anything unexpected is a bug
+        if isinstance(exc, OSError) and exit_code_of(exc) == ExitCode.ENVIRONMENT:
+            return _fail(_machine_line(exc), ExitCode.ENVIRONMENT, show_tb)
         return _fail(f"internal error (a bug): {type(exc).__name__}: {exc} - rerun with --traceback", ExitCode.INTERNAL, show_tb)

@@ -28,7 +28,7 @@ its recorded sha256 and the entry rebuilt on a mismatch, or re-sealed when it st
 against re-hashing on every read is the detection of media corruption that bypasses the
 filesystem: the same trust `datasets` puts in its own Arrow cache, which it never re-hashes.
 A data file that changed while it was read is refused (exit 2) and not cached. A
-full disk fails with StorageError (exit 2) and leaves no entry. The raw Arrow conversion
+full disk fails with StorageError (exit 6) and leaves no entry. The raw Arrow conversion
 that `load_dataset` makes is built inside the staging directory and dropped: an entry holds
 only what later runs read.
 """
