@@ -8,6 +8,8 @@ stderr and the exit code. Anything else that escapes is a bug and exits 1.
 
 from __future__ import annotations
 
+import errno
+
 
 class ExitCode:
     """Exit codes shared by every command (docs/exit-codes.md)."""
@@ -18,6 +20,7 @@ class ExitCode:
     POLICY = 3
     INTEGRITY = 4
     BUSY = 5
+    ENVIRONMENT = 6
     INTERRUPTED = 130
 
 
@@ -60,9 +63,18 @@ class ModelRefError(BadInputError):
 
 
 class PolicyError(LmctlError):
-    """A policy said no: gate failed, drift detected, candidate not promoted (exit 3)."""
+    """A policy said no: gate failed, drift detected, candidate not promoted (exit 3).
+
+    A "no" is a result, not a crash: `result` is the command's result object saying what was
+    refused and why (a pydantic model or a dict), which the CLI prints on stdout with `--json`
+    when the command has not printed one itself (docs/exit-codes.md)."""
 
     exit_code = ExitCode.POLICY
+
+    def __init__(self, message: str, *, hint: str | None = None, details: str | None = None,
+                 result: object | None = None) -> None:
+        super().__init__(message, hint=hint, details=details)
+        self.result = result
 
 
 class IntegrityError(LmctlError):
@@ -86,5 +98,24 @@ class UnavailableError(LmctlError):
     exit_code = ExitCode.BUSY
 
 
-class StorageError(BadInputError):
-    """The disk lmctl must write to is full (exit 2: free space or point LMCTL_HOME elsewhere)."""
+class StorageError(LmctlError):
+    """The machine will not let lmctl keep its files: the disk is full, or a directory lmctl must
+    write (LMCTL_HOME, its cache, an output) is not writable (exit 6). Neither the input nor lmctl
+    is at fault: free space, fix the permissions, or point LMCTL_HOME elsewhere, and run again."""
+
+    exit_code = ExitCode.ENVIRONMENT
+
+
+# What the machine refuses wherever lmctl keeps its own files (LMCTL_HOME, caches, outputs):
+# permission denied, a read-only file system, no space, quota or file size limit exceeded.
+# Neither lmctl's bug nor the user's input (the data readers name unreadable input themselves, 2).
+MACHINE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code a failure means (docs/exit-codes.md): its own, 6 for the machine's OSErrors, else 1."""
+    if isinstance(exc, LmctlError):
+        return exc.exit_code
+    if isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS:
+        return ExitCode.ENVIRONMENT
+    return ExitCode.INTERNAL

@@ -167,6 +167,11 @@ def test_gc_keeps_protected_versions_and_records_deletions(cli, lmctl_home) -> N
     assert sorted(kept, key=int) == ["2", "3", "5", "7", "8"]
     assert kept["2"] == "holds production" and "unfinished retrain run r1" in kept["5"]
     assert len(versions.list_versions("g")) == 8 and all(d.is_dir() for d in artifact_dirs.values())
+    # --keep 0: age protects nothing, so the newest (8) goes too; aliases and the rest still protect
+    zero = cli("registry", "gc", "g", "--keep", "0", "--recent-moves", "2", "--json")
+    assert zero.code == 0, zero.err
+    assert zero.json["delete"] == ["1", "4", "6", "8"] and sorted(k["version"] for k in zero.json["kept"]) == ["2", "3", "5", "7"]
+    assert cli("registry", "gc", "g", "--keep", "-1").code == 2
 
     done = cli("registry", "gc", "g", "--keep", "2", "--recent-moves", "2", "--yes", "--json")
     assert done.code == 0, done.err

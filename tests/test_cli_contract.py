@@ -180,3 +180,34 @@ def test_help_reads_as_conventional_help() -> None:
         assert "{" not in text.splitlines()[0], (path, text.splitlines()[0])  # no `{config}` in the usage line
 
     walk(typer.main.get_command(app), [])
+
+
+def test_usage_errors_are_one_line_with_exit_2(cli) -> None:
+    """Unknown flag, missing argument, out-of-range value, unknown command: the one `lmctl: error:`
+    line every other error prints (not click's Usage/Try/Error block), stdout empty even with --json."""
+    cases = [(("train", "--bogus"), "No such option: --bogus", "lmctl train --help"),
+             (("eval", "--json"), "Missing argument 'MODEL_REF'", "lmctl eval --help"),
+             (("serve", "x", "--port", "notanumber", "--json"), "--port", "lmctl serve --help"),
+             (("registry", "history", "m", "--limit", "x"), "--limit", "lmctl registry history --help"),
+             (("no-such-command",), "No such command 'no-such-command'", "lmctl --help")]
+    for args, says, where in cases:
+        result = cli(*args)
+        assert result.code == 2, (args, result.err)
+        lines = result.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("lmctl: error: ") and says in lines[0], (args, result.err)
+        assert f"(see `{where}`)" in lines[0] and "Usage:" not in result.err and result.out == "", args
+
+
+def test_policy_refusal_without_a_result_still_prints_one_json_object(capsys) -> None:  # type: ignore[no-untyped-def]
+    """The boundary's rule for exit 3 holds for a refusal whose command printed nothing (e.g. a rollback
+    that lost a race): one JSON object on stdout under --json, nothing without it."""
+    from lmctl.cli import _print_refusal
+    from lmctl.cli.output import reset_printed
+    from lmctl.errors import PolicyError
+
+    reset_printed()
+    _print_refusal(PolicyError("alias 'production' of 'm' moved to v3 meanwhile", hint="run it again"), as_json=False)
+    assert capsys.readouterr().out == ""
+    _print_refusal(PolicyError("alias 'production' of 'm' moved to v3 meanwhile", hint="run it again"), as_json=True)
+    assert json.loads(capsys.readouterr().out) == {"refused": True, "error": "alias 'production' of 'm' moved to v3 meanwhile",
+                                                   "hint": "run it again", "exit_code": 3}

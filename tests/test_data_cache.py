@@ -57,6 +57,25 @@ def test_hits_and_misses_are_keyed_by_data_tokenizer_and_max_length(tok, tmp_pat
     assert len(_entries()) == 4
 
 
+def test_the_fingerprint_names_the_data_by_absolute_path_where_it_is_now(  # type: ignore[no-untyped-def]
+        tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lmctl.json and the model card name the data by an absolute path, not one relative to the directory
+    lmctl ran in; a cache hit built from another copy names this one. The sha256 does not change."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(ASSETS / "tiny_train.jsonl", tmp_path / "a" / "train.jsonl")
+    shutil.copy(ASSETS / "tiny_train.jsonl", tmp_path / "b" / "train.jsonl")
+    monkeypatch.chdir(tmp_path / "a")
+    first = tokenized(Path("train.jsonl"), "text", "auto", tok, 64)
+    assert first.fingerprint.path == str(tmp_path / "a" / "train.jsonl")
+    monkeypatch.chdir(tmp_path)
+    other = tokenized(Path("b/../b/train.jsonl"), "text", "auto", tok, 64)  # the same bytes elsewhere: a hit
+    assert other.hit and other.fingerprint.path == str(tmp_path / "b" / "train.jsonl")
+    assert other.fingerprint.sha256 == first.fingerprint.sha256 == data.fingerprint(
+        ASSETS / "tiny_train.jsonl", "text", 48, "text").sha256
+    assert data.fingerprint(Path("a/train.jsonl"), "text", 48).path == str(tmp_path / "a" / "train.jsonl")
+
+
 def test_a_corrupt_or_partial_entry_is_rebuilt(tok, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
     first = tokenized(ASSETS / "tiny_train.jsonl", "text", "auto", tok, 64)
     expected = list(first.table["input_ids"])  # read now: the file is changed in place below
@@ -190,7 +209,7 @@ def test_a_full_disk_fails_clearly_and_leaves_no_entry(tmp_path: Path, lmctl_hom
         f"sys.exit(main(['data', 'validate', {str(path)!r}, '--json']))\n"
     )
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 6, proc.stderr  # the machine's problem (docs/exit-codes.md), not bad input
     assert "no space left to write the tokenization cache" in proc.stderr
     assert not (lmctl_home / "cache" / "tokens").is_dir() or not any((lmctl_home / "cache" / "tokens").iterdir())
 

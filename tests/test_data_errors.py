@@ -154,3 +154,100 @@ def test_a_bug_while_reading_is_exit_1_with_its_traceback(cli, tmp_path: Path, m
     assert result.code == 1, result.err
     assert original in result.err and "internal error (a bug)" in result.err
     assert "cannot be read" not in result.err
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("_data_files", 5, "_data_files: Input should be a valid array (got int)"),
+    ("_split", [], "_split: Input should be a valid string (got list)"),
+    ("_format_kwargs", 5, "_format_kwargs: Input should be an object (got int)"),
+])
+def test_a_saved_dataset_whose_state_json_has_wrong_types_is_exit_2(cli, tmp_path: Path, key: str, value: object,
+                                                                     says: str) -> None:
+    """load_from_disk meets these with a TypeError or AttributeError, which read as a bug (exit 1)."""
+    saved = _saved(tmp_path)
+    state = json.loads((saved / "state.json").read_text())
+    (saved / "state.json").write_text(json.dumps({**state, key: value}))
+    result = cli("data", "validate", saved, "--json")
+    assert result.code == 2, result.err
+    [line] = result.err.splitlines()
+    assert line.startswith(f"lmctl: error: {saved / 'state.json'}: {says}") and "save it again" in line, line
+    assert result.out == ""
+
+
+def test_a_bug_in_loading_a_sound_saved_dataset_stays_exit_1(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise TypeError("planted bug in load_from_disk")
+
+    saved = _saved(tmp_path)
+    monkeypatch.setattr(datasets, "load_from_disk", broken)
+    result = cli("data", "validate", saved)
+    assert result.code == 1 and "internal error (a bug): TypeError: planted bug" in result.err, result.err
+
+
+def _denied() -> list[str]:
+    """A command prefix under which permission bits hold: root ignores them unless it gives up
+    CAP_DAC_OVERRIDE (setpriv, util-linux); another user needs nothing."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: permission bits cannot be made to hold")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+
+
+_CHILD = """
+import contextlib, io, json, os, sys
+from lmctl.cli import main
+results = []
+for home, args in json.loads(sys.argv[1]):
+    os.environ["LMCTL_HOME"] = home
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_unreadable_inputs_are_bad_input_and_an_unwritable_cache_is_the_machine(tiny_config: Path,
+                                                                                tmp_path: Path) -> None:
+    """Issue 28: an unreadable data file or config is the user's to fix (2); an LMCTL_HOME cache this
+    user cannot write is the machine's (6), never "a bug" (1). One line each, stdout empty. One child
+    process runs the three commands, with permission bits in force (root gives up CAP_DAC_OVERRIDE)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    data, config, locked = tmp_path / "train.jsonl", tmp_path / "c.yaml", tmp_path / "locked.yaml"
+    data.write_bytes((ASSETS / "tiny_train.jsonl").read_bytes())
+    unreadable = tmp_path / "unreadable.jsonl"
+    unreadable.write_bytes(data.read_bytes())
+    cfg = yaml.safe_load(tiny_config.read_text())
+    config.write_text(yaml.safe_dump({**cfg, "data": {"train": str(data), "max_length": 64}}))
+    locked.write_text(yaml.safe_dump({**cfg, "data": {"train": str(unreadable), "max_length": 64}}))
+    unreadable.chmod(0)
+    readonly = tmp_path / "readonly-home"
+    (readonly / "cache").mkdir(parents=True)
+    (readonly / "cache").chmod(0o555)
+    home = str(tmp_path / "home")
+    calls = [[home, ["data", "validate", str(locked), "--json"]], [home, ["drift", "--model", "m", "--reference", str(data),
+             "--current", str(data), "--config", str(unreadable)]], [str(readonly), ["data", "validate", str(config), "--json"]]]
+    child = subprocess.run([*_denied(), sys.executable, "-c", _CHILD, json.dumps(calls)], capture_output=True, text=True,
+                           timeout=300, env=os.environ)
+    assert child.returncode == 0, child.stderr
+    (data_code, data_out, data_err), (cfg_code, _, cfg_err), (cache_code, cache_out, cache_err) = json.loads(child.stdout)
+    assert (data_code, data_out) == (2, ""), data_err
+    assert data_err.splitlines() == [f"lmctl: error: {unreadable}: cannot be read (permission denied) (make it "
+                                     f"readable by uid {os.geteuid()}, the user lmctl runs as)"]
+    assert cfg_code == 2 and len(cfg_err.splitlines()) == 1 and f"'{unreadable}' is not readable" in cfg_err, cfg_err
+    assert (cache_code, cache_out) == (6, ""), cache_err
+    [line] = cache_err.splitlines()
+    assert line.startswith(f"lmctl: error: {readonly / 'cache' / 'tokens'}: Permission denied (the machine refused, "
+                           "not lmctl") and "LMCTL_HOME" in line and "bug" not in line, line

@@ -103,6 +103,34 @@ def test_lint_refuses_unlearnable_eos_and_oversized_tokenizer(tok) -> None:  # t
         preflight.lint(ok, tok, model_vocab_size=len(tok) - 1)
 
 
+CHAT_WITHOUT_EOS = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                    "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize(("name", "max_length", "template", "says", "not_says"), [
+    ("tiny_completion.jsonl", 12, None, "truncation at data.max_length=12 cuts the EOS off every completion example",
+     "template"),
+    ("tiny_chat.jsonl", 40, None, "truncation at data.max_length=40 cuts the EOS off every chat example", "template"),
+    ("tiny_chat.jsonl", 256, CHAT_WITHOUT_EOS, "the chat template ends assistant turns with '<|end|>\\n', not the "
+     "tokenizer's EOS '</s>' (the data is fine", "truncation"),
+])
+def test_unlearnable_eos_names_its_real_cause(tok, name: str, max_length: int, template: str | None, says: str,
+                                              not_says: str) -> None:  # type: ignore[no-untyped-def]
+    """Real data, really tokenized: the lint blames the cause, not the data (issue 26)."""
+    import copy
+
+    tokenizer = copy.deepcopy(tok)
+    if template:
+        tokenizer.chat_template = template
+    _, examples = _examples(ASSETS / name, tokenizer, max_length=max_length)
+    assert examples.eos_labels == 0
+    with pytest.raises(BadInputError) as raised:
+        preflight.lint(examples, tokenizer, model_vocab_size=len(tokenizer))
+    message = str(raised.value)
+    assert message.startswith("EOS can never be learned") and says in message, message
+    assert not_says not in message and "completions must end" not in message
+
+
 @pytest.mark.parametrize(("name", "max_length"), [("tiny_train.jsonl", 16), ("tiny_completion.jsonl", 12),
                                                  ("tiny_chat.jsonl", 40), ("tiny_chat.jsonl", 256)])
 def test_learned_eos_are_counted_while_tokenizing(tok, name: str, max_length: int) -> None:  # type: ignore[no-untyped-def]

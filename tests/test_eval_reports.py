@@ -30,6 +30,26 @@ def test_markdown_and_html_reports(cli, trained_checkpoint: Path, tiny_base: Pat
     assert "<script" not in page.read_text() and "http" not in page.read_text().replace("https://", "")
 
 
+def test_html_report_renders_tables_and_escapes_values() -> None:
+    """The HTML page shows the Markdown summary's tables as <table>s (not Markdown source in a <pre>),
+    and a value from the outside (model reference, suite name) is text, never markup."""
+    from lmctl.evaluate import load_eval_report
+    from lmctl.evaluate.report import html_page
+    from lmctl.evaluate.suites import SuiteResult
+
+    report = load_eval_report(ASSETS / "old_eval_report.json").report
+    report = report.model_copy(update={"model": "<script>alert(1)</script>", "suites": [
+        SuiteResult(name="<img src=x onerror=alert(2)>", kinds=["generation"], items=4, score=0.75)]})
+    page = html_page(report)
+    assert "<pre>" not in page and "|---|" not in page
+    tables = re.findall(r"<table>.*?</table>", page, re.S)
+    assert len(tables) >= 3  # metrics, suites, gates
+    assert "<th>metric</th>" in tables[0] and "<td>perplexity</td>" in tables[0]
+    assert "<td>&lt;img src=x onerror=alert(2)&gt;</td>" in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script" not in page
+    assert "<strong>FAIL</strong>" in page or "<td>pass</td>" in page
+
+
 def test_log_to_registry_attaches_report_and_tags(cli, trained_checkpoint: Path) -> None:
     from lmctl import tracking, versions
 
@@ -77,9 +97,10 @@ def test_html_report_renders_in_headless_chromium(cli, trained_checkpoint: Path,
                     page.as_uri()], capture_output=True, timeout=120, check=True)
     pixels = Image.open(shot).convert("RGB").getdata()
     colours = {p for p in pixels}
-    # the three charts' bar colours (candidate, suite score, latency histogram) were painted
-    for rgb in ((0x3B, 0x6E, 0xA5), (0x4F, 0x8F, 0x5B), (0xA5, 0x67, 0x3B)):
-        assert rgb in colours, f"chart colour {rgb} not rendered"
+    # the three charts' bar colours (candidate, suite score, latency histogram) were painted, and the
+    # tables' header cells (their background is the page's only #dde6f0): tables render as tables
+    for rgb in ((0x3B, 0x6E, 0xA5), (0x4F, 0x8F, 0x5B), (0xA5, 0x67, 0x3B), (0xDD, 0xE6, 0xF0)):
+        assert rgb in colours, f"colour {rgb} not rendered"
     assert sum(1 for p in pixels if p != (255, 255, 255)) > 0.02 * len(pixels)
 
 

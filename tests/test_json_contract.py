@@ -185,11 +185,13 @@ EXPECTED: dict[str, set[str]] = {
         'models', 'models[].description', 'models[].license', 'models[].name', 'models[].pulled'},
     'promote (first)': {
         'alias', 'at', 'forced', 'gated', 'gates', 'name', 'previous_version', 'reason', 'report', 'user',
-        'version', 'why'},
+        'version', 'why',
+        'promoted'},  # issue 26: a refusal (exit 3) prints the same object, promoted: false
     'promote (gated)': {
         'alias', 'at', 'forced', 'gated', 'gates', 'gates[].name', 'gates[].passed', 'gates[].threshold',
         'gates[].value', 'name', 'previous_version', 'reason', 'report', 'report.path', 'report.sha256', 'user',
-        'version', 'why'},
+        'version', 'why',
+        'promoted'},  # issue 26: a refusal (exit 3) prints the same object, promoted: false
     'register': {
         'added_tokens', 'alias', 'cleaned', 'metrics', 'model_card', 'name', 'parent_version', 'run_id',
         'source', 'tokenizer_fingerprint', 'tracking_uri', 'version'},

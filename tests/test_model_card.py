@@ -17,8 +17,10 @@ def _card_file(run_id: str) -> Path:
 
 def test_model_card_is_generated_verified_and_tamper_evident(cli, trained_checkpoint: Path, tmp_path: Path) -> None:
     report = tmp_path / "report.json"
+    suite = tmp_path / "s.yaml"
+    suite.write_text('name: greetings\nitems:\n  - {kind: generation, prompt: "The", expected: ".*", scorer: regex}\n')
     assert cli("eval", trained_checkpoint, "--data", ASSETS / "tiny_validation.jsonl", "--max-length", "32",
-               "--report", report).code == 0
+               "--suite", suite, "--report", report).code == 0
     first = cli("register", trained_checkpoint, "--name", "card", "--json")
     assert first.code == 0 and first.json["parent_version"] is None
     assert cli("promote", "card", "1").code == 0
@@ -35,8 +37,12 @@ def test_model_card_is_generated_verified_and_tamper_evident(cli, trained_checkp
     for expected in ("## Intended use", "Answers questions about the tiny corpus.", "## Limitations", "## Lineage",
                      manifest["data"]["train"]["sha256"], manifest["training"]["mlflow_run_id"],
                      manifest["base_model"]["id"], f"| perplexity | {perplexity:.6g} |", "held `production`",
-                     "version 1", "models:/card/2"):
+                     "version 1", "models:/card/2",
+                     # the report's suite scores, as its metrics and gates are (issue 26)
+                     "| suite | items | score | incorrect rate | safety violations |", "| greetings | 1 | 1 |",
+                     f"Report `{report.resolve()}`", f"| train | `{manifest['data']['train']['path']}` |"):
         assert expected in text, expected
+    assert Path(manifest["data"]["train"]["path"]).is_absolute()
     assert "quality is unmeasured" in _card_file(first.json["run_id"]).read_text()
 
     from lmctl import tracking

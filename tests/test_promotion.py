@@ -48,8 +48,10 @@ def _holder(cli) -> str:  # type: ignore[no-untyped-def]
 
 
 def test_promotion_needs_a_passing_report_about_this_version_and_holder(cli, two_versions: str, tmp_path: Path) -> None:
-    missing = cli("promote", "p", "2")
+    missing = cli("promote", "p", "2", "--json")
     assert missing.code == 3 and "needs an eval report" in missing.err
+    assert missing.json["promoted"] is False and "needs an eval report" in missing.json["why"]
+    assert missing.json["version"] == "2" and missing.json["gated"] is False
     assert "lmctl eval models:/p/2" in missing.err and "--force --reason" in missing.err
     assert "Traceback" not in missing.err and _holder(cli) == "1"
 
@@ -61,8 +63,12 @@ def test_promotion_needs_a_passing_report_about_this_version_and_holder(cli, two
     def fail(d: dict) -> None:
         d["gates"][0].update(passed=False, value=12.5)
 
-    refused = cli("promote", "p", "2", "--eval", _variant(passing, "failing.json", fail))
+    refused = cli("promote", "p", "2", "--eval", _variant(passing, "failing.json", fail), "--json")
     assert refused.code == 3 and "1 gate(s) failed" in refused.err and "FAIL" in refused.err
+    # a "no" is a result: with --json, stdout holds the promotion object saying what was refused
+    assert refused.json["promoted"] is False and refused.json["previous_version"] == "1" and refused.json["gated"]
+    assert "1 gate(s) failed" in refused.json["why"] and refused.json["gates"][0]["passed"] is False
+    assert refused.json["at"] is None and refused.json["report"]["path"].endswith("failing.json")
     no_gates = _variant(passing, "nogates.json", lambda d: d.update(gates=[]))
     refused = cli("promote", "p", "2", "--eval", no_gates)
     assert refused.code == 3 and "no gates" in refused.err
@@ -75,7 +81,7 @@ def test_promotion_needs_a_passing_report_about_this_version_and_holder(cli, two
 
     accepted = cli("promote", "p", "2", "--eval", passing, "--reason", "better", "--json")
     assert accepted.code == 0, accepted.err
-    assert accepted.json["gated"] is True and accepted.json["previous_version"] == "1"
+    assert accepted.json["promoted"] is True and accepted.json["gated"] is True and accepted.json["previous_version"] == "1"
     assert accepted.json["gates"] and all(g["passed"] for g in accepted.json["gates"])
     moves = cli("registry", "history", "p", "--json").json["moves"]
     assert moves[-1]["report"]["path"] == str(passing.resolve()) and len(moves[-1]["report"]["sha256"]) == 64

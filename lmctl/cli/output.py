@@ -76,11 +76,26 @@ def _human_lines(data: Any, indent: str = "") -> list[str]:
     return lines
 
 
+class _Printed:
+    """Whether this invocation has written its result to stdout yet (the CLI boundary asks, on exit 3)."""
+
+    result = False
+
+
+def reset_printed() -> None:
+    _Printed.result = False
+
+
+def printed() -> bool:
+    return _Printed.result
+
+
 def emit(result: BaseModel | dict[str, Any], as_json: bool) -> None:
     """Write the command's result to stdout, as JSON or as indented key: value lines; under
     torchrun on rank 0 alone, so stdout holds one result whatever the number of processes."""
     if _RANK:
         return
+    _Printed.result = True
     data = _plain(result)
     if as_json:
         sys.stdout.write(json.dumps(data, sort_keys=False) + "\n")

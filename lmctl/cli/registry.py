@@ -109,7 +109,7 @@ def history(
 @app.command("gc", cls=Command)
 def gc(
     name: Annotated[str, typer.Argument()],
-    keep: Annotated[int, typer.Option("--keep", min=1, help="Keep the newest N versions (older ones go unless protected).")],
+    keep: Annotated[int, typer.Option("--keep", min=0, help="Keep the newest N versions (older ones go unless protected; 0: age protects none, alias holders are still kept).")],
     recent_moves: Annotated[int, typer.Option("--recent-moves", min=0, help="Also keep every version named by the last K audit records (rollback targets).")] = 20,
     yes: Annotated[bool, typer.Option("--yes", help="Delete; without it, only show the plan (dry run).")] = False,
     json_out: JsonOpt = False,

@@ -12,6 +12,7 @@ Problems are DataError (exit 2) naming the file, the row and the field.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,4 +204,10 @@ def fingerprint(path: Path, text_field: str, rows: int, fmt: str = "text", sourc
     a bytes digest already taken (Source.bytes_digest) instead of reading the files again."""
     digest = (digest or (source or resolve(path)).bytes_digest()).copy()
     digest.update(f"\0{text_field}\0{fmt}".encode())
-    return DataFingerprint(path=str(path), sha256=digest.hexdigest(), rows=rows, text_field=text_field, format=fmt)
+    return DataFingerprint(path=location(path), sha256=digest.hexdigest(), rows=rows, text_field=text_field, format=fmt)
+
+
+def location(path: Path) -> str:
+    """Where data lives, as a record names it: the absolute path (a path relative to whatever
+    directory lmctl ran in means nothing on a model card). The sha256 never includes it."""
+    return os.path.abspath(path)

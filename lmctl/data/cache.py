@@ -28,7 +28,7 @@ its recorded sha256 and the entry rebuilt on a mismatch, or re-sealed when it st
 against re-hashing on every read is the detection of media corruption that bypasses the
 filesystem: the same trust `datasets` puts in its own Arrow cache, which it never re-hashes.
 A data file that changed while it was read is refused (exit 2) and not cached. A
-full disk fails with StorageError (exit 2) and leaves no entry. The raw Arrow conversion
+full disk fails with StorageError (exit 6) and leaves no entry. The raw Arrow conversion
 that `load_dataset` makes is built inside the staging directory and dropped: an entry holds
 only what later runs read.
 """
@@ -40,7 +40,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +51,7 @@ from lmctl import pii
 from lmctl.atomic import staging_dir, write_json_atomic
 from lmctl.checkpoint import DataFingerprint, FileEntry, sha256_file, sha256_json
 from lmctl.data import (Format, RowNamer, check_rows, check_text_field, detect_format, field_for,
-                        fingerprint)
+                        fingerprint, location)
 from lmctl.data.documents import EVAL_SHAPING, DocumentsTokenize, document_features
 from lmctl.data.examples import Tokenize, check_tokenizer, features
 from lmctl.data.sources import Source, Stat, file_stat, load, no_space_cause, resolve
@@ -92,10 +92,14 @@ class Tokenized:
     entry: CacheEntry
     path: Path
     hit: bool
+    spec: Path | None = None  # the data as asked for now (the entry may have been built from another path)
 
     @property
     def fingerprint(self) -> DataFingerprint:
-        return self.entry.data
+        """The entry's fingerprint (the same bytes, read the same way), naming the data where it is now."""
+        if self.spec is None:
+            return self.entry.data
+        return self.entry.data.model_copy(update={"path": location(self.spec)})
 
 
 def root() -> Path:
@@ -133,13 +137,13 @@ def tokenized(spec: Path, text_field: str, declared: Format, tokenizer: Any | No
     entry_dir = root() / key[:32]
     found = _open(entry_dir, key)
     if found is not None:
-        return found
+        return replace(found, spec=spec)
     recipe = _Recipe(purpose, text_field, declared, tokenizer, tok_key, max_length, num_proc)
     _build(entry_dir, key, source, data_hex, read, recipe)
     built = _open(entry_dir, key, hit=False)
     if built is None:  # only if someone corrupted it between our rename and our read
         raise StorageError(f"{entry_dir}: the cache entry just written does not verify")
-    return built
+    return replace(built, spec=spec)
 
 
 def _open(entry_dir: Path, key: str, hit: bool = True) -> Tokenized | None:

@@ -189,6 +189,8 @@ class ExampleSet:
     tokens_dropped: int = 0  # tokens lost to truncation
     rows_dropped: int = 0  # rows with nothing left to learn after truncation
     eos_labels: int = 0  # EOS tokens that are learned (not masked)
+    fmt: str | None = None  # text, completion or chat (None: unknown, e.g. a stream's sample)
+    max_length: int | None = None  # the data.max_length the examples were cut at
 
     @property
     def truncation_rate(self) -> float:
@@ -228,7 +230,7 @@ def example_set(table: Any, fmt: str, max_length: int) -> ExampleSet:
         dropped, rows_dropped = int(np.maximum(total - max_length, 0).sum()), int((kept == 0).sum())
     return ExampleSet(examples=ExampleView(table, rec, start.astype(np.int32), length.astype(np.int32)),
                       tokens_total=int(total.sum()), tokens_dropped=dropped, rows_dropped=rows_dropped,
-                      eos_labels=int(column(table, "eos_labels").sum()))
+                      eos_labels=int(column(table, "eos_labels").sum()), fmt=fmt, max_length=max_length)
 
 
 def build_examples(path: Path, records: Any, fmt: str, text_field: str, tokenizer: Any, max_length: int) -> ExampleSet:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmctl.atomic import write_json_atomic
 from lmctl.checkpoint import file_digest
@@ -43,8 +43,10 @@ SAVED_MARKERS = ("state.json", "dataset_info.json")  # what Dataset.save_to_disk
 # What load_from_disk raises for a damaged directory (checked on real ones): a missing shard
 # or state.json (FileNotFoundError), a broken state.json or dataset_info.json
 # (JSONDecodeError), features that do not match the shards (ValueError), a state.json without
-# its keys (KeyError), a damaged shard (ArrowInvalid). A TypeError stays a bug: it is also
-# what a wrong argument in lmctl's call raises.
+# its keys (KeyError), a damaged shard (ArrowInvalid). A TypeError or AttributeError (a key of
+# the wrong type: `"_data_files": 5`, `"_split": []`) is bad data only when `saved_json_problem`
+# finds the wrong type in the directory's JSON; otherwise it stays a bug (it is also what a
+# wrong argument in lmctl's call raises).
 SAVED_DAMAGE = (OSError, ValueError, KeyError)
 RACY_NS = 2_000_000_000  # a file changed this recently may change again within the same timestamp tick
 
@@ -169,7 +171,24 @@ def _shards(paths: list[Path], spec: Path) -> list[Path]:
 
 def resolve(spec: Path) -> Source:
     """The files behind `spec`: a file, a glob (`train-*.parquet`), a directory of shards, or a
-    `save_to_disk` directory. Shards are read in sorted order."""
+    `save_to_disk` directory. Shards are read in sorted order. Data this process may not read
+    is bad input (exit 2), named, before anything is read."""
+    try:
+        source = _resolve(spec)
+    except PermissionError:  # a directory that cannot be listed
+        raise _unreadable(spec) from None
+    for path in source.files:
+        if not os.access(path, os.R_OK):
+            raise _unreadable(path)
+    return source
+
+
+def _unreadable(path: Path) -> DataError:
+    return DataError(f"{path}: cannot be read (permission denied)",
+                     hint=f"make it readable by uid {os.geteuid()}, the user lmctl runs as")
+
+
+def _resolve(spec: Path) -> Source:
     if spec.is_dir():
         if any((spec / m).is_file() for m in SAVED_MARKERS):
             return Source(spec, sorted(p for p in spec.rglob("*") if p.is_file()), saved=True)
@@ -202,6 +221,11 @@ def load(source: Source, cache_dir: Path, num_proc: int | None = None) -> tuple[
             ds = load_from_disk(str(source.spec))
         except SAVED_DAMAGE as exc:
             raise DataError(f"{source.spec}: cannot be read as a saved dataset: {_first_line(exc)}") from exc
+        except (TypeError, AttributeError) as exc:  # a bug, unless the directory's JSON has the wrong types
+            problem = saved_json_problem(source.spec)
+            if problem is None:
+                raise
+            raise problem from exc
         return _only_split(ds, source.spec), [0]
     parts, offsets = [], []
     builder = source.builder
@@ -227,6 +251,42 @@ def load(source: Source, cache_dir: Path, num_proc: int | None = None) -> tuple[
     if ds.num_rows == 0:
         raise DataError(f"{source.spec}: no rows")
     return ds, offsets
+
+
+class _SavedFile(BaseModel):
+    filename: str
+
+
+class _SavedState(BaseModel):
+    """The keys of a `save_to_disk` state.json that `load_from_disk` reads, with their types (datasets 5)."""
+
+    model_config = ConfigDict(strict=True, populate_by_name=True)
+    data_files: list[_SavedFile] = Field(alias="_data_files")
+    split: str | None = Field(None, alias="_split")
+    format_type: str | None = Field(None, alias="_format_type")
+    format_columns: list[str] | None = Field(None, alias="_format_columns")
+    format_kwargs: dict[str, Any] = Field({}, alias="_format_kwargs")
+
+
+class _SavedInfo(BaseModel):
+    features: dict[str, dict[str, Any]] | None = None
+
+
+def saved_json_problem(spec: Path) -> DataError | None:
+    """What is wrong with the types in a saved dataset's state.json or dataset_info.json, if anything:
+    `load_from_disk` meets such a file with a TypeError or AttributeError, which alone would read as a bug."""
+    for name, shape in (("state.json", _SavedState), ("dataset_info.json", _SavedInfo)):
+        path = spec / name
+        if not path.is_file():
+            continue
+        try:
+            shape.model_validate_json(path.read_bytes())
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "the top level"
+            return DataError(f"{path}: {where}: {err['msg']} (got {type(err['input']).__name__})",
+                             hint="the saved dataset is damaged: save it again with Dataset.save_to_disk")
+    return None
 
 
 def _only_split(ds: Any, spec: Path) -> Any:

@@ -1,6 +1,8 @@
 """Human-readable eval reports: a Markdown summary and a self-contained HTML page with plots
 (perplexity vs. baseline with its 95% interval, per-suite scores, latency distribution).
 Plots are PNGs inlined as base64, so the HTML file is one file to attach or mail.
+The HTML page renders the Markdown summary with markdown-it-py (already installed: rich
+depends on it), CommonMark plus GFM tables, raw HTML off, so every value is escaped.
 """
 
 from __future__ import annotations
@@ -87,11 +89,22 @@ def _plots(report: EvalReport) -> list[tuple[str, str]]:
     return plots
 
 
+_STYLE = ("body{font-family:sans-serif;max-width:900px;margin:2em auto}"
+          "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #999;padding:.2em .6em;text-align:left}"
+          "th{background:#dde6f0}code{overflow-wrap:anywhere}figure{display:inline-block;margin:1em}")
+
+
+def _markdown_html(text: str) -> str:
+    """Markdown to HTML: CommonMark with GFM tables; raw HTML in the text is escaped, never passed through."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+
+
 def html_page(report: EvalReport) -> str:
-    """One self-contained HTML page: the Markdown summary as preformatted text, then the plots."""
+    """One self-contained HTML page: the Markdown summary rendered (tables as tables), then the plots."""
     figures = "".join(f"<figure><img alt='{html.escape(t)}' src='data:image/png;base64,{b64}'>"
                       f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, b64 in _plots(report))
     return ("<!doctype html><html><head><meta charset='utf-8'><title>lmctl eval report</title>"
-            "<style>body{font-family:sans-serif;max-width:900px;margin:2em auto}pre{white-space:pre-wrap}"
-            "figure{display:inline-block;margin:1em}</style></head><body>"
-            f"<pre>{html.escape(markdown(report))}</pre>{figures}</body></html>\n")
+            f"<style>{_STYLE}</style></head><body>"
+            f"{_markdown_html(markdown(report))}{figures}</body></html>\n")

@@ -1,6 +1,7 @@
 """`lmctl registry gc NAME --keep N`: delete old versions and their artifacts, never a protected one.
 
-Protected, whatever its age: the newest N versions; a version an alias points at; one that
+Protected, whatever its age: the newest N versions (N = 0: none for its age alone, the
+other protections still hold); a version an alias points at; one that
 an alias pointed at (from or to) in the model's last K audit records; one an unfinished
 retrain run uses (its candidate or baseline); and one still being registered. Without
 `yes` nothing is deleted (the plan is the result). With it, the protections are checked
@@ -64,7 +65,7 @@ def _protected(name: str, keep: int, recent_moves: int, in_use: InUse) -> tuple[
     for v in found:
         if v.aliases:
             why[v.version] = "holds " + ", ".join(v.aliases)
-    for v in found[-keep:]:
+    for v in found[len(found) - keep:] if keep else []:  # found[-0:] would be all of them
         why.setdefault(v.version, f"one of the newest {keep}")
     return [v.version for v in found], why
 
@@ -88,8 +89,8 @@ def gc(name: str, keep: int, *, in_use: InUse, recent_moves: int = RECENT_MOVES,
     `in_use(name)` names the versions a later stage still needs and why (retrain passes
     `lmctl.retrain.state.versions_in_use`: the registry cannot see retrain's run state)."""
     versions.validate_name(name)
-    if keep < 1 or recent_moves < 0:
-        raise BadInputError("--keep must be at least 1 and --recent-moves at least 0")
+    if keep < 0 or recent_moves < 0:
+        raise BadInputError("--keep and --recent-moves must be at least 0")
     found, why = _protected(name, keep, recent_moves, in_use)
     plan = [v for v in found if v not in why]
     result = GcResult(name=name, keep=keep, recent_moves=recent_moves, dry_run=not yes, delete=plan,

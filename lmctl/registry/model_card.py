@@ -95,9 +95,29 @@ def _metrics(facts: CardFacts) -> list[str]:
         c = report.comparison
         lines += [f"Against `{report.baseline.model if report.baseline else None}`: {c.metric} {c.candidate:.4f} vs "
                   f"{c.baseline:.4f} ({c.regression_pct:+.2f}%).", ""]
+    lines += _scores(report)
     if report.gates:
         gates = [[g.name, g.threshold, g.value, "pass" if g.passed else "FAIL"] for g in report.gates]
         lines += _table(["gate", "threshold", "measured", "result"], gates) + [""]
+    return lines
+
+
+def _scores(report: EvalReport) -> list[str]:
+    """What the report measured beyond perplexity: suite scores, lm-eval-harness tasks, latency."""
+    lines: list[str] = []
+    if report.suites:
+        suites = [[s.name, s.items, s.score, "" if s.incorrect_rate is None else s.incorrect_rate, s.safety_violations]
+                  for s in report.suites]
+        lines += _table(["suite", "items", "score", "incorrect rate", "safety violations"], suites) + [""]
+    if report.lm_eval:
+        scores = [[task, k, v] for task, values in sorted(report.lm_eval.items()) for k, v in sorted(values.items())
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        lines += _table(["lm-eval task", "metric", "value"], scores) + [""]
+    if report.latency:
+        lat = report.latency
+        lines += [f"Latency ({lat.runs} requests, {lat.prompt_tokens} prompt + {lat.output_tokens} output tokens): "
+                  f"p50 {lat.latency_ms['p50']:.1f} ms, p95 {lat.latency_ms['p95']:.1f} ms; "
+                  f"{lat.decode_tokens_per_s:.1f} tokens/s.", ""]
     return lines
 
 

@@ -40,8 +40,9 @@ class PromotionResult(BaseModel):
     reason: str | None
     report: dict[str, str] | None  # the gating report's path and sha256, as the history records them
     gates: list[Gate]
-    at: str
-    user: str
+    at: str | None  # None when refused: nothing moved
+    user: str | None
+    promoted: bool = True  # False: the policy said no (exit 3); `why` says why, the alias did not move
 
 
 def _is_version(identity: ModelIdentity, info: versions.RegisteredVersion) -> bool:
@@ -79,6 +80,20 @@ def promote(name: str, version: str, alias: str = PRODUCTION_ALIAS, report_path:
     holder = versions.alias_holder(name, alias)
     if holder == info.version:
         raise BadInputError(f"alias {alias!r} of {name!r} already points at version {holder}; nothing to promote")
+    try:
+        return _promote(info, alias, loaded, holder, force, reason)
+    except PolicyError as exc:
+        exc.result = PromotionResult(
+            name=name, alias=alias, version=info.version, previous_version=holder, gated=loaded is not None,
+            why=str(exc), forced=force, reason=reason, report=loaded.record() if loaded is not None else None,
+            gates=loaded.report.gates if loaded is not None else [], at=None, user=None, promoted=False)
+        raise
+
+
+def _promote(info: versions.RegisteredVersion, alias: str, loaded: LoadedReport | None, holder: str | None,
+             force: bool, reason: str | None) -> PromotionResult:
+    """The policy decision and the move; PolicyError when the policy says no."""
+    name, version = info.name, info.version
     gated = False
     if force:
         why = "forced past the promotion policy"

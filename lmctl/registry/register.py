@@ -237,7 +237,7 @@ def _publish_card(client: Any, run_id: str, version: Any, parent: str | None, ch
     card = model_card.render(model_card.CardFacts(
         name=version.name, version=str(version.version), description=description, manifest=checked.manifest,
         manifest_sha256=checked.manifest_sha256, report=checked.report.report if checked.report else None,
-        report_path=str(checked.report_path) if checked.report_path else None,
+        report_path=checked.report.path if checked.report else None,
         parent_version=parent, run_id=run_id, source=version.source, added_tokens=checked.added_tokens))
     return card, model_card.publish(client, run_id, card)
 

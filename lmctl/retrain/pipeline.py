@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from lmctl import atomic, tracking, versions
 from lmctl.clock import utc_now
 from lmctl.config import LmctlConfig
-from lmctl.errors import BusyError, LmctlError, PolicyError
+from lmctl.errors import BusyError, LmctlError, PolicyError, exit_code_of
 from lmctl.evaluate.compare import Gate
 from lmctl.retrain import stages
 from lmctl.retrain.context import RetrainContext
@@ -85,7 +85,7 @@ def retrain(cfg: LmctlConfig, config_path: Path | None = None, force: bool = Fal
     except Exception as exc:
         _notify(*webhook, {
             "result": "failed", "name": cfg.registry.name, "run_id": state.run_id if state else None,
-            "stage": state.stage if state else None, "exit_code": getattr(exc, "exit_code", 1),
+            "stage": state.stage if state else None, "exit_code": exit_code_of(exc),
             "error": str(exc) if isinstance(exc, LmctlError) else f"internal error: {type(exc).__name__}: {exc}",
         })
         raise

@@ -46,8 +46,8 @@ def lint(train: ExampleSet, tokenizer: Any, model_vocab_size: int) -> LintReport
     check_tokenizer_fits(tokenizer, model_vocab_size)
     eos_labels = train.eos_labels if tokenizer.eos_token_id is not None else 0
     if eos_labels == 0:
-        raise BadInputError("EOS can never be learned: no training example has an unmasked EOS label",
-                            hint="the tokenizer needs an eos_token, and completions must end with it")
+        raise BadInputError("EOS can never be learned: no training example has an unmasked EOS label: "
+                            + no_eos_cause(train, tokenizer))
     warnings = []
     if train.truncation_rate > TRUNCATION_WARN:
         warnings.append(f"truncation drops {train.truncation_rate:.1%} of training tokens; raise data.max_length")
@@ -57,6 +57,40 @@ def lint(train: ExampleSet, tokenizer: Any, model_vocab_size: int) -> LintReport
         log.warning("warning: %s", warning)
     return LintReport(eos_labels=eos_labels, truncation_rate=round(train.truncation_rate, 6),
                       rows_dropped=train.rows_dropped, warnings=warnings)
+
+
+def _turn_end(tokenizer: Any) -> str | None:
+    """What the chat template puts after an assistant turn's content, or None when that holds EOS."""
+    from lmctl.data.examples import assistant_spans
+
+    content = "lmctl probe"
+    try:
+        full, spans = assistant_spans([{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}],
+                                      tokenizer)
+    except Exception:  # noqa: BLE001 - a template that refuses this probe gives no verdict; the data rendered
+        return None
+    turn = full[spans[0][0]:spans[0][1]]
+    if tokenizer.eos_token_id in tokenizer(turn, add_special_tokens=False)["input_ids"]:
+        return None
+    return turn.split(content, 1)[-1]
+
+
+def no_eos_cause(train: ExampleSet, tokenizer: Any) -> str:
+    """Why no EOS label is left, naming the real cause: the tokenizer, the chat template, or truncation."""
+    if tokenizer.eos_token_id is None:
+        return "the tokenizer has no eos_token (give it one: the base model's tokenizer normally does)"
+    eos = tokenizer.eos_token
+    if train.fmt == "chat" and (end := _turn_end(tokenizer)) is not None:
+        return (f"the chat template ends assistant turns with {end!r}, not the tokenizer's EOS {eos!r} (the data is "
+                "fine; use a template whose assistant turns end with EOS, or a tokenizer whose eos_token is that marker)")
+    cap = f"data.max_length={train.max_length}"
+    if train.fmt == "text" and train.max_length:  # EOS ends every document, and lands alone in a dropped 1-token block
+        return f"truncation at {cap} leaves every document's EOS alone in a 1-token block, which is not learned " \
+               "(change data.max_length by one)"
+    if train.fmt is not None and train.max_length and train.tokens_dropped:
+        return (f"truncation at {cap} cuts the EOS off every {train.fmt} example ({train.truncation_rate:.0%} of "
+                "tokens dropped; raise data.max_length or shorten the examples)")
+    return f"no completion or assistant turn ends with the tokenizer's EOS {eos!r}"
 
 
 def check_hardware(cfg: LmctlConfig) -> None:
