@@ -82,7 +82,10 @@ def linear_cross_entropy(hidden: Any, weight: Any, targets: Any, bias: Any = Non
         num_items = (flat_targets != ignore_index).sum()
     denom = torch.as_tensor(num_items, device=hidden.device).float()
     rows = chunk or chunk_rows(weight.shape[0], hidden.element_size(), hidden.device)
-    return _FusedLinearCrossEntropy.apply(flat, weight, bias, flat_targets, denom, rows, ignore_index, softcap)
+    # a Function's forward runs with grad mode off and sees needs_input_grad set even under
+    # no_grad (in-training eval): whether to make gradients is decided out here
+    return _FusedLinearCrossEntropy.apply(flat, weight, bias, flat_targets, denom, rows, ignore_index, softcap,
+                                          torch.is_grad_enabled())
 
 
 def causal_lm_loss(hidden: Any, labels: Any, weight: Any, bias: Any = None, *, num_items_in_batch: Any = None,
@@ -131,9 +134,9 @@ def _autograd_function() -> Any:
 
         @staticmethod
         def forward(ctx: Any, hidden: Any, weight: Any, bias: Any, targets: Any, denom: Any, rows: int,
-                    ignore_index: int, softcap: float | None) -> Any:
-            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            need_b = bias is not None and ctx.needs_input_grad[2]
+                    ignore_index: int, softcap: float | None, grads: bool) -> Any:
+            need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
+            need_b = grads and bias is not None and ctx.needs_input_grad[2]
             grad_h = torch.empty_like(hidden) if need_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
@@ -159,7 +162,7 @@ def _autograd_function() -> Any:
             out_h = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
             out_w = (grad_w * scale).to(ctx.dtypes[0]) if grad_w is not None else None
             out_b = (grad_b * scale).to(ctx.dtypes[1]) if grad_b is not None else None
-            return out_h, out_w, out_b, None, None, None, None, None
+            return out_h, out_w, out_b, None, None, None, None, None, None
 
     return FusedLinearCrossEntropy
 

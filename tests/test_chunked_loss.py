@@ -80,6 +80,20 @@ def test_softcap_shift_labels_and_a_frozen_head() -> None:
     assert w.grad is None  # a frozen head gets no vocab x hidden gradient
 
 
+def test_no_gradients_are_made_under_no_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-training eval runs under no_grad: only the loss, no gradient matmuls."""
+    from lmctl import chunked_loss
+
+    made = []
+    real = chunked_loss._chunk_loss_and_grad
+    monkeypatch.setattr(chunked_loss, "_chunk_loss_and_grad", lambda *a: made.append(a[-1]) or real(*a))
+    h, w, b, labels = _inputs()
+    with torch.no_grad():
+        loss = chunked_loss.causal_lm_loss(h, labels, w, b, chunk=5)
+    assert made and not any(made)
+    assert abs(loss.item() - _plain_loss(h, w, b, labels).item()) < 1e-5
+
+
 def test_all_ignored_is_nan_like_the_plain_loss() -> None:
     from lmctl.chunked_loss import causal_lm_loss
 
