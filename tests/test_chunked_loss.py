@@ -245,3 +245,14 @@ def test_large_vocabulary_training_makes_no_full_logits(tiny_base: Path, tmp_pat
     print(f"peak RSS MB: vocab 400 {small:.0f}, chunked {chunked:.0f}, plain {plain:.0f}, bound {bound:.0f}")
     assert chunked < bound, (chunked, bound, small)
     assert plain > bound, (plain, bound, small)  # the bound can fail: full logits break it
+
+
+def test_eval_batch_size_counts_the_full_logits_of_transformed_heads() -> None:
+    """Soft-capping models skip eval's scored-positions head: their full logits size the batch."""
+    from lmctl.evaluate.perplexity import auto_batch_size
+
+    model = _tiny_llama(vocab=50_000)
+    plain = auto_batch_size(model, 128, budget_bytes=256 << 20)
+    model.config.final_logit_softcapping = 30.0
+    capped = auto_batch_size(model, 128, budget_bytes=256 << 20)
+    assert capped < plain and capped == (256 << 20) // ((4 * (6 * 32 + 3 * 64 + 4 * 128) * 2 + 50_000 * 8) * 128)
