@@ -11,6 +11,7 @@ child's own `ru_maxrss`:
 - plain transformers Trainer + peft on rows of the same tokens (the baseline of the ratios).
 
     nice python scripts/bench_memory.py [--layers 6] [--steps 2] [--threads 1]
+    nice python scripts/bench_memory.py --breakdown   # where the chunked run's memory goes
 
 Prints each run's peak RSS and tokens/s and the ratios against the plain Trainer (targets:
 peak <= 0.5x, tokens/s >= 0.95x).
@@ -127,16 +128,67 @@ def lmctl_run(base: Path, data: Path, work: Path, kernels: str, steps: int, thre
     return run(_LMCTL, ["train", str(path), "--json"], threads)
 
 
+def breakdown(base: Path) -> None:
+    """Where the chunked run's memory goes, in process: RSS after imports and after loading,
+    the bytes autograd saves for backward (unique storages, via saved_tensors_hooks), the
+    chunk budget, and the peak of forward + backward of one batch."""
+    import resource
+
+    import psutil
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lmctl import chunked_loss
+    from lmctl.train.headloss import install
+
+    mb = lambda n: f"{n / 2**20:,.0f} MB"  # noqa: E731
+    rss = lambda: psutil.Process().memory_info().rss  # noqa: E731
+    start = rss()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type=TaskType.CAUSAL_LM))
+    install(model, "auto")
+    loaded = rss()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, 400, (BATCH, LENGTH))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    print(f"imports {mb(start)}; weights {mb(weights)} (RSS after load {mb(loaded)}); one chunk "
+          f"{mb(chunked_loss.chunk_rows(151936, 4) * chunked_loss.chunk_bytes_per_row(151936, 4))}")
+    # packed rows (lmctl's collate_packed): positions restart per example, so attention gets a
+    # block-diagonal mask; two examples of 512 per row here
+    for name, positions in (("causal rows", None), ("packed rows", torch.arange(LENGTH // 2).repeat(BATCH, 2))):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids, position_ids=positions).loss
+        after_forward = rss()
+        loss.backward()
+        del loss
+        activations = sum(n for ptr, n in saved.items() if ptr not in params)
+        print(f"{name}: saved for backward {mb(activations)} (RSS after forward {mb(after_forward)}); "
+              f"peak so far {mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--breakdown", action="store_true", help="only where the chunked run's memory goes")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.environ["LMCTL_HOME"] = str(work / "home")
         base = build_base(work / "base", opts.layers)
+        if opts.breakdown:
+            return breakdown(base)
         data = build_data(work / "train.jsonl", base, (opts.steps + 1) * BATCH * LENGTH * 2)
         results = {
             "plain Trainer + peft": run(_PLAIN, [str(base), str(data), str(opts.steps), str(BATCH), str(LENGTH),
