@@ -12,6 +12,7 @@ child's own `ru_maxrss`:
 
     nice python scripts/bench_memory.py [--layers 6] [--steps 2] [--threads 1]
     nice python scripts/bench_memory.py --breakdown   # where the chunked run's memory goes
+    nice python scripts/bench_memory.py --checkpointing   # adds auto + train.gradient_checkpointing
 
 Prints each run's peak RSS and tokens/s and the ratios against the plain Trainer (targets:
 peak <= 0.5x, tokens/s >= 0.95x).
@@ -114,16 +115,17 @@ def run(code: str, args: list[str], threads: int) -> dict:
     return result
 
 
-def lmctl_run(base: Path, data: Path, work: Path, kernels: str, steps: int, threads: int) -> dict:
+def lmctl_run(base: Path, data: Path, work: Path, kernels: str, steps: int, threads: int,
+              checkpointing: bool = False) -> dict:
     cfg = {
         "model": {"base": str(base), "dtype": "float32"},
         "data": {"train": str(data), "max_length": LENGTH, "packing": True},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
         "train": {"max_steps": steps, "batch_size": BATCH, "save_every": 1000, "log_every": 1, "kernels": kernels,
-                  "warmup_ratio": 0.0},
-        "output": {"dir": str(work / "runs"), "run_name": kernels},
+                  "warmup_ratio": 0.0, "gradient_checkpointing": checkpointing},
+        "output": {"dir": str(work / "runs"), "run_name": f"{kernels}-{checkpointing}"},
     }
-    path = work / f"{kernels}.yaml"
+    path = work / f"{kernels}-{checkpointing}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return run(_LMCTL, ["train", str(path), "--json"], threads)
 
@@ -182,6 +184,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--breakdown", action="store_true", help="only where the chunked run's memory goes")
+    parser.add_argument("--checkpointing", action="store_true", help="add lmctl auto + gradient checkpointing")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -196,6 +199,8 @@ def main() -> None:
             "lmctl kernels=none": lmctl_run(base, data, work, "none", opts.steps, opts.threads),
             "lmctl kernels=auto": lmctl_run(base, data, work, "auto", opts.steps, opts.threads),
         }
+        if opts.checkpointing:
+            results["lmctl auto + grad ckpt"] = lmctl_run(base, data, work, "auto", opts.steps, opts.threads, True)
     ref = results["plain Trainer + peft"]
     print(f"Qwen2.5-0.5B shape, {opts.layers} layers, rows {BATCH}x{LENGTH}, LoRA r16, {opts.steps} steps, "
           f"fp32 CPU, {opts.threads} thread(s)")
