@@ -110,6 +110,11 @@ class TrainConfig(Section):
     save_every: int = Field(50, ge=1, description="Steps between checkpoints.")
     log_every: int = Field(5, ge=1, description="Steps between metric logs (MLflow, progress bar).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto", description="The loss without full-vocabulary logits (docs/memory.md): auto = Liger Kernel's fused "
+        "linear cross-entropy on CUDA when installed (lmctl[gpu]), else lmctl's chunked pure-PyTorch head + loss; "
+        "liger = Liger or refuse; none = the model's plain loss over full logits.",
+    )
     keep_last: int | None = Field(
         None, ge=1, description="Checkpoints to keep besides the best by validation loss; null keeps all."
     )

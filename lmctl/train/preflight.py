@@ -4,7 +4,7 @@
   (the classic pad == eos bug masks every EOS and the model never learns to stop).
 - Truncation that drops more than 5% of tokens is a warning (raise data.max_length).
 - The tokenizer must fit the base model: every token id needs an embedding row.
-- The machine must be able to run the precision and quantization asked for.
+- The machine must be able to run the precision, quantization and loss kernels asked for.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from lmctl.config import LmctlConfig
 from lmctl.data.examples import ExampleSet
 from lmctl.errors import BadInputError
+from lmctl.train import headloss
 
 log = logging.getLogger("lmctl.train.preflight")
 TRUNCATION_WARN = 0.05
@@ -106,5 +107,6 @@ def check_hardware(cfg: LmctlConfig) -> None:
                                 hint="set lora.quantization=none to train in full precision on CPU")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise BadInputError("lora.quantization=4bit needs the bitsandbytes package", hint="pip install bitsandbytes")
+    headloss.check_kernels(cfg.train.kernels)
     if cfg.model.dtype == "float16" and not cuda:
         raise BadInputError("model.dtype=float16 needs a CUDA GPU; use float32 or bfloat16 on CPU")
