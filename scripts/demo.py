@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from demo_corpus import split_topics, write_jsonl  # noqa: E402
-from http_wait import wait_for_http  # noqa: E402
+from http_wait import free_port, wait_for_http  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "demo.yaml"
@@ -67,12 +66,6 @@ def promote_gated(version: str, eval_args: list[str], report: Path) -> str:
         promote += ["--eval", str(report)]
     moved = lmctl(*promote)
     return f"production (was v{moved['previous_version']}; {moved['why']})" if holder else f"production ({moved['why']})"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_one_completion(ref: str, prompt: str) -> str:

@@ -1,4 +1,5 @@
-"""Wait until a server a script or a test started answers HTTP 200.
+"""Start and wait for servers that a script or a test runs: a free loopback port to give one
+(`free_port`), and waiting until it answers HTTP 200 (`wait_for_http`).
 
 The one loop for everyone who starts `lmctl serve`, `mlflow server` or `transformers serve`
 as a child process and must not talk to it before it is up (scripts/demo.py, load_test.py,
@@ -14,6 +15,7 @@ answer, and team_server.py must run with nothing but the standard library and ml
 from __future__ import annotations
 
 import http.client
+import socket
 import subprocess
 import time
 import urllib.error
@@ -25,6 +27,14 @@ INTERVAL_S = 0.3  # between tries (a server takes seconds to load a model: no ne
 LOG_TAIL_CHARS = 3000
 # A loopback probe never goes through an http_proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it; a server started
+    right after binds it, with the usual small race against other processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class ServerNotUp(RuntimeError):

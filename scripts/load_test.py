@@ -29,6 +29,8 @@ import psutil
 
 from http_wait import wait_for_http
 
+from lmctl.stats import percentiles
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -96,11 +98,6 @@ async def _load(url: str, requests: int, clients: int, rss: list[float], pid: in
     return results, elapsed
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="MODEL_REF to serve (default: tiny model built from config)")
@@ -129,8 +126,11 @@ def main() -> int:
     server_errors = sum(n for code, n in codes.items() if code >= 500)
     print(f"requests {len(results)}  clients {args.clients}  batch {args.batch}  elapsed {elapsed:.1f} s")
     print(f"status   {dict(sorted(codes.items()))}  5xx {server_errors}")
-    print(f"latency  p50 {_pct(ok, 0.50):.0f} ms  p95 {_pct(ok, 0.95):.0f} ms  p99 {_pct(ok, 0.99):.0f} ms  "
-          f"mean {statistics.mean(ok) * 1000:.0f} ms")
+    if ok:  # the percentiles every lmctl report uses (lmctl.stats), so these agree with eval --latency's
+        p50, p95, p99 = (seconds * 1000 for seconds in percentiles(ok, (0.50, 0.95, 0.99)))
+        print(f"latency  p50 {p50:.0f} ms  p95 {p95:.0f} ms  p99 {p99:.0f} ms  mean {statistics.mean(ok) * 1000:.0f} ms")
+    else:
+        print("latency  no request succeeded")
     print(f"throughput {len(results) / elapsed:.1f} req/s")
     print(f"server RSS  warm {warm:.0f} MiB  peak {max(rss, default=warm):.0f} MiB  after {after:.0f} MiB  "
           f"growth {after - warm:+.0f} MiB")

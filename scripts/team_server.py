@@ -22,13 +22,12 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from http_wait import ServerNotUp, wait_for_http
+from http_wait import ServerNotUp, free_port, wait_for_http
 
 PG_USER_FALLBACK = "lmctl-pg"
 DB_NAME = "mlflow"
@@ -47,12 +46,6 @@ def pg_bindir() -> Path | None:
         return Path(found[-1]).parent
     on_path = shutil.which("initdb")
     return Path(on_path).resolve().parent if on_path else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pg_user() -> str | None:

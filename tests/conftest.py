@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from http_wait import free_port  # noqa: F401  (the one definition, in scripts/; tests import it from here)
 
 ASSETS = Path(__file__).parent / "assets"
 REPO = Path(__file__).parent.parent
@@ -143,12 +143,6 @@ def train_killed_at(config: Path, args: list[str], sealed: Path, timeout: float 
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

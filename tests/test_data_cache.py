@@ -16,6 +16,7 @@ import pytest
 
 from conftest import ASSETS, REPO
 from lmctl import data
+from lmctl.data import texts
 from lmctl.data.cache import root, tokenized
 from lmctl.errors import DataError
 from lmctl.loading import load_tokenizer
@@ -236,7 +237,7 @@ def test_eval_reuses_the_cache_and_misses_on_a_changed_byte_or_tokenizer(  # typ
     args = ("eval", tiny_base, "--data", path, "--max-length", "32", "--per-document", "--json")
     in_process = cli(*args).json
     assert _entries() == []
-    monkeypatch.setattr(data, "SMALL_JSONL_BYTES", 0)
+    monkeypatch.setattr(texts, "SMALL_JSONL_BYTES", 0)
     first, second = cli(*args), cli(*args)
     assert "tokenization cache miss" in first.err and "tokenization cache hit" in second.err and len(_entries()) == 1
     first, second = first.json, second.json

@@ -136,6 +136,20 @@ def test_fsdp_across_cpu_processes_is_refused_not_run_as_ddp(cli, tiny_config: P
     assert plan.code == 0 and plan.json["sharded"] is False and plan.json["processes"] == 1
 
 
+def test_qlora_with_fsdp_across_processes_is_refused_at_preflight(cli, tiny_config: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """4-bit weights shard under FSDP only with bnb_4bit_quant_storage, which lmctl does not set:
+    the combination is one line and exit 2, before any other check and before anything is written,
+    on any machine (the CUDA check would otherwise answer first on CPU)."""
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)  # what torchrun sets in rank 0 of 2
+    result = cli("train", tiny_config, "--set", "train.distributed=fsdp", "--set", "lora.quantization=4bit", "--dry-run")
+    assert result.code == 2, result.err
+    assert "lora.quantization=4bit cannot be sharded with train.distributed=fsdp across 2 processes" in result.err
+    assert "train.distributed=ddp" in result.err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_fsdp2_sharded_lora_seals_the_whole_adapter(tiny_base: Path, tmp_path: Path, cli) -> None:
     """lmctl's model sharded with torch's fully_shard (FSDP2 on CPU) over 2 processes trains the
     same adapter as one process, and ExportCheckpoints gathers it whole: a sealed checkpoint that

@@ -108,6 +108,35 @@ def test_more_processes_than_documents_with_checkpoint_baseline_and_suite(cli, t
     assert (tmp_path / "report.md").is_file()
 
 
+def test_each_node_tokenizes_once_into_its_own_home(tiny_base: Path, tmp_path: Path) -> None:
+    """Two "nodes" with node-local LMCTL_HOMEs, started by hand as torchrun would: node 0 runs
+    rank 0, node 1 runs ranks 1 and 2 (local ranks 0 and 1). Each node's first process fills
+    its own home's cache and the node's other process reads it: one miss per home, never two
+    processes of a node tokenizing at once (which waiting for global rank 0 alone gave)."""
+    data = tmp_path / "docs.txt"  # a .txt goes through the tokenization cache, whatever its size
+    lines = [json.loads(line)["text"] for line in (ASSETS / "tiny_validation.jsonl").read_text().splitlines()]
+    data.write_text("\n\n".join(lines) + "\n", encoding="utf-8")
+    homes = {0: tmp_path / "node0", 1: tmp_path / "node1", 2: tmp_path / "node1"}
+    local_ranks = {0: 0, 1: 0, 2: 1}
+    common = {"WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+              "LMCTL_LOG_RANKS": "all", "LMCTL_DIST_TIMEOUT": "120"}
+    procs = {rank: subprocess.Popen(
+        [sys.executable, "-m", "lmctl", "eval", str(tiny_base), "--data", str(data), "--max-length", "32", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **common, "RANK": str(rank), "LOCAL_RANK": str(local_ranks[rank]),
+             "LMCTL_HOME": str(homes[rank])}) for rank in homes}
+    outputs = {rank: proc.communicate(timeout=240) for rank, proc in procs.items()}
+    for rank, proc in procs.items():
+        assert proc.returncode == 0, outputs[rank][1][-3000:]
+    missed = {rank for rank, (_, err) in outputs.items() if "tokenization cache miss" in err}
+    hit = {rank for rank, (_, err) in outputs.items() if "tokenization cache hit" in err}
+    assert missed == {0, 1} and hit == {2}, {rank: err[-2000:] for rank, (_, err) in outputs.items()}
+    for home in (tmp_path / "node0", tmp_path / "node1"):
+        entries = [p for p in (home / "cache" / "tokens").iterdir()]
+        assert len(entries) == 1 and not entries[0].name.startswith("."), entries
+    assert one_json_object(outputs[0][0])["sums"]["documents"] == len(lines)
+
+
 def test_rendezvous_that_never_completes_exits_5_within_the_timeout(tiny_base: Path) -> None:
     """Rank 0 of 2 started by hand, rank 1 never: one stderr line and exit 5 after LMCTL_DIST_TIMEOUT."""
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",

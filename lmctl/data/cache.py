@@ -50,8 +50,8 @@ from pydantic import BaseModel
 from lmctl import pii
 from lmctl.atomic import staging_dir, write_json_atomic
 from lmctl.checkpoint import DataFingerprint, FileEntry, sha256_file, sha256_json
-from lmctl.data import (Format, RowNamer, check_rows, check_text_field, detect_format, field_for,
-                        fingerprint, location)
+from lmctl.data.records import (Format, RowNamer, check_rows, check_text_field, detect_format, field_for,
+                                fingerprint, location)
 from lmctl.data.documents import EVAL_SHAPING, DocumentsTokenize, document_features
 from lmctl.data.examples import Tokenize, check_tokenizer, features
 from lmctl.data.sources import Source, Stat, file_stat, load, no_space_cause, resolve

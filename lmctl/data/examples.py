@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from lmctl import pii
-from lmctl.data import RowNamer, check_batch
+from lmctl.data.records import RowNamer, check_batch
 from lmctl.errors import DataError
 
 IGNORE = -100

@@ -30,9 +30,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmctl import data, pii
+from lmctl import pii
 from lmctl.atomic import require_empty_output, staging_dir, write_json_atomic
 from lmctl.data.examples import record_key, record_text
+from lmctl.data.records import batches, fingerprint, load_checked
 from lmctl.errors import BadInputError
 
 
@@ -121,12 +122,12 @@ def prepare(source: Path, out: Path, text_field: str = "text", fmt: str = "auto"
     if not 0.0 <= validation_share < 1.0:
         raise BadInputError(f"--validation-share {validation_share} must be in [0, 1)")
     require_empty_output(out, force)
-    records, fmt, field_ = data.load_checked(source, text_field, fmt)  # type: ignore[arg-type]
+    records, fmt, field_ = load_checked(source, text_field, fmt)  # type: ignore[arg-type]
     counts: Counter[str] = Counter()
     with staging_dir(out) as stage:
         split = _Split(stage, seed, validation_share)
         try:
-            for batch, _ in data.batches(records):
+            for batch, _ in batches(records):
                 for values in zip(*batch.values()):
                     raw = dict(zip(batch, values))
                     reason, raw_key = split.reason_to_drop(raw, fmt, field_)
@@ -142,8 +143,8 @@ def prepare(source: Path, out: Path, text_field: str = "text", fmt: str = "auto"
             out=str(out), format=fmt, rows_in=split.counts["in"], duplicates_removed=split.removed()["duplicate"],
             removed=split.removed(), identical_after_redaction=split.counts["identical_after_redaction"],
             train_rows=n_train, validation_rows=n_val, pii_redacted=dict(sorted(counts.items())),
-            train_fingerprint=data.fingerprint(stage / "train.jsonl", field_, n_train, fmt).sha256,
-            validation_fingerprint=data.fingerprint(stage / "validation.jsonl", field_, n_val, fmt).sha256
+            train_fingerprint=fingerprint(stage / "train.jsonl", field_, n_train, fmt).sha256,
+            validation_fingerprint=fingerprint(stage / "validation.jsonl", field_, n_val, fmt).sha256
             if n_val else None,
         )
         write_json_atomic(stage / "prepare.json", {"source": str(source), **result.model_dump()})

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmctl.checkpoint import DataFingerprint
-from lmctl.data import Format, RowNamer, detect_format, field_for, fingerprint
+from lmctl.data.records import Format, RowNamer, detect_format, field_for, fingerprint
 from lmctl.data.examples import Tokenize, check_tokenizer
 from lmctl.data.packing import pack_batch
 from lmctl.data.sources import resolve

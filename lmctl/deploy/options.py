@@ -52,7 +52,7 @@ class TrainJobOptions(BaseModel):
                                "(0: one CPU process per pod, gloo).")
     image: str = Field(f"lmctl:{__version__}", description="Container image with lmctl, torchrun and /bin/sh.")
     namespace: str = Field("default", description="Kubernetes namespace.")
-    name: str | None = Field(None, description="Job and headless Service name (default: output.run_name).")
+    name: str | None = Field(None, description="Job and headless Service name (default: output.run_name and -train).")
     cpu: str = Field("4", description="CPU request per pod.")
     memory: str = Field("32Gi", description="Memory request and limit per pod (/dev/shm counts towards it).")
     data_claim: str = Field("lmctl-data", description="PersistentVolumeClaim holding the data, mounted read-only "

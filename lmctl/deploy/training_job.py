@@ -18,6 +18,21 @@ the cluster DNS publishing pod 0's record; so a one-line /bin/sh wrapper passes
 `--rdzv-conf=is_host=1` on index 0 (JOB_COMPLETION_INDEX, set by the Job controller) and 0
 elsewhere, and the container's args are torchrun's own argv.
 
+One pod per machine: the pods carry a *required* pod anti-affinity on `kubernetes.io/hostname`
+against the Job's own pods. Preferred (soft) anti-affinity would let the scheduler put two pods
+on one machine when it is short of free ones, and such a job does not just run slower: NCCL
+sees one host (same hostname hash) and tries shared memory between two containers that do not
+share /dev/shm; and one machine failing takes both pods. With too few machines the surplus pods
+stay Pending with an event naming the anti-affinity rule, which an operator can act on.
+
+Ports between the pods: 29400 on pod 0 (the c10d rendezvous), and then ports torch and the
+collectives pick. Rank 0's agent (on whichever pod the rendezvous made node 0) opens the
+workers' store on a free port (torch 2.13: RendezvousStoreInfo.build -> get_free_port with
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, a port-0 TCPStore without it; torchrun's --master-port
+is read only by the static backend), and NCCL and gloo connect ranks on ephemeral ports. So
+none of it can be pinned to one port: a NetworkPolicy must let the Job's pods reach each other
+on every TCP port (docs/distributed.md gives one).
+
 Paths: the data volume holds the contents of --data-root (default: the config file's
 directory), so a config path under it becomes the same relative path under --data-mount; a
 path already under --data-mount is kept; any other data path is refused (exit 2). The output
@@ -28,6 +43,7 @@ pulled base models survive pod restarts. The MLflow tracking URI comes from a Se
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shlex
@@ -45,7 +61,11 @@ from lmctl.errors import BadInputError
 from lmctl.train.launch import RDZV_PORT, SHARE_STORE_ENV, LaunchOptions
 from lmctl.train.prepare import rows_per_step
 
+log = logging.getLogger("lmctl.deploy")
 EMIT_TARGETS = ("kubernetes",)
+JOB_SUFFIX = "-train"  # the Job is RUN_NAME-train: a training job at a glance, apart from serving's objects
+INDEX_ROOM = 7  # "-" and up to 6 digits: a pod's hostname JOB-INDEX must stay a 63-character DNS label
+HOSTNAME_TOPOLOGY = "kubernetes.io/hostname"
 TRACK = "train"
 CONFIG_DIR = PurePosixPath("/config")
 CONFIG_FILE = CONFIG_DIR / "config.yaml"
@@ -92,6 +112,20 @@ def _object_name(flag: str, value: str, pattern: re.Pattern[str] = _DNS1123_SUBD
     return value
 
 
+def job_name(run_name: str) -> str:
+    """The default Job name: the run's name and `-train` (`configs/cfg.yaml` -> Job `cfg-train`,
+    ConfigMap `cfg-train-config`), short enough that pod hostnames JOB-INDEX stay DNS labels."""
+    return dns_label(run_name)[: 63 - INDEX_ROOM - len(JOB_SUFFIX)].rstrip("-") + JOB_SUFFIX
+
+
+def image_warnings(image: str) -> list[str]:
+    """A warning when --image was left at its default, a name no registry serves."""
+    if image != TrainJobOptions.model_fields["image"].default:
+        return []
+    return [f"--image {image} is lmctl's placeholder, not an image a cluster can pull: build one with lmctl "
+            "installed (and a CUDA build of torch for GPUs), push it, and pass --image REGISTRY/NAME:TAG"]
+
+
 class _Plan:
     """Options checked and the config's paths mapped onto the mounts; writes nothing."""
 
@@ -105,7 +139,7 @@ class _Plan:
                             ("--tracking-secret", opts.tracking_secret)):
             _object_name(flag, value)
         _object_name("--tracking-secret-key", opts.tracking_secret_key, _SECRET_KEY)
-        self.job = opts.name or dns_label(str(cfg.output.run_name))
+        self.job = opts.name or job_name(str(cfg.output.run_name))
         if not self.job[0].isalpha():  # the headless Service's name is a DNS-1035 label
             raise BadInputError(f"Job name {self.job!r} must start with a letter", hint="pass --name")
         self.root = (opts.data_root or config_dir).expanduser().resolve()
@@ -114,7 +148,7 @@ class _Plan:
         self.launch = LaunchOptions(nproc_per_node=self.nproc, nnodes=str(opts.nodes), max_restarts=opts.max_restarts,
                                     rdzv_endpoint=f"{self.job}-0.{self.job}:{RDZV_PORT}")
         self.paths: dict[str, str] = {}
-        self.warnings: list[str] = []
+        self.warnings: list[str] = image_warnings(opts.image)
         self.pod_config = self._pod_config()
 
     def _on_data_volume(self, field: str, path: Path) -> PurePosixPath:
@@ -228,6 +262,7 @@ class _Manifests:
                     "spec": {
                         "subdomain": self.job,  # = the headless Service: pod i is JOB-i.JOB
                         "restartPolicy": "Never",  # podFailurePolicy needs it; the Job replaces failed pods
+                        "affinity": self.one_pod_per_machine(),
                         "containers": [self.container()],
                         "volumes": [
                             {"name": "config", "configMap": {"name": f"{self.job}-config"}},
@@ -240,6 +275,11 @@ class _Manifests:
                 },
             },
         }
+
+    def one_pod_per_machine(self) -> dict[str, Any]:
+        """Required anti-affinity against the Job's own pods per hostname (why: module docstring)."""
+        term = {"labelSelector": {"matchLabels": selector(self.job, TRACK)}, "topologyKey": HOSTNAME_TOPOLOGY}
+        return {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}
 
     def documents(self) -> dict[str, dict[str, Any]]:
         return {"configmap.yaml": self.configmap(), "service.yaml": self.service(), "job.yaml": self.job_doc()}
@@ -278,6 +318,8 @@ def emit_job(cfg: LmctlConfig, config_dir: Path, target: str, out: Path | None, 
                          "namespace": opts.namespace, "resources": list(docs)}
         (stage / "kustomization.yaml").write_text(dump(kustomization), encoding="utf-8")
         make_readable(stage)
+    for warning in plan.warnings:
+        log.warning("warning: %s", warning)
     world = opts.nodes * plan.nproc
     return TrainJobResult(
         out=str(final), job=plan.job, namespace=opts.namespace, nodes=opts.nodes, gpus_per_node=opts.gpus_per_node,

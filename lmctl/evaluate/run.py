@@ -90,7 +90,9 @@ def _measure(ref: str, source: _Data, length: int | None, method: Method, stride
     length = min(length or 1024, _model_max_length(loaded.model))
     step = length if method == "rolling" else (stride or length // 2)
     started = time.perf_counter()
-    with world.primary_first():  # rank 0 fills the tokenization cache, the others read it
+    # The tokenization cache lives under LMCTL_HOME, which may be each node's own disk: the
+    # first process of each node fills it and that node's others read it, as training does.
+    with world.primary_first(local=True):
         docs = documents(source.path, source.text_field, loaded.tokenizer, source.texts)
     if docs.hit is not None:
         log.info("documents: tokenization cache %s", "hit" if docs.hit else "miss (now cached)")

@@ -7,6 +7,11 @@ What lmctl adds to the library path, and why:
   gloo, the stack above it does not. So `sharding()` refuses FSDP across CPU processes
   (exit 2) instead of letting a run silently be something else, and one process (nothing to
   shard) trains plainly, so one config serves a laptop and a cluster.
+- *Not with QLoRA.* FSDP flattens a unit's parameters into one buffer of one dtype; 4-bit
+  bitsandbytes weights shard only when loaded with `bnb_4bit_quant_storage` set to the
+  compute dtype, and the result needs a GPU run to trust. lmctl does not set it, so
+  `lora.quantization: 4bit` with FSDP across processes is refused at pre-flight (exit 2);
+  QLoRA trains with DDP, or in one process.
 - *The sealed checkpoint.* Under FSDP each rank holds a shard of every LoRA tensor. A sealed
   checkpoint must be the same `adapter_model.safetensors` as a single-process run writes, so
   `full_adapter_state` gathers the trainable tensors, unsharded, onto rank 0 with torch's
@@ -34,6 +39,11 @@ def sharding(cfg: LmctlConfig) -> bool:
     if cfg.train.distributed != "fsdp":
         return False
     processes = world().size
+    if processes > 1 and cfg.lora.quantization == "4bit":
+        raise BadInputError(
+            f"lora.quantization=4bit cannot be sharded with train.distributed=fsdp across {processes} processes "
+            "(lmctl does not load 4-bit weights with the bnb_4bit_quant_storage FSDP needs)",
+            hint="set train.distributed=ddp for QLoRA on several GPUs, or lora.quantization=none to shard with fsdp")
     if not torch.cuda.is_available():
         if processes > 1:
             raise BadInputError(
