@@ -25,8 +25,8 @@ redacted from where the one before it ended), and only a finding inside an earli
 
 Cost (scripts/bench_pii.py, one process on a loaded 2-core machine, default regions): 1-2 ms
 per KB of prose and 2.5-10 ms per KB of digit-dense text (each run of >= 7 digits is parsed by
-phonenumbers per region), 18-29x less than Presidio's analyzer in the same runs; StreamRedactor
-about 6x `find`'s cost. See docs/pii.md.
+phonenumbers per region), 18-29x less than Presidio's analyzer in the same runs; StreamRedactor:
+docs/pii.md#streams.
 """
 
 from __future__ import annotations

@@ -22,15 +22,17 @@ finding with a space in it is longer than `holdback`. One that is (a long deny p
 its start passed on before it matches; its rest is still redacted (or the stream stopped) once
 it does.
 
-Each scan also sees the last `context` characters already passed on (64), so a value after
-"Bearer " or "password=" in an earlier chunk is still found; deny patterns resume their scan
-where the last finding passed on ended, as one scan of the whole text would.
+Each scan also sees up to `context` characters already passed on (64, from a word's start, so
+no fragment of a number is a new phone candidate at each scan), so a value after "Bearer " or
+"password=" in an earlier chunk is still found; deny patterns resume their scan where the last
+finding passed on ended, as one scan of the whole text would.
 
 Cost: the detector runs at most once per `step` characters fed (and only once at least `step`
 characters can be passed on), over the context, the held-back text and the new text: each
-character is scanned about (context + holdback + step) / step times, about 6x `Detector.find`'s
-cost per KB with the defaults. A client sees output `holdback` to `holdback + step` characters
-late (plus the trailing word), and all of it at `flush()`.
+character is scanned about (context + holdback + step) / step times (lmctl.pii.phones caches
+phonenumbers' verdicts, so a number is parsed once however many scans see it). A client sees
+output `holdback` to `holdback + step` characters late (plus the trailing word), and all of it at
+`flush()`.
 
 Hand-written: guardrail and anonymizer libraries (Presidio's anonymizer, guardrails-ai, NeMo
 Guardrails) check whole texts, not a chunk stream with a bounded hold-back.
@@ -44,6 +46,7 @@ from dataclasses import dataclass, field
 from lmctl.pii import DEFAULT, Detector, Finding, substitute
 
 _LAST_SPACE = re.compile(r"\s(?=\S*\Z)")
+_FIRST_SPACE = re.compile(r"\s")
 _BLOCK_END = re.compile(r"-----END [A-Z0-9 ]*-----")
 
 
@@ -122,7 +125,10 @@ class StreamRedactor:
         return self._pass_on(substitute(self._buf[:cut], done), cut)
 
     def _pass_on(self, out: str, cut: int) -> str:
-        self._before = (self._before + self._buf[:cut])[-self.context :]
+        # From a word's start: a fragment ("946 0958") would be a new candidate at every scan.
+        before = (self._before + self._buf[:cut])[-self.context :]
+        space = _FIRST_SPACE.search(before)
+        self._before = before[space.start():] if space else ""
         self._buf, self._offset, self._run = self._buf[cut:], self._offset + cut, max(0, self._run - cut)
         return out
 

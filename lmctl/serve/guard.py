@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
-from lmctl.pii import Detector
+from lmctl.pii import DEFAULT
 from lmctl.pii.stream import StreamRedactor
 
 log = logging.getLogger("lmctl.serve")
@@ -33,7 +34,7 @@ class OutputGuard:
     def __init__(self, action: str, deny: list[str], events: Any = None) -> None:
         """`events`: the lmctl_output_guard_events counter (labels kind, action, model, version)."""
         self.action = action
-        self.detector = Detector(deny=tuple(deny))
+        self.detector = replace(DEFAULT, deny=tuple(deny))  # the sample log's and `lmctl data`'s, plus deny
         self.counter = events
 
     def stream(self) -> "GuardedText":
