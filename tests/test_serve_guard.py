@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -13,7 +14,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lmctl.pii import find_pii
+from lmctl.pii import DEFAULT, find_pii
 from lmctl.serve.guard import HOLD_CHARS, OutputGuard
 from serve_support import log_records
 
@@ -79,6 +80,12 @@ def test_refuse_stops_before_the_finding_and_flag_changes_nothing() -> None:
     assert sorted(k for k, _ in flagged.events) == ["card", "email", "ip", "phone"]
     off = OutputGuard("off", []).stream()
     assert "".join(off.push(c) for c in chunks) + off.finish() == TEXT and off.events == []
+
+
+def test_the_guard_checks_with_the_data_detector_plus_its_deny_list() -> None:
+    guard = OutputGuard("redact", [r"BLUEBIRD-\d+"])
+    assert replace(guard.detector, deny=()) == DEFAULT  # what `lmctl data` and the serve sample log use
+    assert [f.kind for f in guard.detector.find("BLUEBIRD-7 at 10.0.12.7")] == ["deny", "ip"]
 
 
 # --- through a real server, with the openai SDK ---------------------------------------------------

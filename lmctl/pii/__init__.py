@@ -1,11 +1,14 @@
 """Find and redact personal data and credentials in free text.
 
 API (everything a caller needs; `lmctl data prepare|validate` and `lmctl serve` use it):
-- `Detector(kinds=KINDS, regions=DEFAULT_REGIONS)`: `.find(text) -> list[Finding]` (kind,
-  start, end, text; sorted, non-overlapping) and `.redact(text) -> (text, findings)`, which
-  puts "[REDACTED_<KIND>]" in place of each finding. Unknown kinds or regions: BadInputError.
+- `Detector(kinds=KINDS, regions=DEFAULT_REGIONS, deny=())`: `.find(text) -> list[Finding]`
+  (kind, start, end, text; sorted; non-overlapping but for deny matches) and `.redact(text) -> (text, findings)`,
+  which puts "[REDACTED_<KIND>]" in place of each finding. `deny`: regular expressions whose
+  matches are findings of kind "deny" (the serve output guard's --output-deny). Unknown kinds or
+  regions, or a pattern that does not compile: BadInputError.
 - `find_pii(text)` / `redact(text)`: the same with the default detector.
-- `StreamRedactor(detector)` (lmctl.pii.stream): redacts text that arrives in chunks.
+- `StreamRedactor(detector)` (lmctl.pii.stream): redacts text that arrives in chunks, or stops
+  at the first finding; the one stream hold-back in lmctl (the serve output guard runs on it).
 
 Which kind comes from where:
 - phone: the `phonenumbers` library (libphonenumber, as Presidio uses) over configurable
@@ -16,17 +19,20 @@ Which kind comes from where:
   real check for these.
 
 All kinds run independently and overlaps are settled once, at the end: the longer finding wins
-(it explains more of the text), ties go to the earlier kind in KINDS.
+(it explains more of the text), ties go to the earlier kind in KINDS. A deny match is never
+settled away: it is redacted whole, so where it overlaps another finding both are kept (each
+redacted from where the one before it ended), and only a finding inside an earlier one is dropped.
 
 Cost (scripts/bench_pii.py, one process on a loaded 2-core machine, default regions): 1-2 ms
 per KB of prose and 2.5-10 ms per KB of digit-dense text (each run of >= 7 digits is parsed by
-phonenumbers per region), 18-29x less than Presidio's analyzer in the same runs; StreamRedactor
-about 6x `find`'s cost. See docs/pii.md.
+phonenumbers per region), 18-29x less than Presidio's analyzer in the same runs; StreamRedactor:
+docs/pii.md#streams.
 """
 
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,7 +50,7 @@ __all__ = ["DEFAULT_REGIONS", "KINDS", "Detector", "Finding", "find_pii", "redac
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  # one of KINDS
+    kind: str  # one of KINDS, or "deny" (a Detector's deny pattern)
     start: int  # char offset in the text
     end: int  # exclusive
     text: str  # the matched substring
@@ -56,9 +62,13 @@ class Detector:
 
     kinds: tuple[str, ...] = KINDS
     regions: tuple[str, ...] = DEFAULT_REGIONS
+    deny: tuple[str, ...] = ()  # regular expressions (Python syntax): their matches are findings of kind "deny"
     _rules: dict[str, Callable[[str], Iterator[Span]]] = field(init=False, repr=False, compare=False)
+    _deny: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "deny", tuple(self.deny))
+        object.__setattr__(self, "_deny", tuple(_compile(p) for p in self.deny))
         object.__setattr__(self, "kinds", tuple(self.kinds))
         unknown = sorted(set(self.kinds) - set(KINDS))
         if unknown:
@@ -68,10 +78,17 @@ class Detector:
         rules = {**RULES, "phone": partial(phone_spans, regions=regions)}
         object.__setattr__(self, "_rules", {k: rules[k] for k in KINDS if k in self.kinds})
 
-    def find(self, text: str) -> list[Finding]:
-        """All findings, sorted by start, non-overlapping (on overlap keep the longer; on ties the earlier kind in KINDS)."""
-        candidates = {(start, end, kind) for kind, rule in self._rules.items() for start, end in rule(text)}
-        return [Finding(kind, s, e, text[s:e]) for s, e, kind in _settle(candidates)]
+    def find(self, text: str, start: int = 0) -> list[Finding]:
+        """All findings, sorted by start, non-overlapping (on overlap keep the longer; on ties the earlier
+        kind in KINDS) except where a deny match overlaps another (module docstring). Only findings from
+        `start` on: the text before it is context (what look-behinds see); the deny scan begins there."""
+        candidates = {(s, e, kind) for kind, rule in self._rules.items() for s, e in rule(text) if s >= start}
+        found = [Finding(kind, s, e, text[s:e]) for s, e, kind in _settle(candidates)]
+        if not self._deny:
+            return found
+        found += [Finding("deny", m.start(), m.end(), m.group()) for pattern in self._deny
+                  for m in pattern.finditer(text, start) if m.end() > m.start()]
+        return _uncovered(sorted(found, key=lambda f: (f.start, -f.end)))
 
     def redact(self, text: str) -> tuple[str, list[Finding]]:
         """Replace each finding with "[REDACTED_<KIND>]" (e.g. [REDACTED_EMAIL]); return new text and findings."""
@@ -92,13 +109,31 @@ def _settle(candidates: Iterable[tuple[int, int, str]]) -> list[tuple[int, int, 
     return kept
 
 
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise BadInputError(f"deny pattern {pattern!r} is not a regular expression: {exc}") from None
+
+
+def _uncovered(findings: list[Finding]) -> list[Finding]:
+    """Sorted findings less those inside an earlier one (a phone inside a deny-listed phrase, say)."""
+    kept: list[Finding] = []
+    for f in findings:
+        if not kept or f.end > kept[-1].end:
+            kept.append(f)
+    return kept
+
+
 def substitute(text: str, findings: list[Finding]) -> str:
-    """`text` with each (sorted, non-overlapping) finding replaced by its placeholder."""
+    """`text` with each finding (sorted, as `find` gives them) replaced by its placeholder. Where findings
+    overlap (a deny match), each is replaced from where the one before it ended, so no part of either
+    is left; a finding may start before `text` (offset < 0): only its part in `text` is replaced."""
     out: list[str] = []
     pos = 0
     for f in findings:
-        out += [text[pos : f.start], f"[REDACTED_{f.kind.upper()}]"]
-        pos = f.end
+        out += [text[pos : max(pos, f.start)], f"[REDACTED_{f.kind.upper()}]"]
+        pos = max(pos, f.end)
     return "".join(out + [text[pos:]])
 
 

@@ -83,6 +83,7 @@ def _national_form_ok(raw: str, region: str) -> bool | None:
     return None
 
 
+@lru_cache(maxsize=4096)  # a stream's overlapping scans (lmctl.pii.stream) ask about the same candidates again
 def _verdict(raw: str, region: str) -> int:
     """The library's verdict on a candidate with a phone's written form in `region`: 0 no, 1 possible, 2 valid."""
     form = True if raw.startswith("+") else _national_form_ok(raw, region)
