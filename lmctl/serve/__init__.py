@@ -55,16 +55,22 @@ def build_app(ref: str, settings: ServeSettings, api_keys: list[str]) -> Any:
     from lmctl.serve.sampling import SampleLog
     from lmctl.serve.slots import load_slot
 
+    from lmctl.serve import rollout as gradual, shadow as mirror
+
     sample_log = SampleLog(settings.sample_log, settings.sample_rate) if settings.sample_log else None
     primary = load_slot(ref, "primary", settings, model_name=settings.served_model_name)
-    canary = None
-    if settings.canary:
-        try:
-            canary = load_slot(settings.canary, "canary", settings, model_name=primary.model_name)
-        except BaseException:
-            primary.engine.stop(drain=False)
-            raise
-    holder: dict[str, Router] = {}
+    loaded = [primary]
+    try:
+        for role, other in (("canary", settings.canary), ("shadow", settings.shadow)):
+            if other and not (role == "shadow" and other == settings.canary):
+                loaded.append(load_slot(other, role, settings, model_name=primary.model_name))
+    except BaseException:
+        for slot in loaded:
+            slot.engine.stop(drain=False)
+        raise
+    canary = next((s for s in loaded if s.role == "canary"), None)
+    own_shadow = next((s for s in loaded if s.role == "shadow"), None)
+    holder: dict[str, Any] = {}
     metrics = ServeMetrics(lambda: holder["router"].slots() if holder else [])
 
     def rolled_back(event: dict[str, Any]) -> None:
@@ -72,12 +78,17 @@ def build_app(ref: str, settings: ServeSettings, api_keys: list[str]) -> Any:
         router = holder["router"]
         if router.canary is not None:
             router.canary.retire()
+        if holder.get("rollout") is not None:
+            holder["rollout"].rolled_back(event)
 
     router = Router(primary, canary, settings.canary_weight, settings.canary_policy, on_rollback=rolled_back)
+    router.extra_slots = [own_shadow] if own_shadow is not None else []
     holder["router"] = router
+    shadow = mirror.attach(router, metrics.registry, settings, own_shadow)
+    holder["rollout"] = gradual.attach(router, settings, ref, shadow)
     refs = {"primary": ref, **({"canary": settings.canary} if settings.canary else {})}
     follower = AliasFollower(router, settings, refs, metrics)
-    return create_app(Context(router, settings, metrics, sample_log), api_keys, follower)
+    return create_app(Context(router, settings, metrics, sample_log, shadow), api_keys, follower)
 
 
 def serve(ref: str, settings: ServeSettings) -> None:

@@ -37,6 +37,7 @@ class Context:
     settings: ServeSettings
     metrics: ServeMetrics
     sample_log: SampleLog | None
+    shadow: Any = None  # lmctl.serve.shadow.Shadow with --shadow
 
 
 @dataclass
@@ -185,6 +186,8 @@ class Generation:
         exchange.ended = self.status
         ctx.metrics.in_flight.labels(slot.model_name, slot.version).dec()
         ctx.router.record(slot, ok=self.status < 500, latency_s=seconds)
+        if ctx.shadow is not None and self.status == 200:
+            ctx.shadow.mirror(prep)
         log = ctx.sample_log
         if log is not None and log.wants():
             log.write(request_id=exchange.request_id, model=slot.model_name, version=slot.version,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class CanaryPolicy(BaseModel):
@@ -22,6 +22,42 @@ class CanaryPolicy(BaseModel):
         0.05, ge=0, le=1, description="Roll back when canary error rate exceeds the baseline's by more than this (0-1).")
     max_p95_margin_pct: float = Field(
         50.0, ge=0, description="Roll back when canary p95 latency exceeds the baseline's by more than this percent.")
+
+
+class RolloutPolicy(BaseModel):
+    """A gradual rollout of the canary: its share of traffic climbs step by step while it stays healthy."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+    steps: list[float] | None = Field(
+        None, description="Canary shares of traffic, rising, ending at 1.0 (e.g. 0.05,0.25,0.5,1.0); reaching and "
+        "holding 1.0 promotes a models:/ canary in the registry. Default: no rollout, a fixed --canary-weight.")
+    step_min_s: float = Field(300.0, gt=0, description="Seconds each step must last before the canary may advance.")
+    step_min_requests: int = Field(
+        100, ge=1, description="Canary requests each step must serve (and be judged healthy on) before it may advance.")
+    min_agreement: float | None = Field(
+        None, ge=0, le=1, description="Roll back when the shadow's greedy agreement with the primary falls below this "
+        "(0-1); needs --shadow set to the canary's reference.")
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _parse_steps(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return [float(part) for part in value.split(",") if part.strip()]
+            except ValueError:
+                raise ValueError(f"{value!r}: expected comma-separated shares such as 0.05,0.25,0.5,1.0") from None
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _rising_to_one(cls, steps: list[float] | None) -> list[float] | None:
+        if steps is None:
+            return None
+        if not steps or any(not 0 < s <= 1 for s in steps) or steps != sorted(set(steps)) or steps[-1] != 1.0:
+            raise ValueError(f"{','.join(f'{s:g}' for s in steps)}: steps must be strictly rising shares in (0, 1] "
+                             "ending at 1.0")
+        return steps
 
 
 class ServeSettings(BaseModel):
@@ -53,10 +89,26 @@ class ServeSettings(BaseModel):
     canary: str | None = Field(None, description="MODEL_REF served to a share of traffic.")
     canary_weight: float = Field(0.1, ge=0, le=1, description="Share of traffic routed to the canary (0-1).")
     canary_policy: CanaryPolicy = Field(default_factory=CanaryPolicy, description="Automatic canary rollback margins.")
+    rollout: RolloutPolicy = Field(default_factory=RolloutPolicy, description="Gradual rollout of the canary.")
+    shadow: str | None = Field(
+        None, description="MODEL_REF sent a copy of sampled requests after the primary answered; clients never "
+        "wait for it or see its output. Use the canary's reference to share its loaded model.")
+    shadow_rate: float = Field(1.0, ge=0, le=1, description="Share of primary requests copied to the shadow (0-1).")
+    shadow_max_in_flight: int = Field(
+        4, ge=1, description="Most shadow requests at once; past it a copy is skipped (and counted), so the shadow "
+        "sheds load instead of competing with the primary.")
     reload_interval_s: float = Field(30.0, gt=0, description="Seconds between re-resolutions of a models:/NAME@ALIAS reference (hot reload).")
 
     @model_validator(mode="after")
     def _sample_log_needs_rate(self) -> "ServeSettings":
         if self.sample_rate > 0 and self.sample_log is None:
             raise ValueError("sample_rate > 0 needs sample_log")
+        return self
+
+    @model_validator(mode="after")
+    def _rollout_needs_canary(self) -> "ServeSettings":
+        if self.rollout.steps is not None and self.canary is None:
+            raise ValueError("--canary-steps needs --canary MODEL_REF")
+        if self.rollout.min_agreement is not None and self.shadow is None:
+            raise ValueError("--canary-min-agreement needs --shadow (the canary's reference)")
         return self
