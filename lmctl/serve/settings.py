@@ -10,6 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lmctl.shares import parse_steps
+
 
 class CanaryPolicy(BaseModel):
     """When the canary is judged broken. Margins are over the baseline's value in the same window."""
@@ -42,22 +44,7 @@ class RolloutPolicy(BaseModel):
     @field_validator("steps", mode="before")
     @classmethod
     def _parse_steps(cls, value: object) -> object:
-        if isinstance(value, str):
-            try:
-                return [float(part) for part in value.split(",") if part.strip()]
-            except ValueError:
-                raise ValueError(f"{value!r}: expected comma-separated shares such as 0.05,0.25,0.5,1.0") from None
-        return value
-
-    @field_validator("steps")
-    @classmethod
-    def _rising_to_one(cls, steps: list[float] | None) -> list[float] | None:
-        if steps is None:
-            return None
-        if not steps or any(not 0 < s <= 1 for s in steps) or steps != sorted(set(steps)) or steps[-1] != 1.0:
-            raise ValueError(f"{','.join(f'{s:g}' for s in steps)}: steps must be strictly rising shares in (0, 1] "
-                             "ending at 1.0")
-        return steps
+        return None if value is None else parse_steps(value)
 
 
 class ServeSettings(BaseModel):
