@@ -82,8 +82,8 @@ class ServeSettings(BaseModel):
         "wait for it or see its output. Use the canary's reference to share its loaded model.")
     shadow_rate: float = Field(1.0, ge=0, le=1, description="Share of primary requests copied to the shadow (0-1).")
     shadow_max_in_flight: int = Field(
-        4, ge=1, description="Most shadow requests at once; past it a copy is skipped (and counted), so the shadow "
-        "sheds load instead of competing with the primary.")
+        4, ge=1, description="Most shadow copies waiting or running at once; past it a copy is skipped (and counted). "
+        "Copies run only while the primary has no request running or waiting, so the shadow takes spare capacity.")
     reload_interval_s: float = Field(30.0, gt=0, description="Seconds between re-resolutions of a models:/NAME@ALIAS reference (hot reload).")
 
     @model_validator(mode="after")
