@@ -29,13 +29,13 @@ def _rollout(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/healthz").json()["rollout"]
 
 
-def _drive(url: str, until: Any, limit: int = 400) -> list[int]:
+def _drive(url: str, until: Any, limit: int = 400, temperature: float = 1.0) -> list[int]:
     """Requests until `until(rollout report)` holds; the status codes seen."""
     codes = []
     for _ in range(limit):
         if until(_rollout(url)):
             return codes
-        codes.append(_complete(url, max_tokens=2).status_code)
+        codes.append(_complete(url, max_tokens=4, temperature=temperature).status_code)
     raise AssertionError(f"rollout did not get there: {_rollout(url)}")
 
 
@@ -74,6 +74,12 @@ def test_steps_advance_and_completion_promotes_through_the_audit_trail(cli, chec
     state = json.loads(Path(report["state_file"]).read_text())
     assert state["status"] == "promoted" and state["promotion"]["version"] == "2"
 
+    state["status"] = "promoting"  # as if the server had stopped between the decision and the move
+    Path(report["state_file"]).write_text(json.dumps(state))
+    with _server("models:/tiny@production", **options) as srv:
+        assert _wait(srv.url, lambda r: r["status"] != "promoting")["status"] == "promoted"
+    assert len(cli("registry", "history", "tiny", "--json").json["moves"]) == 2  # finished, not moved twice
+
 
 def test_failing_canary_rolls_back_and_stays_rolled_back_after_a_restart(checkpoint: Path, tmp_path: Path) -> None:
     broken = _variant(checkpoint, tmp_path / "broken", float("nan"))
@@ -110,6 +116,20 @@ def test_restart_resumes_at_the_recorded_step(checkpoint: Path, tmp_path: Path) 
         assert _rollout(srv.url)["step"] == 1
         events = httpx.get(f"{srv.url}/healthz").json()["events"]
         assert events[-1]["event"] == "rollout_resumed" and "step 2 of 3" in events[-1]["detail"]
+
+
+def test_shadow_agreement_below_the_floor_rolls_the_canary_back(checkpoint: Path, tmp_path: Path) -> None:
+    other = str(_variant(checkpoint, tmp_path / "other", -40.0))  # adapter flipped and blown up: other greedy text
+    options = {"canary": other, "shadow": other, "rollout": {"steps": "0.1,1.0", **FAST, "min_agreement": 0.9},
+               "canary_policy": LENIENT}
+    with _server(checkpoint, **options) as srv:
+        _drive(srv.url, lambda r: r["status"] != "running", temperature=0)
+        report, health = _rollout(srv.url), httpx.get(f"{srv.url}/healthz").json()
+        assert report["status"] == "rolled_back" and "shadow agreement" in report["reason"], report
+        shadow = health["shadow"]
+        assert shadow["version"] == health["canary"]["version"]  # the canary's loaded model, shared
+        assert shadow["compared"] >= 2 and shadow["agreement"] < 0.9
+        assert shadow["first_difference"]["min"] >= 0
 
 
 def test_bad_steps_are_refused_before_loading(cli) -> None:

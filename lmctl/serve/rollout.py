@@ -20,7 +20,8 @@ same margins, and a restart (a node drain, a deploy of the other pod) says nothi
 canary, so rolling back on every restart would keep a long rollout from ever finishing. The
 sliding windows start empty after a restart, so the resumed step must earn its minimum
 duration and request count again before it advances. A rolled-back rollout stays rolled back
-across restarts: a new canary version (or deleting the file) starts afresh.
+across restarts: a new canary version (or deleting the file) starts afresh. One stopped
+between deciding to promote and the move finishes the promotion (never moving twice).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from typing import Any
 from lmctl.atomic import write_json_atomic
 from lmctl.clock import utc_now
 from lmctl.config import PRODUCTION_ALIAS
-from lmctl.errors import LmctlError
 from lmctl.modelref import parse_registry_ref
 from lmctl.serve.canary import Router
 from lmctl.serve.settings import RolloutPolicy
@@ -91,6 +91,8 @@ class Rollout:
                           f"({self.state['weight']:g} of traffic)")
         if self.state["status"] == "rolled_back":
             self.router.roll_back(f"rolled back before the restart: {self.state.get('reason', '')}".strip())
+        elif self.state["status"] == "promoting":  # stopped mid-promotion: finish it (a move already made is kept)
+            self._promote_later(self.state.get("evidence", {}))
 
     def _begin_step(self) -> None:
         self.step_started, self.step_requests = time.monotonic(), 0
@@ -154,8 +156,12 @@ class Rollout:
             self._begin_step()
             self._event("rollout_step", f"advanced to {self.state['weight']:g} of traffic", evidence=evidence)
             return
-        self.state["status"] = "promoting"
+        self.state["status"], self.state["evidence"] = "promoting", evidence
         self._event("rollout_completed", "held 1.0 within the margins", evidence=evidence)
+        self._promote_later(evidence)
+
+    def _promote_later(self, evidence: dict[str, Any]) -> None:
+        """Promote off the request path: a registry round trip must not hold up the request that completed the rollout."""
         threading.Thread(target=self._promote, args=(evidence,), daemon=True, name="rollout-promote").start()
 
     def _promote(self, evidence: dict[str, Any]) -> None:
@@ -165,24 +171,32 @@ class Rollout:
                 self._event("rollout_not_promoted", "the canary is not a models:/ reference: no alias to move")
             return
         name, alias = self.target
-        canary, base = evidence["canary"], evidence["baseline"]
-        reason = (f"gradual rollout completed: {self.state['canary_requests']} canary requests over steps "
-                  f"{','.join(f'{s:g}' for s in self.steps)}; error rate {canary['error_rate']:.1%} vs "
-                  f"{base['error_rate']:.1%}, p95 {canary['p95_ms']:.0f} ms vs {base['p95_ms']:.0f} ms, within margins")
-        from lmctl.registry.promotion import promote
-
         try:
-            result = promote(name, self.version, alias, force=True, reason=reason)
-        except LmctlError as exc:
+            result = self._move(name, alias, evidence)
+        except Exception as exc:  # LmctlError (policy, registry down) or anything else: say so, keep serving
             with self._lock:
                 self.state["status"] = "promotion_failed"
                 self._event("rollout_promotion_failed", f"{type(exc).__name__}: {exc}")
             return
         with self._lock:
-            self.state["status"] = "promoted"
-            self.state["promotion"] = {"name": name, "alias": alias, "version": result.version,
-                                       "previous_version": result.previous_version, "at": result.at, "reason": reason}
-            self._event("rollout_promoted", f"models:/{name}@{alias} -> v{result.version}")
+            self.state["status"], self.state["promotion"] = "promoted", result
+            self._event("rollout_promoted", f"models:/{name}@{alias} -> v{self.version}")
+
+    def _move(self, name: str, alias: str, evidence: dict[str, Any]) -> dict[str, Any] | None:
+        """Move the alias with `lmctl promote`'s own function; None when it already points at the canary."""
+        from lmctl import versions
+        from lmctl.registry.promotion import promote
+
+        if versions.alias_holder(name, alias) == self.version:  # moved before a restart, or by hand
+            return None
+        empty = {"error_rate": 0.0, "p95_ms": 0.0}
+        canary, base = evidence.get("canary", empty), evidence.get("baseline", empty)
+        reason = (f"gradual rollout completed: {self.state['canary_requests']} canary requests over steps "
+                  f"{','.join(f'{s:g}' for s in self.steps)}; error rate {canary['error_rate']:.1%} vs "
+                  f"{base['error_rate']:.1%}, p95 {canary['p95_ms']:.0f} ms vs {base['p95_ms']:.0f} ms, within margins")
+        result = promote(name, self.version, alias, force=True, reason=reason)
+        return {"name": name, "alias": alias, "version": result.version, "previous_version": result.previous_version,
+                "at": result.at, "reason": reason}
 
     def rolled_back(self, event: dict[str, Any]) -> None:
         """The router rolled the canary back (margins or agreement floor): the rollout ends there."""
