@@ -35,8 +35,7 @@ def _server(ref: Path | str, **options: Any) -> tuple[LiveServer, Any]:
 
 def _slow_down(app: Any) -> None:
     """Make the shadow's model sleep before every forward pass (a torch forward pre-hook)."""
-    router = app.user_middleware[0].kwargs["ctx"].router
-    (shadow,) = router.extra_slots
+    (shadow,) = app.state.lmctl.router.extra_slots
     shadow.loaded.model.register_forward_pre_hook(lambda *_: time.sleep(SHADOW_DELAY_S))
 
 
