@@ -88,7 +88,7 @@ def build_app(ref: str, settings: ServeSettings, api_keys: list[str]) -> Any:
     holder["rollout"] = gradual.attach(router, settings, ref, shadow)
     refs = {"primary": ref, **({"canary": settings.canary} if settings.canary else {})}
     follower = AliasFollower(router, settings, refs, metrics)
-    ctx = Context(router, settings, metrics, sample_log, shadow)
+    ctx = Context(router, settings, metrics, sample_log, shadow=shadow)
     app = create_app(ctx, api_keys, follower)
     app.state.lmctl = ctx  # what an embedding process (a test, a benchmark) may inspect
     return app
