@@ -20,7 +20,7 @@ HELP_LMCTL_MODULES = {"lmctl", "lmctl.errors", "lmctl.cli", "lmctl.cli.app", "lm
                       *(f"lmctl.cli.{c}" for c in ("config", "data", "deploy", "doctor", "drift", "eval", "export",
                                                    "keys", "models", "promote", "registry", "retrain", "serve", "train")),
                       "lmctl.evaluate", "lmctl.evaluate.options", "lmctl.deploy", "lmctl.deploy.options",
-                      "lmctl.serve", "lmctl.serve.settings"}
+                      "lmctl.serve", "lmctl.serve.settings", "lmctl.shares"}
 HELP_PACKAGES = {"typer", "shellingham", "annotated_doc", "pydantic", "pydantic_core", "annotated_types",
                  "typing_extensions", "typing_inspection"}
 
@@ -106,13 +106,13 @@ def test_eval_serve_deploy_flags_take_default_and_help_from_their_option_models(
     from lmctl.cli.app import app
     from lmctl.deploy.options import DeployOptions, TrainJobOptions
     from lmctl.evaluate.options import EvalGates, EvalOptions
-    from lmctl.serve.settings import CanaryPolicy, ServeSettings
+    from lmctl.serve.settings import CanaryPolicy, RolloutPolicy, ServeSettings
     from lmctl.train.launch import LaunchOptions
 
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
     own = {"eval": {"--data"}, "deploy": {"--target", "--out", "--force"}, "serve": set(),
            "train": {"--set", "--resume", "--dry-run", "--emit", "--out", "--force", "--nodes"}}
-    models = {"eval": (EvalOptions, EvalGates), "serve": (ServeSettings, CanaryPolicy), "deploy": (DeployOptions,),
+    models = {"eval": (EvalOptions, EvalGates), "serve": (ServeSettings, CanaryPolicy, RolloutPolicy), "deploy": (DeployOptions,),
               "train": (TrainJobOptions, LaunchOptions)}
     for name, classes in models.items():
         fields = {f.description: f for cls in classes for f in cls.model_fields.values()}

@@ -132,3 +132,40 @@ def test_gateway_api_schema_refuses_a_broken_route(manifests: Path, httproute_er
     parent[path[-1]] = value
     errors = httproute_errors(route)
     assert errors and any(complaint in e for e in errors), errors
+
+
+@pytest.fixture(scope="module")
+def rollout_manifests(tmp_path_factory: pytest.TempPathFactory, sealed_checkpoint: Path) -> Path:
+    """`lmctl deploy --target kubernetes --canary-steps`: one HTTPRoute per gradual-rollout step."""
+    from lmctl.cli import main
+
+    root = tmp_path_factory.mktemp("k8s-rollout")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMCTL_HOME", str(root / "home"))
+        assert main(["register", str(sealed_checkpoint), "--name", "tiny", "--alias", "production"]) == 0
+        assert main(["register", str(sealed_checkpoint), "--name", "tiny"]) == 0
+        assert main(["deploy", "models:/tiny@production", "--target", "kubernetes", "--out", str(root / "out"),
+                     "--canary", "models:/tiny/2", "--canary-steps", "0.05,0.25,0.5,1.0"]) == 0
+        for bad in (["--canary-steps", "0.055,1.0"], ["--canary-steps", "0.5,0.25"],
+                    ["--canary-steps", "0.5,1.0", "--canary-weight", "0.5"]):
+            assert main(["deploy", "models:/tiny@production", "--target", "kubernetes", "--out",
+                         str(root / "refused"), "--canary", "models:/tiny/2", *bad]) == 2, bad
+    return root / "out"
+
+
+def test_rollout_steps_render_one_valid_httproute_per_step(rollout_manifests: Path, httproute_errors: Any) -> None:
+    routes = [yaml.safe_load((rollout_manifests / f"httproute-step-{n}.yaml").read_text()) for n in range(1, 5)]
+    assert all(httproute_errors(route) == [] for route in routes)
+    weights = [[b["weight"] for b in r["spec"]["rules"][0]["backendRefs"]] for r in routes]
+    assert weights == [[95, 5], [75, 25], [50, 50], [0, 100]]
+    assert {r["metadata"]["name"] for r in routes} == {"tiny"}  # one route whose weights each step replaces
+    assert [r["metadata"]["annotations"]["lmctl.dev/rollout-step"] for r in routes] == ["1/4", "2/4", "3/4", "4/4"]
+    assert yaml.safe_load((rollout_manifests / "httproute.yaml").read_text()) == routes[0]
+    kustomization = yaml.safe_load((rollout_manifests / "kustomization.yaml").read_text())
+    assert not any(name.startswith("httproute-step-") for name in kustomization["resources"])
+    info = json.loads((rollout_manifests / "deploy.json").read_text())
+    text = json.dumps(info)
+    assert "httproute-step-4.yaml" in text and "lmctl promote tiny 2 --force" in text
+    broken = copy.deepcopy(routes[3])
+    broken["spec"]["rules"][0]["backendRefs"][1]["weight"] = -1
+    assert any("less than the minimum" in e for e in httproute_errors(broken))

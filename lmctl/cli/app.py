@@ -33,7 +33,9 @@ EXAMPLES = {
     "serve": examples(
         "lmctl serve models:/demo@production --port 8000     # follows the alias (hot reload)",
         "LMCTL_API_KEYS=sk-1 lmctl serve models:/demo@production --host 0.0.0.0",
-        "lmctl serve models:/demo@production --canary models:/demo@candidate --canary-weight 0.1"),
+        "lmctl serve models:/demo@production --canary models:/demo@candidate --canary-weight 0.1",
+        "lmctl serve models:/demo@production --shadow models:/demo/7 --shadow-rate 0.2",
+        "lmctl serve models:/demo@production --canary models:/demo/7 --canary-steps 0.05,0.25,0.5,1.0"),
     "deploy": examples(
         "lmctl deploy runs/demo/checkpoints/step-000080 --target local --out bundle/",
         "lmctl deploy models:/demo@production --target vllm --out vllm/",

@@ -32,6 +32,7 @@ def deploy(
     gpus: int = option(D, "gpus"),
     canary: str | None = option(D, "canary"),
     canary_weight: float | None = option(D, "canary_weight", "--canary-weight"),
+    canary_steps: str | None = option(D, "canary_steps", "--canary-steps", metavar="SHARES"),
     gateway: str = option(D, "gateway"),
     tracking_uri: str | None = option(D, "tracking_uri", "--tracking-uri"),
     json_out: JsonOpt = False,
@@ -43,5 +44,5 @@ def deploy(
     options = options_from(D, dict(
         host=host, port=port, name=name, base=base, max_loras=max_loras, max_model_len=max_model_len, image=image,
         namespace=namespace, replicas=replicas, cpu=cpu, memory=memory, gpus=gpus, canary=canary,
-        canary_weight=canary_weight, gateway=gateway, tracking_uri=tracking_uri))
+        canary_weight=canary_weight, canary_steps=canary_steps, gateway=gateway, tracking_uri=tracking_uri))
     emit(run_deploy(model_ref, target, out, options, force=force), json_out)

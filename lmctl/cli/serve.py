@@ -9,16 +9,19 @@ import typer
 
 from lmctl.cli.fields import option, options_from
 from lmctl.cli.output import TracebackOpt
-from lmctl.serve.settings import CanaryPolicy, ServeSettings
+from lmctl.serve.settings import CanaryPolicy, RolloutPolicy, ServeSettings
 
 _LIMITS = "Limits"
 _CANARY = "Canary and reload"
-S, C = ServeSettings, CanaryPolicy
+_ROLLOUT = "Shadow and gradual rollout"
+S, C, R = ServeSettings, CanaryPolicy, RolloutPolicy
 # flags whose name is not the field's
 _FLAGS = {"request_timeout_s": "--request-timeout", "reload_interval_s": "--reload-interval",
           "canary_policy.window_s": "--canary-window", "canary_policy.min_requests": "--canary-min-requests",
           "canary_policy.max_error_rate_margin": "--canary-max-error-margin",
-          "canary_policy.max_p95_margin_pct": "--canary-max-p95-margin"}
+          "canary_policy.max_p95_margin_pct": "--canary-max-p95-margin", "rollout.steps": "--canary-steps",
+          "rollout.step_min_s": "--canary-step-min-duration", "rollout.step_min_requests": "--canary-step-min-requests",
+          "rollout.min_agreement": "--canary-min-agreement"}
 
 
 def serve(
@@ -48,6 +51,13 @@ def serve(
     reload_interval: float = option(S, "reload_interval_s", "--reload-interval", rich_help_panel=_CANARY),
     output_guard: str = option(S, "output_guard", "--output-guard"),
     output_deny: list[str] = option(S, "output_deny", "--output-deny", metavar="REGEX"),
+    canary_steps: str | None = option(R, "steps", "--canary-steps", metavar="SHARES", rich_help_panel=_ROLLOUT),
+    canary_step_min_duration: float = option(R, "step_min_s", "--canary-step-min-duration", rich_help_panel=_ROLLOUT),
+    canary_step_min_requests: int = option(R, "step_min_requests", "--canary-step-min-requests", rich_help_panel=_ROLLOUT),
+    canary_min_agreement: float | None = option(R, "min_agreement", "--canary-min-agreement", rich_help_panel=_ROLLOUT),
+    shadow: str | None = option(S, "shadow", rich_help_panel=_ROLLOUT),
+    shadow_rate: float = option(S, "shadow_rate", rich_help_panel=_ROLLOUT),
+    shadow_max_in_flight: int = option(S, "shadow_max_in_flight", rich_help_panel=_ROLLOUT),
     json_out: Annotated[bool, typer.Option("--json", help="Accepted for uniformity; the server logs to stderr.")] = False,
     traceback: TracebackOpt = False,
 ) -> None:
@@ -65,5 +75,8 @@ def serve(
         "output_guard": output_guard, "output_deny": output_deny or [],
         "canary_policy": {"window_s": canary_window, "min_requests": canary_min_requests,
                           "max_error_rate_margin": canary_max_error_margin, "max_p95_margin_pct": canary_max_p95_margin},
+        "rollout": {"steps": canary_steps, "step_min_s": canary_step_min_duration,
+                    "step_min_requests": canary_step_min_requests, "min_agreement": canary_min_agreement},
+        "shadow": shadow, "shadow_rate": shadow_rate, "shadow_max_in_flight": shadow_max_in_flight,
     }, _FLAGS)
     run_server(model_ref, settings)

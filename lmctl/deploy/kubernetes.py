@@ -3,6 +3,7 @@
     OUT/deployment.yaml, OUT/service.yaml                  the stable track
     OUT/deployment-canary.yaml, OUT/service-canary.yaml    with --canary
     OUT/httproute.yaml   Gateway API HTTPRoute splitting traffic by weight (with --canary)
+    OUT/httproute-step-N.yaml   with --canary-steps: the same HTTPRoute at each step's weights
     OUT/kustomization.yaml, OUT/deploy.json
 
 Pods pull the checkpoint from the MLflow registry (a `models:/` reference is required:
@@ -57,6 +58,14 @@ def canary_percent(share: float) -> int:
     if not 1 <= percent <= 99 or abs(share * 100 - percent) > 1e-6:
         raise BadInputError(f"--canary-weight {share:g}: expected a share between 0.01 and 0.99 in hundredths "
                             "(HTTPRoute weights are whole percents here)")
+    return percent
+
+
+def step_percent(share: float) -> int:
+    """A rollout step's canary weight out of 100: whole percents, 1.0 (all traffic) included."""
+    percent = round(share * 100)
+    if abs(share * 100 - percent) > 1e-6:
+        raise BadInputError(f"--canary-steps {share:g}: HTTPRoute weights are whole percents here; give hundredths")
     return percent
 
 
@@ -133,8 +142,11 @@ class Renderer:
         self.cpu, self.memory = opts.cpu, opts.memory
         if opts.canary_weight is not None and opts.canary is None:
             raise BadInputError("--canary-weight needs --canary MODEL_REF")
-        self.share = 0.1 if opts.canary_weight is None else opts.canary_weight
-        self.weight = canary_percent(self.share)
+        if opts.canary_steps is not None and (opts.canary is None or opts.canary_weight is not None):
+            raise BadInputError("--canary-steps needs --canary MODEL_REF and replaces --canary-weight")
+        self.steps = [step_percent(s) for s in opts.canary_steps or []]
+        self.share = opts.canary_steps[0] if opts.canary_steps else 0.1 if opts.canary_weight is None else opts.canary_weight
+        self.weight = self.steps[0] if self.steps else canary_percent(self.share)
         if opts.canary is not None:
             require_registry_ref(opts.canary, "--canary")
 
@@ -217,17 +229,21 @@ class Renderer:
                                 "targetPort": CONTAINER_PORT_NAME, "protocol": "TCP"}]},
         }
 
-    def route(self) -> dict[str, Any]:
+    def route(self, weight: int, step: int | None = None) -> dict[str, Any]:
+        """The HTTPRoute with `weight` percent to the canary; a rollout step's copy says which step it is."""
         canary = self.app + CANARY_SUFFIX
+        metadata: dict[str, Any] = {"name": self.app, "namespace": self.opts.namespace,
+                                    "labels": {"app.kubernetes.io/name": self.app, "app.kubernetes.io/managed-by": "lmctl"}}
+        if step is not None:
+            metadata["annotations"] = {"lmctl.dev/rollout-step": f"{step}/{len(self.steps)}",
+                                       "lmctl.dev/canary-percent": str(weight)}
         return {
-            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-            "metadata": {"name": self.app, "namespace": self.opts.namespace,
-                         "labels": {"app.kubernetes.io/name": self.app, "app.kubernetes.io/managed-by": "lmctl"}},
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": metadata,
             "spec": {
                 "parentRefs": [{"name": self.opts.gateway}],
                 "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
-                           "backendRefs": [{"name": self.app, "port": SERVICE_PORT, "weight": 100 - self.weight},
-                                           {"name": canary, "port": SERVICE_PORT, "weight": self.weight}]}],
+                           "backendRefs": [{"name": self.app, "port": SERVICE_PORT, "weight": 100 - weight},
+                                           {"name": canary, "port": SERVICE_PORT, "weight": weight}]}],
             },
         }
 
@@ -238,12 +254,28 @@ class Renderer:
             name = self.app + CANARY_SUFFIX
             docs["deployment-canary.yaml"] = self.deployment(name, "canary", self.canary, self.opts.canary_replicas)
             docs["service-canary.yaml"] = self.service(name, "canary", self.canary)
-            docs["httproute.yaml"] = self.route()
+            docs["httproute.yaml"] = self.route(self.weight, 1 if self.steps else None)
         return docs
+
+    def step_routes(self) -> dict[str, dict[str, Any]]:
+        """httproute-step-N.yaml per rollout step: applied in turn, outside the kustomization (one route, many weights)."""
+        return {f"httproute-step-{n}.yaml": self.route(weight, n) for n, weight in enumerate(self.steps, start=1)}
+
+    def _rollout(self, commands: dict[str, str]) -> dict[str, Any]:
+        """Each step's file and share; its `kubectl apply` joins the commands, and so does the final promote."""
+        assert self.canary is not None and self.opts.canary_steps is not None
+        steps = []
+        for n, (share, weight) in enumerate(zip(self.opts.canary_steps, self.steps), start=1):
+            name = f"httproute-step-{n}.yaml"
+            commands[f"rollout_step_{n}"] = f"kubectl apply -f {shlex.quote(str(self.final / name))}"
+            steps.append({"step": n, "share": share, "route_percent": weight, "file": name})
+        commands["promote"] = (f"lmctl promote {self.canary.registry_name} {self.canary.registry_version} --force "
+                               "--reason 'gradual rollout completed'")
+        return {"steps": steps, "promote": commands["promote"]}
 
     def render(self, stage: Path) -> Rendered:
         docs = self.documents()
-        for filename, doc in docs.items():
+        for filename, doc in {**docs, **self.step_routes()}.items():
             (stage / filename).write_text(dump(doc), encoding="utf-8")
         kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                          "namespace": self.opts.namespace, "resources": list(docs)}
@@ -260,4 +292,6 @@ class Renderer:
         if self.canary is not None:
             info["canary"] = {"model_ref": self.canary.ref, "registry_version": self.canary.registry_version,
                               "weight": self.share, "route_percent": self.weight, "gateway": self.opts.gateway}
+        if self.steps:
+            info["rollout"] = self._rollout(commands)
         return Rendered(commands=commands, warnings=self.warnings, target_info={"kubernetes": info})

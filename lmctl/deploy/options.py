@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lmctl import __version__
+from lmctl.shares import parse_steps
 
 Target = Literal["local", "vllm", "kubernetes"]
 TARGETS: tuple[Target, ...] = ("local", "vllm", "kubernetes")
@@ -37,9 +38,17 @@ class DeployOptions(BaseModel):
     canary: str | None = Field(None, description="kubernetes: MODEL_REF of a canary.")
     canary_weight: float | None = Field(
         None, description="kubernetes: share of traffic for the canary, 0-1 as for `lmctl serve` (default 0.1).")
+    canary_steps: list[float] | None = Field(
+        None, description="kubernetes: canary shares of a gradual rollout (e.g. 0.05,0.25,0.5,1.0): one HTTPRoute per "
+        "step, httproute-step-N.yaml, applied in turn; httproute.yaml starts at the first.")
     canary_replicas: int = Field(1, ge=1, description="kubernetes: canary replicas.")
     gateway: str = Field("lmctl-gateway", description="kubernetes: Gateway the HTTPRoute attaches to.")
     tracking_uri: str | None = Field(None, description="kubernetes: MLflow registry URI the pods use.")
+
+    @field_validator("canary_steps", mode="before")
+    @classmethod
+    def _parse_steps(cls, value: object) -> object:
+        return None if value is None else parse_steps(value)
 
 
 class TrainJobOptions(BaseModel):

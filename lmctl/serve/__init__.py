@@ -52,16 +52,22 @@ def build_app(ref: str, settings: ServeSettings, api_keys: list[str] | Keyring) 
     from lmctl.serve.sampling import SampleLog
     from lmctl.serve.slots import load_slot
 
+    from lmctl.serve import rollout as gradual, shadow as mirror
+
     sample_log = SampleLog(settings.sample_log, settings.sample_rate) if settings.sample_log else None
     primary = load_slot(ref, "primary", settings, model_name=settings.served_model_name)
-    canary = None
-    if settings.canary:
-        try:
-            canary = load_slot(settings.canary, "canary", settings, model_name=primary.model_name)
-        except BaseException:
-            primary.engine.stop(drain=False)
-            raise
-    holder: dict[str, Router] = {}
+    loaded = [primary]
+    try:
+        for role, other in (("canary", settings.canary), ("shadow", settings.shadow)):
+            if other and not (role == "shadow" and other == settings.canary):
+                loaded.append(load_slot(other, role, settings, model_name=primary.model_name))
+    except BaseException:
+        for slot in loaded:
+            slot.engine.stop(drain=False)
+        raise
+    canary = next((s for s in loaded if s.role == "canary"), None)
+    own_shadow = next((s for s in loaded if s.role == "shadow"), None)
+    holder: dict[str, Any] = {}
     metrics = ServeMetrics(lambda: holder["router"].slots() if holder else [])
 
     def rolled_back(event: dict[str, Any]) -> None:
@@ -69,16 +75,24 @@ def build_app(ref: str, settings: ServeSettings, api_keys: list[str] | Keyring) 
         router = holder["router"]
         if router.canary is not None:
             router.canary.retire()
+        if holder.get("rollout") is not None:
+            holder["rollout"].rolled_back(event)
 
     router = Router(primary, canary, settings.canary_weight, settings.canary_policy, on_rollback=rolled_back)
+    router.extra_slots = [own_shadow] if own_shadow is not None else []
     holder["router"] = router
+    shadow = mirror.attach(router, metrics.registry, settings, own_shadow)
+    holder["rollout"] = gradual.attach(router, settings, ref, shadow)
     refs = {"primary": ref, **({"canary": settings.canary} if settings.canary else {})}
     follower = AliasFollower(router, settings, refs, metrics)
     keyring = api_keys if isinstance(api_keys, Keyring) else Keyring.from_secrets(api_keys)
     quota_db = (settings.quota_db or lmctl_home() / "serve" / "quota.sqlite") if keyring.limited else None
     access = Access(keyring, metrics, quota_db, settings.cost_per_1k_tokens)
     guard = OutputGuard(settings.output_guard, settings.output_deny, metrics.guard_events)
-    return create_app(Context(router, settings, metrics, sample_log, access, guard), follower)
+    ctx = Context(router, settings, metrics, sample_log, access, guard, shadow=shadow)
+    app = create_app(ctx, follower)
+    app.state.lmctl = ctx  # what an embedding process (a test, a benchmark) may inspect
+    return app
 
 
 def serve(ref: str, settings: ServeSettings) -> None:

@@ -33,7 +33,7 @@ _KINDS = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_
           504: "timeout"}
 # the metrics' endpoint label of each route; every other path counts as "other"
 _ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions", "/v1/models": "models",
-              "/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics"}
+              "/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics", "/v1/shadow": "shadow"}
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
@@ -229,6 +229,12 @@ def create_app(ctx: Context, follower: Any = None) -> FastAPI:
         primary = ctx.router.primary
         return {"object": "list", "data": [{"id": primary.model_name, "object": "model", "created": 0, "owned_by": "lmctl",
                                             "versions": [s.describe() for s in slots]}]}
+
+    @app.get("/v1/shadow", dependencies=auth)
+    def shadow() -> dict[str, Any]:
+        if ctx.shadow is None:
+            raise HTTPException(404, "no shadow version: start the server with --shadow MODEL_REF")
+        return dict(ctx.shadow.report())
 
     async def run(request: Request, body: CompletionRequest | ChatRequest, endpoint: str) -> Response:
         exchange: Exchange = request.state.exchange

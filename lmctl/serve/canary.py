@@ -61,6 +61,11 @@ class Router:
         self.weight = weight
         self.policy = policy
         self.on_rollback = on_rollback
+        # what else watches the canary (lmctl.serve.rollout): told of every recorded request, outside the lock
+        self.observers: list[Callable[[Slot, bool, float], None]] = []
+        # extra sections of state() (/healthz), e.g. "shadow" and "rollout", each read at call time
+        self.reporters: dict[str, Callable[[], Any]] = {}
+        self.extra_slots: list[Slot] = []  # loaded versions that take no routed traffic (a shadow's own)
         self.canary_active = canary is not None
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self._lock = threading.Lock()
@@ -72,7 +77,7 @@ class Router:
 
     def slots(self) -> list[Slot]:
         with self._lock:
-            return [s for s in (self.primary, self.canary) if s is not None]
+            return [s for s in (self.primary, self.canary, *self.extra_slots) if s is not None]
 
     def pick(self, sticky_key: str | None) -> Slot:
         """The canary gets `weight` of traffic; a sticky key (client header or `user`) always lands the same way."""
@@ -92,18 +97,60 @@ class Router:
                 return  # a retired version finishing its last requests
             now = time.monotonic()
             self._windows[slot.role].add(ok, latency_s, now)
-            if not (self.canary_active and slot.role == "canary"):
-                return
-            self._windows["primary"].prune(now)
-            reason = self._breach()
-            if reason is None:
-                return
-            event = self._rollback_event(reason)
-            self.canary_active = False
-            self.events.append(event)
+            event = None
+            if self.canary_active and slot.role == "canary":
+                self._windows["primary"].prune(now)
+                reason = self._breach()
+                event = self._rolled_back(reason) if reason is not None else None
+        if event is not None:
+            self._announce(event)
+        for observer in self.observers:
+            observer(slot, ok, latency_s)
+
+    def roll_back(self, reason: str) -> bool:
+        """Take the canary out of traffic for `reason` (e.g. a rollout's agreement floor); False if it already was."""
+        with self._lock:
+            if not (self.canary_active and self.canary is not None):
+                return False
+            event = self._rolled_back(reason)
+        self._announce(event)
+        return True
+
+    def _rolled_back(self, reason: str) -> dict[str, Any]:  # caller holds the lock
+        event = self._rollback_event(reason)
+        self.canary_active = False
+        self.events.append(event)
+        return event
+
+    def _announce(self, event: dict[str, Any]) -> None:
         log.warning(json.dumps(event))
         if self.on_rollback is not None:
             self.on_rollback(event)
+
+    def note(self, event: dict[str, Any]) -> None:
+        """An event of the canary's life (a rollout step) for /healthz."""
+        with self._lock:
+            self.events.append(event)
+
+    def set_weight(self, weight: float) -> None:
+        with self._lock:
+            self.weight = weight
+
+    def summaries(self) -> dict[str, dict[str, float]]:
+        """Both windows' request count, error rate and p95, pruned to now."""
+        with self._lock:
+            now = time.monotonic()
+            for window in self._windows.values():
+                window.prune(now)
+            return {role: window.summary() for role, window in self._windows.items()}
+
+    def breach(self) -> str | None:
+        """Why the canary is outside its margins now, or None (also None while too few requests to judge)."""
+        with self._lock:
+            now = time.monotonic()
+            for window in self._windows.values():
+                window.prune(now)
+            return self._breach()
 
     def _breach(self) -> str | None:
         canary, base = self._windows["canary"].summary(), self._windows["primary"].summary()
@@ -143,5 +190,6 @@ class Router:
                 canary = {**self.canary.describe(), "weight": self.weight,
                           "state": "active" if self.canary_active else "rolled_back",
                           "window": self._windows["canary"].summary()}
-            return {"primary": {**self.primary.describe(), "window": self._windows["primary"].summary()},
-                    "canary": canary, "events": list(self.events)[-10:]}
+            state = {"primary": {**self.primary.describe(), "window": self._windows["primary"].summary()},
+                     "canary": canary, "events": list(self.events)[-10:]}
+        return {**state, **{name: report() for name, report in self.reporters.items()}}

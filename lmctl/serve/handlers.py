@@ -41,6 +41,7 @@ class Context:
     sample_log: SampleLog | None
     access: Access
     guard: OutputGuard
+    shadow: Any = None  # lmctl.serve.shadow.Shadow with --shadow
 
 
 @dataclass
@@ -201,6 +202,8 @@ class Generation:
         ctx.router.record(slot, ok=self.status < 500, latency_s=seconds)
         ctx.access.settle(exchange, slot.model_name, slot.version, prep.job.prompt_tokens, self.completion_tokens)
         ctx.guard.record(self.guarded, exchange.request_id, slot.model_name, slot.version)
+        if ctx.shadow is not None and self.status == 200:
+            ctx.shadow.mirror(prep)
         log = ctx.sample_log
         if log is not None and log.wants():
             log.write(request_id=exchange.request_id, model=slot.model_name, version=slot.version,

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lmctl.shares import parse_steps
+
 
 class CanaryPolicy(BaseModel):
     """When the canary is judged broken. Margins are over the baseline's value in the same window."""
@@ -36,6 +38,25 @@ class KeyLimits(BaseModel):
                                           "admission, settled to the real count after.")
     tokens_per_day: int | None = Field(None, ge=1, description="Tokens a UTC day; spent, the key gets "
                                        "insufficient_quota until midnight UTC.")
+class RolloutPolicy(BaseModel):
+    """A gradual rollout of the canary: its share of traffic climbs step by step while it stays healthy."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+    steps: list[float] | None = Field(
+        None, description="Canary shares of traffic, rising, ending at 1.0 (e.g. 0.05,0.25,0.5,1.0); reaching and "
+        "holding 1.0 promotes a models:/ canary in the registry. Default: no rollout, a fixed --canary-weight.")
+    step_min_s: float = Field(300.0, gt=0, description="Seconds each step must last before the canary may advance.")
+    step_min_requests: int = Field(
+        100, ge=1, description="Canary requests each step must serve (and be judged healthy on) before it may advance.")
+    min_agreement: float | None = Field(
+        None, ge=0, le=1, description="Roll back when the shadow's greedy agreement with the primary falls below this "
+        "(0-1); needs --shadow set to the canary's reference.")
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _parse_steps(cls, value: object) -> object:
+        return None if value is None else parse_steps(value)
 
 
 class ServeSettings(BaseModel):
@@ -74,6 +95,14 @@ class ServeSettings(BaseModel):
     canary: str | None = Field(None, description="MODEL_REF served to a share of traffic.")
     canary_weight: float = Field(0.1, ge=0, le=1, description="Share of traffic routed to the canary (0-1).")
     canary_policy: CanaryPolicy = Field(default_factory=CanaryPolicy, description="Automatic canary rollback margins.")
+    rollout: RolloutPolicy = Field(default_factory=RolloutPolicy, description="Gradual rollout of the canary.")
+    shadow: str | None = Field(
+        None, description="MODEL_REF sent a copy of sampled requests after the primary answered; clients never "
+        "wait for it or see its output. Use the canary's reference to share its loaded model.")
+    shadow_rate: float = Field(1.0, ge=0, le=1, description="Share of primary requests copied to the shadow (0-1).")
+    shadow_max_in_flight: int = Field(
+        4, ge=1, description="Most shadow copies waiting or running at once; past it a copy is skipped (and counted). "
+        "Copies run only while the primary has no request running or waiting, so the shadow takes spare capacity.")
     reload_interval_s: float = Field(30.0, gt=0, description="Seconds between re-resolutions of a models:/NAME@ALIAS reference (hot reload).")
     output_guard: Literal["off", "flag", "redact", "refuse"] = Field(
         "flag", description="What the output guard does with personal data (the `lmctl data` detector) or a "
@@ -97,4 +126,12 @@ class ServeSettings(BaseModel):
     def _sample_log_needs_rate(self) -> "ServeSettings":
         if self.sample_rate > 0 and self.sample_log is None:
             raise ValueError("sample_rate > 0 needs sample_log")
+        return self
+
+    @model_validator(mode="after")
+    def _rollout_needs_canary(self) -> "ServeSettings":
+        if self.rollout.steps is not None and self.canary is None:
+            raise ValueError("--canary-steps needs --canary MODEL_REF")
+        if self.rollout.min_agreement is not None and self.shadow is None:
+            raise ValueError("--canary-min-agreement needs --shadow (the canary's reference)")
         return self
