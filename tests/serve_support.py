@@ -14,9 +14,11 @@ import httpx
 
 
 class LiveServer:
-    def __init__(self, app: Any, port: int) -> None:
+    def __init__(self, app: Any, port: int, wait_ready: bool = True) -> None:
+        """`wait_ready`: enter only once /readyz answers 200 (after the warm-up generation)."""
         import uvicorn
 
+        self.wait_ready = wait_ready
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -26,6 +28,9 @@ class LiveServer:
         deadline = time.monotonic() + 60
         while not self.server.started:
             assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        while self.wait_ready and httpx.get(f"{self.url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "server did not become ready"
             time.sleep(0.02)
         return self
 

@@ -330,8 +330,11 @@ def test_kubernetes_manifests_with_weighted_canary(cli, checkpoint: Path, tmp_pa
     assert result.json["registry_version"] == "1"
     docs = {p.name: yaml.safe_load(p.read_text()) for p in out.glob("*.yaml")}
     kustomization = docs.pop("kustomization.yaml")
+    rules, operator_rule = docs.pop("alerts.rules.yaml"), docs.pop("prometheusrule.yaml")  # applied on their own
     assert kustomization["kind"] == "Kustomization" and sorted(kustomization["resources"]) == sorted(docs)
     assert kustomization["namespace"] == "ml"
+    assert operator_rule["spec"]["groups"] == rules["groups"] and operator_rule["metadata"]["namespace"] == "ml"
+    assert 'model="Tiny_Model.v2"' in rules["groups"][0]["rules"][0]["expr"]  # the name serve reports
 
     stable, canary = docs["deployment.yaml"], docs["deployment-canary.yaml"]
     container = _check_deployment(stable, "ml")
@@ -339,7 +342,15 @@ def test_kubernetes_manifests_with_weighted_canary(cli, checkpoint: Path, tmp_pa
     assert stable["metadata"]["name"] == "tiny-model-v2" and canary["metadata"]["name"] == "tiny-model-v2-canary"
     assert container["args"][1] == "models:/Tiny_Model.v2@production"
     assert canary_container["args"][1] == "models:/Tiny_Model.v2/2"
-    assert stable["spec"]["replicas"] == 3 and container["image"] == "registry.example/lmctl:1"
+    # the autoscaler owns the stable count (a fixed replicas would be reset by every apply); the canary's is fixed
+    assert "replicas" not in stable["spec"] and canary["spec"]["replicas"] == 1
+    hpa, pdb = docs["hpa.yaml"], docs["pdb.yaml"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 4)  # default max: max(4, --replicas)
+    assert hpa["spec"]["scaleTargetRef"]["name"] == stable["metadata"]["name"]
+    assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 70
+    assert pdb["spec"]["selector"]["matchLabels"] == stable["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert container["image"] == "registry.example/lmctl:1"
     assert container["resources"]["requests"]["cpu"] == "500m"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.ml:5000"} in container["env"]
@@ -366,9 +377,12 @@ def test_kubernetes_refuses_bad_input(cli, checkpoint: Path, tmp_path: Path) -> 
     assert local.code == 2 and "models:/" in local.err  # pods cannot see a local path
     assert cli("register", checkpoint, "--name", "tiny").code == 0
     ref = "models:/tiny/1"
+    bad_slo = tmp_path / "slo.yaml"
+    bad_slo.write_text("availability: 99.5\n")  # a percent where a share is expected
     for extra in (["--canary", ref, "--canary-weight", "0"], ["--canary", ref, "--canary-weight", "1"],
                   ["--canary", ref, "--canary-weight", "0.125"], ["--canary-weight", "0.1"], ["--memory", "4 GB"], ["--cpu", "two"], ["--name", "Bad_Name"],
-                  ["--namespace", "Prod"], ["--canary", "models:/tiny/9"]):
+                  ["--namespace", "Prod"], ["--canary", "models:/tiny/9"], ["--replicas", "3", "--max-replicas", "2"],
+                  ["--slo", str(tmp_path / "missing.yaml")], ["--slo", str(bad_slo)]):
         result = cli("deploy", ref, "--target", "kubernetes", "--out", tmp_path / "b", *extra)
         assert result.code == 2, (extra, result.err)
         assert not (tmp_path / "b").exists()

@@ -53,6 +53,8 @@ class ServeSettings(BaseModel):
     canary: str | None = Field(None, description="MODEL_REF served to a share of traffic.")
     canary_weight: float = Field(0.1, ge=0, le=1, description="Share of traffic routed to the canary (0-1).")
     canary_policy: CanaryPolicy = Field(default_factory=CanaryPolicy, description="Automatic canary rollback margins.")
+    warmup_tokens: int = Field(4, ge=0, le=64, description="Greedy tokens each served version generates at start-up "
+                               "before /readyz answers 200, so a cold server gets no traffic (0: ready at once).")
     reload_interval_s: float = Field(30.0, gt=0, description="Seconds between re-resolutions of a models:/NAME@ALIAS reference (hot reload).")
 
     @model_validator(mode="after")
