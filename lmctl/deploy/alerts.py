@@ -102,25 +102,31 @@ def latency_alerts(slo: SloConfig, model: str) -> list[dict[str, Any]]:
     ]
 
 
+def _counted(slo: SloConfig, series: str, matchers: str, by: str = BY) -> str:
+    """Whether `series` counted anything in the event window. A labelled counter is exported only
+    from its first increment on, at 1, where increase() sees nothing: a series that exists now
+    but did not one window ago counts too."""
+    w = slo.event_window
+    return (f"sum by ({by}) (increase({series}{matchers}[{w}])) > 0\n"
+            f"or sum by ({by}) ({series}{matchers} unless {series}{matchers} offset {w})\n")
+
+
 def event_alerts(slo: SloConfig, model: str) -> list[dict[str, Any]]:
     w = slo.event_window
     return [
-        _alert(slo, "LmctlCanaryRolledBack",
-               f"sum by ({BY}) (increase(lmctl_canary_rollbacks_total{_matchers(slo, model)}[{w}])) > 0\n", "ticket",
-               summary="canary {{ $labels.version }} of {{ $labels.model }} was rolled back",
+        _alert(slo, "LmctlCanaryRolledBack", _counted(slo, "lmctl_canary_rollbacks_total", _matchers(slo, model)),
+               "ticket", summary="canary {{ $labels.version }} of {{ $labels.model }} was rolled back",
                description=f"the server took the canary out of traffic in the last {w}: its error rate or p95 "
                            "broke the canary policy's margins over the stable version.",
                hint="compare the versions (lmctl eval / lmctl registry diff) before promoting it again"),
         _alert(slo, "LmctlReloadRefused",
-               f"sum by ({BY}) (increase(lmctl_model_reloads_total{_matchers(slo, model, REFUSED)}"
-               f"[{w}])) > 0\n", "ticket",
+               _counted(slo, "lmctl_model_reloads_total", _matchers(slo, model, REFUSED)), "ticket",
                summary="{{ $labels.model }}: the alias moved to version {{ $labels.version }}, which was refused",
                description=f"in the last {w} a server following the alias refused to load the version it moved "
                            "to (failed verification or load); it keeps serving the previous one.",
                hint="read the reload events on /healthz; fix or move the alias back (lmctl promote)"),
         _alert(slo, "LmctlQuotaExhausted",
-               f"sum by ({BY}, key) (increase(lmctl_rate_limited_total"
-               f"{_matchers(slo, model, SPENT)}[{w}])) > 0\n", "ticket",
+               _counted(slo, "lmctl_rate_limited_total", _matchers(slo, model, SPENT), f"{BY}, key"), "ticket",
                summary="API key {{ $labels.key }} spent its token budget on {{ $labels.model }}",
                description=f"requests of key {{{{ $labels.key }}}} were refused with insufficient_quota in the last "
                            f"{w}: its tokens-per-day budget is spent.",
