@@ -198,7 +198,7 @@ def create_app(ctx: Context, api_keys: list[str], follower: Any = None) -> FastA
             return
         state["warmup"] = {"status": "running"}
         try:
-            state["warmup"] = await warm_up(ctx.router.slots(), settings.warmup_tokens, settings.request_timeout_s)
+            state["warmup"] = await warm_up(ctx.router.slots(), settings.warmup_tokens)
         except Exception as exc:  # never ready: a model that cannot generate must get no traffic
             log.error("warm-up generation failed, staying not ready: %s: %s", type(exc).__name__, exc)
             state["warmup"] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}

@@ -16,6 +16,9 @@ from typing import Any
 
 log = logging.getLogger("lmctl.serve")
 PROMPT = "Hello"
+# A cold model's first steps can take long (a large model paging its weights in); the request
+# timeout is for clients, not for this: past this many seconds the server stays not ready.
+TIMEOUT_S = 600.0
 
 
 def _generate(slot: Any, tokens: int, timeout_s: float) -> int:
@@ -28,7 +31,7 @@ def _generate(slot: Any, tokens: int, timeout_s: float) -> int:
     return len(job.wait(timeout_s).token_ids)
 
 
-async def warm_up(slots: list[Any], tokens: int, timeout_s: float) -> dict[str, Any]:
+async def warm_up(slots: list[Any], tokens: int, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
     """Warm every slot in turn, off the event loop (health checks keep answering meanwhile).
     Returns what /healthz shows; raises whatever the generation raised."""
     started = time.perf_counter()
