@@ -202,3 +202,16 @@ def test_event_alerts_fire_on_one_event(rules: Path, first: str) -> None:
         "LmctlQuotaExhausted": [expect(rules, "LmctlQuotaExhausted", quota)]}))
     # nothing happened for a whole window: quiet again
     _ok(unit_test(rules, series, "29m", {"LmctlCanaryRolledBack": [], "LmctlReloadRefused": [], "LmctlQuotaExhausted": []}))
+
+
+def test_operations_page_documents_every_slo_key_and_its_example_loads(tmp_path: Path) -> None:
+    page = (Path(__file__).parent.parent / "docs" / "operations.md").read_text(encoding="utf-8")
+    section = page.split("## SLO alerts")[1].split("\n## ")[0]
+    missing = [key for key in SloConfig.model_fields if f"`{key}`" not in section]
+    assert not missing, f"SLO keys missing from docs/operations.md: {missing}"
+    example = next(block for block in re.findall(r"```yaml\n(.*?)```", section, re.S) if "availability:" in block)
+    path = tmp_path / "slo.yaml"
+    path.write_text(example)
+    assert load_slo(path).alert_labels == {"team": "ml"}
+    for name in BURNS + ["LmctlLatencyP95High", "LmctlQuotaExhausted"]:
+        assert f"`{name}`" in section

@@ -108,6 +108,18 @@ def test_local_bundle_starts_and_answers_healthz(cli, checkpoint: Path, tmp_path
     wait_for_http(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc, log=log)
     body = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).text
     assert manifest["tokenizer_fingerprint"] in body  # it serves the locked checkpoint, not something else
+    # the alert rules select the model label this server really reports
+    assert manifest["alerts"]["model"] == "model" and "alerts.rules.yaml" in data["files"]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+    requests = next(f for f in families if f.name == "lmctl_requests")
+    assert {sample.labels["model"] for sample in requests.samples} == {"model"}
+    assert 'model="model"' in (moved / "alerts.rules.yaml").read_text()
+    if shutil.which("promtool"):
+        checked = subprocess.run(["promtool", "check", "rules", str(moved / "alerts.rules.yaml")],
+                                 capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_refusals_write_nothing(cli, checkpoint: Path, tiny_base: Path, tmp_path: Path) -> None:

@@ -90,6 +90,21 @@ def _set(doc: Any, path: tuple[Any, ...], value: Any) -> Any:
     return doc
 
 
+def test_queue_depth_autoscaler_from_the_docs_passes_strict_validation(manifests: Path) -> None:
+    """docs/operations.md's custom-metric `metrics:` block, put into the rendered HPA as it says."""
+    import re
+
+    page = (Path(__file__).parent.parent / "docs" / "operations.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", page, re.S) if "type: Pods" in b)
+    hpa = yaml.safe_load((manifests / "hpa.yaml").read_text())
+    hpa["spec"]["metrics"] = yaml.safe_load(block)["metrics"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "lmctl_queue_depth"
+    path = manifests.parent / "hpa-queue-depth.yaml"
+    path.write_text(yaml.safe_dump(hpa))
+    done = kubernetes_validate(path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
 def test_rendered_alert_rules_pass_promtool(manifests: Path) -> None:
     done = subprocess.run(["promtool", "check", "rules", str(manifests / "alerts.rules.yaml")],
