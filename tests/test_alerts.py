@@ -102,6 +102,8 @@ def test_slo_file_errors_name_the_field(tmp_path: Path) -> None:
     cases = {"availability: 99.5\n": "availability", "period: 30 days\n": "period",
              "burn_windows: [{long_window: 5m, short_window: 1h, budget_consumed: 0.02, severity: page}]\n":
                  "shorter than long_window",
+             "burn_windows: [{long_window: 1h, short_window: 5m, budget_consumed: 0.02, severity: page},"
+             " {long_window: 1h, short_window: 2m, budget_consumed: 0.05, severity: ticket}]\n": "share a long_window",
              "latency_p95: 1\n": "latency_p95", "error_status: '5(('\n": "not a regex",
              "alert_labels: {bad-name: x}\n": "label name", "[1, 2]\n": "file"}
     for text, complaint in cases.items():

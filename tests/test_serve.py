@@ -129,7 +129,9 @@ def test_a_failure_inside_generation_is_a_counted_500_in_openai_shape(tiny_base:
     model.save_pretrained(diverged)
     AutoTokenizer.from_pretrained(tiny_base).save_pretrained(diverged)
     body = {"prompt": "The", "max_tokens": 4}
-    with _server(diverged, served_model_name="tiny") as srv, log_records("lmctl", "uvicorn.error") as records:
+    # no warm-up: it would keep this server not ready (tests/test_serve_warmup.py), and here the requests must fail
+    with _server(diverged, served_model_name="tiny", warmup_tokens=0) as srv, \
+            log_records("lmctl", "uvicorn.error") as records:
         plain = httpx.post(f"{srv.url}/v1/completions", json=body, headers=AUTH, timeout=60)
         streamed = httpx.post(f"{srv.url}/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60)
         metrics = httpx.get(f"{srv.url}/metrics").text

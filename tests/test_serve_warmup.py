@@ -62,17 +62,25 @@ def test_not_ready_until_the_warm_up_generation_ran(checkpoint: Path) -> None:
     assert any(r.getMessage().startswith("warm-up: 3 greedy token(s)") for r in records)
 
 
-def test_warm_up_off_and_failed(checkpoint: Path) -> None:
+def test_warm_up_off_and_failed(checkpoint: Path, tiny_base: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     with LiveServer(_app(checkpoint, warmup_tokens=0), free_port(), wait_ready=False) as server:
         assert httpx.get(f"{server.url}/readyz").status_code == 200
         assert httpx.get(f"{server.url}/healthz").json()["warmup"] == {"status": "off"}
-    broken = _app(checkpoint)
-    router = next(m for m in broken.user_middleware if m.kwargs.get("ctx")).kwargs["ctx"].router
-    router.primary.engine.stop(drain=False)  # an engine that takes no job: the warm-up cannot generate
-    with LiveServer(broken, free_port(), wait_ready=False) as server:
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{server.url}/healthz").json()["warmup"]["status"] != "failed":
-            assert time.monotonic() < deadline
+    # a model whose weights diverged (NaN) cannot generate: it must never be sent traffic
+    diverged = tmp_path / "diverged"
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(diverged)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(diverged)
+    with LiveServer(_app(diverged), free_port(), wait_ready=False) as server:
+        deadline = time.monotonic() + 60
+        while (warmup := httpx.get(f"{server.url}/healthz").json()["warmup"])["status"] != "failed":
+            assert time.monotonic() < deadline and warmup["status"] in ("pending", "running"), warmup
             time.sleep(0.02)
+        assert "NonFiniteLogitsError" in warmup["error"]
         not_ready = httpx.get(f"{server.url}/readyz")
         assert not_ready.status_code == 503 and not_ready.json()["why"] == "warm-up failed"

@@ -121,6 +121,9 @@ class SloConfig(BaseModel):
     @model_validator(mode="after")
     def _windows_fit_period(self) -> "SloConfig":
         period = duration_seconds(self.period)
+        longs = [w.long_window for w in self.burn_windows]
+        if len(set(longs)) != len(longs):
+            raise ValueError(f"burn windows share a long_window ({', '.join(longs)}): each names its alert")
         for window in self.burn_windows:
             if duration_seconds(window.long_window) > period:
                 raise ValueError(f"burn window {window.long_window} is longer than the period {self.period}")

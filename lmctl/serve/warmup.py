@@ -5,6 +5,10 @@ lazily allocated buffers, the allocator's first growth, pages of the weights sti
 from disk). `lmctl serve` therefore runs a short greedy generation through each served version's
 real engine before `/readyz` answers 200; a load balancer or Kubernetes readiness probe sends
 nothing before that. The time it took is logged and shown on `/healthz`.
+
+Readiness waits on the primary version: if it cannot generate, the server stays not ready. A
+canary is warmed too, but a canary that fails is left to the canary policy, which rolls it back
+on its first errors (lmctl.serve.canary): it must not take the stable version out of traffic.
 """
 
 from __future__ import annotations
@@ -33,14 +37,23 @@ def _generate(slot: Any, tokens: int, timeout_s: float) -> int:
 
 async def warm_up(slots: list[Any], tokens: int, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
     """Warm every slot in turn, off the event loop (health checks keep answering meanwhile).
-    Returns what /healthz shows; raises whatever the generation raised."""
+    Returns what /healthz shows; raises whatever the primary's generation raised."""
     started = time.perf_counter()
-    per_version = {}
+    per_version: dict[str, dict[str, Any]] = {}
     for slot in slots:
         t0 = time.perf_counter()
-        generated = await asyncio.to_thread(_generate, slot, tokens, timeout_s)
-        per_version[slot.version] = {"tokens": generated, "seconds": round(time.perf_counter() - t0, 4)}
+        try:
+            generated = await asyncio.to_thread(_generate, slot, tokens, timeout_s)
+        except Exception as exc:
+            if slot.role == "primary":
+                raise
+            log.warning("warm-up of canary version %s failed: %s: %s", slot.version, type(exc).__name__, exc)
+            per_version[slot.version] = {"role": slot.role, "error": f"{type(exc).__name__}: {exc}"}
+            continue
+        per_version[slot.version] = {"role": slot.role, "tokens": generated,
+                                     "seconds": round(time.perf_counter() - t0, 4)}
     seconds = round(time.perf_counter() - started, 4)
     log.info("warm-up: %d greedy token(s) per version in %.3f s (%s); ready", tokens, seconds,
-             ", ".join(f"version {v}: {w['seconds']:.3f} s" for v, w in per_version.items()))
+             ", ".join(f"version {v}: {w['seconds']:.3f} s" if "seconds" in w else f"version {v}: failed"
+                       for v, w in per_version.items()))
     return {"status": "done", "tokens": tokens, "seconds": seconds, "versions": per_version}
