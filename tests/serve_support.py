@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -37,6 +38,20 @@ class LiveServer:
     def __exit__(self, *_exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=60)
+
+
+def diverged_model(base: Path, dest: Path) -> Path:
+    """`base` with its final norm's weights NaN: a model whose every generation fails
+    (NonFiniteLogitsError), as one whose training diverged."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(base).save_pretrained(dest)
+    return dest
 
 
 def sse_events(response: httpx.Response) -> list[Any]:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from conftest import copy_checkpoint, free_port
-from serve_support import LiveServer, log_records
+from serve_support import LiveServer, diverged_model, log_records
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +63,11 @@ def test_not_ready_until_the_warm_up_generation_ran(checkpoint: Path) -> None:
 
 
 def test_warm_up_off_and_failed(checkpoint: Path, tiny_base: Path, tmp_path: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     with LiveServer(_app(checkpoint, warmup_tokens=0), free_port(), wait_ready=False) as server:
         assert httpx.get(f"{server.url}/readyz").status_code == 200
         assert httpx.get(f"{server.url}/healthz").json()["warmup"] == {"status": "off"}
     # a model whose weights diverged (NaN) cannot generate: it must never be sent traffic
-    diverged = tmp_path / "diverged"
-    model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    model.save_pretrained(diverged)
-    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(diverged)
+    diverged = diverged_model(tiny_base, tmp_path / "diverged")
     with LiveServer(_app(diverged), free_port(), wait_ready=False) as server:
         deadline = time.monotonic() + 60
         while (warmup := httpx.get(f"{server.url}/healthz").json()["warmup"])["status"] != "failed":
