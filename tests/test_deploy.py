@@ -135,6 +135,13 @@ def test_refusals_write_nothing(cli, checkpoint: Path, tiny_base: Path, tmp_path
     assert cli("deploy", checkpoint, "--target", "docker", "--out", tmp_path / "q").code == 2
     bad = cli("deploy", checkpoint, "--target", "vllm", "--out", tmp_path / "r", "--canary", "models:/x/1")
     assert bad.code == 2 and "kubernetes only" in bad.err
+    for extra, complaint in ((["--max-replicas", "3"], "kubernetes only"), (["--slo", str(tmp_path / "s.yaml")], "--slo")):
+        refused = cli("deploy", checkpoint, "--target", "vllm", "--out", tmp_path / "r", *extra)
+        assert refused.code == 2 and complaint in refused.err, refused.err
+    slo = tmp_path / "slo.yaml"
+    slo.write_text("availability: 0.999\nperiod: 1w\n")
+    assert cli("deploy", checkpoint, "--target", "local", "--out", tmp_path / "slo", "--slo", slo).code == 0
+    assert ") > 0.00336\n" in (tmp_path / "slo" / "alerts.rules.yaml").read_text()  # 2% of a week in 1h: 3.36 x 0.1%
 
     tampered = tmp_path / "tampered"
     shutil.copytree(checkpoint, tampered)
