@@ -35,6 +35,15 @@ def _generate(slot: Any, tokens: int, timeout_s: float) -> int:
     return len(job.wait(timeout_s).token_ids)
 
 
+def warm_slot(slot: Any, tokens: int) -> None:
+    """Warm one version before it takes traffic (a hot reload's new version), blocking; raises
+    whatever the generation raised. `tokens` 0: nothing."""
+    if tokens:
+        t0 = time.perf_counter()
+        _generate(slot, tokens, TIMEOUT_S)
+        log.info("warm-up of version %s: %d greedy token(s) in %.3f s", slot.version, tokens, time.perf_counter() - t0)
+
+
 async def warm_up(slots: list[Any], tokens: int, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
     """Warm every slot in turn, off the event loop (health checks keep answering meanwhile).
     Returns what /healthz shows; raises whatever the primary's generation raised."""
