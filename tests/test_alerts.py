@@ -38,7 +38,7 @@ def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("rules") / "alerts.rules.yaml"
-    path.write_text(dump(rules_file(SloConfig(), M, "tiny")), encoding="utf-8")
+    path.write_text(dump(rules_file(SloConfig(), M, "tiny", V)), encoding="utf-8")
     return path
 
 
@@ -95,7 +95,10 @@ def test_workbook_burn_rates_and_slo_defaults() -> None:
                      "LmctlCanaryRolledBack", "LmctlReloadRefused", "LmctlQuotaExhausted"]
     fast = doc["groups"][0]["rules"][0]
     assert fast["labels"]["severity"] == "page" and "> 0.072" in fast["expr"]  # 14.4 x 0.5%
-    assert all("by (model, version" in r["expr"] for g in doc["groups"] for r in g["rules"])
+    by_version = [r["alert"] for g in doc["groups"] for r in g["rules"] if "by (model, version" in r["expr"]]
+    assert by_version == names[:-1]  # quota refusals carry no model/version: that alert has them fixed
+    assert {k: v for k, v in doc["groups"][2]["rules"][2]["labels"].items()} == {
+        "model": M, "version": "", "severity": "ticket"}
 
 
 def test_slo_file_errors_name_the_field(tmp_path: Path) -> None:
@@ -191,12 +194,12 @@ def test_latency_and_ttft_alerts(rules: Path) -> None:
 def test_event_alerts_fire_on_one_event(rules: Path, first: str) -> None:
     """A counter that goes 0 -> 1, and one exported only from its first increment (at 1)."""
     canary = {"model": M, "version": "2"}
-    quota = {"model": M, "version": V, "key": "team-a"}
+    quota = {"model": M, "version": V, "key": "team-a"}  # model and version: the deployment's, fixed
     series = {f'lmctl_canary_rollbacks_total{{model="{M}", version="2"}}': first,
               f'lmctl_model_reloads_total{{model="{M}", version="3", outcome="refused"}}': first,
               f'lmctl_model_reloads_total{{model="{M}", version="2", outcome="swapped"}}': first,
-              f'lmctl_rate_limited_total{{model="{M}", version="{V}", key="team-a", reason="insufficient_quota"}}': first,
-              f'lmctl_rate_limited_total{{model="{M}", version="{V}", key="team-b", reason="rate_limit_exceeded"}}': first,
+              f'lmctl_quota_refusals_total{{key="team-a", reason="tokens_per_day"}}': first,
+              f'lmctl_quota_refusals_total{{key="team-b", reason="tokens"}}': first,  # per minute: no alert
               'lmctl_canary_rollbacks_total{model="other", version="9"}': first}  # another deployment's
     _ok(unit_test(rules, series, "15m", {
         "LmctlCanaryRolledBack": [expect(rules, "LmctlCanaryRolledBack", canary)],

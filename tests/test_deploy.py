@@ -115,7 +115,11 @@ def test_local_bundle_starts_and_answers_healthz(cli, checkpoint: Path, tmp_path
     families = text_string_to_metric_families(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
     requests = next(f for f in families if f.name == "lmctl_requests")
     assert {sample.labels["model"] for sample in requests.samples} == {"model"}
-    assert 'model="model"' in (moved / "alerts.rules.yaml").read_text()
+    rules = yaml.safe_load((moved / "alerts.rules.yaml").read_text())
+    quota = next(r for g in rules["groups"] for r in g["rules"] if r["alert"] == "LmctlQuotaExhausted")
+    served = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json()
+    assert (quota["labels"]["model"], quota["labels"]["version"]) == ("model", served["version"])
+    assert 'model="model"' in rules["groups"][0]["rules"][0]["expr"]
     if shutil.which("promtool"):
         checked = subprocess.run(["promtool", "check", "rules", str(moved / "alerts.rules.yaml")],
                                  capture_output=True, text=True, timeout=60)

@@ -7,8 +7,11 @@ Every expression aggregates `by (model, version)` (plus `key` for quotas), so ev
 the model and the version it is about: a canary's errors page as the canary's. Series used
 (lmctl.serve.metrics): lmctl_requests_total{endpoint,status}, the buckets of
 lmctl_request_latency_seconds and lmctl_time_to_first_token_seconds, lmctl_canary_rollbacks_total,
-lmctl_model_reloads_total{outcome="refused"}, and lmctl_rate_limited_total{key,reason} (the
-per-key limits' counter; while a server does not export it, that rule never fires).
+lmctl_model_reloads_total{outcome="refused"}, and lmctl_quota_refusals_total{key,reason} (the
+per-key limits' refusals; `reason="tokens_per_day"` is a spent daily budget; a server without
+keys files never exports it, and that rule never fires). Quota refusals come before a version is
+picked, so that series has no model or version label: its alert carries the deployment's model
+and stable version as fixed labels, and counts every server the Prometheus scrapes.
 
 Written by hand, not with a generator such as Sloth or Pyrra: they are Go binaries with their own
 spec formats, and the rules here are a few dozen lines of PromQL whose every alert is unit-tested
@@ -25,7 +28,7 @@ RULES_FILE = "alerts.rules.yaml"
 PROMETHEUS_RULE_FILE = "prometheusrule.yaml"
 BY = "model, version"
 RUNBOOK = "docs/operations.md#slo-alerts"
-REFUSED, SPENT = 'outcome="refused"', 'reason="insufficient_quota"'
+REFUSED, SPENT = 'outcome="refused"', 'reason="tokens_per_day"'
 
 
 def _pct(share: float) -> str:
@@ -39,14 +42,14 @@ def _matchers(slo: SloConfig, model: str, *extra: str) -> str:
 
 
 def _alert(slo: SloConfig, name: str, expr: str, severity: str, summary: str, description: str, hint: str,
-           for_: str | None = None) -> dict[str, Any]:
+           for_: str | None = None, fixed: dict[str, str] | None = None) -> dict[str, Any]:
     annotations = {"summary": summary, "description": description, "runbook": f"{hint} (lmctl {RUNBOOK})"}
     if slo.runbook_url:
         annotations["runbook_url"] = f"{slo.runbook_url}#{name.lower()}"
     rule: dict[str, Any] = {"alert": name, "expr": expr}
     if for_:
         rule["for"] = for_
-    rule["labels"] = {**slo.alert_labels, "severity": severity}
+    rule["labels"] = {**slo.alert_labels, **(fixed or {}), "severity": severity}
     rule["annotations"] = annotations
     return rule
 
@@ -111,7 +114,7 @@ def _counted(slo: SloConfig, series: str, matchers: str, by: str = BY) -> str:
             f"or sum by ({by}) ({series}{matchers} unless {series}{matchers} offset {w})\n")
 
 
-def event_alerts(slo: SloConfig, model: str) -> list[dict[str, Any]]:
+def event_alerts(slo: SloConfig, model: str, version: str) -> list[dict[str, Any]]:
     w = slo.event_window
     return [
         _alert(slo, "LmctlCanaryRolledBack", _counted(slo, "lmctl_canary_rollbacks_total", _matchers(slo, model)),
@@ -126,32 +129,35 @@ def event_alerts(slo: SloConfig, model: str) -> list[dict[str, Any]]:
                            "to (failed verification or load); it keeps serving the previous one.",
                hint="read the reload events on /healthz; fix or move the alias back (lmctl promote)"),
         _alert(slo, "LmctlQuotaExhausted",
-               _counted(slo, "lmctl_rate_limited_total", _matchers(slo, model, SPENT), f"{BY}, key"), "ticket",
-               summary="API key {{ $labels.key }} spent its token budget on {{ $labels.model }}",
+               _counted(slo, "lmctl_quota_refusals_total", "{" + SPENT + "}", "key"), "ticket",
+               summary=f"API key {{{{ $labels.key }}}} spent its token budget on {slo.model or model}",
                description=f"requests of key {{{{ $labels.key }}}} were refused with insufficient_quota in the last "
                            f"{w}: its tokens-per-day budget is spent.",
-               hint="raise the key's budget in the keys file if the use is legitimate, else find the runaway client"),
+               hint="raise the key's budget in the keys file if the use is legitimate, else find the runaway client",
+               fixed={"model": slo.model or model, "version": version}),
     ]
 
 
-def rule_groups(slo: SloConfig, model: str, app: str) -> list[dict[str, Any]]:
-    """The rule groups, one per concern, named after the deployment."""
+def rule_groups(slo: SloConfig, model: str, app: str, version: str = "") -> list[dict[str, Any]]:
+    """The rule groups, one per concern, named after the deployment (`model`, `version`: what its
+    stable server reports)."""
     return [
         {"name": f"lmctl-{app}-availability", "rules": [burn_alert(slo, model, w) for w in slo.burn_windows]},
         {"name": f"lmctl-{app}-latency", "rules": latency_alerts(slo, model)},
-        {"name": f"lmctl-{app}-events", "rules": event_alerts(slo, model)},
+        {"name": f"lmctl-{app}-events", "rules": event_alerts(slo, model, version)},
     ]
 
 
-def rules_file(slo: SloConfig, model: str, app: str) -> dict[str, Any]:
-    return {"groups": rule_groups(slo, model, app)}
+def rules_file(slo: SloConfig, model: str, app: str, version: str = "") -> dict[str, Any]:
+    return {"groups": rule_groups(slo, model, app, version)}
 
 
-def prometheus_rule(slo: SloConfig, model: str, app: str, namespace: str, labels: dict[str, str]) -> dict[str, Any]:
+def prometheus_rule(slo: SloConfig, model: str, app: str, namespace: str, labels: dict[str, str],
+                    version: str = "") -> dict[str, Any]:
     """The groups as a prometheus-operator PrometheusRule (monitoring.coreos.com/v1)."""
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
             "metadata": {"name": app, "namespace": namespace, "labels": {**labels, **slo.rule_labels}},
-            "spec": {"groups": rule_groups(slo, model, app)}}
+            "spec": {"groups": rule_groups(slo, model, app, version)}}
 
 
 def summary(slo: SloConfig, model: str) -> dict[str, Any]:

@@ -269,11 +269,12 @@ class Renderer:
         kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                          "namespace": self.opts.namespace, "resources": list(docs)}
         (stage / "kustomization.yaml").write_text(dump(kustomization), encoding="utf-8")
-        model = self.stable.registry_name or self.app  # the name `lmctl serve` reports for a models:/ ref
+        # the model name and version `lmctl serve` reports for a models:/ reference
+        model, version = self.stable.registry_name or self.app, self.stable.registry_version or ""
         rule_labels = {"app.kubernetes.io/name": self.app, "app.kubernetes.io/managed-by": "lmctl"}
-        (stage / alerts.RULES_FILE).write_text(dump(alerts.rules_file(self.slo, model, self.app)), encoding="utf-8")
+        (stage / alerts.RULES_FILE).write_text(dump(alerts.rules_file(self.slo, model, self.app, version)), encoding="utf-8")
         (stage / alerts.PROMETHEUS_RULE_FILE).write_text(
-            dump(alerts.prometheus_rule(self.slo, model, self.app, self.opts.namespace, rule_labels)), encoding="utf-8")
+            dump(alerts.prometheus_rule(self.slo, model, self.app, self.opts.namespace, rule_labels, version)), encoding="utf-8")
         out = shlex.quote(str(self.final))
         commands = {
             "secret": (f"kubectl -n {self.opts.namespace} create secret generic {self.app}-api-keys "

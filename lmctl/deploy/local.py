@@ -53,8 +53,10 @@ class Renderer:
         copy_checkpoint(self.source, stage / "model")
         write_script(stage / "start.sh", START_SH.format(version=__version__, ref=self.source.ref,
                                                          host=self.host, port=self.port))
-        model = "model"  # `lmctl serve DIR` reports the directory's name as the model
-        (stage / alerts.RULES_FILE).write_text(dump(alerts.rules_file(self.slo, model, "local")), encoding="utf-8")
+        # `lmctl serve DIR` reports the directory's name as the model and its lock's hash as the version
+        model, version = "model", f"sha-{self.source.manifest_sha256[:12]}"
+        (stage / alerts.RULES_FILE).write_text(dump(alerts.rules_file(self.slo, model, "local", version)),
+                                               encoding="utf-8")
         serve_argv = ["lmctl", "serve", str(self.final / "model"), "--host", self.host, "--port", str(self.port)]
         return Rendered(
             commands={"start": shlex.quote(str(self.final / "start.sh")), "serve": shlex.join(serve_argv),
