@@ -24,6 +24,7 @@ import re
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,22 +35,21 @@ OUT = REPO / "tests" / "assets" / "gateway-api" / "httproute-v1.schema.json"
 LITERAL = re.compile(r"^const schema = (\{.*?^\});$", re.S | re.M)
 
 
-def npm_pack(dest: Path) -> Path:
-    subprocess.run(["npm", "pack", f"{PACKAGE}@{VERSION}", "--pack-destination", str(dest)], check=True,
-                   capture_output=True)
-    return next(dest.glob("*.tgz"))
+def literal_schema(tarball: Path, package: str, version: str, member: str) -> tuple[dict, dict]:
+    """(package.json, the schema literal of `member`) from a `npm pack` tarball of package@version."""
+    with tarfile.open(tarball) as tar:
+        meta = json.load(tar.extractfile("package/package.json"))  # type: ignore[arg-type]
+        source = tar.extractfile(member).read().decode()  # type: ignore[union-attr]
+    if meta["version"] != version:
+        raise SystemExit(f"{tarball} is {package} {meta['version']}, not {version}")
+    match = LITERAL.search(source)
+    if match is None:
+        raise SystemExit(f"no `const schema = {{...}};` literal in {member}")
+    return meta, json.loads(match.group(1))
 
 
 def extract(tarball: Path) -> dict:
-    with tarfile.open(tarball) as tar:
-        meta = json.load(tar.extractfile("package/package.json"))  # type: ignore[arg-type]
-        source = tar.extractfile(MEMBER).read().decode()  # type: ignore[union-attr]
-    if meta["version"] != VERSION:
-        raise SystemExit(f"{tarball} is {PACKAGE} {meta['version']}, not {VERSION}")
-    match = LITERAL.search(source)
-    if match is None:
-        raise SystemExit(f"no `const schema = {{...}};` literal in {MEMBER}")
-    schema = json.loads(match.group(1))
+    meta, schema = literal_schema(tarball, PACKAGE, VERSION, MEMBER)
     assert schema["properties"]["apiVersion"]["enum"] == ["gateway.networking.k8s.io/v1"]
     inputs = meta["crd-generate"]["input"]
     return {"$comment": (f"HTTPRoute gateway.networking.k8s.io/v1 openAPIV3Schema of Gateway API {GATEWAY_API}, as "
@@ -59,15 +59,23 @@ def extract(tarball: Path) -> dict:
             **schema}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tarball", type=Path, help=f"a local `npm pack {PACKAGE}@{VERSION}` (default: run npm pack)")
+def write_asset(description: str, extract_from: Callable[[Path], dict], out: Path, package: str, version: str) -> None:
+    """The command line of a schema script: `npm pack` (or --tarball), extract, write `out`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tarball", type=Path, help=f"a local `npm pack {package}@{version}` (default: run npm pack)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        schema = extract(args.tarball or npm_pack(Path(tmp)))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(schema, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {OUT.relative_to(REPO)}")
+        if args.tarball is None:
+            subprocess.run(["npm", "pack", f"{package}@{version}", "--pack-destination", tmp], check=True,
+                           capture_output=True)
+        schema = extract_from(args.tarball or next(Path(tmp).glob("*.tgz")))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(schema, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out.relative_to(REPO)}")
+
+
+def main() -> None:
+    write_asset(__doc__.splitlines()[0], extract, OUT, PACKAGE, VERSION)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,18 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 
 class LiveServer:
-    def __init__(self, app: Any, port: int) -> None:
+    def __init__(self, app: Any, port: int, wait_ready: bool = True) -> None:
+        """`wait_ready`: enter only once /readyz answers 200 (after the warm-up generation)."""
         import uvicorn
 
+        self.wait_ready = wait_ready
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -27,11 +30,28 @@ class LiveServer:
         while not self.server.started:
             assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
             time.sleep(0.02)
+        while self.wait_ready and httpx.get(f"{self.url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.02)
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=60)
+
+
+def diverged_model(base: Path, dest: Path) -> Path:
+    """`base` with its final norm's weights NaN: a model whose every generation fails
+    (NonFiniteLogitsError), as one whose training diverged."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(base).save_pretrained(dest)
+    return dest
 
 
 def sse_events(response: httpx.Response) -> list[Any]:

@@ -108,6 +108,22 @@ def test_local_bundle_starts_and_answers_healthz(cli, checkpoint: Path, tmp_path
     wait_for_http(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc, log=log)
     body = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).text
     assert manifest["tokenizer_fingerprint"] in body  # it serves the locked checkpoint, not something else
+    # the alert rules select the model label this server really reports
+    assert manifest["alerts"]["model"] == "model" and "alerts.rules.yaml" in data["files"]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+    requests = next(f for f in families if f.name == "lmctl_requests")
+    assert {sample.labels["model"] for sample in requests.samples} == {"model"}
+    rules = yaml.safe_load((moved / "alerts.rules.yaml").read_text())
+    quota = next(r for g in rules["groups"] for r in g["rules"] if r["alert"] == "LmctlQuotaExhausted")
+    served = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).json()
+    assert (quota["labels"]["model"], quota["labels"]["version"]) == ("model", served["version"])
+    assert 'model="model"' in rules["groups"][0]["rules"][0]["expr"]
+    if shutil.which("promtool"):
+        checked = subprocess.run(["promtool", "check", "rules", str(moved / "alerts.rules.yaml")],
+                                 capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_refusals_write_nothing(cli, checkpoint: Path, tiny_base: Path, tmp_path: Path) -> None:
@@ -123,6 +139,13 @@ def test_refusals_write_nothing(cli, checkpoint: Path, tiny_base: Path, tmp_path
     assert cli("deploy", checkpoint, "--target", "docker", "--out", tmp_path / "q").code == 2
     bad = cli("deploy", checkpoint, "--target", "vllm", "--out", tmp_path / "r", "--canary", "models:/x/1")
     assert bad.code == 2 and "kubernetes only" in bad.err
+    for extra, complaint in ((["--max-replicas", "3"], "kubernetes only"), (["--slo", str(tmp_path / "s.yaml")], "--slo")):
+        refused = cli("deploy", checkpoint, "--target", "vllm", "--out", tmp_path / "r", *extra)
+        assert refused.code == 2 and complaint in refused.err, refused.err
+    slo = tmp_path / "slo.yaml"
+    slo.write_text("availability: 0.999\nperiod: 1w\n")
+    assert cli("deploy", checkpoint, "--target", "local", "--out", tmp_path / "slo", "--slo", slo).code == 0
+    assert ") > 0.00336\n" in (tmp_path / "slo" / "alerts.rules.yaml").read_text()  # 2% of a week in 1h: 3.36 x 0.1%
 
     tampered = tmp_path / "tampered"
     shutil.copytree(checkpoint, tampered)
@@ -330,8 +353,11 @@ def test_kubernetes_manifests_with_weighted_canary(cli, checkpoint: Path, tmp_pa
     assert result.json["registry_version"] == "1"
     docs = {p.name: yaml.safe_load(p.read_text()) for p in out.glob("*.yaml")}
     kustomization = docs.pop("kustomization.yaml")
+    rules, operator_rule = docs.pop("alerts.rules.yaml"), docs.pop("prometheusrule.yaml")  # applied on their own
     assert kustomization["kind"] == "Kustomization" and sorted(kustomization["resources"]) == sorted(docs)
     assert kustomization["namespace"] == "ml"
+    assert operator_rule["spec"]["groups"] == rules["groups"] and operator_rule["metadata"]["namespace"] == "ml"
+    assert 'model="Tiny_Model.v2"' in rules["groups"][0]["rules"][0]["expr"]  # the name serve reports
 
     stable, canary = docs["deployment.yaml"], docs["deployment-canary.yaml"]
     container = _check_deployment(stable, "ml")
@@ -339,7 +365,15 @@ def test_kubernetes_manifests_with_weighted_canary(cli, checkpoint: Path, tmp_pa
     assert stable["metadata"]["name"] == "tiny-model-v2" and canary["metadata"]["name"] == "tiny-model-v2-canary"
     assert container["args"][1] == "models:/Tiny_Model.v2@production"
     assert canary_container["args"][1] == "models:/Tiny_Model.v2/2"
-    assert stable["spec"]["replicas"] == 3 and container["image"] == "registry.example/lmctl:1"
+    # the autoscaler owns the stable count (a fixed replicas would be reset by every apply); the canary's is fixed
+    assert "replicas" not in stable["spec"] and canary["spec"]["replicas"] == 1
+    hpa, pdb = docs["hpa.yaml"], docs["pdb.yaml"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 4)  # default max: max(4, --replicas)
+    assert hpa["spec"]["scaleTargetRef"]["name"] == stable["metadata"]["name"]
+    assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 70
+    assert pdb["spec"]["selector"]["matchLabels"] == stable["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert container["image"] == "registry.example/lmctl:1"
     assert container["resources"]["requests"]["cpu"] == "500m"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.ml:5000"} in container["env"]
@@ -366,9 +400,12 @@ def test_kubernetes_refuses_bad_input(cli, checkpoint: Path, tmp_path: Path) -> 
     assert local.code == 2 and "models:/" in local.err  # pods cannot see a local path
     assert cli("register", checkpoint, "--name", "tiny").code == 0
     ref = "models:/tiny/1"
+    bad_slo = tmp_path / "slo.yaml"
+    bad_slo.write_text("availability: 99.5\n")  # a percent where a share is expected
     for extra in (["--canary", ref, "--canary-weight", "0"], ["--canary", ref, "--canary-weight", "1"],
                   ["--canary", ref, "--canary-weight", "0.125"], ["--canary-weight", "0.1"], ["--memory", "4 GB"], ["--cpu", "two"], ["--name", "Bad_Name"],
-                  ["--namespace", "Prod"], ["--canary", "models:/tiny/9"]):
+                  ["--namespace", "Prod"], ["--canary", "models:/tiny/9"], ["--replicas", "3", "--max-replicas", "2"],
+                  ["--slo", str(tmp_path / "missing.yaml")], ["--slo", str(bad_slo)]):
         result = cli("deploy", ref, "--target", "kubernetes", "--out", tmp_path / "b", *extra)
         assert result.code == 2, (extra, result.err)
         assert not (tmp_path / "b").exists()

@@ -1,10 +1,12 @@
 """Rendered Kubernetes manifests checked by `kubernetes-validate --strict`, the validator users run,
-and the canary HTTPRoute by the `jsonschema` library against Gateway API's published v1 schema.
+the canary HTTPRoute and the alerts' PrometheusRule by the `jsonschema` library against Gateway API's
+and prometheus-operator's published v1 schemas, and the alert rule file by `promtool check rules`.
 
 kubernetes-validate ships the Kubernetes JSON schemas inside its package, so this runs offline.
-kubernetes-validate has no schema for CRDs, so the HTTPRoute schema is vendored:
-tests/assets/gateway-api/ (Gateway API v1.0.0, from an npm package; its README and
-scripts/gateway_api_schema.py say which and how to refresh it). Each check is also shown to fail
+kubernetes-validate has no schema for CRDs, so the HTTPRoute and PrometheusRule schemas are vendored:
+tests/assets/gateway-api/ (Gateway API v1.0.0) and tests/assets/prometheus-operator/ (v0.57.0), each
+from an npm package; their READMEs and scripts/gateway_api_schema.py, scripts/prometheus_rule_schema.py
+say which and how to refresh them. Each check is also shown to fail
 on a broken copy, so a validator that silently passes nothing cannot make these tests green.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +25,7 @@ import yaml
 
 K8S_VERSION = "1.37.0"
 HTTPROUTE_SCHEMA = Path(__file__).parent / "assets" / "gateway-api" / "httproute-v1.schema.json"
+PROMETHEUS_RULE_SCHEMA = Path(__file__).parent / "assets" / "prometheus-operator" / "prometheusrule-v1.schema.json"
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"  # the schema's $ref for `metadata`
 
 
@@ -48,7 +52,7 @@ def kubernetes_validate(*files: Path, version: str = K8S_VERSION) -> subprocess.
 
 def test_deployments_and_services_pass_strict_validation(manifests: Path) -> None:
     files = [manifests / name for name in ("deployment.yaml", "service.yaml", "deployment-canary.yaml",
-                                           "service-canary.yaml")]
+                                           "service-canary.yaml", "hpa.yaml", "pdb.yaml")]
     done = kubernetes_validate(*files)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("INFO") == len(files)  # one "... is valid" line per file
@@ -59,6 +63,53 @@ def test_deployments_and_services_pass_strict_validation(manifests: Path) -> Non
     broken.write_text(yaml.safe_dump(deployment))
     refused = kubernetes_validate(broken)
     assert refused.returncode != 0 and "readinesProbe" in refused.stdout + refused.stderr
+
+
+@pytest.mark.parametrize(("name", "path", "value", "complaint"), [
+    ("hpa.yaml", ("spec", "maxReplicas"), "four", "maxReplicas"),
+    ("hpa.yaml", ("spec", "metrics", 0, "resource", "target", "averageUtilisation"), 70, "averageUtilisation"),
+    ("pdb.yaml", ("spec", "maxUnavailble"), 1, "maxUnavailble"),
+    ("pdb.yaml", ("spec", "selector", "matchLabels"), ["app"], "matchLabels"),
+])
+def test_autoscaler_and_disruption_budget_refused_when_broken(manifests: Path, name: str, path: tuple[Any, ...],
+                                                              value: Any, complaint: str) -> None:
+    doc = _set(yaml.safe_load((manifests / name).read_text()), path, value)
+    broken = manifests.parent / f"broken-{name}"
+    broken.write_text(yaml.safe_dump(doc))
+    refused = kubernetes_validate(broken)
+    assert refused.returncode != 0 and complaint in refused.stdout + refused.stderr
+
+
+def _set(doc: Any, path: tuple[Any, ...], value: Any) -> Any:
+    """A copy of `doc` with the item at `path` set to `value`."""
+    doc = copy.deepcopy(doc)
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    return doc
+
+
+def test_queue_depth_autoscaler_from_the_docs_passes_strict_validation(manifests: Path) -> None:
+    """docs/operations.md's custom-metric `metrics:` block, put into the rendered HPA as it says."""
+    import re
+
+    page = (Path(__file__).parent.parent / "docs" / "operations.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", page, re.S) if "type: Pods" in b)
+    hpa = yaml.safe_load((manifests / "hpa.yaml").read_text())
+    hpa["spec"]["metrics"] = yaml.safe_load(block)["metrics"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "lmctl_queue_depth"
+    path = manifests.parent / "hpa-queue-depth.yaml"
+    path.write_text(yaml.safe_dump(hpa))
+    done = kubernetes_validate(path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+def test_rendered_alert_rules_pass_promtool(manifests: Path) -> None:
+    done = subprocess.run(["promtool", "check", "rules", str(manifests / "alerts.rules.yaml")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "SUCCESS: 10 rules found" in done.stdout, done.stdout + done.stderr
 
 
 def forbid_unknown_fields(schema: Any) -> Any:
@@ -78,15 +129,14 @@ def forbid_unknown_fields(schema: Any) -> Any:
     return out
 
 
-@pytest.fixture(scope="module")
-def httproute_errors() -> Any:
-    """A function listing the Gateway API v1 schema's complaints about an HTTPRoute document."""
+def crd_errors(schema_path: Path) -> Any:
+    """A function listing a vendored CRD schema's complaints about a document."""
     import jsonschema
     import kubernetes_validate
     from referencing import Registry, Resource
     from referencing.jsonschema import DRAFT202012
 
-    schema = forbid_unknown_fields(json.loads(HTTPROUTE_SCHEMA.read_text(encoding="utf-8")))
+    schema = forbid_unknown_fields(json.loads(schema_path.read_text(encoding="utf-8")))
     # `metadata` is checked against Kubernetes' own ObjectMeta, from the schemas kubernetes-validate ships
     schemas = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{K8S_VERSION}-local-strict"
     definitions = Resource.from_contents(json.loads((schemas / "_definitions.json").read_text(encoding="utf-8")))
@@ -96,6 +146,18 @@ def httproute_errors() -> Any:
     validator = jsonschema.Draft202012Validator(schema, registry=registry,
                                                 format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
     return lambda doc: sorted(f"{e.json_path}: {e.message}" for e in leaves(validator.iter_errors(doc)))
+
+
+@pytest.fixture(scope="module")
+def httproute_errors() -> Any:
+    """The Gateway API v1 schema's complaints about an HTTPRoute document."""
+    return crd_errors(HTTPROUTE_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def prometheus_rule_errors() -> Any:
+    """prometheus-operator's v1 schema's complaints about a PrometheusRule document."""
+    return crd_errors(PROMETHEUS_RULE_SCHEMA)
 
 
 def leaves(errors: Any) -> Any:
@@ -125,11 +187,7 @@ def test_httproute_passes_the_gateway_api_v1_schema(manifests: Path, httproute_e
 ])
 def test_gateway_api_schema_refuses_a_broken_route(manifests: Path, httproute_errors: Any, path: tuple[Any, ...],
                                                    value: Any, complaint: str) -> None:
-    route = copy.deepcopy(yaml.safe_load((manifests / "httproute.yaml").read_text()))
-    parent = route
-    for key in path[:-1]:
-        parent = parent[key]
-    parent[path[-1]] = value
+    route = _set(yaml.safe_load((manifests / "httproute.yaml").read_text()), path, value)
     errors = httproute_errors(route)
     assert errors and any(complaint in e for e in errors), errors
 
@@ -169,3 +227,29 @@ def test_rollout_steps_render_one_valid_httproute_per_step(rollout_manifests: Pa
     broken = copy.deepcopy(routes[3])
     broken["spec"]["rules"][0]["backendRefs"][1]["weight"] = -1
     assert any("less than the minimum" in e for e in httproute_errors(broken))
+
+
+def test_prometheus_rule_passes_the_prometheus_operator_schema(manifests: Path, prometheus_rule_errors: Any) -> None:
+    rule = yaml.safe_load((manifests / "prometheusrule.yaml").read_text())
+    assert prometheus_rule_errors(rule) == []
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    file_groups = yaml.safe_load((manifests / "alerts.rules.yaml").read_text())["groups"]
+    assert rule["spec"]["groups"] == file_groups  # one set of rules, two packagings
+    assert all(r["labels"]["severity"] in ("page", "ticket") for g in file_groups for r in g["rules"])
+
+
+@pytest.mark.parametrize(("path", "value", "complaint"), [
+    (("spec", "groups", 0, "rules", 0, "expr"), None, "None is not of type 'string'"),
+    (("spec", "groups", 0, "rules", 0, "labels", "severity"), 1, "is not of type 'string'"),
+    (("spec", "groups", 0, "rules", 0, "annotaions"), {}, "Additional properties"),  # a typo: unknown field
+    (("spec", "groups", 0, "name"), None, "is not of type 'string'"),
+    (("spec", "group"), [], "Additional properties"),
+    (("kind",), "PrometheusRules", "is not one of"),
+    (("apiVersion",), "monitoring.coreos.com/v1beta1", "is not one of"),
+    (("metadata", "labels", "app.kubernetes.io/name"), 7, "is not of type 'string'"),
+])
+def test_prometheus_operator_schema_refuses_a_broken_rule(manifests: Path, prometheus_rule_errors: Any,
+                                                          path: tuple[Any, ...], value: Any, complaint: str) -> None:
+    rule = _set(yaml.safe_load((manifests / "prometheusrule.yaml").read_text()), path, value)
+    errors = prometheus_rule_errors(rule)
+    assert errors and any(complaint in e for e in errors), errors

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import copy_checkpoint, free_port
-from serve_support import LiveServer, log_records, sse_events
+from serve_support import LiveServer, diverged_model, log_records, sse_events
 
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -122,17 +122,11 @@ def test_a_failure_inside_generation_is_a_counted_500_in_openai_shape(tiny_base:
     """A model whose weights diverged (NaN) fails its requests inside generation. The client gets
     OpenAI's error object (a stream, whose 200 already went out, an error event), the metrics
     count both as 500s, and the server logs one line each: no ASGI crash with a traceback."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    diverged = tmp_path / "diverged"
-    model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    model.save_pretrained(diverged)
-    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(diverged)
+    diverged = diverged_model(tiny_base, tmp_path / "diverged")
     body = {"prompt": "The", "max_tokens": 4}
-    with _server(diverged, served_model_name="tiny") as srv, log_records("lmctl", "uvicorn.error") as records:
+    # no warm-up: it would keep this server not ready (tests/test_serve_warmup.py), and here the requests must fail
+    with _server(diverged, served_model_name="tiny", warmup_tokens=0) as srv, \
+            log_records("lmctl", "uvicorn.error") as records:
         plain = httpx.post(f"{srv.url}/v1/completions", json=body, headers=AUTH, timeout=60)
         streamed = httpx.post(f"{srv.url}/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60)
         metrics = httpx.get(f"{srv.url}/metrics").text

@@ -53,7 +53,10 @@ def test_broken_canary_is_rolled_back_automatically(checkpoint: Path, tmp_path: 
     broken = _variant(checkpoint, tmp_path / "broken", float("nan"))
     policy = {"window_s": 120, "min_requests": 4, "max_error_rate_margin": 0.05, "max_p95_margin_pct": 1000}
     with _server(checkpoint, canary=str(broken), canary_weight=0.5, canary_policy=policy) as srv:
-        primary = httpx.get(f"{srv.url}/healthz").json()["primary"]["version"]
+        warmed = httpx.get(f"{srv.url}/healthz").json()
+        primary = warmed["primary"]["version"]
+        # ready although the canary failed its warm-up: the canary policy, not readiness, handles a bad canary
+        assert "NonFiniteLogitsError" in warmed["warmup"]["versions"][warmed["canary"]["version"]]["error"]
         codes = [_complete(srv.url).status_code for _ in range(40)]
         health = httpx.get(f"{srv.url}/healthz").json()
         assert health["canary"]["state"] == "rolled_back", codes
@@ -92,7 +95,7 @@ def _artifact_dir(version: str) -> Path:
     return path
 
 
-def test_alias_moves_are_followed_without_dropping_requests(cli, checkpoint: Path) -> None:
+def test_alias_moves_are_followed_without_dropping_requests(cli, checkpoint: Path, tmp_path: Path) -> None:
     from lmctl import registry
 
     for _ in range(3):
@@ -140,3 +143,14 @@ def test_alias_moves_are_followed_without_dropping_requests(cli, checkpoint: Pat
         reload_counts = {(s.labels["version"], s.labels["outcome"]): s.value for s in family.samples
                          if s.name == "lmctl_model_reloads_total" and s.labels["model"] == "tiny"}
         assert reload_counts == {("2", "swapped"): 1.0, ("3", "refused"): 1.0}
+
+        # a version that verifies and loads but cannot generate (NaN weights) fails its warm-up: refused too
+        assert cli("register", str(_variant(checkpoint, tmp_path / "nan", float("nan"))), "--name", "tiny").code == 0
+        registry.move_alias("tiny", "production", "4", reason="test")
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{srv.url}/healthz").json()["reloads"][-1]["version"] != "4":
+            assert time.monotonic() < deadline, "the NaN version was neither loaded nor refused"
+            time.sleep(0.1)
+        refused = httpx.get(f"{srv.url}/healthz").json()["reloads"][-1]
+        assert refused["event"] == "reload_refused" and "warm-up failed: NonFiniteLogitsError" in refused["detail"]
+        assert httpx.get(f"{srv.url}/readyz").json()["version"] == "2" and _complete(srv.url).status_code == 200

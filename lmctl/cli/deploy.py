@@ -35,6 +35,10 @@ def deploy(
     canary_steps: str | None = option(D, "canary_steps", "--canary-steps", metavar="SHARES"),
     gateway: str = option(D, "gateway"),
     tracking_uri: str | None = option(D, "tracking_uri", "--tracking-uri"),
+    max_replicas: int | None = option(D, "max_replicas", "--max-replicas"),
+    target_cpu: int = option(D, "target_cpu", "--target-cpu"),
+    max_unavailable: int = option(D, "max_unavailable", "--max-unavailable"),
+    slo: Path | None = option(D, "slo", "--slo", metavar="FILE"),
     json_out: JsonOpt = False,
     traceback: TracebackOpt = False,
 ) -> None:
@@ -44,5 +48,6 @@ def deploy(
     options = options_from(D, dict(
         host=host, port=port, name=name, base=base, max_loras=max_loras, max_model_len=max_model_len, image=image,
         namespace=namespace, replicas=replicas, cpu=cpu, memory=memory, gpus=gpus, canary=canary,
-        canary_weight=canary_weight, canary_steps=canary_steps, gateway=gateway, tracking_uri=tracking_uri))
+        canary_weight=canary_weight, canary_steps=canary_steps, gateway=gateway, tracking_uri=tracking_uri, max_replicas=max_replicas,
+        target_cpu=target_cpu, max_unavailable=max_unavailable, slo=slo))
     emit(run_deploy(model_ref, target, out, options, force=force), json_out)

@@ -4,12 +4,15 @@
     OUT/deployment-canary.yaml, OUT/service-canary.yaml    with --canary
     OUT/httproute.yaml   Gateway API HTTPRoute splitting traffic by weight (with --canary)
     OUT/httproute-step-N.yaml   with --canary-steps: the same HTTPRoute at each step's weights
+    OUT/hpa.yaml, OUT/pdb.yaml   autoscaler and disruption budget of the stable track (lmctl.deploy.autoscale)
     OUT/kustomization.yaml, OUT/deploy.json
+    OUT/alerts.rules.yaml, OUT/prometheusrule.yaml   SLO alerting rules (lmctl.deploy.alerts); the
+                         PrometheusRule is applied on its own: it needs the prometheus-operator CRD
 
 Pods pull the checkpoint from the MLflow registry (a `models:/` reference is required:
 a local path does not exist inside a pod) and `lmctl serve` verifies its lock before it
 binds the port. API keys come from a Secret through LMCTL_API_KEYS. Readiness is
-`/readyz`, liveness `/healthz`; a startup probe covers model download and load so that
+`/readyz` (200 only once a warm-up generation ran), liveness `/healthz`; a startup probe covers model download and load so that
 liveness does not kill a pod that is still loading. Canary traffic is split with weighted
 backendRefs of a Gateway API HTTPRoute, the vendor-neutral way to do it.
 """
@@ -23,8 +26,11 @@ from typing import Any
 
 import yaml
 
+from lmctl.deploy import alerts
+from lmctl.deploy.autoscale import autoscaler, disruption_budget
 from lmctl.deploy.bundle import Rendered, Source, load_source, require_registry_ref
 from lmctl.deploy.options import DeployOptions
+from lmctl.deploy.slo import load_slo
 from lmctl.errors import BadInputError
 
 CONTAINER_PORT_NAME = "http"
@@ -149,6 +155,12 @@ class Renderer:
         self.weight = self.steps[0] if self.steps else canary_percent(self.share)
         if opts.canary is not None:
             require_registry_ref(opts.canary, "--canary")
+        self.max_replicas = max(4, opts.replicas) if opts.max_replicas is None else opts.max_replicas
+        if self.max_replicas < opts.replicas:
+            raise BadInputError(f"--max-replicas {self.max_replicas} is below --replicas {opts.replicas}")
+        # minReplicas must be >= 1; equal bounds leave nothing to scale
+        self.autoscale = 1 <= opts.replicas < self.max_replicas
+        self.slo = load_slo(opts.slo)
 
     def prepare(self, source: Source) -> None:
         require_registry_ref(source.ref, "MODEL_REF")
@@ -199,7 +211,8 @@ class Renderer:
             "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
         }
 
-    def deployment(self, name: str, track: str, source: Source, replicas: int) -> dict[str, Any]:
+    def deployment(self, name: str, track: str, source: Source, replicas: int | None) -> dict[str, Any]:
+        """`replicas` None: the autoscaler owns the count (a fixed one would be reset on every apply)."""
         pod_labels = labels(self.app, track, source.registry_version)
         annotations = {"lmctl.dev/model-ref": source.ref, "lmctl.dev/manifest-sha256": source.manifest_sha256,
                        "lmctl.dev/resolved-version": source.registry_version or ""}
@@ -208,7 +221,7 @@ class Renderer:
             "metadata": {"name": name, "namespace": self.opts.namespace, "labels": pod_labels,
                          "annotations": annotations},
             "spec": {
-                "replicas": replicas,
+                **({} if replicas is None else {"replicas": replicas}),
                 "selector": {"matchLabels": selector(self.app, track)},
                 "template": {
                     "metadata": {"labels": pod_labels, "annotations": annotations},
@@ -248,8 +261,16 @@ class Renderer:
         }
 
     def documents(self) -> dict[str, dict[str, Any]]:
-        docs = {"deployment.yaml": self.deployment(self.app, "stable", self.stable, self.opts.replicas),
+        replicas = None if self.autoscale else self.opts.replicas
+        docs = {"deployment.yaml": self.deployment(self.app, "stable", self.stable, replicas),
                 "service.yaml": self.service(self.app, "stable", self.stable)}
+        stable_labels = labels(self.app, "stable", self.stable.registry_version)
+        if self.autoscale:
+            docs["hpa.yaml"] = autoscaler(self.app, self.opts.namespace, stable_labels, self.opts.replicas,
+                                          self.max_replicas, self.opts.target_cpu)
+        if self.opts.replicas >= 1:
+            docs["pdb.yaml"] = disruption_budget(self.app, self.opts.namespace, stable_labels,
+                                                 selector(self.app, "stable"), self.opts.max_unavailable)
         if self.canary is not None:
             name = self.app + CANARY_SUFFIX
             docs["deployment-canary.yaml"] = self.deployment(name, "canary", self.canary, self.opts.canary_replicas)
@@ -280,15 +301,26 @@ class Renderer:
         kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                          "namespace": self.opts.namespace, "resources": list(docs)}
         (stage / "kustomization.yaml").write_text(dump(kustomization), encoding="utf-8")
+        # the model name and version `lmctl serve` reports for a models:/ reference
+        model, version = self.stable.registry_name or self.app, self.stable.registry_version or ""
+        rule_labels = {"app.kubernetes.io/name": self.app, "app.kubernetes.io/managed-by": "lmctl"}
+        (stage / alerts.RULES_FILE).write_text(dump(alerts.rules_file(self.slo, model, self.app, version)), encoding="utf-8")
+        (stage / alerts.PROMETHEUS_RULE_FILE).write_text(
+            dump(alerts.prometheus_rule(self.slo, model, self.app, self.opts.namespace, rule_labels, version)), encoding="utf-8")
         out = shlex.quote(str(self.final))
         commands = {
             "secret": (f"kubectl -n {self.opts.namespace} create secret generic {self.app}-api-keys "
                        f"--from-literal={SECRET_KEY}=KEY1,KEY2"),
             "apply": f"kubectl apply -k {out}",
             "status": f"kubectl -n {self.opts.namespace} rollout status deployment/{self.app}",
+            "alerts": f"kubectl apply -f {shlex.quote(str(self.final / alerts.PROMETHEUS_RULE_FILE))}",
+            "check_alerts": f"promtool check rules {shlex.quote(str(self.final / alerts.RULES_FILE))}",
         }
         info: dict[str, Any] = {"app": self.app, "namespace": self.opts.namespace, "image": self.opts.image,
-                                "resources": list(docs)}
+                                "resources": list(docs), "alerts": alerts.summary(self.slo, model),
+                                "autoscaler": ({"min_replicas": self.opts.replicas, "max_replicas": self.max_replicas,
+                                                "target_cpu_percent": self.opts.target_cpu}
+                                               if self.autoscale else None)}
         if self.canary is not None:
             info["canary"] = {"model_ref": self.canary.ref, "registry_version": self.canary.registry_version,
                               "weight": self.share, "route_percent": self.weight, "gateway": self.opts.gateway}

@@ -3,6 +3,7 @@
     OUT/model/      verified copy of the checkpoint (adapter, tokenizer files, lmctl.json)
     OUT/deploy.json what was deployed and how it is served
     OUT/start.sh    exec lmctl serve OUT/model (host/port overridable by LMCTL_HOST/LMCTL_PORT)
+    OUT/alerts.rules.yaml   Prometheus alerting rules for the SLOs (--slo; lmctl.deploy.alerts)
 
 The bundle is relocatable: start.sh finds the model next to itself. The base model is
 referenced by the id in lmctl.json (a pulled catalog name, a hub id or an absolute path)
@@ -14,8 +15,11 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from lmctl.deploy import alerts
 from lmctl.deploy.bundle import Rendered, Source, copy_checkpoint, write_script
+from lmctl.deploy.kubernetes import dump
 from lmctl.deploy.options import DeployOptions
+from lmctl.deploy.slo import load_slo
 from lmctl.errors import BadInputError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -38,6 +42,7 @@ class Renderer:
         self.port = opts.port
         if not self.host or any(c.isspace() or c in "\"'$`\\" for c in self.host):
             raise BadInputError(f"--host {self.host!r} is not a host name or address")
+        self.slo = load_slo(opts.slo)
 
     def prepare(self, source: Source) -> None:
         self.source = source
@@ -48,10 +53,16 @@ class Renderer:
         copy_checkpoint(self.source, stage / "model")
         write_script(stage / "start.sh", START_SH.format(version=__version__, ref=self.source.ref,
                                                          host=self.host, port=self.port))
+        # `lmctl serve DIR` reports the directory's name as the model and its lock's hash as the version
+        model, version = "model", f"sha-{self.source.manifest_sha256[:12]}"
+        (stage / alerts.RULES_FILE).write_text(dump(alerts.rules_file(self.slo, model, "local", version)),
+                                               encoding="utf-8")
         serve_argv = ["lmctl", "serve", str(self.final / "model"), "--host", self.host, "--port", str(self.port)]
         return Rendered(
-            commands={"start": shlex.quote(str(self.final / "start.sh")), "serve": shlex.join(serve_argv)},
+            commands={"start": shlex.quote(str(self.final / "start.sh")), "serve": shlex.join(serve_argv),
+                      "check_alerts": f"promtool check rules {shlex.quote(str(self.final / alerts.RULES_FILE))}"},
             warnings=[],
             target_info={"model_dir": "model", "serve": {"argv": serve_argv, "host": self.host, "port": self.port,
-                                                         "start_script": "start.sh"}},
+                                                         "start_script": "start.sh"},
+                         "alerts": alerts.summary(self.slo, model)},
         )

@@ -44,6 +44,15 @@ class DeployOptions(BaseModel):
     canary_replicas: int = Field(1, ge=1, description="kubernetes: canary replicas.")
     gateway: str = Field("lmctl-gateway", description="kubernetes: Gateway the HTTPRoute attaches to.")
     tracking_uri: str | None = Field(None, description="kubernetes: MLflow registry URI the pods use.")
+    max_replicas: int | None = Field(None, ge=1, description="kubernetes: HorizontalPodAutoscaler maxReplicas "
+                                     "(default: max(4, --replicas)); equal to --replicas renders no autoscaler.")
+    target_cpu: int = Field(70, ge=1, le=1000, description="kubernetes: average CPU utilization (percent of the "
+                            "CPU request) the autoscaler keeps the pods at.")
+    max_unavailable: int = Field(1, ge=1, description="kubernetes: PodDisruptionBudget maxUnavailable: pods a node "
+                                 "drain may take down at once.")
+    slo: Path | None = Field(None, description="local/kubernetes: YAML file of SLOs the Prometheus alerting rules "
+                             "check (default: 99.5% availability over 30d, p95 1s, p99 2.5s, TTFT p95 0.5s; "
+                             "see docs/operations.md).")
 
     @field_validator("canary_steps", mode="before")
     @classmethod

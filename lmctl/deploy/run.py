@@ -5,10 +5,12 @@ verified (exit 4 on any mismatch) and all options are validated before a single 
 written. The target then renders into a hidden staging directory beside `--out`, which
 is renamed into place only when everything was written: a failed deploy leaves nothing.
 
-- local: a relocatable bundle (verified checkpoint copy + `deploy.json` + `start.sh`).
+- local: a relocatable bundle (verified checkpoint copy + `deploy.json` + `start.sh`) and the
+  Prometheus alerting rules of its SLOs (`alerts.rules.yaml`, lmctl.deploy.alerts).
 - vllm: `vllm.sh` and a `vllm serve --config` YAML for the base model plus the adapter.
 - kubernetes: Deployment, Service (and a canary Deployment/Service with a weighted
-  Gateway API HTTPRoute) plus `kustomization.yaml`.
+  Gateway API HTTPRoute), an autoscaler and a disruption budget, `kustomization.yaml`, and the
+  alerting rules as a rule file and a prometheus-operator PrometheusRule.
 """
 
 
@@ -33,10 +35,12 @@ def _check_options(ref: str, target: str, opts: DeployOptions) -> None:
         raise BadInputError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
     if target == "kubernetes":
         require_registry_ref(ref, "MODEL_REF")
-    k8s_only = {"canary": opts.canary, "canary_weight": opts.canary_weight}
+    k8s_only = {"canary": opts.canary, "canary_weight": opts.canary_weight, "max_replicas": opts.max_replicas}
     given = [k.replace("_", "-") for k, v in k8s_only.items() if v is not None]
     if target != "kubernetes" and given:
         raise BadInputError(f"--{given[0]} applies to --target kubernetes only")
+    if target == "vllm" and opts.slo is not None:
+        raise BadInputError("--slo applies to --target local and kubernetes (vLLM exports its own metrics)")
 
 
 def deploy(ref: str, target: str, out: Path, options: DeployOptions | None = None, force: bool = False) -> DeployResult:

@@ -6,6 +6,7 @@ top; only `lmctl serve` (and tests) import this module.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -183,15 +184,33 @@ async def _sse(gen: Generation, rid: str, chat: bool, include_usage: bool) -> As
 
 
 def create_app(ctx: Context, follower: Any = None) -> FastAPI:
-    """The app over a router of loaded slots; `follower` (hot reload) starts and stops with it."""
-    state = {"ready": False}
+    """The app over a router of loaded slots; `follower` (hot reload) starts and stops with it.
+    Ready (/readyz 200) once the warm-up generation ran (lmctl.serve.warmup), not before."""
+    state: dict[str, Any] = {"ready": False, "warmup": {"status": "pending"}}
+
+    async def warm() -> None:
+        from lmctl.serve.warmup import warm_up
+
+        settings = ctx.settings
+        if settings.warmup_tokens == 0:
+            state["warmup"], state["ready"] = {"status": "off"}, True
+            return
+        state["warmup"] = {"status": "running"}
+        try:
+            state["warmup"] = await warm_up(ctx.router.slots(), settings.warmup_tokens)
+        except Exception as exc:  # never ready: a model that cannot generate must get no traffic
+            log.error("warm-up generation failed, staying not ready: %s: %s", type(exc).__name__, exc)
+            state["warmup"] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            return
+        state["ready"] = True
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if follower is not None:
             follower.start()
-        state["ready"] = True
+        warming = asyncio.create_task(warm())
         yield
+        warming.cancel()
         state["ready"] = False  # draining: load balancers stop sending before the engines stop
         if follower is not None:
             follower.stop()
@@ -207,13 +226,16 @@ def create_app(ctx: Context, follower: Any = None) -> FastAPI:
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         reloads = list(follower.events)[-10:] if follower is not None else []
-        return {"status": "ok", **ctx.router.state(), "reloads": reloads}
+        return {"status": "ok", **ctx.router.state(), "reloads": reloads, "warmup": state["warmup"]}
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
         primary = ctx.router.primary
         if not state["ready"]:
-            return JSONResponse({"status": "not_ready", "why": "starting or draining"}, status_code=503)
+            warming = state["warmup"]["status"] in ("pending", "running")
+            why = "warming up" if warming else ("warm-up failed" if state["warmup"]["status"] == "failed"
+                                                 else "starting or draining")
+            return JSONResponse({"status": "not_ready", "why": why}, status_code=503)
         return JSONResponse({"status": "ready", "model": primary.model_name, "version": primary.version,
                              "verified": primary.loaded.manifest is not None or primary.loaded.ref.kind != "checkpoint"})
 

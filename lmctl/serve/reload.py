@@ -3,8 +3,9 @@
 A poller thread re-resolves the alias every `reload_interval_s`. A new version is loaded
 and verified *beside* the serving one; only a fully loaded engine is swapped in, and the
 old one is retired after its in-flight requests finish, so no request is dropped. A version
-that fails verification or loading is remembered and refused (it is not retried until the
-alias moves again); the old version keeps serving.
+that fails verification, loading or its warm-up generation (lmctl.serve.warmup: a new version
+takes traffic warm, and one that cannot generate takes none) is remembered and refused (it is
+not retried until the alias moves again); the old version keeps serving.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lmctl.modelref import parse_registry_ref
 from lmctl.serve.canary import EVENTS_KEPT, Router
 from lmctl.serve.settings import ServeSettings
 from lmctl.serve.slots import load_slot
+from lmctl.serve.warmup import warm_slot
 
 log = logging.getLogger("lmctl.serve")
 
@@ -72,15 +74,22 @@ class AliasFollower:
         try:
             slot = load_slot(ref, role, self.settings, model_name=model_name)
         except Exception as exc:  # integrity or load failure: refuse it, keep the old version
-            self.refused[role].add(version)
-            self._event("reload_refused", role, name, version, f"{type(exc).__name__}: {exc}")
-            self.metrics.reloads.labels(model_name, version, "refused").inc()
-            return
+            return self._refuse(role, name, version, model_name, f"{type(exc).__name__}: {exc}")
+        try:
+            warm_slot(slot, self.settings.warmup_tokens)
+        except Exception as exc:
+            slot.engine.stop(drain=False)
+            return self._refuse(role, name, version, model_name, f"warm-up failed: {type(exc).__name__}: {exc}")
         old = self.router.swap(role, slot)
         if old is not None:
             old.retire()
         self._event("reload", role, name, version, f"from version {old.version if old else None}")
         self.metrics.reloads.labels(model_name, version, "swapped").inc()
+
+    def _refuse(self, role: str, name: str, version: str, model_name: str, detail: str) -> None:
+        self.refused[role].add(version)
+        self._event("reload_refused", role, name, version, detail)
+        self.metrics.reloads.labels(model_name, version, "refused").inc()
 
     def _event(self, kind: str, role: str, name: str, version: str, detail: str) -> None:
         event = {"event": kind, "role": role, "model": name, "version": version, "detail": detail}

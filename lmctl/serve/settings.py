@@ -103,6 +103,8 @@ class ServeSettings(BaseModel):
     shadow_max_in_flight: int = Field(
         4, ge=1, description="Most shadow copies waiting or running at once; past it a copy is skipped (and counted). "
         "Copies run only while the primary has no request running or waiting, so the shadow takes spare capacity.")
+    warmup_tokens: int = Field(4, ge=0, le=64, description="Greedy tokens each served version generates at start-up "
+                               "before /readyz answers 200, so a cold server gets no traffic (0: ready at once).")
     reload_interval_s: float = Field(30.0, gt=0, description="Seconds between re-resolutions of a models:/NAME@ALIAS reference (hot reload).")
     output_guard: Literal["off", "flag", "redact", "refuse"] = Field(
         "flag", description="What the output guard does with personal data (the `lmctl data` detector) or a "
