@@ -1,10 +1,12 @@
-"""Training-time side channels: MLflow tracking, a rich progress bar, checkpoint export."""
+"""Training-time side channels: MLflow tracking, a rich progress bar, checkpoint export, and the
+run's real tokens and steady-state throughput, counted on the host."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,85 @@ class Progress(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if self.bar is not None:
             self.bar.stop()
+
+
+def _synced_now(sync: bool) -> float:
+    if sync:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class Throughput(TrainerCallback):
+    """Real tokens and throughput, counted on the host, never syncing the device.
+
+    The training collator hands each batch's real tokens (rows before padding) to `collated`;
+    each trained micro-batch (`on_substep_end`, `on_step_end`) takes the oldest, so batches
+    the DataLoader fetched ahead are counted once trained, and eval batches (collated between
+    a step that evaluates and `on_evaluate`) not at all. This replaces the Trainer's
+    `include_num_input_tokens_seen`, which syncs the device with `.item()` every micro-batch.
+
+    Steady state: the steps after the first `warmup` ones, over the time from the end of
+    step `warmup` (one step, up to 10 in long runs) to the end of training, less the time spent
+    evaluating and saving. The last
+    step always logs, so the final train loss is reported however short the run.
+    """
+
+    def __init__(self) -> None:
+        self.pending: deque[int] = deque()
+        self.collecting = True
+        self.tokens = self.steady_tokens = self._step_tokens = 0
+        self.steady_seconds = 0.0
+        self.warmup = 1
+        self._since: float | None = None  # when the steady clock last (re)started
+
+    def collated(self, rows: list[dict[str, list[int]]]) -> None:
+        if self.collecting:
+            self.pending.append(sum(len(r["input_ids"]) for r in rows))
+
+    def _trained(self, state) -> None:  # type: ignore[no-untyped-def]
+        tokens = self.pending.popleft() if self.pending else 0
+        self.tokens += tokens
+        self._step_tokens += tokens
+        state.num_input_tokens_seen += tokens  # what the progress bar and MLflow's tokens_per_s read
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.warmup = state.global_step + max(1, min(10, (state.max_steps - state.global_step) // 10))
+
+    def on_substep_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self._trained(state)
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self._trained(state)
+        # the clock stops here before an eval, a save or the end: let the device finish the step
+        # first (once per eval or save, not per step)
+        now = _synced_now(control.should_evaluate or control.should_save or state.global_step >= state.max_steps)
+        if self._since is not None:
+            self.steady_tokens += self._step_tokens
+            self.steady_seconds += now - self._since
+        self._step_tokens = 0
+        self._since = now if state.global_step >= self.warmup else None
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+        if control.should_evaluate:
+            self.collecting = False
+
+    def _resume_clock(self) -> None:
+        if self._since is not None:
+            self._since = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.collecting = True
+        self._resume_clock()
+
+    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self._resume_clock()
+
+    @property
+    def steady_rate(self) -> float | None:
+        return self.steady_tokens / self.steady_seconds if self.steady_tokens and self.steady_seconds > 0 else None
 
 
 class ExportCheckpoints(TrainerCallback):

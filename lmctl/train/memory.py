@@ -1,40 +1,86 @@
-"""A rough peak-memory estimate for `lmctl train --dry-run`, from shapes alone (meta device).
+"""The memory plan of a training run: its peak, from shapes alone (a meta-device model), before
+any weight is loaded. `--dry-run` prints it; `train` compares it with what is free on the
+device and refuses or warns (train.memory_check) before loading weights. docs/memory.md.
 
-peak ~= frozen weights + trainable params x 16 B (fp32 weight, grad, two Adam moments)
-       + activations (~34 x hidden bytes-per-element per token per layer, the usual
-         transformer estimate, plus the attention scores) + logits (x3: logits,
-         log-softmax, gradient).
-plus the data pipeline's own memory: the example and packing-plan index arrays it holds
-(token ids stay in the memory-mapped Arrow cache and are read per batch) and the batches in
-flight; plus the resident size of the Python runtime with torch, transformers, peft, datasets and
-mlflow imported (0.58 GB measured on CPU). It ignores allocator slack, so it is a
-planning number, not a guarantee: on the demo config it estimated 2.3 GB against a
-measured peak RSS of 2.9 GB.
+peak ~= weights (frozen base, in the dtype training really uses: lmctl.device.resolve_dtype;
+          QLoRA: NF4 blocks at ~0.53 B/param, the rest float32 as peft's kbit preparation casts it)
+       + optimizer (LoRA params in float32, their gradients and two Adam moments: 16 B/param)
+       + activations (what backward keeps per token and layer: the hidden-sized tensors of
+         the norms, attention and residuals, the MLP's intermediate-sized ones; with gradient
+         checkpointing, one layer's plus each layer's input)
+       + logits (the head's output and the loss over it: `logits_bytes`, per loss kernel)
+       + data (index arrays and batches in flight) + runtime.
+runtime: on the CPU, the resident interpreter with the training libraries imported; on CUDA,
+the CUDA context (lmctl.device.CUDA_CONTEXT_BYTES), which torch.cuda.max_memory_allocated
+does not count. Measured against peak RSS (CPU) by scripts/bench_memory_plan.py.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
-RUNTIME_GB = 0.58  # RSS of the interpreter with the training libraries imported (CPU)
+from lmctl.device import CUDA_CONTEXT_BYTES, Device, dtype_bytes
+
+log = logging.getLogger("lmctl.train")
+RUNTIME_CPU_BYTES = int(0.62 * 2**30)  # RSS of the interpreter with torch, transformers, peft, datasets imported
+NF4_BYTES = 0.53  # 4 bits per weight + double-quantized block scales (bitsandbytes, block 64)
+PARTS = ("weights", "optimizer", "activations", "logits", "data", "runtime")
 
 
 class MemoryEstimate(BaseModel):
+    """The plan `--dry-run` prints (GB = 2**30 bytes)."""
+
+    device: str = "cpu"  # cpu, or the CUDA GPU's name
+    dtype: str = "float32"  # the dtype training uses: model.dtype with auto resolved for this device
     total_params: int
     trainable_params: int
     weights_gb: float
-    optimizer_gb: float
+    optimizer_gb: float  # LoRA params + gradients + Adam moments, float32
     activations_gb: float
     logits_gb: float
     data_gb: float  # the data pipeline: index arrays + batches in flight (tokens stay memory-mapped)
-    runtime_gb: float
+    runtime_gb: float  # CPU: the interpreter's resident libraries; CUDA: the CUDA context
     estimated_peak_gb: float
+    dominant: str = "weights"  # the largest part
+    free_gb: float = 0.0  # free on the device now (CUDA: mem_get_info; CPU: available memory)
+    fits: bool = True
+    advice: str | None = None  # when it does not fit: the change that saves the most
 
 
-def estimate(base_path: str, lora_config: Any, dtype_bytes: int, batch: int, seq: int,
-             gradient_checkpointing: bool, trust_remote_code: bool = False, data_bytes: int = 0) -> MemoryEstimate:
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs of a model, read from its config on the meta device."""
+
+    total_params: int
+    trainable_params: int
+    quantizable_params: int  # weights of the linear layers inside the blocks (NF4 under QLoRA)
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    heads: int
+    layers: int
+    vocab: int
+    eager_attention: bool
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The run's settings that the estimate depends on."""
+
+    batch: int
+    seq: int
+    gradient_checkpointing: bool
+    quantize_4bit: bool = False
+    kernel: str = "none"  # the loss kernel: none = full [tokens, vocab] logits
+    data_bytes: int = 0
+
+
+def model_shape(base_path: str, lora_config: Any, trust_remote_code: bool = False) -> Shape:
+    """The model's shape, built on the meta device with its LoRA adapter (no weights read)."""
     import torch
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -42,21 +88,121 @@ def estimate(base_path: str, lora_config: Any, dtype_bytes: int, batch: int, seq
     config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = get_peft_model(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code), lora_config)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden, layers, heads = text.hidden_size, text.num_hidden_layers, text.num_attention_heads
-    per_layer = 34 * seq * batch * hidden * dtype_bytes / 2 + 5 * heads * seq * seq * batch * dtype_bytes / 2
-    activations = per_layer * (1 if gradient_checkpointing else layers)
-    logits = 3 * batch * seq * text.vocab_size * 4
-    parts = {"weights": (total - trainable) * dtype_bytes, "optimizer": trainable * 16,
-             "activations": activations, "logits": logits,
-             # a batch as Python lists (~40 B per token for ids, labels, positions) and as tensors, 2 in flight
-             "data": data_bytes + 2 * batch * seq * (40 + 3 * 8)}
-    gb = {k: v / 2**30 for k, v in parts.items()}
-    return MemoryEstimate(
-        total_params=total, trainable_params=trainable, weights_gb=round(gb["weights"], 3),
-        optimizer_gb=round(gb["optimizer"], 3), activations_gb=round(gb["activations"], 3),
-        logits_gb=round(gb["logits"], 3), data_gb=round(gb["data"], 3), runtime_gb=RUNTIME_GB,
-        estimated_peak_gb=round(sum(gb.values()) + RUNTIME_GB, 3),
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    quantizable = sum(m.base_layer.weight.numel() for m in model.modules() if hasattr(m, "base_layer")
+                      and isinstance(m.base_layer, torch.nn.Linear))
+    return Shape(
+        total_params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        quantizable_params=quantizable, hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
+        kv_dim=(getattr(text, "num_key_value_heads", None) or heads) * head_dim, heads=heads,
+        layers=text.num_hidden_layers, vocab=text.vocab_size,
+        eager_attention=getattr(config, "_attn_implementation", None) == "eager",
     )
+
+
+def logits_bytes(kernel: str, tokens: int, vocab: int, element_bytes: int) -> int:
+    """The head's logits and the loss over them at their peak (backward of the cross-entropy).
+
+    none: transformers' loss over full [tokens, vocab] logits: the logits in the model dtype,
+    their float32 upcast (a no-op copy in float32), the log-softmax kept for backward and its
+    gradient, then the logits' gradient: about 3 float32 copies alive at once plus the
+    model-dtype logits when they are not float32.
+    """
+    copies = 3 * 4 + (element_bytes if element_bytes != 4 else 0)
+    return tokens * vocab * copies
+
+
+def activation_bytes(shape: Shape, work: Workload, element_bytes: int) -> int:
+    """What backward keeps: per token and layer, ~6 hidden-sized tensors (norm inputs and outputs,
+    attention input and output, rotated q), k and v, and 4 intermediate-sized ones (gate, its
+    activation, up, their product) of a gated MLP; eager attention adds its heads x seq scores."""
+    tokens = work.batch * work.seq
+    per_token_layer = (6 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * element_bytes
+    scores = 2 * shape.heads * work.seq * work.seq * work.batch * element_bytes if shape.eager_attention else 0
+    one_layer = tokens * per_token_layer + scores
+    if work.gradient_checkpointing:  # each layer's input, plus one layer recomputed in backward
+        return shape.layers * tokens * shape.hidden * element_bytes + one_layer
+    return shape.layers * one_layer
+
+
+def parts(shape: Shape, work: Workload, dtype: str, device: Device) -> dict[str, float]:
+    """Bytes of each part of the peak."""
+    element = dtype_bytes(dtype)
+    frozen = shape.total_params - shape.trainable_params
+    if work.quantize_4bit:  # NF4 blocks; embeddings, head and norms float32 (prepare_model_for_kbit_training)
+        weights = shape.quantizable_params * NF4_BYTES + (frozen - shape.quantizable_params) * 4
+        element = 4 if dtype == "float32" else element
+    else:
+        weights = frozen * element
+    tokens = work.batch * work.seq
+    return {
+        "weights": weights, "optimizer": shape.trainable_params * 16.0,
+        "activations": float(activation_bytes(shape, work, element)),
+        "logits": float(logits_bytes(work.kernel, tokens, shape.vocab, 4 if work.quantize_4bit else element)),
+        # a batch as Python lists (~40 B per token for ids, labels, positions) and as tensors, 2 in flight
+        "data": float(work.data_bytes + 2 * tokens * (40 + 3 * 8)),
+        "runtime": float(CUDA_CONTEXT_BYTES if device.cuda else RUNTIME_CPU_BYTES),
+    }
+
+
+def estimate(shape: Shape, work: Workload, dtype: str, device: Device) -> MemoryEstimate:
+    gb = {k: v / 2**30 for k, v in parts(shape, work, dtype, device).items()}
+    peak = sum(gb.values())
+    free = device.free_bytes / 2**30
+    return MemoryEstimate(
+        device=device.name, dtype=dtype, total_params=shape.total_params, trainable_params=shape.trainable_params,
+        **{f"{k}_gb": round(v, 3) for k, v in gb.items()}, estimated_peak_gb=round(peak, 3),
+        dominant=max(PARTS, key=lambda k: gb[k]), free_gb=round(free, 3), fits=peak <= free,
+        advice=None if peak <= free else best_knob(shape, work, dtype, device, peak),
+    )
+
+
+def _alternatives(work: Workload, device: Device) -> dict[str, Workload]:
+    """The changes that lower the peak without changing the model: config override -> its workload."""
+    from dataclasses import replace
+
+    options = {}
+    if work.batch > 1:
+        options["train.batch_size=1 (raise train.grad_accum to keep the step)"] = replace(work, batch=1)
+    if not work.gradient_checkpointing:
+        options["train.gradient_checkpointing=true"] = replace(work, gradient_checkpointing=True)
+    if work.seq > 256:
+        options[f"data.max_length={work.seq // 2}"] = replace(work, seq=work.seq // 2)
+    if device.cuda and not work.quantize_4bit:
+        options["lora.quantization=4bit (QLoRA)"] = replace(work, quantize_4bit=True)
+    return options
+
+
+def best_knob(shape: Shape, work: Workload, dtype: str, device: Device, peak_gb: float) -> str:
+    """The one change that saves the most, with the peak it would leave."""
+    saved = {knob: peak_gb - sum(parts(shape, alt, dtype, device).values()) / 2**30
+             for knob, alt in _alternatives(work, device).items()}
+    saved = {knob: gb for knob, gb in saved.items() if gb > 0.005}
+    if not saved:
+        return "no setting of this run lowers it further: a smaller base model, or a device with more memory"
+    knob = max(saved, key=lambda k: saved[k])
+    return f"{knob} saves the most: about {saved[knob]:.1f} GB"
+
+
+def check(plan: MemoryEstimate, mode: str, device: Device, processes: int = 1) -> None:
+    """Refuse (exit 2) or warn when the plan exceeds what is free; `mode` is train.memory_check."""
+    from lmctl.errors import BadInputError
+
+    needed = plan.estimated_peak_gb * (processes if not device.cuda else 1)  # CPU processes share the RAM
+    if mode == "off" or needed <= plan.free_gb:
+        return
+    where = "on this CPU" if not device.cuda else f"on {device.name}"
+    message = (f"the memory plan needs {needed:.1f} GB but {plan.free_gb:.1f} GB is free {where} "
+               f"(largest part: {plan.dominant}, {getattr(plan, plan.dominant + '_gb'):.1f} GB)")
+    hint = f"{plan.advice or best_hint(plan)}; train.memory_check=warn trains anyway"
+    if mode == "refuse" or (mode == "auto" and device.cuda):
+        raise BadInputError(message, hint=hint)
+    log.warning("warning: %s; %s", message, hint)
+
+
+def best_hint(plan: MemoryEstimate) -> str:
+    return f"lower the {plan.dominant} part"
