@@ -172,3 +172,21 @@ def test_packing_probe_uses_the_batch_and_length_given(tiny_base: Path) -> None:
     model.model.embed_tokens.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
     assert packing_is_isolated(model, model.config.vocab_size, batch=3, length=40)
     assert (3, 40) in shapes and not any(s[-1] == model.config.vocab_size for s in shapes)
+
+
+def test_an_unreachable_tracking_server_stops_train_before_the_first_step(cli, tiny_config: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MLflow run opens in the background while the model loads; its failure still ends the
+    run with exit 5 and one line before any step trains."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    result = cli("train", tiny_config, "--json")
+    assert result.code == 5 and result.out == "", result.err
+    assert "unavailable" in result.err and [l.startswith("lmctl: error:") for l in result.err.splitlines() if "lmctl" in l] == [True]
+    runs = Path(yaml.safe_load(tiny_config.read_text())["output"]["dir"])
+    assert not list(runs.glob("*/trainer/checkpoint-*")) and not list(runs.glob("*/checkpoints/*"))

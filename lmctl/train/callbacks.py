@@ -210,17 +210,18 @@ def log_data_inputs(client: Any, run_id: str, data_info: ManifestData) -> None:
 
 
 def save_loss_curve(history: list[dict[str, Any]], out: Path) -> Path | None:
-    """Training and validation loss against step, as a PNG (None when nothing was logged)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: render to a file only
-    import matplotlib.pyplot as plt
+    """Training and validation loss against step, as a PNG (None when nothing was logged).
+    Drawn on a bare Agg Figure: pyplot's import (its backends and state) costs ~0.4 s for nothing."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     if not train and not evals:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for points, label in ((train, "train loss"), (evals, "validation loss")):
         if points:
             ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
@@ -230,35 +231,66 @@ def save_loss_curve(history: list[dict[str, Any]], out: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out)
-    plt.close(fig)
     return out
 
 
 class Tracking:
     """The MLflow run of a training run: params, data inputs, metrics, loss curve. Only the
-    primary process tracks; under torchrun the other ranks get a no-op."""
+    primary process tracks; under torchrun the other ranks get a no-op.
+
+    The run opens in a background thread (importing MLflow and opening its store take seconds
+    that the model's loading can hide); `ready()` waits for it and raises what it raised, and
+    training calls it before the first step, so an unreachable tracking server still ends the
+    run (exit 5) before anything is trained."""
 
     def __init__(self, cfg: LmctlConfig, data_info: ManifestData, primary: bool) -> None:
+        import threading
+
         self.client: Any = None
         self.run_id = ""
-        if not primary:
-            return
-        from mlflow.entities import Param
+        self._error: BaseException | None = None
+        self._opening: threading.Thread | None = None
+        if primary:
+            self._opening = threading.Thread(target=self._open, args=(cfg, data_info), name="lmctl-mlflow", daemon=True)
+            self._opening.start()
 
-        from lmctl import tracking
+    def _open(self, cfg: LmctlConfig, data_info: ManifestData) -> None:
+        try:
+            from mlflow.entities import Param
 
-        self.client = tracking.client(cfg.registry.tracking_uri)
-        experiment = tracking.experiment_id(self.client, EXPERIMENT)
-        self.run_id = self.client.create_run(experiment, run_name=str(cfg.output.run_name)).info.run_id
-        params = [Param(f"{section}.{key}", str(value)[:500])
-                  for section, values in config_dump(cfg).items() for key, value in values.items()]
-        self.client.log_batch(self.run_id, params=params)
-        log_data_inputs(self.client, self.run_id, data_info)
+            from lmctl import tracking
+
+            with tracking.server_errors():  # an unreachable team server is exit 5, not a bug
+                client = tracking.client(cfg.registry.tracking_uri)
+                experiment = tracking.experiment_id(client, EXPERIMENT)
+                self.run_id = client.create_run(experiment, run_name=str(cfg.output.run_name)).info.run_id
+                self.client = client
+                params = [Param(f"{section}.{key}", str(value)[:500])
+                          for section, values in config_dump(cfg).items() for key, value in values.items()]
+                client.log_batch(self.run_id, params=params)
+                log_data_inputs(client, self.run_id, data_info)
+        except BaseException as exc:  # noqa: BLE001 - raised in the training thread by ready()
+            self._error = exc
+
+    def ready(self) -> Tracking:
+        """Wait until the MLflow run is open; raise the error that opening it met."""
+        if self._opening is not None:
+            self._opening.join()
+            self._opening = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self
 
     def callbacks(self) -> list[Any]:
+        self.ready()
         return [MlflowMetrics(self.client, self.run_id)] if self.client else []
 
     def finish(self, status: str, history: list[dict[str, Any]] | None = None, run_dir: Path | None = None) -> None:
+        try:
+            self.ready()
+        except BaseException:  # noqa: BLE001 - the run never opened: nothing to finish (the error is on its way)
+            return
         if not self.client:
             return
         curve = save_loss_curve(history, run_dir / "loss_curve.png") if history and run_dir else None

@@ -6,8 +6,9 @@ peak ~= weights (frozen base, in the dtype training really uses: lmctl.device.re
           QLoRA: NF4 blocks at ~0.53 B/param, the rest float32 as peft's kbit preparation casts it)
        + optimizer (LoRA params in float32, their gradients and two Adam moments: 16 B/param)
        + activations (what backward keeps per token and layer: the hidden-sized tensors of
-         the norms, attention and residuals, the MLP's intermediate-sized ones; with gradient
-         checkpointing, one layer's plus each layer's input)
+         the norms, attention and residuals, the MLP's intermediate-sized ones, the attention
+         probabilities where the kernel keeps them; with gradient checkpointing, one layer's
+         plus each layer's input)
        + logits (the head's output and the loss over it: `logits_bytes`, per loss kernel)
        + data (index arrays and batches in flight) + runtime.
 runtime: on the CPU, the resident interpreter with the training libraries imported; on CUDA,
@@ -105,28 +106,30 @@ def model_shape(base_path: str, lora_config: Any, trust_remote_code: bool = Fals
 
 
 def logits_bytes(kernel: str, tokens: int, vocab: int, element_bytes: int) -> int:
-    """The head's logits and the loss over them at their peak (backward of the cross-entropy).
+    """The head's logits and the loss over them at their peak, the start of backward.
 
-    none: transformers' loss over full [tokens, vocab] logits: the logits in the model dtype,
-    their float32 upcast (a no-op copy in float32), the log-softmax kept for backward and its
-    gradient, then the logits' gradient: about 3 float32 copies alive at once plus the
-    model-dtype logits when they are not float32.
+    none: transformers' loss over full [tokens, vocab] logits. At the peak four float32 copies
+    are alive (the logits, the log-softmax kept for backward, its gradient and the logits'
+    gradient), plus the model-dtype logits when those are not float32: 16 B per logit in
+    float32, 18 in half precision. Measured on CPU (scripts/bench_memory_plan.py): the RSS
+    grows by two logits copies in forward and two more in the head's backward.
     """
-    copies = 3 * 4 + (element_bytes if element_bytes != 4 else 0)
-    return tokens * vocab * copies
+    return tokens * vocab * (4 * 4 + (element_bytes if element_bytes != 4 else 0))
 
 
-def activation_bytes(shape: Shape, work: Workload, element_bytes: int) -> int:
-    """What backward keeps: per token and layer, ~6 hidden-sized tensors (norm inputs and outputs,
-    attention input and output, rotated q), k and v, and 4 intermediate-sized ones (gate, its
-    activation, up, their product) of a gated MLP; eager attention adds its heads x seq scores."""
+def activation_bytes(shape: Shape, work: Workload, element_bytes: int, scores: bool) -> int:
+    """What backward keeps, per token and layer: ~11 hidden-sized tensors (the norms' inputs,
+    their float32 statistics and outputs, rotated q, k and v expanded to every head, the
+    attention output, residuals), k and v, and 4 intermediate-sized ones (gate, its activation,
+    up, their product) of a gated MLP. `scores`: attention that keeps its heads x seq
+    probabilities (eager attention, and SDPA on the CPU); CUDA's flash and memory-efficient
+    kernels keep only a row statistic. Fitted to the peak RSS of CPU runs at three shapes."""
     tokens = work.batch * work.seq
-    per_token_layer = (6 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * element_bytes
-    scores = 2 * shape.heads * work.seq * work.seq * work.batch * element_bytes if shape.eager_attention else 0
-    one_layer = tokens * per_token_layer + scores
+    per_token_layer = (11 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate
+                       + (shape.heads * work.seq if scores else 0)) * element_bytes
     if work.gradient_checkpointing:  # each layer's input, plus one layer recomputed in backward
-        return shape.layers * tokens * shape.hidden * element_bytes + one_layer
-    return shape.layers * one_layer
+        return tokens * (shape.layers * shape.hidden * element_bytes + per_token_layer)
+    return shape.layers * tokens * per_token_layer
 
 
 def parts(shape: Shape, work: Workload, dtype: str, device: Device) -> dict[str, float]:
@@ -141,7 +144,7 @@ def parts(shape: Shape, work: Workload, dtype: str, device: Device) -> dict[str,
     tokens = work.batch * work.seq
     return {
         "weights": weights, "optimizer": shape.trainable_params * 16.0,
-        "activations": float(activation_bytes(shape, work, element)),
+        "activations": float(activation_bytes(shape, work, element, shape.eager_attention or not device.cuda)),
         "logits": float(logits_bytes(work.kernel, tokens, shape.vocab, 4 if work.quantize_4bit else element)),
         # a batch as Python lists (~40 B per token for ids, labels, positions) and as tensors, 2 in flight
         "data": float(work.data_bytes + 2 * tokens * (40 + 3 * 8)),

@@ -173,6 +173,8 @@ def _held_by_primary(cfg: LmctlConfig, run: PreparedRun, here: World) -> Iterato
                 if run.resume == "never":
                     archive_previous(run.run_dir)
                 tracking = Tracking(cfg, run.data_info, primary=True)
+                if here.size > 1:  # the other ranks must hear of a failure now, not at the first step
+                    tracking.ready()
             except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here as it was
                 here.from_primary(_Outcome(error=str(exc), exit_code=getattr(exc, "exit_code", 1)))
                 raise
@@ -246,7 +248,7 @@ def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking) ->
         return path
 
     exporter, throughput = ExportCheckpoints(export, here, run.sharded), Throughput()
-    callbacks = [*tracking.callbacks(), Progress(), exporter]
+    callbacks = [Progress(), exporter]
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
     callbacks.append(throughput)  # last: its clock restarts after the other callbacks' saves
@@ -267,6 +269,8 @@ def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking) ->
         fsdp.check_enabled(trainer)
     if here.size > 1 and trainer.args.device.type == "cpu":
         _cpu_ranks_load_on_the_cpu()
+    for callback in tracking.callbacks():  # the MLflow run, opened meanwhile, before the first step
+        trainer.add_callback(callback)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=run.resume_from)
     final = checkpoint.step_dir(run.run_dir, trainer.state.global_step)
