@@ -116,6 +116,11 @@ class TrainConfig(Section):
         "refuse (exit 2), warn, or off; auto refuses on a CUDA GPU (an out-of-memory error there is certain) and "
         "warns on the CPU (the OS can reclaim cache and swap). docs/memory.md.",
     )
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto", description="The loss without full-vocabulary logits (docs/memory.md): auto = Liger Kernel's fused "
+        "linear cross-entropy on CUDA when installed (lmctl[gpu]), else lmctl's chunked pure-PyTorch head + loss; "
+        "liger = Liger or refuse; none = the model's plain loss over full logits.",
+    )
     keep_last: int | None = Field(
         None, ge=1, description="Checkpoints to keep besides the best by validation loss; null keeps all."
     )

@@ -72,7 +72,9 @@ def test_a_plan_over_the_free_memory_names_the_knob_and_refuses_on_cuda(caplog: 
     work = memory.Workload(batch=8, seq=4096, gradient_checkpointing=False)
     plan = memory.estimate(QWEN_SHAPE, work, "bfloat16", small_gpu)
     assert not plan.fits and plan.dominant == "logits"
-    assert plan.advice and plan.advice.startswith("train.batch_size=1")  # the largest saving of the knobs
+    assert plan.advice and plan.advice.startswith("train.kernels=auto")  # the largest saving of the knobs
+    chunked = memory.estimate(QWEN_SHAPE, dataclasses.replace(work, kernel="chunked"), "bfloat16", small_gpu)
+    assert chunked.logits_gb < plan.logits_gb / 20 and chunked.advice.startswith("train.batch_size=1")
     with pytest.raises(BadInputError, match=r"needs .* GB but 1.5 GB is free on NVIDIA L4 \(largest part: logits"):
         memory.check(plan, "auto", small_gpu)
     memory.check(plan, "warn", small_gpu)

@@ -14,7 +14,11 @@ Memory and speed (why this is not `model(...).logits` + `log_softmax`): a 49k vo
 makes `batch x window x vocab` fp32 logits, plus a log-softmax copy, the largest tensors by
 far (1.6 GB at batch 8, window 1024), and a strided window scores only `stride` of its
 positions. So the model's body runs on the window and the output head runs only on the
-scored positions, a few hundred at a time, straight into `cross_entropy`. Documents
+scored positions, as many at a time as fit a byte budget (lmctl.chunked_loss.chunk_rows:
+256 MiB on the CPU, an eighth of the free memory up to 1 GiB on a GPU), straight into
+`cross_entropy`. Models that transform their logits (soft-capping, lmctl.chunked_loss.
+LOGIT_TRANSFORMS) run their full forward instead, so the numbers stay the model's own; the
+batch size then counts their full logits too. Documents
 (lmctl.data.documents: tokenized from the cache, or a chunk at a time) are cut into
 windows as they stream by: memory holds one look-ahead buffer of
 windows and the per-document sums, whatever the number of documents. The batch size
@@ -41,21 +45,18 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from lmctl import chunked_loss
 from lmctl.data.documents import Document, tokenize_documents
 from lmctl.distributed import World
 from lmctl.errors import BadInputError
 
 log = logging.getLogger("lmctl.eval")
-HEAD_CHUNK = 256  # scored positions per output-head matmul: 256 x 49k fp32 logits = 50 MB
 LOOKAHEAD_BATCHES = 16  # windows are sorted by length within this many batches, to cut padding
 # A window joins a batch only if it is at least this share of the batch's longest: padded
 # positions cost a full forward each and make attention take a masked (non-causal) kernel.
 # rolling over documents of 2.6k, 1.2k and 259 tokens at window 1024 and batch 2 paired the
 # 259-token window with a 1024 one: 14% of all forwarded tokens were padding.
 MIN_LENGTH_SHARE = 0.9
-# Configs whose forward transforms the head's output (soft-capping, scaling): for those the
-# full forward runs and only its logits are gathered, so the numbers stay the model's own.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ def auto_batch_size(model: Any, max_length: int, budget_bytes: int | None = None
     the MLP's three intermediate tensors and (worst case, a padded batch takes the math
     attention kernel) one row of attention scores per head. Default budget: 384 MiB on CPU
     (more rows buy little there: a 1024-token window is already a compute-bound GEMM), half
-    the free memory on a GPU."""
+    the free memory on a GPU. A model whose forward transforms its logits (those skip the
+    scored-positions head) also holds its full logits: the head's output and an fp32 copy."""
     import torch
 
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -122,6 +124,8 @@ def auto_batch_size(model: Any, max_length: int, budget_bytes: int | None = None
     heads = int(config.num_attention_heads)
     itemsize = next(model.parameters()).element_size()
     per_token = itemsize * (6 * hidden + 3 * inter + heads * max_length) * 2  # x2: allocator slack, temporaries
+    if chunked_loss.transforms_logits(config) is not None:
+        per_token += int(config.vocab_size) * (itemsize + 4)
     if budget_bytes is None:
         device = next(model.parameters()).device
         budget_bytes = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 384 << 20
@@ -135,7 +139,7 @@ def _head_only_at_scored(model: Any) -> tuple[Any, Any] | None:
     if peft is not None and getattr(peft, "is_prompt_learning", False):
         return None  # prompt-learning adapters add virtual tokens in PeftModel.forward itself
     config = getattr(base, "config", None)
-    if config is None or any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+    if config is None or chunked_loss.transforms_logits(config) is not None:
         return None
     get_decoder, head = getattr(base, "get_decoder", None), base.get_output_embeddings()
     return (get_decoder(), head) if get_decoder is not None and head is not None else None
@@ -167,10 +171,12 @@ def _score_batch(model: Any, parts: tuple[Any, Any] | None, batch: list[Window],
     row_t, col_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
     target_t = torch.tensor(targets, device=device)
     nll = torch.zeros(len(batch), dtype=torch.float64, device=device)
-    for i in range(0, len(targets), HEAD_CHUNK):
-        r, c = row_t[i : i + HEAD_CHUNK], col_t[i : i + HEAD_CHUNK]
+    vocab = states.shape[-1] if head is None else getattr(head, "out_features", None) or head.weight.shape[0]
+    chunk = chunked_loss.chunk_rows(vocab, states.element_size(), device)
+    for i in range(0, len(targets), chunk):
+        r, c = row_t[i : i + chunk], col_t[i : i + chunk]
         logits = (head(states[r, c]) if head is not None else states[r, c]).float()
-        losses = cross_entropy(logits, target_t[i : i + HEAD_CHUNK], reduction="none")
+        losses = cross_entropy(logits, target_t[i : i + chunk], reduction="none")
         nll.index_add_(0, r, losses.double())
     return nll.tolist()
 

@@ -9,7 +9,8 @@ peak ~= weights (frozen base, in the dtype training really uses: lmctl.device.re
          the norms, attention and residuals, the MLP's intermediate-sized ones, the attention
          probabilities where the kernel keeps them; with gradient checkpointing, one layer's
          plus each layer's input)
-       + logits (the head's output and the loss over it: `logits_bytes`, per loss kernel)
+       + logits (the head's output and the loss over it: `logits_bytes`, per loss kernel of
+         train.kernels: full logits, lmctl's chunked loss or Liger Kernel's)
        + data (index arrays and batches in flight) + runtime.
 runtime: on the CPU, the resident interpreter with the training libraries imported; on CUDA,
 the CUDA context (lmctl.device.CUDA_CONTEXT_BYTES), which torch.cuda.max_memory_allocated
@@ -24,6 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from lmctl import chunked_loss
 from lmctl.device import CUDA_CONTEXT_BYTES, Device, dtype_bytes
 
 log = logging.getLogger("lmctl.train")
@@ -37,6 +39,7 @@ class MemoryEstimate(BaseModel):
 
     device: str = "cpu"  # cpu, or the CUDA GPU's name
     dtype: str = "float32"  # the dtype training uses: model.dtype with auto resolved for this device
+    loss_kernel: str = "none"  # what train.kernels runs: chunked, liger or none (full logits)
     total_params: int
     trainable_params: int
     weights_gb: float
@@ -66,6 +69,7 @@ class Shape:
     layers: int
     vocab: int
     eager_attention: bool
+    transforms_logits: bool = False  # soft-capping and the like: the fused loss falls back to full logits
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,9 @@ class Workload:
     seq: int
     gradient_checkpointing: bool
     quantize_4bit: bool = False
-    kernel: str = "none"  # the loss kernel: none = full [tokens, vocab] logits
+    kernel: str = "none"  # the loss kernel that runs (loss_kernel): none = full [tokens, vocab] logits
     data_bytes: int = 0
+    fixed_kernel: bool = False  # the model cannot use a fused loss (soft-capping, added tokens)
 
 
 def model_shape(base_path: str, lora_config: Any, trust_remote_code: bool = False) -> Shape:
@@ -102,19 +107,44 @@ def model_shape(base_path: str, lora_config: Any, trust_remote_code: bool = Fals
         kv_dim=(getattr(text, "num_key_value_heads", None) or heads) * head_dim, heads=heads,
         layers=text.num_hidden_layers, vocab=text.vocab_size,
         eager_attention=getattr(config, "_attn_implementation", None) == "eager",
+        transforms_logits=chunked_loss.transforms_logits(text) is not None,
     )
 
 
-def logits_bytes(kernel: str, tokens: int, vocab: int, element_bytes: int) -> int:
-    """The head's logits and the loss over them at their peak, the start of backward.
+def loss_kernel(kernels: str, shape: Shape, device: Device, new_tokens: bool = False) -> str:
+    """What train.kernels will run (lmctl.train.headloss.install decides on the built model; this
+    is the same decision from the config): chunked, liger or none (full logits)."""
+    import importlib.util
+
+    if kernels == "none" or shape.transforms_logits or new_tokens:  # added tokens: the head is not a plain linear
+        return "none"
+    liger = device.cuda and importlib.util.find_spec("liger_kernel") is not None
+    return "liger" if kernels == "liger" or (kernels == "auto" and liger) else "chunked"
+
+
+def logits_bytes(kernel: str, tokens: int, vocab: int, hidden: int, element_bytes: int, device: Device) -> int:
+    """The head's logits and the loss over them at their peak, per loss kernel (train.kernels).
 
     none: transformers' loss over full [tokens, vocab] logits. At the peak four float32 copies
     are alive (the logits, the log-softmax kept for backward, its gradient and the logits'
     gradient), plus the model-dtype logits when those are not float32: 16 B per logit in
-    float32, 18 in half precision. Measured on CPU (scripts/bench_memory_plan.py): the RSS
-    grows by two logits copies in forward and two more in the head's backward.
+    float32, 18 in half precision (the CPU's RSS grows by two copies in forward and two more
+    in the head's backward).
+    chunked (lmctl.chunked_loss): one chunk's logits and temporaries (its byte budget), plus the
+    hidden-state gradient the fused pass keeps for backward and its scaled copy.
+    liger: Liger Kernel's chunks of about tokens / ceil(vocab / hidden) rows, plus the same
+    hidden-state gradients.
     """
-    return tokens * vocab * (4 * 4 + (element_bytes if element_bytes != 4 else 0))
+    if kernel == "none":
+        return tokens * vocab * (4 * 4 + (element_bytes if element_bytes != 4 else 0))
+    grads = 2 * tokens * hidden * element_bytes
+    if kernel == "liger":
+        rows = min(tokens, -(-tokens // -(-vocab // hidden)))
+        return grads + rows * vocab * (element_bytes + 4)
+    budget = (min(chunked_loss.GPU_CHUNK_BUDGET_MAX, device.free_bytes // 8) if device.cuda
+              else chunked_loss.CPU_CHUNK_BUDGET)
+    rows = min(tokens, chunked_loss.chunk_rows(vocab, element_bytes, budget_bytes=budget))
+    return grads + rows * chunked_loss.chunk_bytes_per_row(vocab, element_bytes)
 
 
 def activation_bytes(shape: Shape, work: Workload, element_bytes: int, scores: bool) -> int:
@@ -145,7 +175,8 @@ def parts(shape: Shape, work: Workload, dtype: str, device: Device) -> dict[str,
     return {
         "weights": weights, "optimizer": shape.trainable_params * 16.0,
         "activations": float(activation_bytes(shape, work, element, shape.eager_attention or not device.cuda)),
-        "logits": float(logits_bytes(work.kernel, tokens, shape.vocab, 4 if work.quantize_4bit else element)),
+        "logits": float(logits_bytes(work.kernel, tokens, shape.vocab, shape.hidden,
+                                     4 if work.quantize_4bit else element, device)),
         # a batch as Python lists (~40 B per token for ids, labels, positions) and as tensors, 2 in flight
         "data": float(work.data_bytes + 2 * tokens * (40 + 3 * 8)),
         "runtime": float(CUDA_CONTEXT_BYTES if device.cuda else RUNTIME_CPU_BYTES),
@@ -157,7 +188,7 @@ def estimate(shape: Shape, work: Workload, dtype: str, device: Device) -> Memory
     peak = sum(gb.values())
     free = device.free_bytes / 2**30
     return MemoryEstimate(
-        device=device.name, dtype=dtype, total_params=shape.total_params, trainable_params=shape.trainable_params,
+        device=device.name, dtype=dtype, loss_kernel=work.kernel, total_params=shape.total_params, trainable_params=shape.trainable_params,
         **{f"{k}_gb": round(v, 3) for k, v in gb.items()}, estimated_peak_gb=round(peak, 3),
         dominant=max(PARTS, key=lambda k: gb[k]), free_gb=round(free, 3), fits=peak <= free,
         advice=None if peak <= free else best_knob(shape, work, dtype, device, peak),
@@ -177,6 +208,8 @@ def _alternatives(work: Workload, device: Device) -> dict[str, Workload]:
         options[f"data.max_length={work.seq // 2}"] = replace(work, seq=work.seq // 2)
     if device.cuda and not work.quantize_4bit:
         options["lora.quantization=4bit (QLoRA)"] = replace(work, quantize_4bit=True)
+    if work.kernel == "none" and not work.fixed_kernel:
+        options["train.kernels=auto (no full-vocabulary logits)"] = replace(work, kernel="chunked")
     return options
 
 

@@ -4,8 +4,8 @@
   (the classic pad == eos bug masks every EOS and the model never learns to stop).
 - Truncation that drops more than 5% of tokens is a warning (raise data.max_length).
 - The tokenizer must fit the base model: every token id needs an embedding row.
-- The machine must be able to run the precision and quantization asked for (`auto` falls back
-  to float16 on a GPU without native bfloat16; an explicit bfloat16 there is refused).
+- The machine must be able to run the precision, quantization and loss kernels asked for
+  (`auto` falls back to float16 on a GPU without native bfloat16; an explicit bfloat16 there is refused).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from lmctl.config import LmctlConfig
 from lmctl.data.examples import ExampleSet
 from lmctl.device import Device
 from lmctl.errors import BadInputError
+from lmctl.train import headloss
 
 log = logging.getLogger("lmctl.train.preflight")
 TRUNCATION_WARN = 0.05
@@ -71,6 +72,7 @@ def check_hardware(cfg: LmctlConfig, device: Device) -> None:
                                 hint="set lora.quantization=none to train in full precision on CPU")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise BadInputError("lora.quantization=4bit needs the bitsandbytes package", hint="pip install bitsandbytes")
+    headloss.check_kernels(cfg.train.kernels)
     if cfg.model.dtype == "float16" and not device.cuda:
         raise BadInputError("model.dtype=float16 needs a CUDA GPU; use float32 or bfloat16 on CPU")
     if cfg.model.dtype == "bfloat16" and device.cuda and not device.bf16:

@@ -192,9 +192,12 @@ class PreparedRun:
         """The memory plan for this device, in the dtype training will really use (lmctl.train.memory)."""
         cfg = self.cfg
         shape = memory.model_shape(self.base_path, lora_config(cfg, self.new_token_ids), cfg.model.trust_remote_code)
+        fixed = shape.transforms_logits or bool(self.new_token_ids)
         work = memory.Workload(batch=cfg.train.batch_size, seq=cfg.data.max_length,
                                gradient_checkpointing=cfg.train.gradient_checkpointing,
-                               quantize_4bit=cfg.lora.quantization == "4bit", data_bytes=data_bytes)
+                               quantize_4bit=cfg.lora.quantization == "4bit", data_bytes=data_bytes,
+                               kernel=memory.loss_kernel(cfg.train.kernels, shape, self.device, fixed),
+                               fixed_kernel=fixed)
         return memory.estimate(shape, work, self.dtype, self.device)
 
     def check_memory(self) -> None:

@@ -26,7 +26,7 @@ from lmctl.data.examples import collate
 from lmctl.data.packing import collate_packed, packing_is_isolated
 from lmctl.distributed import World
 from lmctl.errors import BadInputError, BusyError, LmctlError
-from lmctl.train import fsdp, preflight
+from lmctl.train import fsdp, headloss, preflight
 from lmctl.train.prepare import PreparedRun, TrainPlan, archive_previous, lora_config, total_steps
 
 if TYPE_CHECKING:
@@ -238,6 +238,7 @@ def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking) ->
         run.run_dir.mkdir(parents=True, exist_ok=True)
     model = _build_model(cfg, run)
     packing = cfg.data.packing and _packing_works(model, run)
+    headloss.install(model, cfg.train.kernels)  # after the probe: it reads real logits
     if run.stream is not None and packing != cfg.data.packing:
         raise BadInputError("this architecture cannot isolate packed examples; set data.packing=false to stream")
     train_rows = run.train_dataset(packing)

@@ -1,0 +1,156 @@
+"""Peak memory and tokens/s of one LoRA step on a big vocabulary: lmctl's fused loss against full logits.
+
+The issue-25 shape: a Qwen2.5-0.5B-shaped model (vocab 151,936, hidden 896, tied head, 6 layers,
+14 heads / 2 KV heads, intermediate 4864, random weights), the tiny test tokenizer (built from
+tests/assets, no download), full packed rows of 1024 tokens, batch 2, LoRA r 16 on every linear
+layer, 2 steps, fp32 on the CPU. Three runs, each in its own subprocess, peak RSS read from the
+child's own `ru_maxrss`:
+
+- `lmctl train` with `train.kernels: auto` (on a CPU: the chunked pure-PyTorch loss);
+- `lmctl train` with `train.kernels: none` (the model's plain loss over full logits);
+- plain transformers Trainer + peft on rows of the same tokens (the baseline of the ratios).
+
+    nice python scripts/bench_memory.py [--layers 6] [--steps 2] [--threads 1]
+
+Prints each run's peak RSS and tokens/s and the ratios against the plain Trainer (targets:
+peak <= 0.5x, tokens/s >= 0.95x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).parent.parent
+ASSETS = REPO / "tests" / "assets"
+BATCH, LENGTH = 2, 1024
+
+_LMCTL = """
+import json, resource, sys
+from lmctl.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), file=sys.stderr)
+"""
+
+_PLAIN = """
+import json, resource, sys, time
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+base, data, steps, batch, length, out = sys.argv[1:7]
+steps, batch, length = int(steps), int(batch), int(length)
+tok = AutoTokenizer.from_pretrained(base)
+ids = []
+for line in open(data):
+    ids += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+rows = [{"input_ids": ids[i:i + length], "labels": ids[i:i + length]} for i in range(0, len(ids) - length + 1, length)]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                         task_type=TaskType.CAUSAL_LM))
+model.config.use_cache = False
+collate = lambda b: {k: torch.tensor([r[k] for r in b]) for k in ("input_ids", "labels")}
+args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=2e-4,
+                         report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True,
+                         remove_unused_columns=False, dataloader_num_workers=0)
+trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+started = time.perf_counter()
+trainer.train()
+seconds = time.perf_counter() - started
+print(json.dumps({"code": 0, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "tokens_per_s": steps * batch * length / seconds}), file=sys.stderr)
+"""
+
+
+def build_base(out: Path, layers: int) -> Path:
+    """The Qwen2.5-0.5B shape with random weights, and the tiny test tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import build_tiny_model
+
+    build_tiny_model(out)  # the tokenizer files (and a tiny model, overwritten below)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_data(out: Path, base: Path, tokens: int) -> Path:
+    """The test corpus repeated until it holds `tokens` tokens (packed rows need full rows)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    lines = (ASSETS / "tiny_train.jsonl").read_text().splitlines()
+    per_pass = sum(len(tok(json.loads(line)["text"])["input_ids"]) + 1 for line in lines)
+    out.write_text("\n".join(lines * (tokens // per_pass + 1)) + "\n")
+    return out
+
+
+def run(code: str, args: list[str], threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    lines = [line for line in done.stderr.splitlines() if line.startswith('{"code"')]
+    if done.returncode or not lines:
+        raise SystemExit(f"run failed: {done.stderr[-3000:]}")
+    result = json.loads(lines[-1])
+    if "tokens_per_s" not in result:  # lmctl's own JSON result on stdout
+        result["tokens_per_s"] = json.loads(done.stdout)["tokens_per_s"]
+    return result
+
+
+def lmctl_run(base: Path, data: Path, work: Path, kernels: str, steps: int, threads: int) -> dict:
+    cfg = {
+        "model": {"base": str(base), "dtype": "float32"},
+        "data": {"train": str(data), "max_length": LENGTH, "packing": True},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "train": {"max_steps": steps, "batch_size": BATCH, "save_every": 1000, "log_every": 1, "kernels": kernels,
+                  "warmup_ratio": 0.0},
+        "output": {"dir": str(work / "runs"), "run_name": kernels},
+    }
+    path = work / f"{kernels}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return run(_LMCTL, ["train", str(path), "--json"], threads)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    opts = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        os.environ["LMCTL_HOME"] = str(work / "home")
+        base = build_base(work / "base", opts.layers)
+        data = build_data(work / "train.jsonl", base, (opts.steps + 1) * BATCH * LENGTH * 2)
+        results = {
+            "plain Trainer + peft": run(_PLAIN, [str(base), str(data), str(opts.steps), str(BATCH), str(LENGTH),
+                                                 str(work / "plain")], opts.threads),
+            "lmctl kernels=none": lmctl_run(base, data, work, "none", opts.steps, opts.threads),
+            "lmctl kernels=auto": lmctl_run(base, data, work, "auto", opts.steps, opts.threads),
+        }
+    ref = results["plain Trainer + peft"]
+    print(f"Qwen2.5-0.5B shape, {opts.layers} layers, rows {BATCH}x{LENGTH}, LoRA r16, {opts.steps} steps, "
+          f"fp32 CPU, {opts.threads} thread(s)")
+    for name, r in results.items():
+        print(f"{name:24s} peak {r['peak_mb'] / 1024:6.2f} GB ({r['peak_mb'] / ref['peak_mb']:.2f}x)  "
+              f"{r['tokens_per_s']:8.1f} tokens/s ({r['tokens_per_s'] / ref['tokens_per_s']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
