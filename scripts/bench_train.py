@@ -303,10 +303,10 @@ def step_time(args: argparse.Namespace, tokenizer_path: str, work: Path) -> int:
 
 def plain_child(args: argparse.Namespace) -> int:
     """The plain-Trainer process of --step-time's start-up comparison: load, train, exit."""
-    work = Path(tempfile.mkdtemp())
     tok = load_tokenizer(args.plain_child)
-    texts = [json.loads(line)["text"] for line in (Path(args.plain_child) / "texts.jsonl").read_text().splitlines()]
-    examples = list(build_examples(work / "t.jsonl", datasets.Dataset.from_list([{"text": t} for t in texts]),
+    source = Path(args.plain_child) / "texts.jsonl"
+    texts = [json.loads(line)["text"] for line in source.read_text().splitlines()]
+    examples = list(build_examples(source, datasets.Dataset.from_list([{"text": t} for t in texts]),
                                    "text", "text", tok, args.max_length).examples)
     plain_run(args.plain_child, examples, 60, 8, StepClock())
     return 0
