@@ -42,7 +42,8 @@ class ModelConfig(Section):
         "adapter (peft trainable tokens), so the checkpoint loads with its larger vocabulary.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype for training and inference; auto = float32 on CPU, bfloat16 on CUDA."
+        "auto", description="Weight dtype for training and inference; auto = float32 on CPU, bfloat16 on a CUDA GPU "
+        "with native bf16 (compute capability 8.0+), float16 on older GPUs (T4, V100)."
     )
 
 
@@ -110,6 +111,11 @@ class TrainConfig(Section):
     save_every: int = Field(50, ge=1, description="Steps between checkpoints.")
     log_every: int = Field(5, ge=1, description="Steps between metric logs (MLflow, progress bar).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    memory_check: Literal["auto", "refuse", "warn", "off"] = Field(
+        "auto", description="When the memory plan exceeds what is free on the device, before loading weights: "
+        "refuse (exit 2), warn, or off; auto refuses on a CUDA GPU (an out-of-memory error there is certain) and "
+        "warns on the CPU (the OS can reclaim cache and swap). docs/memory.md.",
+    )
     kernels: Literal["auto", "liger", "none"] = Field(
         "auto", description="The loss without full-vocabulary logits (docs/memory.md): auto = Liger Kernel's fused "
         "linear cross-entropy on CUDA when installed (lmctl[gpu]), else lmctl's chunked pure-PyTorch head + loss; "

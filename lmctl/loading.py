@@ -29,11 +29,12 @@ class LoadedModel:
 
 
 def torch_dtype(name: str) -> Any:
+    """The torch dtype of `model.dtype` on this machine (`auto`: lmctl.device.resolve_dtype)."""
     import torch
 
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, name)
+    from lmctl.device import resolve_dtype, this_device
+
+    return getattr(torch, resolve_dtype(name, this_device()) if name == "auto" else name)
 
 
 def _refuse_remote_code(path: str, trust_remote_code: bool) -> None:

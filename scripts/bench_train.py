@@ -12,6 +12,13 @@ utilisation: 6 x params x tokens/s over the peak FLOP/s of a matmul measured her
 (best-fit) and with `padding_free=True`, on the same texts, LoRA shape, optimizer and
 rows per step as lmctl's packed run; every run's validation loss comes from the same loop.
 
+`--step-time` measures lmctl's own overhead instead (issue 25 item 3), on a tiny random model
+(2 layers, hidden 64, the tokenizer of `--model`) with packing off: ms per optimizer step of
+`lmctl train` and of a plain Trainer + peft on the same rows, batch, LoRA and optimizer, both
+timed by the same callback (step end to step end, after 10 warm-up steps), in this process,
+3 interleaved repeats; then start-up + finish (the wall time of a whole process, `lmctl train`
+against a plain Trainer script, minus the time of its steps), 3 interleaved repeats.
+
 `--nproc N` measures scaling instead (issue 22): `lmctl train` on the same data and global
 batch (`--batch-size` packed rows per optimizer step) in 1 process and in N processes
 (`--nproc-per-node N`: DDP, gloo on CPU, batch_size / N rows each), every process with one
@@ -181,6 +188,133 @@ def scaling(base_path: str, work: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+class StepClock:
+    """A Trainer callback recording when each optimizer step ends (host clock)."""
+
+    def __new__(cls):  # type: ignore[no-untyped-def]
+        from transformers import TrainerCallback
+
+        class Clock(TrainerCallback):
+            def __init__(self) -> None:
+                self.ends: list[float] = []
+
+            def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+                self.ends.append(time.perf_counter())
+
+            def ms_per_step(self, warmup: int = 10) -> float:
+                ends = self.ends[warmup:]
+                return 1000 * (ends[-1] - ends[0]) / (len(ends) - 1)
+
+        return Clock()
+
+
+def _clocked_trainer(clock):  # type: ignore[no-untyped-def]
+    """transformers.Trainer with `clock` added; lmctl imports Trainer from transformers when it trains."""
+    import transformers
+
+    class Clocked(ORIGINAL_TRAINER):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, **kw):  # type: ignore[no-untyped-def]
+            super().__init__(*a, **kw)
+            self.add_callback(clock)
+
+    transformers.Trainer = Clocked
+    return Clocked
+
+
+def tiny_model(tokenizer_path: str, out: Path) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+                     ).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def plain_run(base: str, examples: list, steps: int, batch: int, clock) -> float:  # type: ignore[no-untyped-def]
+    """Plain Trainer + peft on `examples`, padded; returns its seconds from train() to return."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments, set_seed
+
+    set_seed(0)
+    tok = load_tokenizer(base)
+    model = get_peft_model(load_base_model(base), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    targs = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
+                              learning_rate=1e-3, report_to="none", save_strategy="no", logging_steps=100000,
+                              disable_tqdm=True, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
+    trainer = _clocked_trainer(clock)(model=model, args=targs, train_dataset=examples,
+                                      data_collator=lambda rows: collate(rows, tok.pad_token_id))
+    t0 = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - t0
+
+
+def step_time(args: argparse.Namespace, tokenizer_path: str, work: Path) -> int:
+    import statistics
+    import subprocess
+
+    base = str(tiny_model(tokenizer_path, work / "tiny"))
+    (work / "tiny" / "texts.jsonl").write_text((work / "train.jsonl").read_text())  # for the plain child
+    steps, batch = 60, 8
+    sets = [f"model.base={base}", f"data.train={work / 'train.jsonl'}", f"data.max_length={args.max_length}",
+            "data.packing=false", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", f"train.max_steps={steps}",
+            f"train.batch_size={batch}", "train.lr=1e-3", "train.log_every=100000", "train.save_every=100000",
+            "train.eval_every=100000", f"output.dir={work / 'runs'}"]
+    cfg = load_config(None, sets)
+    from lmctl.train import train
+    from lmctl.train.prepare import PreparedRun
+
+    examples = list(PreparedRun(cfg, "never").train.examples.examples)
+    ms: dict[str, list[float]] = {"lmctl train": [], "plain Trainer": []}
+    for _ in range(3):  # interleaved, so a busy machine slows both alike
+        clock = StepClock()
+        _clocked_trainer(clock)
+        train(cfg, resume="never")
+        ms["lmctl train"].append(clock.ms_per_step())
+        clock = StepClock()
+        plain_run(base, examples, steps, batch, clock)
+        ms["plain Trainer"].append(clock.ms_per_step())
+    print(f"tiny model, packing off, batch {batch}, {steps} steps ({os.cpu_count()} cores); ms per step after 10 warm-up")
+    for name, values in ms.items():
+        print(f"  {name:14} median {statistics.median(values):7.2f} ms  ({', '.join(f'{v:.2f}' for v in values)})")
+    ratio = statistics.median(ms["lmctl train"]) / statistics.median(ms["plain Trainer"])
+    print(f"  lmctl / plain: {ratio:.2f}x per step")
+    walls: dict[str, list[float]] = {"lmctl train": [], "plain Trainer": []}
+    lmctl_cmd = [sys.executable, "-m", "lmctl", "train", str(work / "empty.yaml"), "--json", "--resume", "never"]
+    (work / "empty.yaml").write_text("{}\n")
+    lmctl_cmd += [a for s in sets for a in ("--set", s)]
+    plain_cmd = [sys.executable, __file__, "--plain-child", base, "--examples", str(steps * batch),
+                 "--max-length", str(args.max_length)]
+    for _ in range(3):
+        for name, cmd in (("lmctl train", lmctl_cmd), ("plain Trainer", plain_cmd)):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            walls[name].append(time.perf_counter() - t0)
+    print(f"whole process, {steps} steps: median wall (start-up + steps + finish)")
+    for name, values in walls.items():
+        print(f"  {name:14} median {statistics.median(values):6.2f} s  ({', '.join(f'{v:.2f}' for v in values)})")
+    extra = statistics.median(walls["lmctl train"]) - statistics.median(walls["plain Trainer"])
+    print(f"  lmctl - plain: {extra:+.2f} s")
+    return 0
+
+
+def plain_child(args: argparse.Namespace) -> int:
+    """The plain-Trainer process of --step-time's start-up comparison: load, train, exit."""
+    tok = load_tokenizer(args.plain_child)
+    source = Path(args.plain_child) / "texts.jsonl"
+    texts = [json.loads(line)["text"] for line in source.read_text().splitlines()]
+    examples = list(build_examples(source, datasets.Dataset.from_list([{"text": t} for t in texts]),
+                                   "text", "text", tok, args.max_length).examples)
+    plain_run(args.plain_child, examples, 60, 8, StepClock())
+    return 0
+
+
+ORIGINAL_TRAINER = None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -191,9 +325,17 @@ def main() -> int:
     parser.add_argument("--packed-batch", type=int, default=None,
                         help="rows per packed step (default: the count whose tokens per step are nearest the padded run's)")
     parser.add_argument("--trl", action="store_true", help="also run TRL SFTTrainer with packing and padding-free")
+    parser.add_argument("--step-time", action="store_true", help="lmctl's per-step and start-up overhead vs plain Trainer")
+    parser.add_argument("--plain-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--nproc", type=int, default=None,
                         help="measure 1 vs N processes (DDP) at the same global batch instead (--batch-size packed rows)")
     args = parser.parse_args()
+    global ORIGINAL_TRAINER
+    import transformers
+
+    ORIGINAL_TRAINER = transformers.Trainer
+    if args.plain_child:
+        return plain_child(args)
     os.environ.setdefault("LMCTL_HOME", str(Path(tempfile.mkdtemp()) / "home"))
     base_path = resolve_base(args.model)
     tokenizer = load_tokenizer(base_path)
@@ -202,6 +344,8 @@ def main() -> int:
     (work / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in train_texts))
     if args.nproc:
         return scaling(base_path, work, args)
+    if args.step_time:
+        return step_time(args, base_path, work)
     examples = list(build_examples(work / "train.jsonl", datasets.Dataset.from_list([{"text": t} for t in train_texts]),
                                    "text", "text", tokenizer, args.max_length).examples)
     args.val_examples = list(build_examples(work / "train.jsonl", datasets.Dataset.from_list([{"text": t} for t in val_texts]),

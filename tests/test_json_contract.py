@@ -112,7 +112,7 @@ EXPECTED: dict[str, set[str]] = {
         'retrain.min_scores', 'retrain.production_alias', 'retrain.state_dir', 'retrain.suites',
         'retrain.webhook_timeout_s', 'retrain.webhook_url', 'train', 'train.batch_size',
         'train.early_stopping_patience', 'train.early_stopping_threshold', 'train.epochs', 'train.eval_every',
-        'train.grad_accum', 'train.gradient_checkpointing', 'train.keep_last', 'train.log_every', 'train.lr',
+        'train.grad_accum', 'train.gradient_checkpointing', 'train.kernels', 'train.memory_check', 'train.keep_last', 'train.log_every', 'train.lr',
         'train.max_steps', 'train.save_every', 'train.seed', 'train.warmup_ratio', 'train.weight_decay',
         'train.distributed'},  # issue 22 added train.distributed
     'config validate': {
@@ -222,7 +222,8 @@ EXPECTED: dict[str, set[str]] = {
     'train': {
         'best_checkpoint', 'best_eval_loss', 'checkpoint', 'checkpoints', 'eval_loss', 'mlflow_run_id',
         'resumed_from', 'run_dir', 'seconds', 'steps', 'stopped_early', 'tokens', 'tokens_per_s', 'train_loss',
-        'distributed', 'processes'},  # issue 22 added the last two
+        'distributed', 'processes',  # issue 22 added the last two
+        'tokens_per_s_steady'},  # issue 25 (steady-state throughput beside the whole run's)
     'train --dry-run': {
         'base_model', 'cache_hit', 'data_format', 'lint', 'lint.eos_labels', 'lint.rows_dropped',
         'lint.truncation_rate', 'lint.warnings', 'max_steps', 'memory', 'memory.activations_gb', 'memory.data_gb',
@@ -230,7 +231,10 @@ EXPECTED: dict[str, set[str]] = {
         'memory.logits_gb', 'memory.optimizer_gb', 'memory.runtime_gb', 'memory.total_params',
         'memory.trainable_params', 'memory.weights_gb', 'packing', 'resume_from', 'run_dir', 'streaming',
         'tokens_per_step', 'train_examples', 'train_rows', 'train_sequences', 'validation_rows',
-        'processes', 'sharded'},  # issue 22 added the last two
+        'processes', 'sharded',  # issue 22 added the last two
+        # issue 25: the memory plan's device, dtype, loss kernel, largest part and fit
+        'memory.device', 'memory.dtype', 'memory.loss_kernel', 'memory.dominant', 'memory.free_gb', 'memory.fits',
+        'memory.advice'},
     # added by issue 22 (the training job for a cluster)
     'train --emit kubernetes': {'commands', 'files', 'gpus_per_node', 'job', 'namespace', 'nodes', 'out', 'paths',
                                 'sequences_per_step', 'target', 'torchrun', 'warnings', 'world_size'},

@@ -1,10 +1,12 @@
-"""Training-time side channels: MLflow tracking, a rich progress bar, checkpoint export."""
+"""Training-time side channels: MLflow tracking, a rich progress bar, checkpoint export, and the
+run's real tokens and steady-state throughput, counted on the host."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,85 @@ class Progress(TrainerCallback):
             self.bar.stop()
 
 
+def _synced_now(sync: bool) -> float:
+    if sync:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class Throughput(TrainerCallback):
+    """Real tokens and throughput, counted on the host, never syncing the device.
+
+    The training collator hands each batch's real tokens (rows before padding) to `collated`;
+    each trained micro-batch (`on_substep_end`, `on_step_end`) takes the oldest, so batches
+    the DataLoader fetched ahead are counted once trained, and eval batches (collated between
+    a step that evaluates and `on_evaluate`) not at all. This replaces the Trainer's
+    `include_num_input_tokens_seen`, which syncs the device with `.item()` every micro-batch.
+
+    Steady state: the steps after the first `warmup` ones, over the time from the end of
+    step `warmup` (one step, up to 10 in long runs) to the end of training, less the time spent
+    evaluating and saving. The last
+    step always logs, so the final train loss is reported however short the run.
+    """
+
+    def __init__(self) -> None:
+        self.pending: deque[int] = deque()
+        self.collecting = True
+        self.tokens = self.steady_tokens = self._step_tokens = 0
+        self.steady_seconds = 0.0
+        self.warmup = 1
+        self._since: float | None = None  # when the steady clock last (re)started
+
+    def collated(self, rows: list[dict[str, list[int]]]) -> None:
+        if self.collecting:
+            self.pending.append(sum(len(r["input_ids"]) for r in rows))
+
+    def _trained(self, state) -> None:  # type: ignore[no-untyped-def]
+        tokens = self.pending.popleft() if self.pending else 0
+        self.tokens += tokens
+        self._step_tokens += tokens
+        state.num_input_tokens_seen += tokens  # what the progress bar and MLflow's tokens_per_s read
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.warmup = state.global_step + max(1, min(10, (state.max_steps - state.global_step) // 10))
+
+    def on_substep_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self._trained(state)
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self._trained(state)
+        # the clock stops here before an eval, a save or the end: let the device finish the step
+        # first (once per eval or save, not per step)
+        now = _synced_now(control.should_evaluate or control.should_save or state.global_step >= state.max_steps)
+        if self._since is not None:
+            self.steady_tokens += self._step_tokens
+            self.steady_seconds += now - self._since
+        self._step_tokens = 0
+        self._since = now if state.global_step >= self.warmup else None
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+        if control.should_evaluate:
+            self.collecting = False
+
+    def _resume_clock(self) -> None:
+        if self._since is not None:
+            self._since = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.collecting = True
+        self._resume_clock()
+
+    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self._resume_clock()
+
+    @property
+    def steady_rate(self) -> float | None:
+        return self.steady_tokens / self.steady_seconds if self.steady_tokens and self.steady_seconds > 0 else None
+
+
 class ExportCheckpoints(TrainerCallback):
     """After each Trainer save, seal an lmctl checkpoint for that step.
 
@@ -129,17 +210,18 @@ def log_data_inputs(client: Any, run_id: str, data_info: ManifestData) -> None:
 
 
 def save_loss_curve(history: list[dict[str, Any]], out: Path) -> Path | None:
-    """Training and validation loss against step, as a PNG (None when nothing was logged)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: render to a file only
-    import matplotlib.pyplot as plt
+    """Training and validation loss against step, as a PNG (None when nothing was logged).
+    Drawn on a bare Agg Figure: pyplot's import (its backends and state) costs ~0.4 s for nothing."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     if not train and not evals:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for points, label in ((train, "train loss"), (evals, "validation loss")):
         if points:
             ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
@@ -149,35 +231,66 @@ def save_loss_curve(history: list[dict[str, Any]], out: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out)
-    plt.close(fig)
     return out
 
 
 class Tracking:
     """The MLflow run of a training run: params, data inputs, metrics, loss curve. Only the
-    primary process tracks; under torchrun the other ranks get a no-op."""
+    primary process tracks; under torchrun the other ranks get a no-op.
+
+    The run opens in a background thread (importing MLflow and opening its store take seconds
+    that the model's loading can hide); `ready()` waits for it and raises what it raised, and
+    training calls it before the first step, so an unreachable tracking server still ends the
+    run (exit 5) before anything is trained."""
 
     def __init__(self, cfg: LmctlConfig, data_info: ManifestData, primary: bool) -> None:
+        import threading
+
         self.client: Any = None
         self.run_id = ""
-        if not primary:
-            return
-        from mlflow.entities import Param
+        self._error: BaseException | None = None
+        self._opening: threading.Thread | None = None
+        if primary:
+            self._opening = threading.Thread(target=self._open, args=(cfg, data_info), name="lmctl-mlflow", daemon=True)
+            self._opening.start()
 
-        from lmctl import tracking
+    def _open(self, cfg: LmctlConfig, data_info: ManifestData) -> None:
+        try:
+            from mlflow.entities import Param
 
-        self.client = tracking.client(cfg.registry.tracking_uri)
-        experiment = tracking.experiment_id(self.client, EXPERIMENT)
-        self.run_id = self.client.create_run(experiment, run_name=str(cfg.output.run_name)).info.run_id
-        params = [Param(f"{section}.{key}", str(value)[:500])
-                  for section, values in config_dump(cfg).items() for key, value in values.items()]
-        self.client.log_batch(self.run_id, params=params)
-        log_data_inputs(self.client, self.run_id, data_info)
+            from lmctl import tracking
+
+            with tracking.server_errors():  # an unreachable team server is exit 5, not a bug
+                client = tracking.client(cfg.registry.tracking_uri)
+                experiment = tracking.experiment_id(client, EXPERIMENT)
+                self.run_id = client.create_run(experiment, run_name=str(cfg.output.run_name)).info.run_id
+                self.client = client
+                params = [Param(f"{section}.{key}", str(value)[:500])
+                          for section, values in config_dump(cfg).items() for key, value in values.items()]
+                client.log_batch(self.run_id, params=params)
+                log_data_inputs(client, self.run_id, data_info)
+        except BaseException as exc:  # noqa: BLE001 - raised in the training thread by ready()
+            self._error = exc
+
+    def ready(self) -> Tracking:
+        """Wait until the MLflow run is open; raise the error that opening it met."""
+        if self._opening is not None:
+            self._opening.join()
+            self._opening = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self
 
     def callbacks(self) -> list[Any]:
+        self.ready()
         return [MlflowMetrics(self.client, self.run_id)] if self.client else []
 
     def finish(self, status: str, history: list[dict[str, Any]] | None = None, run_dir: Path | None = None) -> None:
+        try:
+            self.ready()
+        except BaseException:  # noqa: BLE001 - the run never opened: nothing to finish (the error is on its way)
+            return
         if not self.client:
             return
         curve = save_loss_curve(history, run_dir / "loss_curve.png") if history and run_dir else None

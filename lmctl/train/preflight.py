@@ -4,7 +4,8 @@
   (the classic pad == eos bug masks every EOS and the model never learns to stop).
 - Truncation that drops more than 5% of tokens is a warning (raise data.max_length).
 - The tokenizer must fit the base model: every token id needs an embedding row.
-- The machine must be able to run the precision, quantization and loss kernels asked for.
+- The machine must be able to run the precision, quantization and loss kernels asked for
+  (`auto` falls back to float16 on a GPU without native bfloat16; an explicit bfloat16 there is refused).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import BaseModel
 
 from lmctl.config import LmctlConfig
 from lmctl.data.examples import ExampleSet
+from lmctl.device import Device
 from lmctl.errors import BadInputError
 from lmctl.train import headloss
 
@@ -94,19 +96,24 @@ def no_eos_cause(train: ExampleSet, tokenizer: Any) -> str:
     return f"no completion or assistant turn ends with the tokenizer's EOS {eos!r}"
 
 
-def check_hardware(cfg: LmctlConfig) -> None:
-    """Refuse (exit 2) precision and quantization settings this machine cannot run."""
+def check_hardware(cfg: LmctlConfig, device: Device) -> None:
+    """Refuse (exit 2) precision and quantization settings `device` cannot run."""
     import importlib.util
 
-    import torch
-
-    cuda = torch.cuda.is_available()
     if cfg.lora.quantization == "4bit":
-        if not cuda:
+        if not device.cuda:
             raise BadInputError("lora.quantization=4bit (QLoRA) needs a CUDA GPU; this machine has none",
                                 hint="set lora.quantization=none to train in full precision on CPU")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise BadInputError("lora.quantization=4bit needs the bitsandbytes package", hint="pip install bitsandbytes")
     headloss.check_kernels(cfg.train.kernels)
-    if cfg.model.dtype == "float16" and not cuda:
+    if cfg.model.dtype == "float16" and not device.cuda:
         raise BadInputError("model.dtype=float16 needs a CUDA GPU; use float32 or bfloat16 on CPU")
+    if cfg.model.dtype == "bfloat16" and device.cuda and not device.bf16:
+        raise BadInputError(f"model.dtype=bfloat16: {device.name} has no native bfloat16 (compute capability < 8.0)",
+                            hint="set model.dtype=auto (float16 with loss scaling on this GPU) or float16")
+
+
+def mixed_precision(dtype: str, device: Device) -> dict[str, bool]:
+    """The Trainer's autocast flags for the resolved training dtype (lmctl.device.resolve_dtype)."""
+    return {"bf16": device.cuda and dtype == "bfloat16", "fp16": device.cuda and dtype == "float16"}

@@ -18,11 +18,12 @@ from pydantic import BaseModel
 from lmctl import __version__, atomic, checkpoint, tokenizer_lock
 from lmctl.clock import utc_now, utc_stamp
 from lmctl.config import LmctlConfig, config_dump
+from lmctl.device import Device, resolve_dtype, this_device
 from lmctl.errors import BadInputError, DataError
 from lmctl.train import preflight
 from lmctl.train.inputs import TrainData, open_stream, stream_sample, training_tokenizer
+from lmctl.train import memory
 from lmctl.train.memory import MemoryEstimate
-from lmctl.train.memory import estimate as estimate_memory
 
 log = logging.getLogger("lmctl.train")
 
@@ -141,7 +142,9 @@ class PreparedRun:
 
         if cfg.data.train is None:
             raise DataError("data.train is not set", hint="set it in the config or with --set data.train=PATH")
-        preflight.check_hardware(cfg)
+        self.device = training_device()
+        self.dtype = resolve_dtype(cfg.model.dtype, self.device)
+        preflight.check_hardware(cfg, self.device)
         self.cfg = cfg
         self.processes, self.sharded = world().size, sharding(cfg) if sharded is None else sharded
         self.run_dir = Path(cfg.output.dir) / str(cfg.output.run_name)
@@ -182,12 +185,24 @@ class PreparedRun:
             max_steps=total_steps(cfg, sequences, self.processes),
             tokens_per_step=rows_per_step(cfg, self.processes) * cfg.data.max_length, resume_from=self.resume_from,
             processes=self.processes, sharded=self.sharded, lint=self.lint,
-            memory=estimate_memory(
-                self.base_path, lora_config(cfg, self.new_token_ids), 4 if cfg.model.dtype in ("auto", "float32") else 2,
-                cfg.train.batch_size, cfg.data.max_length, cfg.train.gradient_checkpointing, cfg.model.trust_remote_code,
-                data_bytes=self.train.memory_bytes + self.val.memory_bytes,
-            ),
+            memory=self._memory_plan(data_bytes=self.train.memory_bytes + self.val.memory_bytes),
         )
+
+    def _memory_plan(self, data_bytes: int) -> MemoryEstimate:
+        """The memory plan for this device, in the dtype training will really use (lmctl.train.memory)."""
+        cfg = self.cfg
+        shape = memory.model_shape(self.base_path, lora_config(cfg, self.new_token_ids), cfg.model.trust_remote_code)
+        fixed = shape.transforms_logits or bool(self.new_token_ids)
+        work = memory.Workload(batch=cfg.train.batch_size, seq=cfg.data.max_length,
+                               gradient_checkpointing=cfg.train.gradient_checkpointing,
+                               quantize_4bit=cfg.lora.quantization == "4bit", data_bytes=data_bytes,
+                               kernel=memory.loss_kernel(cfg.train.kernels, shape, self.device, fixed),
+                               fixed_kernel=fixed)
+        return memory.estimate(shape, work, self.dtype, self.device)
+
+    def check_memory(self) -> None:
+        """Before weights load: refuse or warn when the plan exceeds what is free (train.memory_check)."""
+        memory.check(self.plan.memory, self.cfg.train.memory_check, self.device, self.processes)
 
     def train_dataset(self, packing: bool) -> Any:
         return self.stream if self.stream is not None else self.train.rows_for(packing)
@@ -223,6 +238,14 @@ class PreparedRun:
         for step in checkpoint.sealed_steps(self.run_dir)[:-keep]:
             if step != best_step:
                 shutil.rmtree(checkpoint.step_dir(self.run_dir, step))
+
+
+def training_device() -> Device:
+    """This process's device (under torchrun, the GPU of its local rank)."""
+    from lmctl.distributed import device
+
+    here = device()
+    return this_device(here.index if here.type == "cuda" else None)
 
 
 def rows_per_step(cfg: LmctlConfig, processes: int) -> int:

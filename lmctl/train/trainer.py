@@ -26,7 +26,7 @@ from lmctl.data.examples import collate
 from lmctl.data.packing import collate_packed, packing_is_isolated
 from lmctl.distributed import World
 from lmctl.errors import BadInputError, BusyError, LmctlError
-from lmctl.train import fsdp, headloss
+from lmctl.train import fsdp, headloss, preflight
 from lmctl.train.prepare import PreparedRun, TrainPlan, archive_previous, lora_config, total_steps
 
 if TYPE_CHECKING:
@@ -45,18 +45,21 @@ class TrainResult(BaseModel):
     steps: int
     train_loss: float | None
     eval_loss: float | None
-    tokens: int
+    tokens: int  # real tokens trained in this session (padding excluded), all processes
     seconds: float
-    tokens_per_s: float
+    tokens_per_s: float  # tokens / seconds: the whole training loop, first steps, evals and saves included
+    tokens_per_s_steady: float | None = None  # after the warm-up steps, evals and saves excluded (None: too short)
     mlflow_run_id: str
     resumed_from: str | None
     processes: int = 1  # torchrun's world size; tokens and tokens_per_s count all of them
     distributed: str = "none"  # none (one process), ddp or fsdp: what the Trainer ran
 
 
-def training_args(cfg: LmctlConfig, run: PreparedRun, sequences: int, packing: bool) -> Any:
-    """The Trainer's arguments; with train.distributed=fsdp under torchrun, FSDP2's (lmctl.train.fsdp)."""
-    import torch
+def training_args(cfg: LmctlConfig, run: PreparedRun, sequences: int) -> Any:
+    """The Trainer's arguments; with train.distributed=fsdp under torchrun, FSDP2's (lmctl.train.fsdp).
+    Nothing in them syncs the host with the device every step: tokens are counted on the host
+    (callbacks.Throughput), and the NaN/Inf filter of the logged loss is off (a diverging loss
+    shows as NaN instead of being averaged away)."""
     from transformers import TrainingArguments
 
     has_val = bool(run.val.examples.examples)
@@ -85,12 +88,11 @@ def training_args(cfg: LmctlConfig, run: PreparedRun, sequences: int, packing: b
         greater_is_better=False if has_val else None,
         report_to="none",
         disable_tqdm=True,
-        # packed rows carry no attention mask; their only padding is the short tail of each row
-        include_num_input_tokens_seen="all" if packing else "non_padding",
+        include_num_input_tokens_seen="no",  # an .item() per micro-batch; callbacks.Throughput counts instead
+        logging_nan_inf_filter=False,  # torch.isnan(loss) per micro-batch is a device sync too
         remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available() and cfg.model.dtype in ("auto", "bfloat16"),
-        fp16=torch.cuda.is_available() and cfg.model.dtype == "float16",
+        use_cpu=not run.device.cuda,
+        **preflight.mixed_precision(run.dtype, run.device),
         # under FSDP its own activation checkpointing instead (the Trainer refuses both at once)
         gradient_checkpointing=cfg.train.gradient_checkpointing and not run.sharded,
         dataloader_num_workers=0,
@@ -106,9 +108,16 @@ def _last_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _packing_works(model: Any, run: PreparedRun) -> bool:
-    """Probe the real model once: packed examples must not see each other."""
+    """Probe the real model once, on the training device at the training batch and row length
+    (where attention kernels differ): packed examples must not see each other."""
+    from lmctl.distributed import device
+
+    batch, length = run.cfg.train.batch_size, run.cfg.data.max_length
+    if not run.sharded and run.cfg.lora.quantization == "none":
+        model.to(device())  # where the Trainer moves it (FSDP shards it first; QLoRA loads it on the GPU)
+    log.debug("packing probe: %d rows of %d tokens on %s", batch, length, next(model.parameters()).device)
     model.eval()
-    isolated = packing_is_isolated(model, len(run.tokenizer))
+    isolated = packing_is_isolated(model, len(run.tokenizer), batch=batch, length=length)
     model.train()
     if not isolated:
         log.warning("warning: this architecture leaks attention across packed examples; training with padding")
@@ -131,6 +140,7 @@ def train(cfg: LmctlConfig, resume: str = "auto", dry_run: bool = False,
             run = PreparedRun(cfg, resume, sharded)
         if dry_run:
             return run.plan
+        run.check_memory()  # before any weight is loaded
         with _held_by_primary(cfg, run, here) as tracking:
             return _fit(cfg, run, here, tracking, callbacks)
 
@@ -166,6 +176,8 @@ def _held_by_primary(cfg: LmctlConfig, run: PreparedRun, here: World) -> Iterato
                 if run.resume == "never":
                     archive_previous(run.run_dir)
                 tracking = Tracking(cfg, run.data_info, primary=True)
+                if here.size > 1:  # the other ranks must hear of a failure now, not at the first step
+                    tracking.ready()
             except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here as it was
                 here.from_primary(_Outcome(error=str(exc), exit_code=getattr(exc, "exit_code", 1)))
                 raise
@@ -205,7 +217,7 @@ def _build_model(cfg: LmctlConfig, run: PreparedRun) -> Any:
 
     from lmctl.loading import load_base_model
 
-    base = load_base_model(run.base_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.revision,
+    base = load_base_model(run.base_path, run.dtype, cfg.model.trust_remote_code, cfg.model.revision,
                            quantize_4bit=cfg.lora.quantization == "4bit")
     if cfg.lora.quantization == "4bit":
         from peft import prepare_model_for_kbit_training
@@ -222,7 +234,7 @@ def _build_model(cfg: LmctlConfig, run: PreparedRun) -> Any:
 def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking, extra: Sequence[Any] = ()) -> TrainResult:
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
 
-    from lmctl.train.callbacks import ExportCheckpoints, Progress
+    from lmctl.train.callbacks import ExportCheckpoints, Progress, Throughput
 
     set_seed(cfg.train.seed)
     if here.primary:
@@ -239,16 +251,21 @@ def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking, ex
         run.prune(state.best_global_step)
         return path
 
-    exporter = ExportCheckpoints(export, here, run.sharded)
-    callbacks = [*tracking.callbacks(), Progress(), exporter, *extra]
+    exporter, throughput = ExportCheckpoints(export, here, run.sharded), Throughput()
+    callbacks = [Progress(), exporter, *extra]
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
+    callbacks.append(throughput)  # last: its clock restarts after the other callbacks' saves
+
+    def collator(rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        throughput.collated(rows)
+        return (collate_packed if packing else collate)(rows, run.tokenizer.pad_token_id)
     trainer = Trainer(
         model=model,
-        args=training_args(cfg, run, len(train_rows) if run.stream is None else 0, packing),
+        args=training_args(cfg, run, len(train_rows) if run.stream is None else 0),
         train_dataset=train_rows,
         eval_dataset=run.val.rows_for(packing) if run.val.examples.examples else None,
-        data_collator=lambda rows: (collate_packed if packing else collate)(rows, run.tokenizer.pad_token_id),
+        data_collator=collator,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # it print()s log dicts to stdout, which --json owns
@@ -256,6 +273,8 @@ def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking, ex
         fsdp.check_enabled(trainer)
     if here.size > 1 and trainer.args.device.type == "cpu":
         _cpu_ranks_load_on_the_cpu()
+    for callback in tracking.callbacks():  # the MLflow run, opened meanwhile, before the first step
+        trainer.add_callback(callback)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=run.resume_from)
     final = checkpoint.step_dir(run.run_dir, trainer.state.global_step)
@@ -265,12 +284,16 @@ def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking, ex
         exporter.seal(model, trainer.state)
     seconds = time.perf_counter() - started
     tracking.finish("FINISHED", trainer.state.log_history, run.run_dir)
-    return _result(run, trainer.state, final, exporter.exported, seconds, tracking.run_id)
+    counted = here.all_gather((throughput.tokens, throughput.steady_tokens, throughput.steady_seconds))
+    steady_s = max(c[2] for c in counted)
+    steady = round(sum(c[1] for c in counted) / steady_s, 1) if steady_s > 0 and throughput.steady_rate else None
+    return _result(run, trainer.state, final, exporter.exported, seconds, tracking.run_id,
+                   sum(c[0] for c in counted), steady)
 
 
-def _result(run: PreparedRun, state: Any, final: Path, exported: list[Path], seconds: float, run_id: str) -> TrainResult:
+def _result(run: PreparedRun, state: Any, final: Path, exported: list[Path], seconds: float, run_id: str,
+            tokens: int, steady: float | None) -> TrainResult:
     metrics = _last_metrics(state.log_history)
-    tokens = int(state.num_input_tokens_seen or 0)
     best = state.best_global_step
     best_dir = checkpoint.step_dir(run.run_dir, best) if best else None
     return TrainResult(
@@ -280,6 +303,7 @@ def _result(run: PreparedRun, state: Any, final: Path, exported: list[Path], sec
         best_eval_loss=state.best_metric, stopped_early=state.global_step < state.max_steps,
         steps=state.global_step, train_loss=metrics["train_loss"], eval_loss=metrics["eval_loss"], tokens=tokens,
         seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
+        tokens_per_s_steady=steady,
         mlflow_run_id=run_id, resumed_from=run.resume_from, processes=run.processes,
         distributed="fsdp" if run.sharded else ("ddp" if run.processes > 1 else "none"),
     )

@@ -1,0 +1,153 @@
+"""The memory plan against the measured peak of real `lmctl train` runs (issue 25 item 2).
+
+For each shape and row length it builds a random-weight model from a config (SmolLM2's
+tokenizer), writes documents long enough to fill every packed row, and runs `lmctl train`
+for 2 steps. The plan is what `--dry-run` reports for the same config (computed in this
+process through the same code); the measured peak is:
+
+- on the CPU: the peak RSS of the `lmctl train` process (os.wait4's ru_maxrss, exact);
+- on CUDA: torch.cuda.max_memory_allocated of the run (in this process) plus the CUDA
+  context this process holds (device memory in use that torch did not reserve).
+
+It prints estimate, measured peak and their ratio per case (goal: within 0.85-1.15).
+
+    python scripts/bench_memory_plan.py [--shapes 135m,0.5b,1.5b] [--lengths 512,2048]
+                                        [--tokenizer smollm2-135m] [--threads 2]
+
+Shapes: "135m" is SmolLM2-135M (30 layers, vocab 49,152); "0.5b" Qwen2.5-0.5B's with 6 layers
+(hidden 896, vocab 151,936, tied head) as in issue 25; "1.5b" Qwen2.5-1.5B's (hidden 1536,
+heads 12/2, MLP 8960, vocab 151,936, tied) with 2 layers to fit a small CPU.
+Batch: 2 rows at 512 tokens, 1 at 2048.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+             "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152},
+    "0.5b": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 6,
+             "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936},
+    "1.5b": {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 2,
+             "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936},
+}
+
+
+def build_model(shape: str, tokenizer_path: str, out: Path) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = dict(SHAPES[shape])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec, tie_word_embeddings=True,
+                                  max_position_embeddings=4096)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(out)
+    return out
+
+
+def write_data(path: Path, rows: int, length: int) -> None:
+    """Documents of ~1.5 x length tokens of varied words: each fills a whole row once truncated."""
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{rng.randrange(50000)}" for _ in range(4000)]
+    with path.open("w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(length))}) + "\n")
+
+
+def config_for(model: Path, data: Path, runs: Path, length: int, batch: int) -> list[str]:
+    return [f"model.base={model}", f"data.train={data}", f"data.max_length={length}", f"train.batch_size={batch}",
+            "train.max_steps=2", "train.log_every=1", "train.save_every=1000", "train.eval_every=1000",
+            "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", f"output.dir={runs}", "output.run_name=plan"]
+
+
+def measure_cpu(sets: list[str], threads: int) -> float:
+    """Peak RSS (bytes) of one real `lmctl train` process: its own ru_maxrss from os.wait4."""
+    cmd = [sys.executable, "-m", "lmctl", "train", str(EMPTY), "--json", "--resume", "never"]
+    cmd += [arg for s in sets for arg in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            raise SystemExit(f"lmctl train failed ({proc.returncode}): {err.read().decode()[-1500:]}")
+    return usage.ru_maxrss * 1024.0
+
+
+def measure_cuda(sets: list[str]) -> float:
+    """max_memory_allocated of the run plus the CUDA context (device memory torch did not reserve)."""
+    import torch
+
+    from lmctl.config import load_config
+    from lmctl.train import train
+
+    torch.cuda.init()
+    free, total = torch.cuda.mem_get_info()
+    context = total - free - torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    train(load_config(EMPTY, sets), resume="never")
+    return float(torch.cuda.max_memory_allocated() + context)
+
+
+def estimate(sets: list[str]) -> Any:
+    from lmctl.config import load_config
+    from lmctl.train.prepare import PreparedRun
+
+    return PreparedRun(load_config(EMPTY, sets), "never").plan.memory
+
+
+EMPTY = Path(tempfile.mkdtemp()) / "empty.yaml"  # every setting comes as --set
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="135m,0.5b,1.5b")
+    parser.add_argument("--lengths", default="512,2048")
+    parser.add_argument("--tokenizer", default="smollm2-135m", help="a pulled model name or a path")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    import torch
+
+    from lmctl.modelref import resolve_base
+
+    EMPTY.write_text("{}\n")
+    tokenizer = resolve_base(args.tokenizer)
+    work = Path(tempfile.mkdtemp())
+    cuda = torch.cuda.is_available()
+    print(f"{'shape':6} {'len':>5} {'batch':>5} {'estimate':>9} {'measured':>9} {'ratio':>6}  dominant   "
+          f"({'max_memory_allocated + context' if cuda else 'peak RSS'})")
+    ratios = []
+    for shape in args.shapes.split(","):
+        model = build_model(shape, tokenizer, work / shape)
+        for length in (int(x) for x in args.lengths.split(",")):
+            batch = 2 if length <= 1024 else 1
+            data = work / f"{shape}-{length}.jsonl"
+            write_data(data, 4 * batch, length)
+            sets = config_for(model, data, work / "runs", length, batch)
+            plan = estimate(sets)
+            measured = measure_cuda(sets) if cuda else measure_cpu(sets, args.threads)
+            ratio = plan.estimated_peak_gb * 2**30 / measured
+            ratios.append(ratio)
+            parts = " ".join(f"{k}={getattr(plan, k + '_gb'):.2f}" for k in
+                             ("weights", "optimizer", "activations", "logits", "data", "runtime"))
+            print(f"{shape:6} {length:5} {batch:5} {plan.estimated_peak_gb:8.2f}G {measured / 2**30:8.2f}G "
+                  f"{ratio:6.2f}  {plan.dominant:10} {parts}", flush=True)
+    inside = sum(0.85 <= r <= 1.15 for r in ratios)
+    print(f"{inside}/{len(ratios)} within +-15% (ratios {min(ratios):.2f}-{max(ratios):.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
