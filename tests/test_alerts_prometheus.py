@@ -50,7 +50,7 @@ def _until(what: str, check: Any, proc: subprocess.Popen[str], timeout: float = 
         assert proc.poll() is None, f"prometheus exited: {proc.stdout.read() if proc.stdout else ''}"
         try:
             found = check()
-        except httpx.TransportError:
+        except (httpx.TransportError, ValueError):  # not listening yet, or 503 "Service Unavailable" while it starts
             found = None
         if found:
             return found
