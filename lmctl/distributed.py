@@ -36,64 +36,64 @@ class World:
     alone, whose collectives are no-ops, so callers that may be sharded need no branches."""
 
     rank: int = 0
-    size: int = 1
+    world_size: int = 1
     local_rank: int = 0
 
     @property
-    def primary(self) -> bool:
+    def is_rank0(self) -> bool:
         """The one process that writes files and prints results."""
         return self.rank == 0
 
     def owns(self, index: int) -> bool:
         """Whether item `index` of a sequence every rank walks in the same order is this rank's."""
-        return index % self.size == self.rank
+        return index % self.world_size == self.rank
 
     def all_gather(self, obj: T) -> list[T]:
         """Every rank's `obj` (picklable), in rank order, on every rank."""
-        if self.size == 1:
+        if self.world_size == 1:
             return [obj]
         import torch.distributed as dist
 
-        gathered: list[Any] = [None] * self.size
-        with _peers("all_gather_object", self.size):
+        gathered: list[Any] = [None] * self.world_size
+        with _peers("all_gather_object", self.world_size):
             dist.all_gather_object(gathered, obj)
         return gathered
 
-    def from_primary(self, obj: T | None) -> T:
+    def from_rank0(self, obj: T | None) -> T:
         """Rank 0's `obj` (picklable), on every rank; the other ranks pass None."""
-        if self.size == 1:
+        if self.world_size == 1:
             assert obj is not None
             return obj
         import torch.distributed as dist
 
         box: list[Any] = [obj]
-        with _peers("broadcast_object_list", self.size):
+        with _peers("broadcast_object_list", self.world_size):
             dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def in_order(self, mine: list[tuple[int, T]]) -> list[tuple[int, T]]:
         """Every rank's (index, item) pairs of the items it `owns`, merged in index order."""
-        if self.size == 1:
+        if self.world_size == 1:
             return mine
         return sorted((pair for part in self.all_gather(mine) for pair in part), key=lambda pair: pair[0])
 
     def barrier(self) -> None:
         """Wait until every rank is here."""
-        if self.size == 1:
+        if self.world_size == 1:
             return
         import torch.distributed as dist
 
-        with _peers("barrier", self.size):
+        with _peers("barrier", self.world_size):
             dist.barrier()
 
     @contextlib.contextmanager
-    def primary_first(self, local: bool = False) -> Iterator[None]:
+    def rank0_first(self, local: bool = False) -> Iterator[None]:
         """Rank 0 runs the block first (it fills a cache or downloads), the other ranks then
         run it and find the work done, as `accelerate`'s `main_process_first`. With `local`,
         the first process of each node goes first instead (`local_main_process_first`): for
         work whose result lives on the node's own disk, such as the tokenization cache under
         a node-local LMCTL_HOME."""
-        first = self.local_rank == 0 if local else self.primary
+        first = self.local_rank == 0 if local else self.is_rank0
         if not first:
             self.barrier()
         yield
@@ -118,9 +118,9 @@ def env_rank() -> int:
 
 def world() -> World:
     """Rank, world size and local rank from torchrun's environment."""
-    found = World(rank=_env_int("RANK", 0), size=_env_int("WORLD_SIZE", 1), local_rank=_env_int("LOCAL_RANK", 0))
-    if found.size < 1 or not 0 <= found.rank < found.size:
-        raise BadInputError(f"RANK={found.rank} WORLD_SIZE={found.size}: expected 0 <= RANK < WORLD_SIZE")
+    found = World(rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1), local_rank=_env_int("LOCAL_RANK", 0))
+    if found.world_size < 1 or not 0 <= found.rank < found.world_size:
+        raise BadInputError(f"RANK={found.rank} WORLD_SIZE={found.world_size}: expected 0 <= RANK < WORLD_SIZE")
     return found
 
 
@@ -189,7 +189,7 @@ def process_group() -> Iterator[World]:
     Leaving explicitly matters: a gloo group torn down by the interpreter after a failed
     collective aborts the process (SIGABRT), which would hide lmctl's exit code."""
     here = world()
-    if here.size == 1:
+    if here.world_size == 1:
         yield here
         return
     import datetime
@@ -204,7 +204,7 @@ def process_group() -> Iterator[World]:
             raise BadInputError(f"LOCAL_RANK={here.local_rank} but {torch.cuda.device_count()} CUDA device(s) are "
                                 "visible: start at most that many processes per node (torchrun --nproc-per-node)")
         torch.cuda.set_device(here.local_rank)  # NCCL's object collectives use the current device
-    with _peers("rendezvous", here.size):
+    with _peers("rendezvous", here.world_size):
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout,
                                 device_id=device() if cuda else None)
     try:

@@ -103,9 +103,9 @@ def measure_cuda(sets: list[str]) -> float:
 
 def estimate(sets: list[str]) -> Any:
     from lmctl.config import load_config
-    from lmctl.train.prepare import PreparedRun
+    from lmctl.train.plan import PlannedRun
 
-    return PreparedRun(load_config(EMPTY, sets), "never").plan.memory
+    return PlannedRun(load_config(EMPTY, sets), "never").plan.memory
 
 
 EMPTY = Path(tempfile.mkdtemp()) / "empty.yaml"  # every setting comes as --set

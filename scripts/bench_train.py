@@ -265,9 +265,9 @@ def step_time(args: argparse.Namespace, tokenizer_path: str, work: Path) -> int:
             "train.eval_every=100000", f"output.dir={work / 'runs'}"]
     cfg = load_config(None, sets)
     from lmctl.train import train
-    from lmctl.train.prepare import PreparedRun
+    from lmctl.train.plan import PlannedRun
 
-    examples = list(PreparedRun(cfg, "never").train.examples.examples)
+    examples = list(PlannedRun(cfg, "never").train.examples.examples)
     ms: dict[str, list[float]] = {"lmctl train": [], "plain Trainer": []}
     for _ in range(3):  # interleaved, so a busy machine slows both alike
         clock = StepClock()

@@ -98,7 +98,7 @@ def train_rows(path: str, texts_file: Path, steps: int, work: Path, peak: float)
             continue
         tps = result["tokens_per_s"]
         rows.append([f"train {label}", f"{tps:,.0f} tok/s", f"MFU {6 * params * tps / (peak * procs):.1%}",
-                     f"{result['steps']} steps, ran {result['distributed']} x{result['processes']}"])
+                     f"{result['steps']} steps, ran {result['distributed']} x{result['world_size']}"])
     return rows, results
 
 

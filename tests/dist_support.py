@@ -4,10 +4,10 @@
 `train(..., dry_run=True)` and prints this rank's `{"rank", "cache_hit"}`, so a test sees
 which process tokenized and which opened the entry another one sealed.
 
-`python tests/dist_support.py fsdp CONFIG STEPS`: lmctl's model (PreparedRun + _build_model)
+`python tests/dist_support.py fsdp CONFIG STEPS`: lmctl's model (PlannedRun + _build_model)
 sharded with torch's `fully_shard` the way accelerate's `fsdp2_prepare_model` does (each
 decoder layer, then the root), trained STEPS AdamW steps on one fixed global batch split
-across the ranks, then sealed by lmctl's `ExportCheckpoints` with `sharded=True`. It stands
+across the ranks, then sealed by lmctl's `SealCheckpoints` with `fsdp=True`. It stands
 in for the Trainer's FSDP path, which accelerate 1.15 does not run on CPU
 (lmctl/train/fsdp.py); without torchrun it trains the same batch unsharded in one process.
 """
@@ -85,22 +85,22 @@ def fsdp(config: str, steps: int) -> None:
 
     from lmctl.config import load_config
     from lmctl.distributed import process_group
-    from lmctl.train.callbacks import ExportCheckpoints
-    from lmctl.train.prepare import PreparedRun
+    from lmctl.train.callbacks import SealCheckpoints
+    from lmctl.train.plan import PlannedRun
     from lmctl.train.trainer import _build_model
 
     cfg = load_config(Path(config), [])
     torch.manual_seed(cfg.train.seed)
     with process_group() as here:
-        with here.primary_first(local=True):
-            run = PreparedRun(cfg, "never", sharded=False)
+        with here.rank0_first(local=True):
+            run = PlannedRun(cfg, "never", fsdp=False)
         model = _build_model(cfg, run)
-        if here.size > 1:
+        if here.world_size > 1:
             for layer in model.base_model.model.model.layers:
                 fully_shard(layer)
             fully_shard(model)
         rows = [e["input_ids"][:ROW_TOKENS] for e in run.train.examples.examples if len(e["input_ids"]) >= ROW_TOKENS]
-        mine = torch.tensor(rows[:ROWS][here.rank::here.size])
+        mine = torch.tensor(rows[:ROWS][here.rank::here.world_size])
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
         for _ in range(steps):
             loss = model(input_ids=mine, labels=mine).loss
@@ -109,9 +109,9 @@ def fsdp(config: str, steps: int) -> None:
             optimizer.zero_grad()
 
         def export(model, state, weights):  # type: ignore[no-untyped-def]
-            return run.export(model, state.global_step, {"train_loss": loss.item()}, "", weights)
+            return run.seal(model, state.global_step, {"train_loss": loss.item()}, "", weights)
 
-        ExportCheckpoints(export, here, sharded=here.size > 1).seal(model, TrainerState(global_step=steps))
+        SealCheckpoints(export, here, fsdp=here.world_size > 1).seal(model, TrainerState(global_step=steps))
 
 
 def worker_pid(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> int:  # type: ignore[type-arg]

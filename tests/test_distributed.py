@@ -31,7 +31,7 @@ def test_two_processes_train_the_loss_curve_of_one(cli, tiny_config: Path, tmp_p
     objects = json_objects(proc.stdout)
     assert len(objects) == 1, proc.stdout  # only rank 0 prints the result
     result = objects[0]
-    assert result["processes"] == 2 and result["distributed"] == "ddp" and result["steps"] == 6
+    assert result["world_size"] == 2 and result["distributed"] == "ddp" and result["steps"] == 6
     run_dir = tmp_path / "runs" / "tiny"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
     checkpoint.verify(Path(result["checkpoint"]))
@@ -66,7 +66,7 @@ def test_two_nodes_meet_through_c10d_and_only_rank_0_writes(tiny_base: Path, tmp
     for launcher, (_, err) in zip(launchers, outputs):
         assert launcher.returncode == 0, err[-3000:]
     objects = [obj for out, _ in outputs for obj in json_objects(out)]
-    assert len(objects) == 1 and objects[0]["processes"] == 2 and objects[0]["steps"] == 2
+    assert len(objects) == 1 and objects[0]["world_size"] == 2 and objects[0]["steps"] == 2
     checkpoint.verify(Path(objects[0]["checkpoint"]))
     # the MLflow run, the registry store and the run lock are rank 0's; each node has its own cache
     written = {home.name: sorted(p.name for p in home.iterdir()) for home in homes if home.exists()}
@@ -133,7 +133,7 @@ def test_fsdp_across_cpu_processes_is_refused_not_run_as_ddp(cli, tiny_config: P
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name)
     plan = cli("train", tiny_config, "--set", "train.distributed=fsdp", "--dry-run", "--json")
-    assert plan.code == 0 and plan.json["sharded"] is False and plan.json["processes"] == 1
+    assert plan.code == 0 and plan.json["distributed"] == "none" and plan.json["world_size"] == 1
 
 
 def test_qlora_with_fsdp_across_processes_is_refused_at_preflight(cli, tiny_config: Path, tmp_path: Path,
@@ -152,7 +152,7 @@ def test_qlora_with_fsdp_across_processes_is_refused_at_preflight(cli, tiny_conf
 
 def test_fsdp2_sharded_lora_seals_the_whole_adapter(tiny_base: Path, tmp_path: Path, cli) -> None:
     """lmctl's model sharded with torch's fully_shard (FSDP2 on CPU) over 2 processes trains the
-    same adapter as one process, and ExportCheckpoints gathers it whole: a sealed checkpoint that
+    same adapter as one process, and SealCheckpoints gathers it whole: a sealed checkpoint that
     lmctl eval and plain transformers + peft score identically at world size 1."""
     import torch
     from safetensors.torch import load_file

@@ -60,7 +60,7 @@ def test_a_checkpoint_trained_by_4_processes_loads_in_one(cli, tiny_config: Path
     proc = lmctl("train", str(tiny_config), "--nproc-per-node", "4", "--set", "train.batch_size=1", *short)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = json_objects(proc.stdout)
-    assert result["processes"] == 4
+    assert result["world_size"] == 4
     one = cli("train", tiny_config, "--set", "output.run_name=one", *short)
     assert one.code == 0, one.err
     four = eval_at_world_size_1(cli, Path(result["checkpoint"]), tiny_base)

@@ -222,7 +222,7 @@ EXPECTED: dict[str, set[str]] = {
     'train': {
         'best_checkpoint', 'best_eval_loss', 'checkpoint', 'checkpoints', 'eval_loss', 'mlflow_run_id',
         'resumed_from', 'run_dir', 'seconds', 'steps', 'stopped_early', 'tokens', 'tokens_per_s', 'train_loss',
-        'distributed', 'processes',  # issue 22 added the last two
+        'distributed', 'world_size',  # issue 22 added these two (issue 28: `processes` is `world_size`)
         'tokens_per_s_steady'},  # issue 25 (steady-state throughput beside the whole run's)
     'train --dry-run': {
         'base_model', 'cache_hit', 'data_format', 'lint', 'lint.eos_labels', 'lint.rows_dropped',
@@ -231,7 +231,7 @@ EXPECTED: dict[str, set[str]] = {
         'memory.logits_gb', 'memory.optimizer_gb', 'memory.runtime_gb', 'memory.total_params',
         'memory.trainable_params', 'memory.weights_gb', 'packing', 'resume_from', 'run_dir', 'streaming',
         'tokens_per_step', 'train_examples', 'train_rows', 'train_sequences', 'validation_rows',
-        'processes', 'sharded',  # issue 22 added the last two
+        'distributed', 'world_size',  # issue 22 added these two (issue 28: `sharded` and `processes` renamed)
         # issue 25: the memory plan's device, dtype, loss kernel, largest part and fit
         'memory.device', 'memory.dtype', 'memory.loss_kernel', 'memory.dominant', 'memory.free_gb', 'memory.fits',
         'memory.advice'},

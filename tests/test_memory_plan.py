@@ -112,11 +112,11 @@ def test_train_reports_real_tokens_final_loss_and_steady_rate(cli, tiny_config: 
     of each batch nor the validation batches; the run is shorter than log_every and still
     reports its final loss."""
     from lmctl.config import load_config
-    from lmctl.train.prepare import PreparedRun
+    from lmctl.train.plan import PlannedRun
 
     config = _config(tiny_config, tmp_path, max_length=96, max_steps=None, epochs=1, batch_size=2, log_every=1000,
                      eval_every=3, save_every=1000)
-    rows = PreparedRun(load_config(config), "never").train.rows_for(True)
+    rows = PlannedRun(load_config(config), "never").train.rows_for(True)
     real = sum(len(rows[i]["input_ids"]) for i in range(len(rows)))
     assert len(rows) % 2 == 0 and real < len(rows) * 96
     result = cli("train", config, "--json")

@@ -213,10 +213,10 @@ def test_added_special_tokens_are_trained_saved_and_loaded(cli, tiny_config: Pat
 def test_warmup_ratio_is_passed_as_a_share_of_the_steps(tiny_config: Path) -> None:
     """transformers 5 has no warmup_ratio; a warmup_steps below 1 is read as a share of the steps."""
     from lmctl.config import load_config
-    from lmctl.train.prepare import PreparedRun
+    from lmctl.train.plan import PlannedRun
     from lmctl.train.trainer import training_args
 
-    run = PreparedRun(load_config(tiny_config), "never")
+    run = PlannedRun(load_config(tiny_config), "never")
     for ratio, total, expected in [(0.05, 6, 1), (0.1, 200, 20), (0.0, 50, 0), (0.5, 7, 4)]:
         cfg = load_config(tiny_config, [f"train.warmup_ratio={ratio}", f"train.max_steps={total}"])
         args = training_args(cfg, run, sequences=48)

@@ -59,7 +59,7 @@ from lmctl.deploy.options import TrainJobOptions
 from lmctl.deploy.kubernetes import base_model_warnings, check_workload, dns_label, dump, labels, selector
 from lmctl.errors import BadInputError
 from lmctl.train.launch import RDZV_PORT, SHARE_STORE_ENV, LaunchOptions
-from lmctl.train.prepare import rows_per_step
+from lmctl.train.plan import rows_per_step
 
 log = logging.getLogger("lmctl.deploy")
 EMIT_TARGETS = ("kubernetes",)

@@ -234,12 +234,12 @@ def score_documents(model: Any, tokenizer: Any, docs: Iterable[Document], max_le
         for index, batch in enumerate(_batches(_windows(docs, prefix, max_length, stride, out), size)):
             if world.owns(index):
                 mine.append((index, ([w.doc for w in batch], _score_batch(model, parts, batch, pad_id, device))))
-            if world.size == 1:  # nothing to gather: add now, so memory holds no per-window list
+            if world.world_size == 1:  # nothing to gather: add now, so memory holds no per-window list
                 _add(out.doc_nll, *mine.pop()[1])
             batches = index + 1
-    if world.size > 1:  # rank 0 speaks for all (other ranks log only warnings): each rank's share
+    if world.world_size > 1:  # rank 0 speaks for all (other ranks log only warnings): each rank's share
         for rank, share in enumerate(world.all_gather(len(mine))):
-            log.info("rank %d of %d scored %d of %d batches", rank, world.size, share, batches)
+            log.info("rank %d of %d scored %d of %d batches", rank, world.world_size, share, batches)
     for _, (window_docs, nlls) in world.in_order(mine):
         _add(out.doc_nll, window_docs, nlls)
     out.sums.documents, out.sums.tokens = len(out.doc_tokens), sum(out.doc_tokens)

@@ -83,7 +83,7 @@ def _measure(ref: str, source: _Data, length: int | None, method: Method, stride
     from lmctl.loading import load_for_inference
     from lmctl.modelref import resolve
 
-    with world.primary_first():  # a models:/ reference is downloaded once, by rank 0
+    with world.rank0_first():  # a models:/ reference is downloaded once, by rank 0
         resolved = resolve(ref)
     loaded = load_for_inference(resolved)
     loaded.model.to(distributed.device())
@@ -92,14 +92,14 @@ def _measure(ref: str, source: _Data, length: int | None, method: Method, stride
     started = time.perf_counter()
     # The tokenization cache lives under LMCTL_HOME, which may be each node's own disk: the
     # first process of each node fills it and that node's others read it, as training does.
-    with world.primary_first(local=True):
+    with world.rank0_first(local=True):
         docs = documents(source.path, source.text_field, loaded.tokenizer, source.texts)
     if docs.hit is not None:
         log.info("documents: tokenization cache %s", "hit" if docs.hit else "miss (now cached)")
     scored = score_documents(loaded.model, loaded.tokenizer, docs, length, step, batch_size, world)
     seconds = time.perf_counter() - started
     suite_results = [run_suite(loaded.model, loaded.tokenizer, suite, world) for suite in suites]
-    timing = measure_latency(loaded.model, loaded.tokenizer, docs, *latency) if latency and world.primary else None
+    timing = measure_latency(loaded.model, loaded.tokenizer, docs, *latency) if latency and world.is_rank0 else None
     if latency:
         world.barrier()  # the other ranks start nothing (a baseline) while rank 0 is timed
     del loaded
@@ -137,7 +137,7 @@ def _check(ref: str, opts: EvalOptions, gates: EvalGates) -> list[Suite]:
         raise BadInputError("--stride cannot be set with --method rolling (its stride is --max-length)")
     if gates.max_ppl_regression is not None and opts.baseline is None:
         raise BadInputError("--max-ppl-regression needs --baseline MODEL_REF")
-    if opts.lm_eval_tasks and distributed.world().size > 1:
+    if opts.lm_eval_tasks and distributed.world().world_size > 1:
         raise BadInputError("--lm-eval cannot run under torchrun: lm-eval-harness's HF model starts its own "
                             "accelerate processes from the same environment; run it in one process")
     loaded_suites = [load_suite(p) for p in opts.suites]
@@ -169,11 +169,11 @@ def evaluate(ref: str, data_path: Path, options: EvalOptions | None = None, gate
         base = None
         if opts.baseline is not None:
             base, _, _ = _measure(opts.baseline, source, length, opts.method, step, opts.batch_size, here)
-        result = _report(ref, opts, gates, cand, base, length, step) if here.primary else None
+        result = _report(ref, opts, gates, cand, base, length, step) if here.is_rank0 else None
         if result is not None:
             log.info("perplexity %.4f over %d tokens (%.1f s)", result.perplexity, cand.sums.tokens, cand.seconds)
             _write_reports(result, opts.report, opts.markdown, opts.html, opts.log_to_registry)
-        return here.from_primary(result)
+        return here.from_rank0(result)
 
 
 def _report(ref: str, opts: EvalOptions, gates: EvalGates, cand: _Measured, base: _Measured | None, length: int,

@@ -6,7 +6,7 @@ models:/NAME@ALIAS), `handlers` (one request: limits, generation, bookkeeping), 
 (routes, request ids), `keys` (the keys file, hashed secrets), `quota` (per-key rate limits
 and token budgets in SQLite), `access` (auth, admission and usage by key name), `guard` (the
 output guard: PII and deny-listed patterns in generated text), `metrics`
-(Prometheus), `sampling` (the PII-redacted request sample that `lmctl drift` reads).
+(Prometheus), `sample_log` (the PII-redacted request sample that `lmctl drift` reads).
 
 Models are resolved, verified and loaded before the port is bound, so a tampered checkpoint
 never serves a request: `lmctl serve` exits 4 instead. This package's __init__ imports
@@ -49,7 +49,7 @@ def build_app(ref: str, settings: ServeSettings, api_keys: list[str] | Keyring) 
     from lmctl.serve.keys import Keyring
     from lmctl.serve.metrics import ServeMetrics
     from lmctl.serve.reload import AliasFollower
-    from lmctl.serve.sampling import SampleLog
+    from lmctl.serve.sample_log import SampleLog
     from lmctl.serve.slots import load_slot
 
     from lmctl.serve import rollout as gradual, shadow as mirror

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmctl.serve.access import QuotaExceeded
 from lmctl.serve.body import JsonBodyRoute
-from lmctl.serve.handlers import Context, Generation, GenerationTimeout, prepare
+from lmctl.serve.handlers import Context, Generation, GenerationTimeout, enqueue
 from lmctl.serve.metrics import Exchange
 from lmctl.serve.schemas import ChatRequest, CompletionRequest, error_body
 
@@ -261,7 +261,7 @@ def create_app(ctx: Context, follower: Any = None) -> FastAPI:
     async def run(request: Request, body: CompletionRequest | ChatRequest, endpoint: str) -> Response:
         exchange: Exchange = request.state.exchange
         rid = exchange.request_id
-        prep = prepare(ctx, body, endpoint, exchange, request.headers.get("x-client-id"))
+        prep = enqueue(ctx, body, endpoint, exchange, request.headers.get("x-client-id"))
         gen, chat = Generation(ctx, prep), endpoint == "chat.completions"
         headers = {"X-Model-Version": prep.slot.version}
         if body.stream:

@@ -22,7 +22,7 @@ from lmctl.serve.access import Access
 from lmctl.serve.canary import Router
 from lmctl.serve.guard import OutputGuard
 from lmctl.serve.metrics import Exchange, ServeMetrics
-from lmctl.serve.sampling import SampleLog
+from lmctl.serve.sample_log import SampleLog
 from lmctl.serve.schemas import ChatRequest, CompletionRequest
 from lmctl.serve.settings import ServeSettings
 from lmctl.serve.slots import Slot
@@ -45,7 +45,7 @@ class Context:
 
 
 @dataclass
-class Prepared:
+class Enqueued:
     exchange: Exchange
     endpoint: str
     slot: Slot
@@ -95,8 +95,8 @@ def _check_limits(ctx: Context, slot: Slot, n_prompt: int, max_tokens: int) -> N
                                  f"of {slot.context_length} tokens")
 
 
-def prepare(ctx: Context, body: CompletionRequest | ChatRequest, endpoint: str, exchange: Exchange,
-            sticky_key: str | None) -> Prepared:
+def enqueue(ctx: Context, body: CompletionRequest | ChatRequest, endpoint: str, exchange: Exchange,
+            sticky_key: str | None) -> Enqueued:
     """Validate, route and enqueue; raise HTTPException (4xx/503) for anything that refuses the request."""
     from lmctl.serve.engine import EngineStoppedError, QueueFullError, SamplingParams
 
@@ -124,12 +124,12 @@ def prepare(ctx: Context, body: CompletionRequest | ChatRequest, endpoint: str, 
             raise
         ctx.metrics.in_flight.labels(slot.model_name, slot.version).inc()
         ctx.metrics.tokens_in.labels(slot.model_name, slot.version).inc(len(ids))
-        return Prepared(exchange, endpoint, slot, job, prompt, messages, body.stop)
+        return Enqueued(exchange, endpoint, slot, job, prompt, messages, body.stop)
     raise HTTPException(503, "model is being replaced; retry")
 
 
 class Generation:
-    def __init__(self, ctx: Context, prep: Prepared) -> None:
+    def __init__(self, ctx: Context, prep: Enqueued) -> None:
         self.ctx, self.prep = ctx, prep
         self.stream = TextStream(prep.slot.tokenizer, prep.stops)
         self.guarded = ctx.guard.stream()  # what of the text may leave the server

@@ -1,6 +1,6 @@
 """`lmctl train`: LoRA fine-tuning with transformers' Trainer and peft.
 
-- `prepare`: the run validated before anything is written (`TrainPlan`, what `--dry-run` prints);
+- `plan`: the run validated before anything is written (`TrainPlan`, what `--dry-run` prints);
 - `trainer`: the Trainer run, its lock, sealed checkpoints and `TrainResult`;
 - `inputs`: a run's data from the tokenization cache; `preflight`: the lint that refuses setups
   that cannot train well; `memory`: the `--dry-run` memory estimate; `callbacks`: MLflow
@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 from lmctl import lazy
 
 if TYPE_CHECKING:
-    from lmctl.train.prepare import TrainPlan, complete_trainer_checkpoints
+    from lmctl.train.plan import TrainPlan, complete_trainer_checkpoints
     from lmctl.train.trainer import TrainResult, train
 
-_EXPORTS = {"TrainPlan": "prepare", "complete_trainer_checkpoints": "prepare", "TrainResult": "trainer",
+_EXPORTS = {"TrainPlan": "plan", "complete_trainer_checkpoints": "plan", "TrainResult": "trainer",
             "train": "trainer"}
 __all__ = sorted(_EXPORTS)
 

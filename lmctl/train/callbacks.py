@@ -1,4 +1,4 @@
-"""Training-time side channels: MLflow tracking, a rich progress bar, checkpoint export, and the
+"""Training-time side channels: the MLflow run, a rich progress bar, sealing checkpoints, and the
 run's real tokens and steady-state throughput, counted on the host."""
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class Throughput(TrainerCallback):
         return self.steady_tokens / self.steady_seconds if self.steady_tokens and self.steady_seconds > 0 else None
 
 
-class ExportCheckpoints(TrainerCallback):
+class SealCheckpoints(TrainerCallback):
     """After each Trainer save, seal an lmctl checkpoint for that step.
 
     Every rank takes part: the Trainer's checkpoint-N is complete only once each rank wrote
@@ -173,18 +173,18 @@ class ExportCheckpoints(TrainerCallback):
     twin that marks checkpoint-N complete; under FSDP they then gather the sharded adapter
     (a collective) and rank 0 writes it."""
 
-    def __init__(self, export: Callable[[Any, Any, dict[str, Any] | None], Path], world: World, sharded: bool) -> None:
-        self.export, self.world, self.sharded = export, world, sharded
-        self.exported: list[Path] = []
+    def __init__(self, seal_step: Callable[[Any, Any, dict[str, Any] | None], Path], world: World, fsdp: bool) -> None:
+        self.seal_step, self.world, self.fsdp = seal_step, world, fsdp
+        self.sealed_paths: list[Path] = []
         self.last_step: int | None = None
 
     def seal(self, model: Any, state: Any) -> None:
         from lmctl.train.fsdp import full_adapter_state
 
         self.world.barrier()
-        weights = full_adapter_state(model) if self.sharded else None
-        if self.world.primary:
-            self.exported.append(self.export(model, state, weights))
+        weights = full_adapter_state(model) if self.fsdp else None
+        if self.world.is_rank0:
+            self.sealed_paths.append(self.seal_step(model, state, weights))
         self.last_step = state.global_step
 
     def on_save(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
@@ -234,23 +234,23 @@ def save_loss_curve(history: list[dict[str, Any]], out: Path) -> Path | None:
     return out
 
 
-class Tracking:
-    """The MLflow run of a training run: params, data inputs, metrics, loss curve. Only the
-    primary process tracks; under torchrun the other ranks get a no-op.
+class MlflowRun:
+    """The MLflow run of a training run: params, data inputs, metrics, loss curve. Only rank 0
+    tracks; under torchrun the other ranks get a no-op.
 
     The run opens in a background thread (importing MLflow and opening its store take seconds
     that the model's loading can hide); `ready()` waits for it and raises what it raised, and
     training calls it before the first step, so an unreachable tracking server still ends the
     run (exit 5) before anything is trained."""
 
-    def __init__(self, cfg: LmctlConfig, data_info: ManifestData, primary: bool) -> None:
+    def __init__(self, cfg: LmctlConfig, data_info: ManifestData, rank0: bool) -> None:
         import threading
 
         self.client: Any = None
         self.run_id = ""
         self._error: BaseException | None = None
         self._opening: threading.Thread | None = None
-        if primary:
+        if rank0:
             self._opening = threading.Thread(target=self._open, args=(cfg, data_info), name="lmctl-mlflow", daemon=True)
             self._opening.start()
 
@@ -272,7 +272,7 @@ class Tracking:
         except BaseException as exc:  # noqa: BLE001 - raised in the training thread by ready()
             self._error = exc
 
-    def ready(self) -> Tracking:
+    def ready(self) -> MlflowRun:
         """Wait until the MLflow run is open; raise the error that opening it met."""
         if self._opening is not None:
             self._opening.join()

@@ -38,17 +38,17 @@ def sharding(cfg: LmctlConfig) -> bool:
 
     if cfg.train.distributed != "fsdp":
         return False
-    processes = world().size
-    if processes > 1 and cfg.lora.quantization == "4bit":
+    world_size = world().world_size
+    if world_size > 1 and cfg.lora.quantization == "4bit":
         raise BadInputError(
-            f"lora.quantization=4bit cannot be sharded with train.distributed=fsdp across {processes} processes "
+            f"lora.quantization=4bit cannot be sharded with train.distributed=fsdp across {world_size} processes "
             "(lmctl does not load 4-bit weights with the bnb_4bit_quant_storage FSDP needs)",
             hint="set train.distributed=ddp for QLoRA on several GPUs, or lora.quantization=none to shard with fsdp")
     if not torch.cuda.is_available():
-        if processes > 1:
+        if world_size > 1:
             raise BadInputError(
                 f"train.distributed=fsdp needs CUDA GPUs; this machine has none and accelerate "
-                f"{_version('accelerate')} would train the {processes} CPU processes with DDP instead",
+                f"{_version('accelerate')} would train the {world_size} CPU processes with DDP instead",
                 hint="set train.distributed=ddp on CPU")
         log.info("train.distributed=fsdp on one CPU process: nothing to shard, training plainly")
         return False

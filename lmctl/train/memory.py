@@ -228,11 +228,11 @@ def best_knob(shape: Shape, work: Workload, dtype: str, device: Device, peak_gb:
     return f"{knob} saves the most: about {saved[knob]:.1f} GB"
 
 
-def check(plan: MemoryEstimate, mode: str, device: Device, processes: int = 1) -> None:
+def check(plan: MemoryEstimate, mode: str, device: Device, world_size: int = 1) -> None:
     """Refuse (exit 2) or warn when the plan exceeds what is free; `mode` is train.memory_check."""
     from lmctl.errors import BadInputError
 
-    needed = plan.estimated_peak_gb * (processes if not device.cuda else 1)  # CPU processes share the RAM
+    needed = plan.estimated_peak_gb * (world_size if not device.cuda else 1)  # CPU processes share the RAM
     if mode == "off" or needed <= plan.free_gb:
         return
     where = "on this CPU" if not device.cuda else f"on {device.name}"

@@ -27,10 +27,10 @@ from lmctl.data.packing import collate_packed, packing_is_isolated
 from lmctl.distributed import World
 from lmctl.errors import BadInputError, BusyError, LmctlError
 from lmctl.train import fsdp, headloss, preflight
-from lmctl.train.prepare import PreparedRun, TrainPlan, archive_previous, lora_config, total_steps
+from lmctl.train.plan import PlannedRun, TrainPlan, archive_previous, distributed_mode, lora_config, total_steps
 
 if TYPE_CHECKING:
-    from lmctl.train.callbacks import Tracking
+    from lmctl.train.callbacks import MlflowRun
 
 log = logging.getLogger("lmctl.train")
 
@@ -51,11 +51,11 @@ class TrainResult(BaseModel):
     tokens_per_s_steady: float | None = None  # after the warm-up steps, evals and saves excluded (None: too short)
     mlflow_run_id: str
     resumed_from: str | None
-    processes: int = 1  # torchrun's world size; tokens and tokens_per_s count all of them
+    world_size: int = 1  # torchrun's world size; tokens and tokens_per_s count all of them
     distributed: str = "none"  # none (one process), ddp or fsdp: what the Trainer ran
 
 
-def training_args(cfg: LmctlConfig, run: PreparedRun, sequences: int) -> Any:
+def training_args(cfg: LmctlConfig, run: PlannedRun, sequences: int) -> Any:
     """The Trainer's arguments; with train.distributed=fsdp under torchrun, FSDP2's (lmctl.train.fsdp).
     Nothing in them syncs the host with the device every step: tokens are counted on the host
     (callbacks.Throughput), and the NaN/Inf filter of the logged loss is off (a diverging loss
@@ -65,7 +65,7 @@ def training_args(cfg: LmctlConfig, run: PreparedRun, sequences: int) -> Any:
     has_val = bool(run.val.examples.examples)
     return TrainingArguments(
         output_dir=str(run.run_dir / "trainer"),
-        max_steps=total_steps(cfg, sequences, run.processes),
+        max_steps=total_steps(cfg, sequences, run.world_size),
         per_device_train_batch_size=cfg.train.batch_size,
         per_device_eval_batch_size=cfg.train.batch_size,
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -94,10 +94,10 @@ def training_args(cfg: LmctlConfig, run: PreparedRun, sequences: int) -> Any:
         use_cpu=not run.device.cuda,
         **preflight.mixed_precision(run.dtype, run.device),
         # under FSDP its own activation checkpointing instead (the Trainer refuses both at once)
-        gradient_checkpointing=cfg.train.gradient_checkpointing and not run.sharded,
+        gradient_checkpointing=cfg.train.gradient_checkpointing and not run.fsdp,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA parameter takes part in each forward
-        **(fsdp.trainer_options(cfg) if run.sharded else {}),
+        **(fsdp.trainer_options(cfg) if run.fsdp else {}),
     )
 
 
@@ -107,13 +107,13 @@ def _last_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
     return {"train_loss": train[-1] if train else None, "eval_loss": evals[-1] if evals else None}
 
 
-def _packing_works(model: Any, run: PreparedRun) -> bool:
+def _packing_works(model: Any, run: PlannedRun) -> bool:
     """Probe the real model once, on the training device at the training batch and row length
     (where attention kernels differ): packed examples must not see each other."""
     from lmctl.distributed import device
 
     batch, length = run.cfg.train.batch_size, run.cfg.data.max_length
-    if not run.sharded and run.cfg.lora.quantization == "none":
+    if not run.fsdp and run.cfg.lora.quantization == "none":
         model.to(device())  # where the Trainer moves it (FSDP shards it first; QLoRA loads it on the GPU)
     log.debug("packing probe: %d rows of %d tokens on %s", batch, length, next(model.parameters()).device)
     model.eval()
@@ -134,14 +134,14 @@ def train(cfg: LmctlConfig, resume: str = "auto", dry_run: bool = False,
     filling that node's tokenization cache; the others then open the entry it sealed."""
     from lmctl.distributed import process_group
 
-    sharded = fsdp.sharding(cfg)  # refused before joining the other processes, not after
+    fsdp_on = fsdp.sharding(cfg)  # refused before joining the other processes, not after
     with process_group() as here:
-        with here.primary_first(local=True):
-            run = PreparedRun(cfg, resume, sharded)
+        with here.rank0_first(local=True):
+            run = PlannedRun(cfg, resume, fsdp_on)
         if dry_run:
             return run.plan
         run.check_memory()  # before any weight is loaded
-        with _held_by_primary(cfg, run, here) as tracking:
+        with _held_by_rank0(cfg, run, here) as tracking:
             return _fit(cfg, run, here, tracking, callbacks)
 
 
@@ -155,18 +155,18 @@ class _Outcome:
 
 
 @contextlib.contextmanager
-def _held_by_primary(cfg: LmctlConfig, run: PreparedRun, here: World) -> Iterator[Tracking]:
+def _held_by_rank0(cfg: LmctlConfig, run: PlannedRun, here: World) -> Iterator[MlflowRun]:
     """Rank 0 takes the run lock, archives on --resume never and opens the MLflow run. Every
     rank learns the outcome and rank 0's resume point, so a refusal on rank 0 ends all ranks
     with its exit code instead of leaving them waiting at the first collective."""
     from filelock import FileLock, Timeout
 
-    from lmctl.train.callbacks import Tracking
+    from lmctl.train.callbacks import MlflowRun
 
     lock = FileLock(str(run.run_dir.parent / f".{run.run_dir.name}.lock"))
-    tracking, outcome = Tracking(cfg, run.data_info, primary=False), _Outcome(resume_from=run.resume_from)
+    tracking, outcome = MlflowRun(cfg, run.data_info, rank0=False), _Outcome(resume_from=run.resume_from)
     try:
-        if here.primary:
+        if here.is_rank0:
             try:
                 run.run_dir.parent.mkdir(parents=True, exist_ok=True)
                 try:
@@ -175,13 +175,13 @@ def _held_by_primary(cfg: LmctlConfig, run: PreparedRun, here: World) -> Iterato
                     raise BusyError(f"run {run.run_dir} is being trained by another process") from None
                 if run.resume == "never":
                     archive_previous(run.run_dir)
-                tracking = Tracking(cfg, run.data_info, primary=True)
-                if here.size > 1:  # the other ranks must hear of a failure now, not at the first step
+                tracking = MlflowRun(cfg, run.data_info, rank0=True)
+                if here.world_size > 1:  # the other ranks must hear of a failure now, not at the first step
                     tracking.ready()
             except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here as it was
-                here.from_primary(_Outcome(error=str(exc), exit_code=getattr(exc, "exit_code", 1)))
+                here.from_rank0(_Outcome(error=str(exc), exit_code=getattr(exc, "exit_code", 1)))
                 raise
-        outcome = here.from_primary(outcome if here.primary else None)
+        outcome = here.from_rank0(outcome if here.is_rank0 else None)
         if outcome.error is not None:
             failed = LmctlError(f"rank 0 refused the run: {outcome.error}")
             failed.exit_code = outcome.exit_code
@@ -212,7 +212,7 @@ def _cpu_ranks_load_on_the_cpu() -> None:
     torch.serialization.register_package(30, lambda obj: None, restore)
 
 
-def _build_model(cfg: LmctlConfig, run: PreparedRun) -> Any:
+def _build_model(cfg: LmctlConfig, run: PlannedRun) -> Any:
     from peft import get_peft_model
 
     from lmctl.loading import load_base_model
@@ -231,13 +231,13 @@ def _build_model(cfg: LmctlConfig, run: PreparedRun) -> Any:
     return model
 
 
-def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking, extra: Sequence[Any] = ()) -> TrainResult:
+def _fit(cfg: LmctlConfig, run: PlannedRun, here: World, tracking: MlflowRun, extra: Sequence[Any] = ()) -> TrainResult:
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
 
-    from lmctl.train.callbacks import ExportCheckpoints, Progress, Throughput
+    from lmctl.train.callbacks import SealCheckpoints, Progress, Throughput
 
     set_seed(cfg.train.seed)
-    if here.primary:
+    if here.is_rank0:
         run.run_dir.mkdir(parents=True, exist_ok=True)
     model = _build_model(cfg, run)
     packing = cfg.data.packing and _packing_works(model, run)
@@ -246,13 +246,13 @@ def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking, ex
         raise BadInputError("this architecture cannot isolate packed examples; set data.packing=false to stream")
     train_rows = run.train_dataset(packing)
 
-    def export(model: Any, state: Any, weights: dict[str, Any] | None) -> Path:
-        path = run.export(model, state.global_step, _last_metrics(state.log_history), tracking.run_id, weights)
+    def seal_step(model: Any, state: Any, weights: dict[str, Any] | None) -> Path:
+        path = run.seal(model, state.global_step, _last_metrics(state.log_history), tracking.run_id, weights)
         run.prune(state.best_global_step)
         return path
 
-    exporter, throughput = ExportCheckpoints(export, here, run.sharded), Throughput()
-    callbacks = [Progress(), exporter, *extra]
+    sealer, throughput = SealCheckpoints(seal_step, here, run.fsdp), Throughput()
+    callbacks = [Progress(), sealer, *extra]
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.train.early_stopping_patience, cfg.train.early_stopping_threshold))
     callbacks.append(throughput)  # last: its clock restarts after the other callbacks' saves
@@ -269,9 +269,9 @@ def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking, ex
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # it print()s log dicts to stdout, which --json owns
-    if run.sharded:
+    if run.fsdp:
         fsdp.check_enabled(trainer)
-    if here.size > 1 and trainer.args.device.type == "cpu":
+    if here.world_size > 1 and trainer.args.device.type == "cpu":
         _cpu_ranks_load_on_the_cpu()
     for callback in tracking.callbacks():  # the MLflow run, opened meanwhile, before the first step
         trainer.add_callback(callback)
@@ -279,31 +279,31 @@ def _fit(cfg: LmctlConfig, run: PreparedRun, here: World, tracking: Tracking, ex
     trainer.train(resume_from_checkpoint=run.resume_from)
     final = checkpoint.step_dir(run.run_dir, trainer.state.global_step)
     # the last step was no save step, or this run resumed at its end: seal it unless it is
-    sealed = here.from_primary(checkpoint.is_checkpoint(final) if here.primary else None)
-    if exporter.last_step != trainer.state.global_step and not sealed:
-        exporter.seal(model, trainer.state)
+    sealed = here.from_rank0(checkpoint.is_checkpoint(final) if here.is_rank0 else None)
+    if sealer.last_step != trainer.state.global_step and not sealed:
+        sealer.seal(model, trainer.state)
     seconds = time.perf_counter() - started
     tracking.finish("FINISHED", trainer.state.log_history, run.run_dir)
     counted = here.all_gather((throughput.tokens, throughput.steady_tokens, throughput.steady_seconds))
     steady_s = max(c[2] for c in counted)
     steady = round(sum(c[1] for c in counted) / steady_s, 1) if steady_s > 0 and throughput.steady_rate else None
-    return _result(run, trainer.state, final, exporter.exported, seconds, tracking.run_id,
+    return _result(run, trainer.state, final, sealer.sealed_paths, seconds, tracking.run_id,
                    sum(c[0] for c in counted), steady)
 
 
-def _result(run: PreparedRun, state: Any, final: Path, exported: list[Path], seconds: float, run_id: str,
+def _result(run: PlannedRun, state: Any, final: Path, sealed_paths: list[Path], seconds: float, run_id: str,
             tokens: int, steady: float | None) -> TrainResult:
     metrics = _last_metrics(state.log_history)
     best = state.best_global_step
     best_dir = checkpoint.step_dir(run.run_dir, best) if best else None
     return TrainResult(
         run_dir=str(run.run_dir), checkpoint=str(final),
-        checkpoints=[str(p) for p in exported if checkpoint.is_checkpoint(p)],
+        checkpoints=[str(p) for p in sealed_paths if checkpoint.is_checkpoint(p)],
         best_checkpoint=str(best_dir) if best_dir and checkpoint.is_checkpoint(best_dir) else None,
         best_eval_loss=state.best_metric, stopped_early=state.global_step < state.max_steps,
         steps=state.global_step, train_loss=metrics["train_loss"], eval_loss=metrics["eval_loss"], tokens=tokens,
         seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1) if seconds else 0.0,
         tokens_per_s_steady=steady,
-        mlflow_run_id=run_id, resumed_from=run.resume_from, processes=run.processes,
-        distributed="fsdp" if run.sharded else ("ddp" if run.processes > 1 else "none"),
+        mlflow_run_id=run_id, resumed_from=run.resume_from, world_size=run.world_size,
+        distributed=distributed_mode(run.world_size, run.fsdp),
     )

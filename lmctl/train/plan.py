@@ -1,8 +1,8 @@
 """A training run prepared and validated before anything is written: `--dry-run` stops here.
 
-`PreparedRun` loads the tokenizer, reads (or streams) the data through the tokenization
+`PlannedRun` loads the tokenizer, reads (or streams) the data through the tokenization
 cache, runs the pre-flight lint, finds the resume point and estimates memory; it also seals
-the Trainer's saves into lmctl checkpoints (`export`) and prunes them as the Trainer does.
+the Trainer's saves into lmctl checkpoints (`seal`) and prunes them as the Trainer does.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ class TrainPlan(BaseModel):
     cache_hit: bool | None = None  # the training data's tokenization came from the cache (None: streaming)
     max_steps: int
     tokens_per_step: int  # at most: rows per step of every process x max_length
-    processes: int = 1  # torchrun's world size
-    sharded: bool = False  # train.distributed=fsdp takes effect (lmctl.train.fsdp.sharding)
+    world_size: int = 1  # torchrun's world size
+    distributed: str = "none"  # none (one process), ddp or fsdp: what training will run
     resume_from: str | None
     lint: preflight.LintReport
     memory: MemoryEstimate
@@ -130,11 +130,11 @@ def lora_config(cfg: LmctlConfig, new_token_ids: list[int] | dict[str, list[int]
     )
 
 
-class PreparedRun:
+class PlannedRun:
     """Everything one training run needs, prepared and validated before anything is written."""
 
-    def __init__(self, cfg: LmctlConfig, resume: str, sharded: bool | None = None) -> None:
-        """`sharded`: whether FSDP takes effect (lmctl.train.fsdp.sharding; decided here when None)."""
+    def __init__(self, cfg: LmctlConfig, resume: str, fsdp: bool | None = None) -> None:
+        """`fsdp`: whether FSDP takes effect (lmctl.train.fsdp.sharding; decided here when None)."""
         from lmctl.distributed import world
         from lmctl.loading import base_config_sha256, model_vocab_size
         from lmctl.modelref import portable_base_id
@@ -146,7 +146,7 @@ class PreparedRun:
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         preflight.check_hardware(cfg, self.device)
         self.cfg = cfg
-        self.processes, self.sharded = world().size, sharding(cfg) if sharded is None else sharded
+        self.world_size, self.fsdp = world().world_size, sharding(cfg) if fsdp is None else fsdp
         self.run_dir = Path(cfg.output.dir) / str(cfg.output.run_name)
         self.resume = resume_after_restart(self.run_dir, resume)
         self.base_path, self.tokenizer, self.new_token_ids = training_tokenizer(cfg)
@@ -182,9 +182,9 @@ class PreparedRun:
             train_rows=train_fp.rows, validation_rows=val_fp.rows if val_fp else 0,
             train_examples=0 if self.stream is not None else len(self.train.examples.examples), train_sequences=sequences,
             packing=cfg.data.packing, streaming=cfg.data.streaming, cache_hit=self.train.hit,
-            max_steps=total_steps(cfg, sequences, self.processes),
-            tokens_per_step=rows_per_step(cfg, self.processes) * cfg.data.max_length, resume_from=self.resume_from,
-            processes=self.processes, sharded=self.sharded, lint=self.lint,
+            max_steps=total_steps(cfg, sequences, self.world_size),
+            tokens_per_step=rows_per_step(cfg, self.world_size) * cfg.data.max_length, resume_from=self.resume_from,
+            world_size=self.world_size, distributed=distributed_mode(self.world_size, self.fsdp), lint=self.lint,
             memory=self._memory_plan(data_bytes=self.train.memory_bytes + self.val.memory_bytes),
         )
 
@@ -202,13 +202,13 @@ class PreparedRun:
 
     def check_memory(self) -> None:
         """Before weights load: refuse or warn when the plan exceeds what is free (train.memory_check)."""
-        memory.check(self.plan.memory, self.cfg.train.memory_check, self.device, self.processes)
+        memory.check(self.plan.memory, self.cfg.train.memory_check, self.device, self.world_size)
 
     def train_dataset(self, packing: bool) -> Any:
         return self.stream if self.stream is not None else self.train.rows_for(packing)
 
-    def export(self, model: Any, step: int, metrics: dict[str, Any], run_id: str,
-               weights: dict[str, Any] | None = None) -> Path:
+    def seal(self, model: Any, step: int, metrics: dict[str, Any], run_id: str,
+             weights: dict[str, Any] | None = None) -> Path:
         """Seal step `step`: the adapter (from `weights`, the whole tensors an FSDP run gathered,
         else from the model itself), the tokenizer and `lmctl.json`."""
         final = checkpoint.step_dir(self.run_dir, step)
@@ -248,12 +248,17 @@ def training_device() -> Device:
     return this_device(here.index if here.type == "cuda" else None)
 
 
-def rows_per_step(cfg: LmctlConfig, processes: int) -> int:
+def distributed_mode(world_size: int, fsdp: bool) -> str:
+    """What training runs as: `none` (one process), `ddp`, or `fsdp` (train.distributed=fsdp taking effect)."""
+    return "fsdp" if fsdp else ("ddp" if world_size > 1 else "none")
+
+
+def rows_per_step(cfg: LmctlConfig, world_size: int) -> int:
     """Rows one optimizer step consumes: every process's batch_size x grad_accum."""
-    return cfg.train.batch_size * cfg.train.grad_accum * processes
+    return cfg.train.batch_size * cfg.train.grad_accum * world_size
 
 
-def total_steps(cfg: LmctlConfig, sequences: int, processes: int) -> int:
-    return cfg.train.max_steps or max(1, int(sequences * cfg.train.epochs / rows_per_step(cfg, processes)))
+def total_steps(cfg: LmctlConfig, sequences: int, world_size: int) -> int:
+    return cfg.train.max_steps or max(1, int(sequences * cfg.train.epochs / rows_per_step(cfg, world_size)))
 
 
