@@ -31,14 +31,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-             "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152},
-    "0.5b": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 6,
-             "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936},
-    "1.5b": {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 2,
-             "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936},
-}
+from gpu_train import SHAPES as FULL_SHAPES
+
+# The shapes scripts/gpu_check.py trains (gpu_train.SHAPES, one table), with the layers cut so
+# two steps fit a 2-core CPU; the plan counts layers, so fewer of them test it as well.
+CPU_LAYERS = {"135M": 30, "0.5B": 6, "1.5B": 2}
+SHAPES: dict[str, dict[str, Any]] = {name.lower(): {**FULL_SHAPES[name], "num_hidden_layers": layers}
+                                     for name, layers in CPU_LAYERS.items()}
 
 
 def build_model(shape: str, tokenizer_path: str, out: Path) -> Path:
