@@ -119,7 +119,8 @@ class TrainConfig(Section):
     kernels: Literal["auto", "liger", "none"] = Field(
         "auto", description="The loss without full-vocabulary logits (docs/memory.md): auto = Liger Kernel's fused "
         "linear cross-entropy on CUDA when installed (lmctl[gpu]), else lmctl's chunked pure-PyTorch head + loss; "
-        "liger = Liger or refuse; none = the model's plain loss over full logits.",
+        "liger = Liger or refuse; none = the model's plain loss over full logits. auto and liger also recompute "
+        "a gated MLP's activation in backward instead of keeping it (not with gradient checkpointing).",
     )
     keep_last: int | None = Field(
         None, ge=1, description="Checkpoints to keep besides the best by validation loss; null keeps all."

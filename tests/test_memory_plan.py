@@ -67,6 +67,19 @@ def test_estimate_counts_the_dtype_and_runtime_of_the_device() -> None:
     assert checkpointed.activations_gb < gpu.activations_gb / 3
 
 
+def test_recomputing_the_gated_mlp_counts_one_intermediate_tensor_less(tiny_base: Path) -> None:
+    from peft import LoraConfig
+
+    shape = memory.model_shape(str(tiny_base), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert shape.gated_mlp  # the tiny Llama's MLP is down(act(gate(x)) * up(x))
+    gated = dataclasses.replace(QWEN_SHAPE, gated_mlp=True)
+    plain = memory.Workload(batch=2, seq=1024, gradient_checkpointing=False)
+    recompute = dataclasses.replace(plain, recompute_mlp=True)
+    saved = (memory.activation_bytes(gated, plain, 4, False) - memory.activation_bytes(gated, recompute, 4, False))
+    assert saved == 6 * 2 * 1024 * 4864 * 4  # layers x tokens x intermediate x float32
+    assert memory.activation_bytes(QWEN_SHAPE, recompute, 4, False) == memory.activation_bytes(QWEN_SHAPE, plain, 4, False)
+
+
 def test_a_plan_over_the_free_memory_names_the_knob_and_refuses_on_cuda(caplog: pytest.LogCaptureFixture) -> None:
     small_gpu = cuda_device("NVIDIA L4", (8, 9), int(1.5 * GB), 24 * GB)
     work = memory.Workload(batch=8, seq=4096, gradient_checkpointing=False)

@@ -73,6 +73,7 @@ class Shape:
     vocab: int
     eager_attention: bool
     transforms_logits: bool = False  # soft-capping and the like: the fused loss falls back to full logits
+    gated_mlp: bool = False  # down(act(gate(x)) * up(x)): train.kernels can recompute its activation
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Workload:
     kernel: str = "none"  # the loss kernel that runs (loss_kernel): none = full [tokens, vocab] logits
     data_bytes: int = 0
     fixed_kernel: bool = False  # the model cannot use a fused loss (soft-capping, added tokens)
+    recompute_mlp: bool = False  # lmctl.train.gated_mlp runs: the MLP keeps 3 intermediate-sized tensors, not 4
 
 
 def model_shape(base_path: str, lora_config: Any, trust_remote_code: bool = False) -> Shape:
@@ -93,6 +95,8 @@ def model_shape(base_path: str, lora_config: Any, trust_remote_code: bool = Fals
     import torch
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmctl.train import gated_mlp
 
     config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
@@ -111,6 +115,7 @@ def model_shape(base_path: str, lora_config: Any, trust_remote_code: bool = Fals
         layers=text.num_hidden_layers, vocab=text.vocab_size,
         eager_attention=getattr(config, "_attn_implementation", None) == "eager",
         transforms_logits=chunked_loss.transforms_logits(text) is not None,
+        gated_mlp=bool(gated_mlp.gated_mlps(model)),
     )
 
 
@@ -154,12 +159,14 @@ def activation_bytes(shape: Shape, work: Workload, element_bytes: int, scores: b
     """What backward keeps, per token and layer: ~11 hidden-sized tensors (the norms' inputs,
     their float32 statistics and outputs, rotated q, k and v expanded to every head, the
     attention output, residuals), k and v, and 4 intermediate-sized ones (gate, its activation,
-    up, their product) of a gated MLP. `scores`: attention that keeps its heads x seq
+    up, their product) of a gated MLP, 3 when lmctl.train.gated_mlp recomputes the activation.
+    `scores`: attention that keeps its heads x seq
     probabilities (eager attention); SDPA's flash and memory-efficient kernels (CUDA, and the
     CPU's flash kernel) keep only a row statistic: a 2048-token CPU run matched the plan without
     that term (0.97) and missed with it (1.37). Fitted to the peak RSS of CPU runs."""
     tokens = work.batch * work.seq
-    per_token_layer = (11 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate
+    intermediates = 3 if work.recompute_mlp and shape.gated_mlp else 4
+    per_token_layer = (11 * shape.hidden + 2 * shape.kv_dim + intermediates * shape.intermediate
                        + (shape.heads * work.seq if scores else 0)) * element_bytes
     if work.gradient_checkpointing:  # each layer's input, plus one layer recomputed in backward
         return tokens * (shape.layers * shape.hidden * element_bytes + per_token_layer)
@@ -207,13 +214,14 @@ def _alternatives(work: Workload, device: Device) -> dict[str, Workload]:
     if work.batch > 1:
         options["train.batch_size=1 (raise train.grad_accum to keep the step)"] = replace(work, batch=1)
     if not work.gradient_checkpointing:
-        options["train.gradient_checkpointing=true"] = replace(work, gradient_checkpointing=True)
+        options["train.gradient_checkpointing=true"] = replace(work, gradient_checkpointing=True, recompute_mlp=False)
     if work.seq > 256:
         options[f"data.max_length={work.seq // 2}"] = replace(work, seq=work.seq // 2)
     if device.cuda and not work.quantize_4bit:
         options["lora.quantization=4bit (QLoRA)"] = replace(work, quantize_4bit=True)
     if work.kernel == "none" and not work.fixed_kernel:
-        options["train.kernels=auto (no full-vocabulary logits)"] = replace(work, kernel="chunked")
+        options["train.kernels=auto (no full-vocabulary logits)"] = replace(work, kernel="chunked",
+                                                                          recompute_mlp=not work.gradient_checkpointing)
     return options
 
 

@@ -197,7 +197,8 @@ class PlannedRun:
                                gradient_checkpointing=cfg.train.gradient_checkpointing,
                                quantize_4bit=cfg.lora.quantization == "4bit", data_bytes=data_bytes,
                                kernel=memory.loss_kernel(cfg.train.kernels, shape, self.device, fixed),
-                               fixed_kernel=fixed)
+                               fixed_kernel=fixed,
+                               recompute_mlp=cfg.train.kernels != "none" and not cfg.train.gradient_checkpointing)
         return memory.estimate(shape, work, self.dtype, self.device)
 
     def check_memory(self) -> None:

@@ -26,7 +26,7 @@ from lmctl.data.examples import collate
 from lmctl.data.packing import collate_packed, packing_is_isolated
 from lmctl.distributed import World
 from lmctl.errors import BadInputError, BusyError, LmctlError
-from lmctl.train import fsdp, headloss, preflight
+from lmctl.train import fsdp, gated_mlp, headloss, preflight
 from lmctl.train.plan import PlannedRun, TrainPlan, archive_previous, distributed_mode, lora_config, total_steps
 
 if TYPE_CHECKING:
@@ -242,6 +242,8 @@ def _fit(cfg: LmctlConfig, run: PlannedRun, here: World, tracking: MlflowRun, ex
     model = _build_model(cfg, run)
     packing = cfg.data.packing and _packing_works(model, run)
     headloss.install(model, cfg.train.kernels)  # after the probe: it reads real logits
+    if cfg.train.kernels != "none" and not cfg.train.gradient_checkpointing:
+        gated_mlp.install(model)
     if run.stream is not None and packing != cfg.data.packing:
         raise BadInputError("this architecture cannot isolate packed examples; set data.packing=false to stream")
     train_rows = run.train_dataset(packing)
