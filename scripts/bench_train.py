@@ -14,10 +14,14 @@ rows per step as lmctl's packed run; every run's validation loss comes from the 
 
 `--step-time` measures lmctl's own overhead instead (issue 25 item 3), on a tiny random model
 (2 layers, hidden 64, the tokenizer of `--model`) with packing off: ms per optimizer step of
-`lmctl train` and of a plain Trainer + peft on the same rows, batch, LoRA and optimizer, both
-timed by the same callback (step end to step end, after 10 warm-up steps), in this process,
-3 interleaved repeats; then start-up + finish (the wall time of a whole process, `lmctl train`
-against a plain Trainer script, minus the time of its steps), 3 interleaved repeats.
+`lmctl train` (with train.kernels=none, the plain loss: equal work, and with its default auto)
+and of a plain Trainer + peft on the same rows, batch, LoRA and optimizer, all timed by the same
+callback (step end to step end, after 10 warm-up steps), in this process, 3 interleaved
+repeats; then start-up + finish: the wall time of whole processes that train 3 steps, `lmctl
+train` against a plain Trainer script (and `--before REV`: lmctl at that git revision, from a
+temporary worktree), 3 interleaved repeats.
+
+    python scripts/bench_train.py --step-time [--before 1ab8823]
 
 `--nproc N` measures scaling instead (issue 22): `lmctl train` on the same data and global
 batch (`--batch-size` packed rows per optimizer step) in 1 process and in N processes
@@ -42,6 +46,7 @@ import datasets
 import psutil
 import torch
 
+REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 from demo_corpus import split_topics  # noqa: E402
 
@@ -254,7 +259,6 @@ def plain_run(base: str, examples: list, steps: int, batch: int, clock) -> float
 
 def step_time(args: argparse.Namespace, tokenizer_path: str, work: Path) -> int:
     import statistics
-    import subprocess
 
     base = str(tiny_model(tokenizer_path, work / "tiny"))
     (work / "tiny" / "texts.jsonl").write_text((work / "train.jsonl").read_text())  # for the plain child
@@ -263,42 +267,67 @@ def step_time(args: argparse.Namespace, tokenizer_path: str, work: Path) -> int:
             "data.packing=false", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", f"train.max_steps={steps}",
             f"train.batch_size={batch}", "train.lr=1e-3", "train.log_every=100000", "train.save_every=100000",
             "train.eval_every=100000", f"output.dir={work / 'runs'}"]
-    cfg = load_config(None, sets)
     from lmctl.train import train
     from lmctl.train.plan import PlannedRun
 
-    examples = list(PlannedRun(cfg, "never").train.examples.examples)
-    ms: dict[str, list[float]] = {"lmctl train": [], "plain Trainer": []}
-    for _ in range(3):  # interleaved, so a busy machine slows both alike
-        clock = StepClock()
-        _clocked_trainer(clock)
-        train(cfg, resume="never")
-        ms["lmctl train"].append(clock.ms_per_step())
+    configs = {"lmctl kernels=none": load_config(None, [*sets, "train.kernels=none"]),  # the plain loss: equal work
+               "lmctl kernels=auto": load_config(None, sets)}
+    examples = list(PlannedRun(configs["lmctl kernels=none"], "never").train.examples.examples)
+    ms: dict[str, list[float]] = {name: [] for name in (*configs, "plain Trainer")}
+    for _ in range(3):  # interleaved, so a busy machine slows all alike
+        for name, cfg in configs.items():
+            clock = StepClock()
+            _clocked_trainer(clock)
+            train(cfg, resume="never")
+            ms[name].append(clock.ms_per_step())
         clock = StepClock()
         plain_run(base, examples, steps, batch, clock)
         ms["plain Trainer"].append(clock.ms_per_step())
-    print(f"tiny model, packing off, batch {batch}, {steps} steps ({os.cpu_count()} cores); ms per step after 10 warm-up")
+    print(f"tiny model (hidden 64, 2 layers, vocabulary {len(load_tokenizer(base))}), packing off, batch {batch} x "
+          f"{args.max_length} tokens, {steps} steps ({os.cpu_count()} cores); ms per step after 10 warm-up")
     for name, values in ms.items():
-        print(f"  {name:14} median {statistics.median(values):7.2f} ms  ({', '.join(f'{v:.2f}' for v in values)})")
-    ratio = statistics.median(ms["lmctl train"]) / statistics.median(ms["plain Trainer"])
-    print(f"  lmctl / plain: {ratio:.2f}x per step")
-    walls: dict[str, list[float]] = {"lmctl train": [], "plain Trainer": []}
-    lmctl_cmd = [sys.executable, "-m", "lmctl", "train", str(work / "empty.yaml"), "--json", "--resume", "never"]
-    (work / "empty.yaml").write_text("{}\n")
-    lmctl_cmd += [a for s in sets for a in ("--set", s)]
-    plain_cmd = [sys.executable, __file__, "--plain-child", base, "--examples", str(steps * batch),
-                 "--max-length", str(args.max_length)]
-    for _ in range(3):
-        for name, cmd in (("lmctl train", lmctl_cmd), ("plain Trainer", plain_cmd)):
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            walls[name].append(time.perf_counter() - t0)
-    print(f"whole process, {steps} steps: median wall (start-up + steps + finish)")
-    for name, values in walls.items():
-        print(f"  {name:14} median {statistics.median(values):6.2f} s  ({', '.join(f'{v:.2f}' for v in values)})")
-    extra = statistics.median(walls["lmctl train"]) - statistics.median(walls["plain Trainer"])
-    print(f"  lmctl - plain: {extra:+.2f} s")
+        print(f"  {name:20} median {statistics.median(values):7.2f} ms  ({', '.join(f'{v:.2f}' for v in values)})")
+    for name in configs:
+        print(f"  {name} / plain: {statistics.median(ms[name]) / statistics.median(ms['plain Trainer']):.2f}x per step")
+    startup(args, base, sets, work)
     return 0
+
+
+def startup(args: argparse.Namespace, base: str, sets: list[str], work: Path) -> None:
+    """Start-up + finish: the wall time of whole processes that train 3 steps (equal work: the plain
+    loss), `lmctl train` against a plain Trainer script, and `--before REV`'s lmctl when given."""
+    import statistics
+    import subprocess
+
+    steps = 3
+    (work / "empty.yaml").write_text("{}\n")
+    lmctl_args = ["-m", "lmctl", "train", str(work / "empty.yaml"), "--json", "--resume", "never"]
+    lmctl_args += [a for s in sets for a in ("--set", s)] + ["--set", f"train.max_steps={steps}"]
+    commands = {"lmctl train": ([sys.executable, *lmctl_args, "--set", "train.kernels=none"], {}),
+                "plain Trainer": ([sys.executable, __file__, "--plain-child", base, "--examples", str(steps * 8),
+                                   "--max-length", str(args.max_length), "--steps", str(steps)], {})}
+    if args.before:
+        tree = work / "before"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.before], check=True,
+                       capture_output=True)
+        commands[f"lmctl {args.before}"] = ([sys.executable, *lmctl_args], {"PYTHONPATH": str(tree)})
+    walls: dict[str, list[float]] = {name: [] for name in commands}
+    try:
+        for _ in range(3):
+            for name, (cmd, env) in commands.items():
+                t0 = time.perf_counter()
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONPATH": str(REPO), **env}, cwd=work)
+                walls[name].append(time.perf_counter() - t0)
+    finally:
+        if args.before:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "before")])
+    print(f"whole process, {steps} steps (plain loss): median wall = start-up + {steps} steps + finish")
+    for name, values in walls.items():
+        print(f"  {name:20} median {statistics.median(values):6.2f} s  ({', '.join(f'{v:.2f}' for v in values)})")
+        if name != "plain Trainer":
+            extra = statistics.median(values) - statistics.median(walls["plain Trainer"])
+            print(f"  {name} - plain: {extra:+.2f} s")
 
 
 def plain_child(args: argparse.Namespace) -> int:
@@ -308,7 +337,7 @@ def plain_child(args: argparse.Namespace) -> int:
     texts = [json.loads(line)["text"] for line in source.read_text().splitlines()]
     examples = list(build_examples(source, datasets.Dataset.from_list([{"text": t} for t in texts]),
                                    "text", "text", tok, args.max_length).examples)
-    plain_run(args.plain_child, examples, 60, 8, StepClock())
+    plain_run(args.plain_child, examples, args.steps, 8, StepClock())
     return 0
 
 
@@ -327,6 +356,9 @@ def main() -> int:
     parser.add_argument("--trl", action="store_true", help="also run TRL SFTTrainer with packing and padding-free")
     parser.add_argument("--step-time", action="store_true", help="lmctl's per-step and start-up overhead vs plain Trainer")
     parser.add_argument("--plain-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=60, help=argparse.SUPPRESS)  # the plain child's
+    parser.add_argument("--before", default=None, metavar="REV",
+                        help="with --step-time: also time the whole process of lmctl at git revision REV")
     parser.add_argument("--nproc", type=int, default=None,
                         help="measure 1 vs N processes (DDP) at the same global batch instead (--batch-size packed rows)")
     args = parser.parse_args()
