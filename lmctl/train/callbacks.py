@@ -3,6 +3,7 @@ run's real tokens and steady-state throughput, counted on the host."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -16,29 +17,26 @@ from transformers import TrainerCallback
 from lmctl.checkpoint import ManifestData
 from lmctl.config import LmctlConfig, config_dump
 from lmctl.distributed import World
+from lmctl.errors import LmctlError
 
 log = logging.getLogger("lmctl.train")
-EXPERIMENT = "lmctl-train"
 
 
 class MlflowMetrics(TrainerCallback):
     """Log every Trainer log line (loss, lr, eval_loss, tokens/s) to one MLflow run."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
-        self.client, self.run_id = client, run_id
+    def __init__(self, run: MlflowRun) -> None:
+        self.run = run
         self.t0 = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         values = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         elapsed = time.perf_counter() - self.t0
         if state.num_input_tokens_seen and elapsed > 0:
             values["tokens_per_s"] = state.num_input_tokens_seen / elapsed
-        metrics = [Metric(key=k, value=v, timestamp=now, step=state.global_step) for k, v in values.items()]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+        if values:
+            self.run.log_metrics([[k, v, now, state.global_step] for k, v in values.items()])
 
 
 class Progress(TrainerCallback):
@@ -191,109 +189,103 @@ class SealCheckpoints(TrainerCallback):
         self.seal(model, state)
 
 
-def log_data_inputs(client: Any, run_id: str, data_info: ManifestData) -> None:
-    """Record the training and validation files on the MLflow run, with their fingerprints."""
-    import json
-
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    inputs = []
-    for context, fp in data_info.splits():
-        dataset = Dataset(
-            name=Path(fp.path).name, digest=fp.sha256[:32], source_type="local",
-            source=json.dumps({"uri": fp.path}),
-            profile=json.dumps({"num_rows": fp.rows, "format": fp.format, "sha256": fp.sha256}),
-        )
-        inputs.append(DatasetInput(dataset=dataset, tags=[InputTag(key="mlflow.data.context", value=context)]))
-    if inputs:
-        client.log_inputs(run_id, datasets=inputs)
-
-
-def save_loss_curve(history: list[dict[str, Any]], out: Path) -> Path | None:
-    """Training and validation loss against step, as a PNG (None when nothing was logged).
-    Drawn on a bare Agg Figure: pyplot's import (its backends and state) costs ~0.4 s for nothing."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    if not train and not evals:
-        return None
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for points, label in ((train, "train loss"), (evals, "validation loss")):
-        if points:
-            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out)
-    return out
-
-
 class MlflowRun:
     """The MLflow run of a training run: params, data inputs, metrics, loss curve. Only rank 0
     tracks; under torchrun the other ranks get a no-op.
 
-    The run opens in a background thread (importing MLflow and opening its store take seconds
-    that the model's loading can hide); `ready()` waits for it and raises what it raised, and
-    training calls it before the first step, so an unreachable tracking server still ends the
-    run (exit 5) before anything is trained."""
+    MLflow runs in a worker process (lmctl.train.mlflow_worker: importing it and opening its store
+    take seconds of Python that a thread could not overlap with the model's loading). The run opens
+    there while the model loads; `ready()` waits for it and raises what it raised, and training
+    calls it before the first step, so an unreachable tracking server still ends the run (exit 5)
+    before anything is trained. Metrics are sent without waiting; a failure to log them is raised
+    by `finish("FINISHED")`, after the checkpoints are sealed."""
 
     def __init__(self, cfg: LmctlConfig, data_info: ManifestData, rank0: bool) -> None:
-        import threading
+        import subprocess
 
-        self.client: Any = None
         self.run_id = ""
-        self._error: BaseException | None = None
-        self._opening: threading.Thread | None = None
+        self._worker: subprocess.Popen[str] | None = None
         if rank0:
-            self._opening = threading.Thread(target=self._open, args=(cfg, data_info), name="lmctl-mlflow", daemon=True)
-            self._opening.start()
+            self._worker = subprocess.Popen([sys.executable, "-m", "lmctl.train.mlflow_worker"], text=True,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            self._send({"open": open_request(cfg, data_info)})
 
-    def _open(self, cfg: LmctlConfig, data_info: ManifestData) -> None:
-        try:
-            from mlflow.entities import Param
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self._worker is not None and self._worker.stdin is not None
+        self._worker.stdin.write(json.dumps(message) + "\n")
+        self._worker.stdin.flush()
 
-            from lmctl import tracking
+    def _reply(self) -> dict[str, Any]:
+        assert self._worker is not None and self._worker.stdout is not None
+        line = self._worker.stdout.readline()
+        if not line:
+            self._stop()
+            raise LmctlError("the MLflow worker process ended without an answer (see the lines above)")
+        reply = json.loads(line)
+        if "error" in reply:
+            self._stop()
+            raise_described(reply["error"])
+        return reply
 
-            with tracking.server_errors():  # an unreachable team server is exit 5, not a bug
-                client = tracking.client(cfg.registry.tracking_uri)
-                experiment = tracking.experiment_id(client, EXPERIMENT)
-                self.run_id = client.create_run(experiment, run_name=str(cfg.output.run_name)).info.run_id
-                self.client = client
-                params = [Param(f"{section}.{key}", str(value)[:500])
-                          for section, values in config_dump(cfg).items() for key, value in values.items()]
-                client.log_batch(self.run_id, params=params)
-                log_data_inputs(client, self.run_id, data_info)
-        except BaseException as exc:  # noqa: BLE001 - raised in the training thread by ready()
-            self._error = exc
+    def _stop(self) -> None:
+        if self._worker is not None:
+            if self._worker.stdin is not None and not self._worker.stdin.closed:
+                self._worker.stdin.close()
+            self._worker.wait()
+            self._worker = None
 
     def ready(self) -> MlflowRun:
-        """Wait until the MLflow run is open; raise the error that opening it met."""
-        if self._opening is not None:
-            self._opening.join()
-            self._opening = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        """Wait until the MLflow run is open; raise the error that opening it met (once)."""
+        if self._worker is not None and not self.run_id:
+            self.run_id = self._reply()["run_id"]
         return self
 
     def callbacks(self) -> list[Any]:
         self.ready()
-        return [MlflowMetrics(self.client, self.run_id)] if self.client else []
+        return [MlflowMetrics(self)] if self._worker is not None else []
+
+    def log_metrics(self, rows: list[list[Any]]) -> None:
+        """[key, value, timestamp ms, step] rows, sent without waiting for MLflow."""
+        if self._worker is not None:
+            self._send({"metrics": rows})
 
     def finish(self, status: str, history: list[dict[str, Any]] | None = None, run_dir: Path | None = None) -> None:
+        """End the run with `status`; FINISHED raises what MLflow met, KILLED (the trainer is failing
+        with an error of its own) only logs it."""
         try:
             self.ready()
-        except BaseException:  # noqa: BLE001 - the run never opened: nothing to finish (the error is on its way)
-            return
-        if not self.client:
-            return
-        curve = save_loss_curve(history, run_dir / "loss_curve.png") if history and run_dir else None
-        if curve is not None:
-            self.client.log_artifact(self.run_id, str(curve))
-        self.client.set_terminated(self.run_id, status)
+            if self._worker is None:
+                return
+            points = [{k: h[k] for k in ("step", "loss", "eval_loss") if k in h} for h in history or []]
+            self._send({"finish": {"status": status, "history": points, "run_dir": str(run_dir) if run_dir else None}})
+            self._reply()
+        except BaseException as exc:
+            if status == "FINISHED":
+                raise
+            log.warning("warning: the MLflow run was not ended: %s", exc)
+        finally:
+            self._stop()
+
+
+def open_request(cfg: LmctlConfig, data_info: ManifestData) -> dict[str, Any]:
+    """What the worker needs to open the run: plain JSON."""
+    params = [[f"{section}.{key}", str(value)[:500]] for section, values in config_dump(cfg).items()
+              for key, value in values.items()]
+    inputs = [{"context": context, "path": fp.path, "sha256": fp.sha256, "rows": fp.rows, "format": fp.format}
+              for context, fp in data_info.splits()]
+    from lmctl import tracking
+
+    return {"tracking_uri": tracking.tracking_uri(cfg.registry.tracking_uri), "run_name": str(cfg.output.run_name), "params": params,
+            "inputs": inputs}
+
+
+def raise_described(error: dict[str, Any]) -> None:
+    """Raise the worker's error as the class it was, when it is one of lmctl.errors'."""
+    from lmctl import errors
+
+    cls = getattr(errors, error["type"], None)
+    if isinstance(cls, type) and issubclass(cls, errors.LmctlError):
+        raise cls(error["message"], hint=error["hint"])
+    failed = errors.LmctlError(f"MLflow: {error['type']}: {error['message']}")
+    failed.exit_code = error["exit_code"]
+    raise failed
