@@ -13,8 +13,9 @@ utilisation: 6 x params x tokens/s over the peak FLOP/s of a matmul measured her
 rows per step as lmctl's packed run; every run's validation loss comes from the same loop.
 
 `--step-time` measures lmctl's own overhead instead (issue 25 item 3), on a tiny random model
-(2 layers, hidden 64, the tokenizer of `--model`) with packing off: ms per optimizer step of
-`lmctl train` (with train.kernels=none, the plain loss: equal work, and with its default auto)
+(2 layers, hidden 64, the 400-token test tokenizer) with packing off: ms per optimizer step of
+`lmctl train` (with train.kernels=none, the plain loss: equal work; with its default auto; and
+with none logging every step)
 and of a plain Trainer + peft on the same rows, batch, LoRA and optimizer, all timed by the same
 callback (step end to step end, after 10 warm-up steps), in this process, 3 interleaved
 repeats; then start-up + finish: the wall time of whole processes that train 3 steps, `lmctl
@@ -226,15 +227,21 @@ def _clocked_trainer(clock):  # type: ignore[no-untyped-def]
     return Clocked
 
 
-def tiny_model(tokenizer_path: str, out: Path) -> Path:
+def tiny_model(out: Path) -> Path:
+    """A 2-layer, hidden-64 Llama with the 400-token test tokenizer (tests/conftest.py): a step
+    this small shows any per-step overhead of lmctl's loop."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import build_tiny_model
+
+    build_tiny_model(out)
+    tok = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-                     ).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(out, safe_serialization=True)
     return out
 
 
@@ -260,7 +267,7 @@ def plain_run(base: str, examples: list, steps: int, batch: int, clock) -> float
 def step_time(args: argparse.Namespace, tokenizer_path: str, work: Path) -> int:
     import statistics
 
-    base = str(tiny_model(tokenizer_path, work / "tiny"))
+    base = str(tiny_model(work / "tiny"))
     (work / "tiny" / "texts.jsonl").write_text((work / "train.jsonl").read_text())  # for the plain child
     steps, batch = 60, 8
     sets = [f"model.base={base}", f"data.train={work / 'train.jsonl'}", f"data.max_length={args.max_length}",
@@ -270,8 +277,12 @@ def step_time(args: argparse.Namespace, tokenizer_path: str, work: Path) -> int:
     from lmctl.train import train
     from lmctl.train.plan import PlannedRun
 
+    if args.startup_only:
+        startup(args, base, sets, work)
+        return 0
     configs = {"lmctl kernels=none": load_config(None, [*sets, "train.kernels=none"]),  # the plain loss: equal work
-               "lmctl kernels=auto": load_config(None, sets)}
+               "lmctl kernels=auto": load_config(None, sets),
+               "lmctl none, log every": load_config(None, [*sets, "train.kernels=none", "train.log_every=1"])}
     examples = list(PlannedRun(configs["lmctl kernels=none"], "never").train.examples.examples)
     ms: dict[str, list[float]] = {name: [] for name in (*configs, "plain Trainer")}
     for _ in range(3):  # interleaved, so a busy machine slows all alike
@@ -289,6 +300,8 @@ def step_time(args: argparse.Namespace, tokenizer_path: str, work: Path) -> int:
         print(f"  {name:20} median {statistics.median(values):7.2f} ms  ({', '.join(f'{v:.2f}' for v in values)})")
     for name in configs:
         print(f"  {name} / plain: {statistics.median(ms[name]) / statistics.median(ms['plain Trainer']):.2f}x per step")
+    logged = statistics.median(ms["lmctl none, log every"]) - statistics.median(ms["lmctl kernels=none"])
+    print(f"  logging every step (MLflow metrics, progress): {logged:+.2f} ms per logged step")
     startup(args, base, sets, work)
     return 0
 
@@ -312,22 +325,30 @@ def startup(args: argparse.Namespace, base: str, sets: list[str], work: Path) ->
                        capture_output=True)
         commands[f"lmctl {args.before}"] = ([sys.executable, *lmctl_args], {"PYTHONPATH": str(tree)})
     walls: dict[str, list[float]] = {name: [] for name in commands}
+    cpus: dict[str, list[float]] = {name: [] for name in commands}
     try:
-        for _ in range(3):
+        for _ in range(args.repeats):
             for name, (cmd, env) in commands.items():
                 t0 = time.perf_counter()
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "PYTHONPATH": str(REPO), **env}, cwd=work)
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env={**os.environ, "PYTHONPATH": str(REPO), **env}, cwd=work)
+                _, status, usage = os.wait4(proc.pid, 0)
+                if status:
+                    raise SystemExit(f"{name} failed: {' '.join(cmd)}")
                 walls[name].append(time.perf_counter() - t0)
+                cpus[name].append(usage.ru_utime + usage.ru_stime)  # less sensitive to a busy machine than wall
     finally:
         if args.before:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "before")])
-    print(f"whole process, {steps} steps (plain loss): median wall = start-up + {steps} steps + finish")
-    for name, values in walls.items():
-        print(f"  {name:20} median {statistics.median(values):6.2f} s  ({', '.join(f'{v:.2f}' for v in values)})")
+    print(f"whole process, {steps} steps (plain loss), {args.repeats} interleaved repeats: median wall and CPU "
+          f"(user + system) seconds = start-up + {steps} steps + finish")
+    for name in commands:
+        print(f"  {name:20} wall {statistics.median(walls[name]):6.2f} s ({', '.join(f'{v:.1f}' for v in walls[name])})"
+              f"  CPU {statistics.median(cpus[name]):6.2f} s ({', '.join(f'{v:.1f}' for v in cpus[name])})")
+    for name in commands:
         if name != "plain Trainer":
-            extra = statistics.median(values) - statistics.median(walls["plain Trainer"])
-            print(f"  {name} - plain: {extra:+.2f} s")
+            print(f"  {name} - plain: wall {statistics.median(walls[name]) - statistics.median(walls['plain Trainer']):+.2f} s, "
+                  f"CPU {statistics.median(cpus[name]) - statistics.median(cpus['plain Trainer']):+.2f} s")
 
 
 def plain_child(args: argparse.Namespace) -> int:
@@ -357,6 +378,8 @@ def main() -> int:
     parser.add_argument("--step-time", action="store_true", help="lmctl's per-step and start-up overhead vs plain Trainer")
     parser.add_argument("--plain-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=60, help=argparse.SUPPRESS)  # the plain child's
+    parser.add_argument("--repeats", type=int, default=3, help="with --step-time: whole-process repeats")
+    parser.add_argument("--startup-only", action="store_true", help="with --step-time: only the whole-process part")
     parser.add_argument("--before", default=None, metavar="REV",
                         help="with --step-time: also time the whole process of lmctl at git revision REV")
     parser.add_argument("--nproc", type=int, default=None,

@@ -108,6 +108,11 @@ def log_metrics(client: Any, run_id: str, rows: list[list[Any]]) -> None:
     client.log_batch(run_id, metrics=[Metric(key=k, value=v, timestamp=t, step=s) for k, v, t, s in rows])
 
 
+def _preload_plotting() -> None:
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+
+
 def serve(requests: IO[str], replies: IO[str]) -> int:
     """Answer the trainer's requests until "finish" or end-of-file (the trainer died: KILLED)."""
     def reply(message: dict[str, Any]) -> None:
@@ -121,6 +126,7 @@ def serve(requests: IO[str], replies: IO[str]) -> int:
             if "open" in request:
                 client, run_id = open_run(request["open"])
                 reply({"run_id": run_id})
+                _preload_plotting()  # while the trainer trains, so "finish" does not wait for the import
             elif "metrics" in request and failed is None:
                 try:
                     log_metrics(client, run_id, request["metrics"])
