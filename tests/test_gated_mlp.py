@@ -24,10 +24,10 @@ def _model(family: str):
     return LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **shape))
 
 
-def _peft(model):
+def _peft(model, targets="all-linear", dropout: float = 0.0):
     from peft import LoraConfig, TaskType, get_peft_model
 
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets,
                                              task_type=TaskType.CAUSAL_LM))
     for name, p in model.named_parameters():  # B starts at zero: give every LoRA weight a gradient
         if "lora_B" in name:
@@ -76,14 +76,19 @@ def test_loss_and_lora_gradients_equal_the_models_own(family: str) -> None:
         assert torch.allclose(q.grad, p.grad, rtol=1e-5, atol=1e-7), name
 
 
-def test_backward_keeps_one_intermediate_tensor_less_per_layer() -> None:
+@pytest.mark.parametrize("targets, dropout, fewer", [
+    ("all-linear", 0.0, 2),  # act(gate) and the product (down_proj's LoRA A input) are recomputed
+    ("all-linear", 0.1, 1),  # dropout before A: down_proj keeps its own forward, only act(gate) is recomputed
+    (["q_proj", "gate_proj"], 0.0, 1),  # a frozen down_proj keeps no input: act(gate) is the one saved
+])
+def test_backward_keeps_fewer_intermediate_tensors_per_layer(targets, dropout: float, fewer: int) -> None:
     from lmctl.train import gated_mlp
 
-    plain = _peft(_model("llama"))
+    plain = _peft(_model("llama"), targets, dropout)
     fused = copy.deepcopy(plain)
     gated_mlp.install(fused)
     one_intermediate = BATCH * LENGTH * INTERMEDIATE * 4  # float32
-    assert _saved_bytes(plain) - _saved_bytes(fused) == LAYERS * one_intermediate
+    assert _saved_bytes(plain) - _saved_bytes(fused) == fewer * LAYERS * one_intermediate
 
 
 def test_inference_and_other_mlps_are_unchanged() -> None:

@@ -87,7 +87,7 @@ class Workload:
     kernel: str = "none"  # the loss kernel that runs (loss_kernel): none = full [tokens, vocab] logits
     data_bytes: int = 0
     fixed_kernel: bool = False  # the model cannot use a fused loss (soft-capping, added tokens)
-    recompute_mlp: bool = False  # lmctl.train.gated_mlp runs: the MLP keeps 3 intermediate-sized tensors, not 4
+    recompute_mlp: bool = False  # lmctl.train.gated_mlp runs: the MLP keeps 2 intermediate-sized tensors, not 4
 
 
 def model_shape(base_path: str, lora_config: Any, trust_remote_code: bool = False) -> Shape:
@@ -159,13 +159,14 @@ def activation_bytes(shape: Shape, work: Workload, element_bytes: int, scores: b
     """What backward keeps, per token and layer: ~11 hidden-sized tensors (the norms' inputs,
     their float32 statistics and outputs, rotated q, k and v expanded to every head, the
     attention output, residuals), k and v, and 4 intermediate-sized ones (gate, its activation,
-    up, their product) of a gated MLP, 3 when lmctl.train.gated_mlp recomputes the activation.
+    up, their product) of a gated MLP, 2 (gate and up) when lmctl.train.gated_mlp recomputes the
+    activation and the product.
     `scores`: attention that keeps its heads x seq
     probabilities (eager attention); SDPA's flash and memory-efficient kernels (CUDA, and the
     CPU's flash kernel) keep only a row statistic: a 2048-token CPU run matched the plan without
     that term (0.97) and missed with it (1.37). Fitted to the peak RSS of CPU runs."""
     tokens = work.batch * work.seq
-    intermediates = 3 if work.recompute_mlp and shape.gated_mlp else 4
+    intermediates = 2 if work.recompute_mlp and shape.gated_mlp else 4
     per_token_layer = (11 * shape.hidden + 2 * shape.kv_dim + intermediates * shape.intermediate
                        + (shape.heads * work.seq if scores else 0)) * element_bytes
     if work.gradient_checkpointing:  # each layer's input, plus one layer recomputed in backward
