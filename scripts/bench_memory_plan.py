@@ -1,7 +1,8 @@
 """The memory plan against the measured peak of real `lmctl train` runs (issue 25 item 2).
 
 For each shape and row length it builds a random-weight model from a config (SmolLM2's
-tokenizer), writes documents long enough to fill every packed row, and runs `lmctl train`
+tokenizer), writes short documents that packing puts ~5 to a row (so attention gets the
+block-diagonal mask, as when lmctl trains on short documents), and runs `lmctl train`
 for 2 steps. The plan is what `--dry-run` reports for the same config (computed in this
 process through the same code); the measured peak is:
 
@@ -13,6 +14,9 @@ It prints estimate, measured peak and their ratio per case (goal: within 0.85-1.
 
     python scripts/bench_memory_plan.py [--shapes 135m,0.5b,1.5b] [--lengths 512,2048]
                                         [--tokenizer smollm2-135m] [--threads 2]
+    python scripts/bench_memory_plan.py --breakdown --shapes 135m --lengths 2048
+        # in process, one case per process: bytes saved for backward against activation_bytes,
+        # and RSS after forward beyond them against heap_bytes
 
 Shapes: "135m" is SmolLM2-135M (30 layers, vocab 49,152); "0.5b" Qwen2.5-0.5B's with 6 layers
 (hidden 896, vocab 151,936, tied head) as in issue 25; "1.5b" Qwen2.5-1.5B's (hidden 1536,
@@ -76,7 +80,7 @@ def breakdown(shape: str, length: int, batch: int) -> None:
     """Where the memory of one shape goes, in this process: the bytes autograd saves for backward
     (unique storages, via saved_tensors_hooks) per token and layer against the plan's
     activation_bytes, and the RSS growth over forward (what glibc's heap keeps beyond them,
-    the plan's heap_bytes) at the first and second step; packed rows of ~length/4-token examples
+    the plan's heap_bytes) at the first and second step, from the RSS of the loaded model; packed rows of ~length/4-token examples
     (position_ids restart, as lmctl.data.packing makes them)."""
     import psutil
     import torch
@@ -103,6 +107,7 @@ def breakdown(shape: str, length: int, batch: int) -> None:
                           config.vocab_size, False, gated_mlp=True)
     work = memory.Workload(batch, length, False, recompute_mlp=True, packed=True)
     planned, heap = memory.activation_bytes(shape_, work, 4, False), memory.heap_bytes(shape_, work, 4, True)
+    before = rss()  # the model loaded: each forward's growth is measured from here
     for step in (1, 2):
         saved: dict[int, int] = {}
 
@@ -112,7 +117,6 @@ def breakdown(shape: str, length: int, batch: int) -> None:
                 saved[storage.data_ptr()] = storage.nbytes()
             return t
 
-        before = rss()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(input_ids=ids, labels=ids, position_ids=positions).loss
         grown, kept = rss() - before, sum(saved.values())
@@ -122,7 +126,8 @@ def breakdown(shape: str, length: int, batch: int) -> None:
         del loss
         print(f"{shape} {batch}x{length} step {step}: saved {kept / gb:.3f} GB "
               f"({kept / (tokens * layers * 4):,.0f} floats per token-layer; plan {planned / gb:.3f} GB), "
-              f"RSS +{grown / gb:.3f} GB over forward: {(grown - kept) / gb:.3f} GB beyond the saved "
+              f"RSS after forward +{grown / gb:.3f} GB over the loaded model: {(grown - kept) / gb:.3f} GB beyond "
+              f"the saved "
               f"(plan heap_bytes {heap / gb:.3f} GB)", flush=True)
 
 
@@ -180,10 +185,13 @@ def main() -> int:
 
     EMPTY.write_text("{}\n")
     tokenizer = resolve_base(args.tokenizer)
-    if args.breakdown:
-        for shape in args.shapes.split(","):
-            for length in (int(x) for x in args.lengths.split(",")):
-                breakdown(shape, length, 2 if length <= 1024 else 1)
+    if args.breakdown:  # one process per case: the heap a case leaves would hide the next one's growth
+        cases = [(shape, int(length)) for shape in args.shapes.split(",") for length in args.lengths.split(",")]
+        if len(cases) == 1:
+            breakdown(cases[0][0], cases[0][1], 2 if cases[0][1] <= 1024 else 1)
+        for shape, length in cases if len(cases) > 1 else []:
+            subprocess.run([sys.executable, __file__, "--breakdown", "--shapes", shape, "--lengths", str(length)],
+                           check=True)
         return 0
     work = Path(tempfile.mkdtemp())
     cuda = torch.cuda.is_available()

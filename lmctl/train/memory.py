@@ -35,7 +35,7 @@ log = logging.getLogger("lmctl.train")
 # slack): 0.09-0.32 GB more at the three shapes of scripts/bench_memory_plan.py (512-token rows)
 RUNTIME_CPU_BYTES = int(0.8 * 2**30)
 GLIBC_MMAP_MAX = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX: larger blocks are always mmapped
-HEAP_BLOCKS_PER_LAYER = 6  # heap_bytes: measured 5.5-6.1 at three shapes
+HEAP_BLOCKS_PER_LAYER = 6  # heap_bytes: measured 5.6-6.5 at two shapes, two lengths each
 NF4_BYTES = 0.53  # 4 bits per weight + double-quantized block scales (bitsandbytes, block 64)
 PARTS = ("weights", "optimizer", "activations", "logits", "data", "runtime")
 
@@ -200,17 +200,18 @@ def heap_bytes(shape: Shape, work: Workload, element_bytes: int, glibc: bool) ->
     (LoRA's base and B outputs, rotary and norm intermediates, act(gate)); the smaller blocks
     kept for backward split their holes, so the heap grows by about six of the layer's largest
     temporary (hidden- or intermediate-sized) per layer, and those pages stay resident.
-    Measured (RSS after forward minus the bytes saved for backward; fp32, one thread;
-    scripts/bench_memory_plan.py --breakdown), in blocks of the largest temporary under 32 MiB:
-    SmolLM2-135M shape (30 layers, intermediate 1536) 6.0 at 1 x 2048 tokens and 6.1 at 2 x 512,
-    packed or not; Qwen2.5-0.5B shape (6 layers) 5.9 at 2 x 512. At 1 x 2048 that shape's
-    intermediates (38 MiB) are mmapped and returned on free: 0.2 GB at the first step, 0.5 GB
-    at the second, when hidden-sized blocks and the packed mask share the heap (the rule says
-    0.26). With MALLOC_MMAP_THRESHOLD_=1048576 the extra vanishes (RSS after forward = the
-    saved bytes), at ~30% slower backward. Not counted: CUDA (its caching allocator's reserve
-    is the context part), other C libraries, gradient checkpointing (one layer's temporaries
-    live at a time)."""
-    if not glibc or work.gradient_checkpointing:
+    Measured (RSS after forward over the loaded model minus the bytes saved for backward; fp32,
+    one thread; scripts/bench_memory_plan.py --breakdown, first and second step), in blocks of
+    the largest temporary under 32 MiB: SmolLM2-135M shape (30 layers, intermediate 1536)
+    6.0-6.5 at 1 x 2048 tokens and 6.1-6.3 at 2 x 512, packed or not; Qwen2.5-0.5B shape (6
+    layers) 5.6-6.5 at 2 x 512. At 1 x 2048 that shape's intermediates (38 MiB) are mmapped and
+    returned on free, yet hidden-sized blocks and the packed mask keep 0.54-0.66 GB (the rule:
+    0.25 GB). With MALLOC_MMAP_THRESHOLD_=1048576 the extra vanishes (RSS after forward = the
+    saved bytes), at ~30% slower backward. Gradient checkpointing does not avoid it (its
+    no-grad forward frees the same temporaries between the layer inputs it keeps): 4.1 blocks
+    per layer at the 135M shape (2 x 512), so there the rule errs high by ~0.35 GB. Not counted:
+    CUDA (its caching allocator's reserve is the context part) and C libraries other than glibc."""
+    if not glibc:
         return 0
     tokens = work.batch * work.seq
     temporaries = [n * element_bytes for n in (tokens * shape.hidden, tokens * shape.intermediate)]
