@@ -206,3 +206,72 @@ def test_an_unreachable_tracking_server_stops_train_before_the_first_step(cli, t
     assert sum(line.startswith("lmctl: error:") for line in result.err.splitlines()) == 1
     runs = Path(yaml.safe_load(tiny_config.read_text())["output"]["dir"])
     assert not list(runs.glob("*/trainer/checkpoint-*")) and not list(runs.glob("*/checkpoints/*"))
+
+
+def _saved_bytes(model, ids, positions) -> int:  # type: ignore[no-untyped-def]
+    """Bytes autograd keeps for backward over one forward: unique storages, parameters excluded."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids, position_ids=positions).loss.backward()
+    return sum(saved.values())
+
+
+def test_activations_count_what_autograd_saves_and_what_a_packed_mask_adds() -> None:
+    """A real Llama with LoRA on every linear layer and the recomputed gated MLP, as lmctl trains
+    it: the bytes saved for backward match activation_bytes (LoRA's rank-sized inputs and the
+    shared embedding, final norm and rotary tables make the few percent more), and rows holding
+    several examples add exactly what the plan says: each layer's float copy of the
+    block-diagonal mask and k, v expanded to every head."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmctl.train import gated_mlp, headloss
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, use_cache=False)
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+    gated_mlp.install(model)
+    headloss.install(model, "auto")  # the logits are the plan's `logits` part, not activations
+    batch, seq = 2, 96
+    ids = torch.randint(0, 300, (batch, seq))
+    causal = _saved_bytes(model, ids, torch.arange(seq).repeat(batch, 1))
+    packed = _saved_bytes(model, ids, torch.arange(seq // 3).repeat(batch, 3))  # three examples per row
+    shape = memory.Shape(0, 0, 0, hidden=64, intermediate=128, kv_dim=32, heads=4, layers=6, vocab=300,
+                         eager_attention=False, gated_mlp=True)
+    work = memory.Workload(batch, seq, False, recompute_mlp=True)
+    planned = memory.activation_bytes(shape, work, 4, False)
+    assert 1.0 <= causal / planned <= 1.1, (causal, planned)
+    added = memory.activation_bytes(shape, dataclasses.replace(work, packed=True), 4, False) - planned
+    assert added == 6 * batch * seq * (2 * 4 * (64 - 32) + 4 * seq)
+    assert packed - causal == added
+
+
+def test_the_cpu_heap_keeps_six_of_each_layers_largest_temporary_under_the_mmap_ceiling() -> None:
+    """heap_bytes: glibc serves blocks under 32 MiB from its heap, where forward's freed
+    temporaries stay resident (about six of the largest per layer, measured at three shapes);
+    larger blocks are mmapped and returned; gradient checkpointing frees the same temporaries;
+    CUDA adds nothing."""
+    smol = memory.Shape(0, 0, 0, hidden=576, intermediate=1536, kv_dim=192, heads=9, layers=30, vocab=49152,
+                        eager_attention=False, gated_mlp=True)
+    long_row = memory.Workload(1, 2048, False, recompute_mlp=True, packed=True)
+    assert memory.heap_bytes(smol, long_row, 4, glibc=True) == 6 * 30 * 2048 * 1536 * 4  # intermediates: 12 MiB
+    # Qwen2.5-0.5B's 4864-wide intermediates at 2048 tokens are 38 MiB: mmapped; the hidden-sized ones stay
+    assert memory.heap_bytes(QWEN_SHAPE, long_row, 4, glibc=True) == 6 * 6 * 2048 * 896 * 4
+    assert memory.heap_bytes(QWEN_SHAPE, dataclasses.replace(long_row, seq=512, batch=2), 4, True) == 6 * 6 * 1024 * 4864 * 4
+    assert memory.heap_bytes(smol, long_row, 4, glibc=False) == 0
+    checkpointed = dataclasses.replace(long_row, gradient_checkpointing=True)
+    assert memory.heap_bytes(smol, checkpointed, 4, True) == memory.heap_bytes(smol, long_row, 4, True)
+    cpu = memory.parts(smol, long_row, "float32", CPU)["activations"]
+    gpu = memory.parts(smol, long_row, "float32", H100)["activations"]
+    assert cpu - gpu == memory.heap_bytes(smol, long_row, 4, memory._glibc())

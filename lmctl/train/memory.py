@@ -5,10 +5,11 @@ device and refuses or warns (train.memory_check) before loading weights. docs/me
 peak ~= weights (frozen base, in the dtype training really uses: lmctl.device.resolve_dtype;
           QLoRA: NF4 blocks at ~0.53 B/param, the rest float32 as peft's kbit preparation casts it)
        + optimizer (LoRA params in float32, their gradients and two Adam moments: 16 B/param)
-       + activations (what backward keeps per token and layer: the hidden-sized tensors of
-         the norms, attention and residuals, the MLP's intermediate-sized ones, the attention
-         probabilities where the kernel keeps them; with gradient checkpointing, one layer's
-         plus each layer's input)
+       + activations (what autograd saves for backward, per token and layer: the norms'
+         float32 inputs and outputs, q, k, v and the attention output, the MLP's
+         intermediate-sized tensors, with packed rows each layer's copy of the block-diagonal
+         mask; with gradient checkpointing, one layer's plus each layer's input: activation_bytes;
+         on a glibc CPU plus the freed forward temporaries its heap keeps resident: heap_bytes)
        + logits (the head's output and the loss over it: `logits_bytes`, per loss kernel of
          train.kernels: full logits, lmctl's chunked loss or Liger Kernel's)
        + data (index arrays and batches in flight) + runtime.
@@ -33,6 +34,8 @@ log = logging.getLogger("lmctl.train")
 # `lmctl train` holds beyond its tensors (the Trainer and accelerate state, the tokenizer, allocator
 # slack): 0.09-0.32 GB more at the three shapes of scripts/bench_memory_plan.py (512-token rows)
 RUNTIME_CPU_BYTES = int(0.8 * 2**30)
+GLIBC_MMAP_MAX = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX: larger blocks are always mmapped
+HEAP_BLOCKS_PER_LAYER = 6  # heap_bytes: measured 5.6-6.5 at two shapes, two lengths each
 NF4_BYTES = 0.53  # 4 bits per weight + double-quantized block scales (bitsandbytes, block 64)
 PARTS = ("weights", "optimizer", "activations", "logits", "data", "runtime")
 
@@ -88,6 +91,7 @@ class Workload:
     data_bytes: int = 0
     fixed_kernel: bool = False  # the model cannot use a fused loss (soft-capping, added tokens)
     recompute_mlp: bool = False  # lmctl.train.gated_mlp runs: the MLP keeps 2 intermediate-sized tensors, not 4
+    packed: bool = False  # data.packing: rows hold several examples, attention gets a block-diagonal mask
 
 
 def model_shape(base_path: str, lora_config: Any, trust_remote_code: bool = False) -> Shape:
@@ -156,26 +160,67 @@ def logits_bytes(kernel: str, tokens: int, vocab: int, hidden: int, element_byte
 
 
 def activation_bytes(shape: Shape, work: Workload, element_bytes: int, scores: bool) -> int:
-    """What backward keeps, per token and layer: ~11 hidden-sized tensors (the norms' inputs,
-    their float32 statistics and outputs, rotated q, k and v expanded to every head, the
-    attention output, residuals), k and v, and 4 intermediate-sized ones (gate, its activation,
-    up, their product) of a gated MLP, 2 (gate and up) when lmctl.train.gated_mlp recomputes the
-    activation and the product.
-    `scores`: attention that keeps its heads x seq
-    probabilities (eager attention); SDPA's flash and memory-efficient kernels (CUDA, and the
-    CPU's flash kernel) keep only a row statistic: a 2048-token CPU run matched the plan without
-    that term (0.97) and missed with it (1.37). Fitted to the peak RSS of CPU runs."""
+    """What autograd saves for backward, per token and layer, as counted on the CPU (unique
+    storages saved through torch.autograd.graph.saved_tensors_hooks; scripts/bench_memory_plan.py
+    --breakdown), SDPA attention, LoRA on every linear layer:
+
+    - each of the two RMSNorms: its input in float32 (in float32 training the residual itself;
+      in half precision the upcast copy) and its output: 2 x (4 + element) bytes per hidden unit;
+    - attention: rotated q and the attention output (hidden-sized each), k and v at kv width,
+      the kernel's float32 row statistic (one per head), and with `work.packed` (data.packing:
+      rows hold several examples, so attention gets a block-diagonal mask) k and v expanded to
+      every head (transformers' repeat_kv: SDPA takes grouped k/v only without a mask) and the
+      mask as the kernel keeps it, one [seq, seq] copy per layer: `seq` elements per token;
+    - the MLP: 4 intermediate-sized tensors of a gated MLP (gate, act(gate), up, their product),
+      2 (gate and up) when lmctl.train.gated_mlp recomputes act(gate) * up and down_proj's LoRA A.
+    At the SmolLM2-135M shape (2048 tokens) that is 8,457 floats per token and layer without
+    packing and 11,273 with it; counted 8,594 and 11,410 (LoRA's rank-sized inputs and shared
+    position tables make the rest). `scores`: eager attention also keeps its heads x seq
+    probabilities; SDPA's flash and memory-efficient kernels (CUDA, and the CPU's flash kernel)
+    keep the row statistic only. With gradient checkpointing: each layer's input, plus one layer.
+    What the CPU's allocator holds beyond these is `heap_bytes`."""
     tokens = work.batch * work.seq
+    e = element_bytes
+    kv = shape.hidden if work.packed else shape.kv_dim  # repeat_kv under a mask
+    norms = 2 * (4 + e) * shape.hidden
+    attention = 2 * e * shape.hidden + 2 * e * kv + 4 * shape.heads + (e * work.seq if work.packed else 0)
     intermediates = 2 if work.recompute_mlp and shape.gated_mlp else 4
-    per_token_layer = (11 * shape.hidden + 2 * shape.kv_dim + intermediates * shape.intermediate
-                       + (shape.heads * work.seq if scores else 0)) * element_bytes
+    per_token_layer = (norms + attention + intermediates * e * shape.intermediate
+                       + (e * shape.heads * work.seq if scores else 0))
     if work.gradient_checkpointing:  # each layer's input, plus one layer recomputed in backward
-        return tokens * (shape.layers * shape.hidden * element_bytes + per_token_layer)
+        return tokens * (shape.layers * shape.hidden * e + per_token_layer)
     return shape.layers * tokens * per_token_layer
 
 
+def heap_bytes(shape: Shape, work: Workload, element_bytes: int, glibc: bool) -> int:
+    """What the CPU's allocator keeps resident beyond the tensors alive. glibc's malloc serves
+    blocks up to its mmap threshold from the heap, and the threshold rises to the largest block
+    freed (up to DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB on 64-bit), so within the first step every
+    per-layer tensor under 32 MiB comes from the heap. Forward frees many temporaries per layer
+    (LoRA's base and B outputs, rotary and norm intermediates, act(gate)); the smaller blocks
+    kept for backward split their holes, so the heap grows by about six of the layer's largest
+    temporary (hidden- or intermediate-sized) per layer, and those pages stay resident.
+    Measured (RSS after forward over the loaded model minus the bytes saved for backward; fp32,
+    one thread; scripts/bench_memory_plan.py --breakdown, first and second step), in blocks of
+    the largest temporary under 32 MiB: SmolLM2-135M shape (30 layers, intermediate 1536)
+    6.0-6.5 at 1 x 2048 tokens and 6.1-6.3 at 2 x 512, packed or not; Qwen2.5-0.5B shape (6
+    layers) 5.6-6.5 at 2 x 512. At 1 x 2048 that shape's intermediates (38 MiB) are mmapped and
+    returned on free, yet hidden-sized blocks and the packed mask keep 0.54-0.66 GB (the rule:
+    0.25 GB). With MALLOC_MMAP_THRESHOLD_=1048576 the extra vanishes (RSS after forward = the
+    saved bytes), at ~30% slower backward. Gradient checkpointing does not avoid it (its
+    no-grad forward frees the same temporaries between the layer inputs it keeps): 4.1 blocks
+    per layer at the 135M shape (2 x 512), so there the rule errs high by ~0.35 GB. Not counted:
+    CUDA (its caching allocator's reserve is the context part) and C libraries other than glibc."""
+    if not glibc:
+        return 0
+    tokens = work.batch * work.seq
+    temporaries = [n * element_bytes for n in (tokens * shape.hidden, tokens * shape.intermediate)]
+    return HEAP_BLOCKS_PER_LAYER * shape.layers * max((t for t in temporaries if t <= GLIBC_MMAP_MAX), default=0)
+
+
 def parts(shape: Shape, work: Workload, dtype: str, device: Device) -> dict[str, float]:
-    """Bytes of each part of the peak."""
+    """Bytes of each part of the peak; `activations` is what autograd saves plus, on a glibc
+    CPU, what the heap keeps of forward's freed temporaries (activation_bytes, heap_bytes)."""
     element = dtype_bytes(dtype)
     frozen = shape.total_params - shape.trainable_params
     if work.quantize_4bit:  # NF4 blocks; embeddings, head and norms float32 (prepare_model_for_kbit_training)
@@ -186,13 +231,20 @@ def parts(shape: Shape, work: Workload, dtype: str, device: Device) -> dict[str,
     tokens = work.batch * work.seq
     return {
         "weights": weights, "optimizer": shape.trainable_params * 16.0,
-        "activations": float(activation_bytes(shape, work, element, shape.eager_attention)),
+        "activations": float(activation_bytes(shape, work, element, shape.eager_attention)
+                             + heap_bytes(shape, work, element, not device.cuda and _glibc())),
         "logits": float(logits_bytes(work.kernel, tokens, shape.vocab, shape.hidden,
                                      4 if work.quantize_4bit else element, device)),
         # a batch as Python lists (~40 B per token for ids, labels, positions) and as tensors, 2 in flight
         "data": float(work.data_bytes + 2 * tokens * (40 + 3 * 8)),
         "runtime": float(CUDA_CONTEXT_BYTES if device.cuda else RUNTIME_CPU_BYTES),
     }
+
+
+def _glibc() -> bool:
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"
 
 
 def estimate(shape: Shape, work: Workload, dtype: str, device: Device) -> MemoryEstimate:

@@ -198,7 +198,8 @@ class PlannedRun:
                                quantize_4bit=cfg.lora.quantization == "4bit", data_bytes=data_bytes,
                                kernel=memory.loss_kernel(cfg.train.kernels, shape, self.device, fixed),
                                fixed_kernel=fixed,
-                               recompute_mlp=cfg.train.kernels != "none" and not cfg.train.gradient_checkpointing)
+                               recompute_mlp=cfg.train.kernels != "none" and not cfg.train.gradient_checkpointing,
+                               packed=cfg.data.packing)
         return memory.estimate(shape, work, self.dtype, self.device)
 
     def check_memory(self) -> None:
