@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 import time
 from collections import deque
@@ -200,14 +201,11 @@ class MlflowRun:
     before anything is trained. Metrics are sent without waiting; a failure to log them is raised
     by `finish("FINISHED")`, after the checkpoints are sealed."""
 
-    def __init__(self, cfg: LmctlConfig, data_info: ManifestData, rank0: bool) -> None:
-        import subprocess
-
+    def __init__(self, cfg: LmctlConfig, data_info: ManifestData, worker: subprocess.Popen[str] | None) -> None:
+        """`worker`: lmctl.train.mlflow_worker.spawn's process (rank 0), None elsewhere."""
         self.run_id = ""
-        self._worker: subprocess.Popen[str] | None = None
-        if rank0:
-            self._worker = subprocess.Popen([sys.executable, "-m", "lmctl.train.mlflow_worker"], text=True,
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._worker = worker
+        if worker is not None:
             self._send({"open": open_request(cfg, data_info)})
 
     def _send(self, message: dict[str, Any]) -> None:
@@ -228,10 +226,10 @@ class MlflowRun:
         return reply
 
     def _stop(self) -> None:
+        from lmctl.train import mlflow_worker
+
         if self._worker is not None:
-            if self._worker.stdin is not None and not self._worker.stdin.closed:
-                self._worker.stdin.close()
-            self._worker.wait()
+            mlflow_worker.stop(self._worker)
             self._worker = None
 
     def ready(self) -> MlflowRun:

@@ -7,7 +7,8 @@ seconds before its first step. It also outlives a killed trainer by a moment: wh
 dies without saying "finish" (SIGKILL, OOM), the worker reads end-of-file and marks the run
 KILLED instead of leaving it RUNNING forever.
 
-The protocol is JSON lines, written by lmctl.train.callbacks.MlflowRun on the worker's stdin:
+`spawn` starts it when `train` starts, so it imports MLflow and opens the store while the trainer
+loads. The protocol is JSON lines, written by lmctl.train.callbacks.MlflowRun on its stdin:
 `{"open": {...}}` first (reply `{"run_id": ...}` or `{"error": ...}`), then any number of
 `{"metrics": [[key, value, timestamp_ms, step], ...]}` (no reply), then
 `{"finish": {"status", "history", "run_dir"}}` (reply `{"done": true}` or `{"error": ...}`).
@@ -21,11 +22,44 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import IO, Any
 
 EXPERIMENT = "lmctl-train"
+
+
+def spawn(tracking_uri: str) -> subprocess.Popen[str]:
+    """Start the worker first thing: it imports MLflow and opens the store at `tracking_uri`
+    while the trainer imports torch and transformers, reads its data and loads the model."""
+    return subprocess.Popen([sys.executable, "-m", "lmctl.train.mlflow_worker", tracking_uri], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def stop(worker: subprocess.Popen[str], timeout_s: float = 60.0) -> None:
+    """End of input: the worker ends the run it opened as KILLED (none: it just exits)."""
+    if worker.stdin is not None and not worker.stdin.closed:
+        worker.stdin.close()
+    try:
+        worker.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
+def prewarm(tracking_uri: str) -> None:
+    """Import MLflow and open its store before the trainer asks for a run. A failure here is
+    met again, and reported, when the run opens."""
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the trainer's resolved URI, for every lookup here
+    try:
+        import mlflow.entities  # noqa: F401
+
+        from lmctl import tracking
+
+        tracking.client(tracking_uri)
+    except Exception:  # noqa: BLE001, S110 - open_run raises it with its exit code
+        pass
 
 
 def describe(exc: BaseException) -> dict[str, Any]:
@@ -42,7 +76,7 @@ def open_run(request: dict[str, Any]) -> tuple[Any, str]:
 
     from lmctl import tracking
 
-    os.environ["MLFLOW_TRACKING_URI"] = request["tracking_uri"]  # the trainer's resolved URI, for every lookup here
+    os.environ["MLFLOW_TRACKING_URI"] = request["tracking_uri"]
     with tracking.server_errors():  # an unreachable team server is exit 5, not a bug
         client = tracking.client(request["tracking_uri"])
         experiment = tracking.experiment_id(client, EXPERIMENT)
@@ -150,6 +184,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the trainer, which says "finish" KILLED
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # anything MLflow prints lands on stderr
+    if len(sys.argv) > 1:
+        prewarm(sys.argv[1])
     return serve(sys.stdin, replies)
 
 

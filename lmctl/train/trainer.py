@@ -30,6 +30,8 @@ from lmctl.train import fsdp, gated_mlp, headloss, preflight
 from lmctl.train.plan import PlannedRun, TrainPlan, archive_previous, distributed_mode, lora_config, total_steps
 
 if TYPE_CHECKING:
+    import subprocess
+
     from lmctl.train.callbacks import MlflowRun
 
 log = logging.getLogger("lmctl.train")
@@ -132,17 +134,26 @@ def train(cfg: LmctlConfig, resume: str = "auto", dry_run: bool = False,
 
     Under torchrun every rank runs this. One process per node (local rank 0) prepares first,
     filling that node's tokenization cache; the others then open the entry it sealed."""
-    from lmctl.distributed import process_group
+    from lmctl import tracking
+    from lmctl.distributed import env_rank, process_group
+    from lmctl.train import mlflow_worker
 
-    fsdp_on = fsdp.sharding(cfg)  # refused before joining the other processes, not after
-    with process_group() as here:
-        with here.rank0_first(local=True):
-            run = PlannedRun(cfg, resume, fsdp_on)
-        if dry_run:
-            return run.plan
-        run.check_memory()  # before any weight is loaded
-        with _held_by_rank0(cfg, run, here) as tracking:
-            return _fit(cfg, run, here, tracking, callbacks)
+    # rank 0's MLflow process starts first: it imports MLflow and opens the store meanwhile
+    worker = None if dry_run or env_rank() != 0 else mlflow_worker.spawn(tracking.tracking_uri(cfg.registry.tracking_uri))
+    try:
+        fsdp_on = fsdp.sharding(cfg)  # refused before joining the other processes, not after
+        with process_group() as here:
+            with here.rank0_first(local=True):
+                run = PlannedRun(cfg, resume, fsdp_on)
+            if dry_run:
+                return run.plan
+            run.check_memory()  # before any weight is loaded
+            with _held_by_rank0(cfg, run, here, worker) as mlflow_run:
+                worker = None  # the MLflow run owns it now
+                return _fit(cfg, run, here, mlflow_run, callbacks)
+    finally:
+        if worker is not None:  # refused before the MLflow run took it: end of input ends it
+            mlflow_worker.stop(worker)
 
 
 @dataclass(frozen=True)
@@ -155,7 +166,8 @@ class _Outcome:
 
 
 @contextlib.contextmanager
-def _held_by_rank0(cfg: LmctlConfig, run: PlannedRun, here: World) -> Iterator[MlflowRun]:
+def _held_by_rank0(cfg: LmctlConfig, run: PlannedRun, here: World,
+                   worker: subprocess.Popen[str] | None) -> Iterator[MlflowRun]:
     """Rank 0 takes the run lock, archives on --resume never and opens the MLflow run. Every
     rank learns the outcome and rank 0's resume point, so a refusal on rank 0 ends all ranks
     with its exit code instead of leaving them waiting at the first collective."""
@@ -164,7 +176,7 @@ def _held_by_rank0(cfg: LmctlConfig, run: PlannedRun, here: World) -> Iterator[M
     from lmctl.train.callbacks import MlflowRun
 
     lock = FileLock(str(run.run_dir.parent / f".{run.run_dir.name}.lock"))
-    tracking, outcome = MlflowRun(cfg, run.data_info, rank0=False), _Outcome(resume_from=run.resume_from)
+    tracking, outcome = MlflowRun(cfg, run.data_info, None), _Outcome(resume_from=run.resume_from)
     try:
         if here.is_rank0:
             try:
@@ -175,7 +187,7 @@ def _held_by_rank0(cfg: LmctlConfig, run: PlannedRun, here: World) -> Iterator[M
                     raise BusyError(f"run {run.run_dir} is being trained by another process") from None
                 if run.resume == "never":
                     archive_previous(run.run_dir)
-                tracking = MlflowRun(cfg, run.data_info, rank0=True)
+                tracking = MlflowRun(cfg, run.data_info, worker)
                 if here.world_size > 1:  # the other ranks must hear of a failure now, not at the first step
                     tracking.ready()
             except Exception as exc:  # noqa: BLE001 - told to every rank, then raised here as it was
