@@ -50,9 +50,10 @@ def registry_lock():  # type: ignore[no-untyped-def]
 
 
 @contextlib.contextmanager
-def server_errors() -> Iterator[None]:
+def server_errors(uri: str | None = None) -> Iterator[None]:
     """Turn a tracking server that is unreachable or answers 5xx into UnavailableError (exit 5).
-    MLflow retries first (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT)."""
+    MLflow retries first (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT).
+    `uri`: the server talked to, when not this process's `tracking_uri()`."""
     from mlflow.exceptions import MlflowException
     from requests.exceptions import RequestException
 
@@ -60,10 +61,11 @@ def server_errors() -> Iterator[None]:
         yield
     except (MlflowException, RequestException) as exc:
         status = exc.get_http_status_code() if isinstance(exc, MlflowException) else 503
-        if embedded() or status < 500:
+        uri = uri or tracking_uri()
+        if uri.startswith("sqlite:") or status < 500:
             raise
         detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise UnavailableError(f"the tracking server {tracking_uri()} is unavailable: {detail}",
+        raise UnavailableError(f"the tracking server {uri} is unavailable: {detail}",
                                hint="nothing half-written is trusted; run the command again once it is back") from None
 
 

@@ -51,3 +51,23 @@ def test_a_failure_goes_back_as_the_error_it_was(tmp_path: Path, monkeypatch: py
     assert reply["error"]["type"] == "UnavailableError" and reply["error"]["exit_code"] == 5
     with pytest.raises(UnavailableError, match="the tracking server http://127.0.0.1:9 is unavailable"):
         raise_described(reply["error"])
+
+
+def test_in_a_process_that_has_mlflow_the_same_protocol_runs_in_a_thread(tmp_path: Path) -> None:
+    import mlflow.tracking  # noqa: F401 - as in a retrain scheduler or a test session
+
+    from lmctl.train import mlflow_worker
+
+    uri = tracking.tracking_uri()
+    worker = mlflow_worker.spawn(uri)
+    assert isinstance(worker, mlflow_worker.InProcess)
+    run_id = _open(worker, uri)["run_id"]
+    worker.stdin.write(json.dumps({"metrics": [["loss", 1.5, 1, 1]]}) + "\n")
+    worker.stdin.write(json.dumps({"finish": {"status": "FINISHED", "history": [{"step": 1, "loss": 1.5}],
+                                              "run_dir": str(tmp_path)}}) + "\n")
+    worker.stdin.flush()
+    assert json.loads(worker.stdout.readline()) == {"done": True}
+    mlflow_worker.stop(worker)
+    run = tracking.client(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"loss": 1.5}
+    assert (tmp_path / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"

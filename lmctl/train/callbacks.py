@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
@@ -19,6 +18,9 @@ from lmctl.checkpoint import ManifestData
 from lmctl.config import LmctlConfig, config_dump
 from lmctl.distributed import World
 from lmctl.errors import LmctlError
+
+if TYPE_CHECKING:
+    from lmctl.train.mlflow_worker import Worker
 
 log = logging.getLogger("lmctl.train")
 
@@ -201,7 +203,7 @@ class MlflowRun:
     before anything is trained. Metrics are sent without waiting; a failure to log them is raised
     by `finish("FINISHED")`, after the checkpoints are sealed."""
 
-    def __init__(self, cfg: LmctlConfig, data_info: ManifestData, worker: subprocess.Popen[str] | None) -> None:
+    def __init__(self, cfg: LmctlConfig, data_info: ManifestData, worker: Worker | None) -> None:
         """`worker`: lmctl.train.mlflow_worker.spawn's process (rank 0), None elsewhere."""
         self.run_id = ""
         self._worker = worker

@@ -25,19 +25,55 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Union
 
 EXPERIMENT = "lmctl-train"
 
 
-def spawn(tracking_uri: str) -> subprocess.Popen[str]:
+def spawn(tracking_uri: str) -> Worker:
     """Start the worker first thing: it imports MLflow and opens the store at `tracking_uri`
-    while the trainer imports torch and transformers, reads its data and loads the model."""
+    while the trainer imports torch and transformers, reads its data and loads the model. In a
+    process that has imported MLflow already (a retrain scheduler, a test session) there is no
+    import left to overlap, and the same `serve` runs in a thread instead (InProcess)."""
+    if "mlflow.tracking" in sys.modules:
+        return InProcess(tracking_uri)
     return subprocess.Popen([sys.executable, "-m", "lmctl.train.mlflow_worker", tracking_uri], text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
 
-def stop(worker: subprocess.Popen[str], timeout_s: float = 60.0) -> None:
+class InProcess:
+    """`serve` in a thread, over two pipes: what MlflowRun uses of a Popen (stdin, stdout, wait, kill)."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        import threading
+
+        requests_r, requests_w = os.pipe()
+        replies_r, replies_w = os.pipe()
+        self.stdin, self.stdout = os.fdopen(requests_w, "w"), os.fdopen(replies_r, "r")
+        self.returncode: int | None = None
+
+        def run() -> None:
+            with os.fdopen(requests_r, "r") as requests, os.fdopen(replies_w, "w") as replies:
+                prewarm(tracking_uri)
+                self.returncode = serve(requests, replies)
+
+        self._thread = threading.Thread(target=run, name="lmctl-mlflow", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise subprocess.TimeoutExpired("lmctl-mlflow", timeout or 0)
+        return self.returncode
+
+    def kill(self) -> None:  # a thread cannot be killed; end of input ends it
+        pass
+
+
+Worker = Union["subprocess.Popen[str]", InProcess]  # what spawn returns
+
+
+def stop(worker: Worker, timeout_s: float = 60.0) -> None:
     """End of input: the worker ends the run it opened as KILLED (none: it just exits)."""
     if worker.stdin is not None and not worker.stdin.closed:
         worker.stdin.close()
@@ -48,10 +84,17 @@ def stop(worker: subprocess.Popen[str], timeout_s: float = 60.0) -> None:
         worker.wait()
 
 
+def abandon(worker: Worker) -> None:
+    """The run was refused before any MLflow run opened: end of input, without waiting. The
+    worker finishes opening the store (never cut short halfway through creating it) and exits,
+    while the refusal reaches the user at once."""
+    if worker.stdin is not None and not worker.stdin.closed:
+        worker.stdin.close()
+
+
 def prewarm(tracking_uri: str) -> None:
     """Import MLflow and open its store before the trainer asks for a run. A failure here is
     met again, and reported, when the run opens."""
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the trainer's resolved URI, for every lookup here
     try:
         import mlflow.entities  # noqa: F401
 
@@ -76,8 +119,7 @@ def open_run(request: dict[str, Any]) -> tuple[Any, str]:
 
     from lmctl import tracking
 
-    os.environ["MLFLOW_TRACKING_URI"] = request["tracking_uri"]
-    with tracking.server_errors():  # an unreachable team server is exit 5, not a bug
+    with tracking.server_errors(request["tracking_uri"]):  # an unreachable team server is exit 5, not a bug
         client = tracking.client(request["tracking_uri"])
         experiment = tracking.experiment_id(client, EXPERIMENT)
         run_id = client.create_run(experiment, run_name=request["run_name"]).info.run_id

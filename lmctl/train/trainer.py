@@ -30,8 +30,7 @@ from lmctl.train import fsdp, gated_mlp, headloss, preflight
 from lmctl.train.plan import PlannedRun, TrainPlan, archive_previous, distributed_mode, lora_config, total_steps
 
 if TYPE_CHECKING:
-    import subprocess
-
+    from lmctl.train.mlflow_worker import Worker
     from lmctl.train.callbacks import MlflowRun
 
 log = logging.getLogger("lmctl.train")
@@ -153,7 +152,7 @@ def train(cfg: LmctlConfig, resume: str = "auto", dry_run: bool = False,
                 return _fit(cfg, run, here, mlflow_run, callbacks)
     finally:
         if worker is not None:  # refused before the MLflow run took it: end of input ends it
-            mlflow_worker.stop(worker)
+            mlflow_worker.abandon(worker)
 
 
 @dataclass(frozen=True)
@@ -167,7 +166,7 @@ class _Outcome:
 
 @contextlib.contextmanager
 def _held_by_rank0(cfg: LmctlConfig, run: PlannedRun, here: World,
-                   worker: subprocess.Popen[str] | None) -> Iterator[MlflowRun]:
+                   worker: Worker | None) -> Iterator[MlflowRun]:
     """Rank 0 takes the run lock, archives on --resume never and opens the MLflow run. Every
     rank learns the outcome and rank 0's resume point, so a refusal on rank 0 ends all ranks
     with its exit code instead of leaving them waiting at the first collective."""
