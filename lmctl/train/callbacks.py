@@ -197,7 +197,8 @@ class MlflowRun:
     tracks; under torchrun the other ranks get a no-op.
 
     MLflow runs in a worker process (lmctl.train.mlflow_worker: importing it and opening its store
-    take seconds of Python that a thread could not overlap with the model's loading). The run opens
+    take seconds of Python that a thread could not overlap with the model's loading), or in a
+    thread where this process has imported MLflow already (mlflow_worker.InProcess). The run opens
     there while the model loads; `ready()` waits for it and raises what it raised, and training
     calls it before the first step, so an unreachable tracking server still ends the run (exit 5)
     before anything is trained. Metrics are sent without waiting; a failure to log them is raised
@@ -269,12 +270,12 @@ class MlflowRun:
 
 def open_request(cfg: LmctlConfig, data_info: ManifestData) -> dict[str, Any]:
     """What the worker needs to open the run: plain JSON."""
+    from lmctl import tracking
+
     params = [[f"{section}.{key}", str(value)[:500]] for section, values in config_dump(cfg).items()
               for key, value in values.items()]
     inputs = [{"context": context, "path": fp.path, "sha256": fp.sha256, "rows": fp.rows, "format": fp.format}
               for context, fp in data_info.splits()]
-    from lmctl import tracking
-
     return {"tracking_uri": tracking.tracking_uri(cfg.registry.tracking_uri), "run_name": str(cfg.output.run_name), "params": params,
             "inputs": inputs}
 

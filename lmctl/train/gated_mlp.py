@@ -34,6 +34,12 @@ log = logging.getLogger("lmctl.train")
 GATED_FORWARD = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
 
 
+def recomputes(kernels: str, gradient_checkpointing: bool) -> bool:
+    """Whether training installs this recompute (train.kernels, train.gradient_checkpointing):
+    the trainer decides with it and the memory plan counts with it."""
+    return kernels != "none" and not gradient_checkpointing
+
+
 def is_gated(module: Any) -> bool:
     """Whether `module`'s class computes exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))`."""
     if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):

@@ -22,7 +22,7 @@ from lmctl.device import Device, resolve_dtype, this_device
 from lmctl.errors import BadInputError, DataError
 from lmctl.train import preflight
 from lmctl.train.inputs import TrainData, open_stream, stream_sample, training_tokenizer
-from lmctl.train import memory
+from lmctl.train import gated_mlp, memory
 from lmctl.train.memory import MemoryEstimate
 
 log = logging.getLogger("lmctl.train")
@@ -198,7 +198,7 @@ class PlannedRun:
                                quantize_4bit=cfg.lora.quantization == "4bit", data_bytes=data_bytes,
                                kernel=memory.loss_kernel(cfg.train.kernels, shape, self.device, fixed),
                                fixed_kernel=fixed,
-                               recompute_mlp=cfg.train.kernels != "none" and not cfg.train.gradient_checkpointing,
+                               recompute_mlp=gated_mlp.recomputes(cfg.train.kernels, cfg.train.gradient_checkpointing),
                                packed=cfg.data.packing)
         return memory.estimate(shape, work, self.dtype, self.device)
 

@@ -253,7 +253,7 @@ def _fit(cfg: LmctlConfig, run: PlannedRun, here: World, tracking: MlflowRun, ex
     model = _build_model(cfg, run)
     packing = cfg.data.packing and _packing_works(model, run)
     headloss.install(model, cfg.train.kernels)  # after the probe: it reads real logits
-    if cfg.train.kernels != "none" and not cfg.train.gradient_checkpointing:
+    if gated_mlp.recomputes(cfg.train.kernels, cfg.train.gradient_checkpointing):
         gated_mlp.install(model)
     if run.stream is not None and packing != cfg.data.packing:
         raise BadInputError("this architecture cannot isolate packed examples; set data.packing=false to stream")
